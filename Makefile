@@ -1,0 +1,36 @@
+# kbench: `make demo`, `make test`. Both set up .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BACKENDS ?= jax tensorflow torch
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,export]'
+	@touch $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(MAKE) install
+
+# The main job on data that needs no download: one short CIFAR ResNet run per backend,
+# then the cross-backend comparison.
+demo: $(VENV)/.installed
+	@for b in $(BACKENDS); do \
+	  echo "=== demo: recipes/cifar_resnet.py under KERAS_BACKEND=$$b ==="; \
+	  KERAS_BACKEND=$$b $(PY) recipes/cifar_resnet.py --dataset synthetic --model resnet20 \
+	    --epochs 2 --steps-per-epoch 20 --batch-size 64 --output-dir runs/demo/$$b || exit 1; \
+	done
+
+# The whole suite once per backend: KERAS_BACKEND is read once per interpreter.
+test: $(VENV)/.installed
+	@for b in $(BACKENDS); do \
+	  echo "=== pytest under KERAS_BACKEND=$$b ==="; \
+	  KERAS_BACKEND=$$b $(PY) -m pytest -q $(PYTEST_ARGS) || exit 1; \
+	done; echo "=== all backends passed: $(BACKENDS) ==="
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,117 @@
+"""Which Keras backend runs, its versions and devices, seeding, and simulated CPU devices.
+
+One of the few modules allowed to import jax, tensorflow or torch directly.
+"""
+
+import os
+import platform
+import random
+
+from kbench.errors import KbenchError
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def requested_backend():
+    """The backend KERAS_BACKEND names (Keras' default, tensorflow, when unset), validated.
+
+    Called before keras is imported: Keras would otherwise fail with a long traceback.
+    """
+    name = os.environ.get("KERAS_BACKEND", "tensorflow").strip()
+    if name not in BACKENDS:
+        raise KbenchError(
+            f"unknown KERAS_BACKEND={name!r}; use one of: {', '.join(BACKENDS)} "
+            "(e.g. KERAS_BACKEND=jax)"
+        )
+    return name
+
+
+def name():
+    """The backend Keras is running on."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def versions():
+    """Versions of Python, Keras and the frameworks that are installed (None when missing)."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for dist in ("keras", "jax", "jaxlib", "tensorflow", "torch", "numpy", "optax",
+                 "tensorflow-datasets"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    try:
+        from kbench import __version__
+
+        found["kbench"] = __version__
+    except ImportError:  # pragma: no cover - partial install
+        pass
+    return found
+
+
+def devices():
+    """Devices the active backend computes on, as strings like 'cpu:0' or 'gpu:0 (NVIDIA H100)'."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id}" + (f" ({d.device_kind})" if d.platform != "cpu" else "")
+                for d in jax.devices()]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        found = []
+        for kind in ("GPU", "CPU"):
+            for i, d in enumerate(tf.config.list_logical_devices(kind)):
+                found.append(f"{kind.lower()}:{i}")
+        return found
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    return ["cpu:0"]
+
+
+def accelerator():
+    """'gpu' when the active backend sees a GPU, else 'cpu'."""
+    return "gpu" if any(not d.startswith("cpu") for d in devices()) else "cpu"
+
+
+def default_jit_compile():
+    """Whether `model.compile(jit_compile=...)` should be on for this backend and device.
+
+    Measured, not assumed (see README "Backend settings"): JAX always compiles with XLA;
+    TensorFlow on CPU ran ResNet-20 about 2x faster with XLA off (oneDNN convolutions beat
+    XLA's CPU ones) but gains from XLA on GPU; torch.compile costs minutes of compile time for
+    a few percent on CPU, so it is opt-in.
+    """
+    backend = name()
+    if backend == "jax":
+        return True
+    if backend == "tensorflow":
+        return accelerator() == "gpu"
+    return False
+
+
+def set_seed(seed):
+    """Seed Python, NumPy, the backend and TensorFlow (tf.data) from one integer."""
+    import keras
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)  # python, numpy, tf and the active backend's global RNG
+    if name() != "tensorflow":
+        # tf.data runs under every backend; keras seeds TF only when it is importable.
+        import tensorflow as tf
+
+        tf.random.set_seed(seed)
+
+
+def describe():
+    """A dict for `kbench env` and for metrics.json."""
+    return {"backend": name(), "devices": devices(), "versions": versions()}

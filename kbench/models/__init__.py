@@ -1,0 +1,37 @@
+"""One registry for every kbench model: `get_model(name, num_classes, ...)`.
+
+Every model takes raw 0..255 pixels (NHWC) and returns float32 logits. Weights are drawn with
+NumPy from `seed`, so a seed gives the same initial network under every backend.
+"""
+
+import functools
+
+from kbench.errors import KbenchError
+from kbench.models import layers  # noqa: F401  (registers custom layers)
+from kbench.models import resnet
+
+_REGISTRY = {}
+
+
+def register_model(name, builder):
+    """Add a builder `fn(num_classes, input_shape, seed, **kwargs) -> keras.Model`."""
+    _REGISTRY[name] = builder
+    return builder
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register_model(f"resnet{_depth}", functools.partial(resnet.cifar_resnet, _depth))
+register_model("preact_resnet18", resnet.preact_resnet18)
+register_model("resnet9", resnet.resnet9)
+
+
+def list_models():
+    return sorted(_REGISTRY, key=lambda n: (n.rstrip("0123456789"), len(n), n))
+
+
+def get_model(name, num_classes=10, input_shape=(32, 32, 3), seed=0, **kwargs):
+    """Build model `name` for `num_classes` classes and images of `input_shape` (H, W, C)."""
+    if name not in _REGISTRY:
+        raise KbenchError(f"unknown model {name!r}; use one of: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), seed=seed,
+                           **kwargs)
