@@ -13,6 +13,7 @@ downloaded unless the caller passes `download=True` (recipes: `--download`).
 import dataclasses
 import glob
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -110,14 +111,15 @@ def _find_cifar_source(name, path):
         return ("folder", path)
     for folder in (
         os.path.join(path, spec["folder"]),
-        # keras.datasets' cache layout (Keras >= 3.7 extracts into "<fname>_extracted").
-        os.path.join(path, spec["folder"] + "_extracted", spec["folder"]),
+        # keras.datasets' cache (~/.keras/datasets) extracts into a folder of the same name.
+        os.path.join(path, spec["folder"], spec["folder"]),
     ):
         if _is_cifar_folder(spec, folder):
             return ("folder", folder)
-    archive = os.path.join(path, spec["archive"])
-    if os.path.isfile(archive):
-        return ("archive", archive)
+    for archive in (os.path.join(path, spec["archive"]),
+                    os.path.join(path, spec["folder"] + "_archive")):  # keras.datasets' cache
+        if os.path.isfile(archive):
+            return ("archive", archive)
     # A prepared TFDS dataset: <data_dir>/<name>/<version>/dataset_info.json. Checked by file
     # so that a missing dataset never reaches TFDS' (slow, network-bound) builder lookup.
     if glob.glob(os.path.join(path, name, "*", "dataset_info.json")):
@@ -136,9 +138,23 @@ def _batch_order(filename):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(filename))]
 
 
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; rebuilding them needs numpy's array globals and nothing else.
+    Refusing every other global keeps a tampered file from running code (as keras.datasets)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def _decode_batch(spec, raw):
     """One pickled CIFAR batch -> (NHWC uint8 images, labels)."""
-    batch = pickle.loads(raw, encoding="bytes")
+    batch = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(batch[spec["label_key"]], dtype=spec["label_dtype"])
@@ -188,15 +204,17 @@ def _load_pickled(spec, path, from_archive):
 def _load_tfds(name, data_dir):
     import tensorflow_datasets as tfds
 
-    train, test = tfds.load(name, split=["train", "test"], data_dir=data_dir, batch_size=-1,
-                            as_supervised=True, download=False, shuffle_files=False)
+    splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, as_supervised=True,
+                       download=False, shuffle_files=False)
     label_dtype = CIFAR[name]["label_dtype"]
 
     def to_numpy(split):
-        x, y = tfds.as_numpy(split)
-        return np.asarray(x, dtype=np.uint8), np.asarray(y).astype(label_dtype).reshape(-1, 1)
+        # Batched iteration, not batch_size=-1: the latter needs split sizes up front.
+        xs, ys = zip(*tfds.as_numpy(split.batch(4096)))
+        return (np.concatenate(xs).astype(np.uint8),
+                np.concatenate(ys).astype(label_dtype).reshape(-1, 1))
 
-    return to_numpy(train), to_numpy(test)
+    return tuple(to_numpy(split) for split in splits)
 
 
 def _network_answers(url, timeout=3.0):

@@ -1,0 +1,1 @@
+"""Benchmarking: `kbench compare` and the native reference loops it measures Keras against."""

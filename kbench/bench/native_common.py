@@ -1,0 +1,209 @@
+"""What the native reference loops (plain JAX + optax, plain PyTorch) share with each other and
+with the Keras runs they are compared against.
+
+A native twin must train the very same thing as the Keras recipe, so everything that defines
+"the same thing" comes from one place: the initial weights are copied out of the Keras model the
+recipe builds, the batches come from the recipe's own tf.data pipeline, the learning rate is the
+Keras schedule evaluated at each step, and the clock is read exactly where `kbench.train.StepTimer`
+reads it for Keras. Only the model and the update step are written per framework.
+"""
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from kbench import train
+from kbench.errors import KbenchError
+
+# The CIFAR ResNets of kbench.models.resnet.cifar_resnet that have native twins.
+CIFAR_RESNET_DEPTHS = {f"resnet{d}": d for d in (20, 32, 44, 56, 110)}
+WIDTHS = (16, 32, 64)
+# BatchNormalization as kbench.models.resnet.BN builds it (Keras momentum; torch's is 1 - this).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+RESULT_KEYS = ("compile_s", "step_times", "train_loss_history", "test_loss", "test_accuracy",
+               "peak_device_mb", "flops_per_step", "device", "jit", "params")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resnet_depth(model_name):
+    """Depth of a CIFAR ResNet name ('resnet20' -> 20); other models have no native twin."""
+    if model_name not in CIFAR_RESNET_DEPTHS:
+        raise KbenchError(f"native reference has no model {model_name!r}; it covers the CIFAR "
+                          f"ResNets only: {', '.join(CIFAR_RESNET_DEPTHS)}")
+    return CIFAR_RESNET_DEPTHS[model_name]
+
+
+def check_config(config):
+    """Refuse what the native loops do not implement, instead of timing something else."""
+    resnet_depth(config.model)
+    if config.dtype_policy != "float32":
+        raise KbenchError(f"native reference runs float32 only, not {config.dtype_policy!r}; "
+                          "use --dtype-policy float32 to compare against it")
+
+
+def stage_plan(depth):
+    """(filters, stride) of every basic block, in order: 3 stages of (depth - 2) / 6 blocks,
+    the first block of stages 2 and 3 downsampling, as cifar_resnet builds them."""
+    blocks = (depth - 2) // 6
+    return [(filters, 2 if stage > 0 and block == 0 else 1)
+            for stage, filters in enumerate(WIDTHS) for block in range(blocks)]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclasses.dataclass
+class ResNetWeights:
+    """A CIFAR ResNet's weights as NumPy arrays, in Keras layouts, in the order they are used.
+
+    convs[0] / bns[0] are the stem; block i uses convs[1 + 2i], convs[2 + 2i] and the BNs with the
+    same indices. Kernels are HWIO (kh, kw, in, out); the dense kernel is (in, out).
+    """
+
+    depth: int
+    num_classes: int
+    pixel_mean: np.ndarray  # (C,) raw-pixel mean of the Normalization layer
+    pixel_std: np.ndarray  # (C,) what Normalization divides by: max(sqrt(variance), epsilon)
+    convs: list
+    bns: list  # dicts with gamma, beta, moving_mean, moving_variance
+    dense_kernel: np.ndarray
+    dense_bias: np.ndarray
+
+    def count(self):
+        """Number of values incl. BN moving statistics (what keras' count_params() counts); the
+        Normalization constants are not counted, as Keras does not count them either."""
+        arrays = [*self.convs, *(v for bn in self.bns for v in bn.values()),
+                  self.dense_kernel, self.dense_bias]
+        return int(sum(a.size for a in arrays))
+
+
+def build_keras_model(config):
+    """The Keras model the recipe trains, seeded and built the way the recipe builds it."""
+    from recipes import cifar_resnet
+
+    check_config(config)
+    train.setup_run(config)
+    return cifar_resnet.build_model(config)
+
+
+def initial_weights(config):
+    """Copy the initial weights out of the recipe's Keras model (see ResNetWeights)."""
+    import keras
+
+    depth = resnet_depth(config.model)
+    model = build_keras_model(config)
+    # Every conv and BN lies on the main path (the shortcuts are parameter-free), so any
+    # topological order of model.layers lists them in the order the network applies them.
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if len(convs) != depth - 1 or len(bns) != depth - 1:
+        raise RuntimeError(f"{model.name}: expected {depth - 1} convs and BNs, found "
+                           f"{len(convs)} and {len(bns)}; the native twins no longer match "
+                           "kbench.models.resnet.cifar_resnet")
+    norm = model.get_layer("normalize_pixels")
+    dense = model.get_layer("logits")
+    as_numpy = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)  # noqa: E731
+    variance = as_numpy(norm.variance).reshape(-1)
+    return ResNetWeights(
+        depth=depth,
+        num_classes=int(dense.units),
+        pixel_mean=as_numpy(norm.mean).reshape(-1),
+        pixel_std=np.maximum(np.sqrt(variance), np.float32(keras.backend.epsilon())),
+        convs=[as_numpy(layer.kernel) for layer in convs],
+        bns=[dict(gamma=as_numpy(bn.gamma), beta=as_numpy(bn.beta),
+                  moving_mean=as_numpy(bn.moving_mean),
+                  moving_variance=as_numpy(bn.moving_variance)) for bn in bns],
+        dense_kernel=as_numpy(dense.kernel),
+        dense_bias=as_numpy(dense.bias),
+    )
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def keras_learning_rate(schedule, step):
+    """keras.optimizers.schedules.CosineDecay(...)(step) in NumPy float32, op for op.
+
+    Keras evaluates the schedule at `optimizer.iterations` *before* incrementing it, so the
+    first update uses step 0 (learning rate 0 during a warmup from 0).
+    """
+    f32 = np.float32
+    initial = f32(schedule.initial_learning_rate)
+    decay_steps = f32(schedule.decay_steps)
+    step = f32(step)
+
+    def decay(step, decay_from):
+        cosine = f32(0.5) * (f32(1.0) + np.cos(f32(math.pi) * (step / decay_steps)))
+        decayed = f32(1 - schedule.alpha) * cosine + f32(schedule.alpha)
+        return decay_from * decayed
+
+    if schedule.warmup_target is None:
+        return decay(np.minimum(step, decay_steps), initial)
+    target = f32(schedule.warmup_target)
+    warmup_steps = f32(schedule.warmup_steps)
+    step = np.minimum(step, decay_steps + warmup_steps)
+    if step < warmup_steps:
+        return (target - initial) * (step / warmup_steps) + initial
+    return decay(step - warmup_steps, target)
+
+
+def learning_rates(config, steps_per_epoch, count):
+    """The learning rate of optimizer steps 0 .. count-1, as Python floats, computed before the
+    timed loop so the clock measures training, not schedule arithmetic."""
+    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    return [float(keras_learning_rate(schedule, step)) for step in range(count)]
+
+
+# --------------------------------------------------------------------------- data + timing
+
+
+def datasets(config):
+    """The recipe's own (train, test) tf.data pipelines and its steps per epoch."""
+    from recipes import cifar_resnet
+
+    train_ds, test_ds = cifar_resnet.build_datasets(config)
+    return train_ds, test_ds, train.steps_per_epoch_of(train_ds, config)
+
+
+def timed_training(train_ds, step_fn, steps, warmup_steps):
+    """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
+
+    `step_fn(step, images, labels)` takes a NumPy batch (NHWC float32 pixels, one-hot labels),
+    trains on it and returns the loss as a Python float, which forces the step's device work
+    to finish. The clock starts before the input iterator is made (Keras' on_train_begin comes
+    before its epoch iterator starts too), `compile_s` ends with the first step, the next
+    `warmup_steps` intervals are dropped and `steps` intervals are kept.
+    Returns (compile_s, step_times in seconds, losses of all steps).
+    """
+    if steps < 1 or warmup_steps < 0:
+        raise KbenchError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
+    ends, losses = [], []
+    start = time.perf_counter()
+    batches = train_ds.as_numpy_iterator()
+    for step in range(1 + warmup_steps + steps):
+        images, labels = next(batches)
+        losses.append(float(step_fn(step, images, labels)))
+        ends.append(time.perf_counter())
+    intervals = np.diff(ends)[warmup_steps:]
+    return ends[0] - start, [float(t) for t in intervals], losses
+
+
+def evaluate(test_ds, eval_fn):
+    """Test loss and accuracy over every test example, as keras' model.evaluate reports them.
+
+    `eval_fn(images, labels)` returns (sum of per-example losses, number of correct argmaxes)
+    for one batch; Keras weights each batch's mean loss by its size, which is the same mean.
+    """
+    total_loss, correct, count = 0.0, 0, 0
+    for images, labels in test_ds.as_numpy_iterator():
+        loss_sum, hits = eval_fn(images, labels)
+        total_loss += float(loss_sum)
+        correct += int(hits)
+        count += len(images)
+    return {"test_loss": total_loss / count, "test_accuracy": correct / count}

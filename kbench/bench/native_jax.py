@@ -1,0 +1,237 @@
+"""The CIFAR ResNet training loop in plain JAX + optax: the twin that Keras-on-JAX is timed against.
+
+Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
+native_common), written the way a JAX user would: parameters as pytrees, NHWC convolutions with
+`jax.lax.conv_general_dilated`, BatchNorm written out, one jitted train step with donated state.
+
+    run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
+    forward(config, images) -> logits            # inference from the initial weights
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kbench.bench import native_common as common
+
+
+# --------------------------------------------------------------------------- model
+
+
+def init_state(weights):
+    """(params, BN moving statistics) pytrees from ResNetWeights (already in JAX's layouts)."""
+    params = {
+        "conv": [jnp.asarray(k) for k in weights.convs],
+        "bn": [{"gamma": jnp.asarray(bn["gamma"]), "beta": jnp.asarray(bn["beta"])}
+               for bn in weights.bns],
+        "dense": {"kernel": jnp.asarray(weights.dense_kernel),
+                  "bias": jnp.asarray(weights.dense_bias)},
+    }
+    stats = [{"mean": jnp.asarray(bn["moving_mean"]), "var": jnp.asarray(bn["moving_variance"])}
+             for bn in weights.bns]
+    return params, stats
+
+
+def decay_mask(params):
+    """Which parameters get weight decay: conv and dense kernels, not BN gamma/beta nor biases
+    (Keras: exclude_from_weight_decay(var_names=["gamma", "beta", "bias"]))."""
+    return {
+        "conv": [True for _ in params["conv"]],
+        "bn": [{"gamma": False, "beta": False} for _ in params["bn"]],
+        "dense": {"kernel": True, "bias": False},
+    }
+
+
+def conv(x, kernel, stride):
+    # "SAME" pads stride-2 convs by (0, 1), as Keras does on every backend.
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def batch_norm(x, scale, stats, training):
+    """keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5) on NHWC, op for op: biased
+    batch variance in training, moving = moving * 0.9 + batch * 0.1."""
+    if training:
+        mean, var = jnp.mean(x, axis=(0, 1, 2)), jnp.var(x, axis=(0, 1, 2))
+        momentum = common.BN_MOMENTUM
+        stats = {"mean": stats["mean"] * momentum + mean * (1.0 - momentum),
+                 "var": stats["var"] * momentum + var * (1.0 - momentum)}
+    else:
+        mean, var = stats["mean"], stats["var"]
+    inv = jax.lax.rsqrt(var + common.BN_EPSILON) * scale["gamma"]
+    return x * inv + (-mean * inv + scale["beta"]), stats
+
+
+def shortcut_pad(x, filters):
+    """He et al.'s "option A" shortcut (kbench ShortcutPad): subsample by 2, zero-pad channels."""
+    x = x[:, ::2, ::2, :]
+    extra = filters - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+def network(weights):
+    """`apply(params, stats, images, training) -> (logits, new_stats)` for this ResNet; the
+    pixel normalization constants are baked in, as they are constants in the Keras model."""
+    plan = common.stage_plan(weights.depth)
+    pixel_mean, pixel_std = weights.pixel_mean, weights.pixel_std
+
+    def apply(params, stats, images, training):
+        new_stats = []
+
+        def conv_bn(x, i, stride):
+            y = conv(x, params["conv"][i], stride)
+            y, s = batch_norm(y, params["bn"][i], stats[i], training)
+            new_stats.append(s)
+            return y
+
+        x = (images - pixel_mean) / pixel_std
+        x = jax.nn.relu(conv_bn(x, 0, 1))
+        for block, (filters, stride) in enumerate(plan):
+            shortcut = x if stride == 1 else shortcut_pad(x, filters)
+            y = jax.nn.relu(conv_bn(x, 1 + 2 * block, stride))
+            y = conv_bn(y, 2 + 2 * block, 1)
+            x = jax.nn.relu(shortcut + y)
+        x = jnp.mean(x, axis=(1, 2))
+        logits = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+        return logits, new_stats
+
+    return apply
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def keras_sgd(momentum, nesterov, weight_decay, mask):
+    """keras.optimizers.SGD with decoupled weight decay, as an optax transformation.
+
+    Keras keeps the learning rate inside the momentum buffer (m = momentum * m - lr * g), which
+    optax.sgd does not, and decays masked weights by w -= lr * wd * w before the gradient step.
+    `update(grads, momenta, params, learning_rate=lr)` returns the whole change of the weights.
+    """
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def update(grads, momenta, params, *, learning_rate):
+        lr = learning_rate
+        if momentum:
+            momenta = jax.tree.map(lambda m, g: m * momentum - g * lr, momenta, grads)
+            if nesterov:
+                steps = jax.tree.map(lambda m, g: m * momentum - g * lr, momenta, grads)
+            else:
+                steps = momenta
+        else:
+            steps = jax.tree.map(lambda g: -g * lr, grads)
+        if weight_decay:
+            steps = jax.tree.map(lambda s, w, decay: s - w * weight_decay * lr if decay else s,
+                                 steps, params, mask)
+        return steps, momenta
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_steps(apply, optimizer, label_smoothing):
+    """(train_step, eval_step) pure functions of the training state."""
+
+    def loss_fn(params, stats, images, labels):
+        logits, stats = apply(params, stats, images, training=True)
+        targets = optax.smooth_labels(labels, label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), stats
+
+    def train_step(state, images, labels, learning_rate):
+        params, stats, opt_state = state
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, stats, images, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params,
+                                              learning_rate=learning_rate)
+        return (optax.apply_updates(params, updates), stats, opt_state), loss
+
+    def eval_step(params, stats, images, labels):
+        # Keras' model.evaluate reports the compiled loss, label smoothing included.
+        logits, _ = apply(params, stats, images, training=False)
+        losses = optax.softmax_cross_entropy(logits, optax.smooth_labels(labels, label_smoothing))
+        hits = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+        return losses.sum(), hits
+
+    return train_step, eval_step
+
+
+def _flops(compiled):
+    """FLOPs of one step from XLA's cost analysis (a dict, or a one-dict list in older JAX)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def _peak_device_mb(device):
+    stats = device.memory_stats()  # None on CPU
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def _describe(device):
+    return f"{device.platform}:{device.id} ({device.device_kind})"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run(config, steps, warmup_steps=2):
+    """Train `1 + warmup_steps + steps` steps, evaluate on the test split; see the module doc
+    and native_common.timed_training for what each number means."""
+    common.check_config(config)
+    weights = common.initial_weights(config)
+    train_ds, test_ds, steps_per_epoch = common.datasets(config)
+    rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
+
+    params, stats = init_state(weights)
+    optimizer = keras_sgd(config.momentum, config.nesterov, config.weight_decay,
+                          decay_mask(params))
+    train_step, eval_step = make_steps(network(weights), optimizer, config.label_smoothing)
+    state = (params, stats, optimizer.init(params))
+    compiled = None
+
+    def step_fn(step, images, labels):
+        nonlocal state, compiled
+        lr = np.float32(rates[step])
+        if compiled is None:  # compiled ahead of time, inside the first timed step
+            compiled = jax.jit(train_step, donate_argnums=0).lower(
+                state, images, labels, lr).compile()
+        state, loss = compiled(state, images, labels, lr)
+        # The host copy of the loss waits for the step's executable, which also produced the
+        # new state; the next step consumes that state, so no device work escapes the clock.
+        return float(loss)
+
+    compile_s, step_times, losses = common.timed_training(train_ds, step_fn, steps, warmup_steps)
+    params, stats, _ = state
+    jitted_eval = jax.jit(eval_step)
+    test = common.evaluate(test_ds, lambda x, y: jitted_eval(params, stats, x, y))
+    device = jax.devices()[0]
+    return {
+        "compile_s": compile_s,
+        "step_times": step_times,
+        "train_loss_history": losses,
+        **test,
+        "peak_device_mb": _peak_device_mb(device),
+        "flops_per_step": _flops(compiled),
+        "device": _describe(device),
+        "jit": "jax.jit (XLA), train state donated",
+        "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+    }
+
+
+def forward(config, images):
+    """Logits of the native network at its initial weights, BN in inference mode."""
+    weights = common.initial_weights(config)
+    params, stats = init_state(weights)
+    apply = network(weights)
+    logits, _ = jax.jit(lambda p, s, x: apply(p, s, x, training=False))(
+        params, stats, jnp.asarray(images, jnp.float32))
+    return np.asarray(logits)

@@ -1,0 +1,271 @@
+"""The CIFAR ResNet training loop in plain PyTorch: the twin that Keras-on-PyTorch is timed against.
+
+Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
+native_common), written the way a PyTorch user would: an nn.Module with nn.Conv2d and
+nn.BatchNorm2d, autograd, and the optimizer update as fused `torch._foreach_*` ops. Eager by
+default; `config.jit_compile == "on"` wraps the model in torch.compile.
+
+    run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
+    forward(config, images) -> logits            # inference from the initial weights
+
+Memory format: channels_last (NHWC in memory) measured faster than contiguous NCHW on the
+2-core x86 CPU this was written on (ResNet-20, batch 128, eager, median of 20 steps:
+NCHW 1187 ms, channels_last 1035 ms), and a permuted NHWC batch from tf.data already is
+channels_last, so no copy is needed. On CUDA, float32 convolutions in cuDNN are generally
+fastest in NCHW unless TF32 tensor cores are used, so NCHW is kept there.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbench.bench import native_common as common
+
+
+def _memory_format(device):
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Normalize(nn.Module):
+    """keras.layers.Normalization with fixed statistics: (x - mean) / std, per channel."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def conv3x3(in_channels, out_channels, stride):
+    # Keras' padding="same" pads a stride-2 conv by 0 before and 1 after (TensorFlow's
+    # convention); torch's padding=1 would pad 1 on both sides and sample other pixels, so
+    # stride-2 convs get an explicit asymmetric F.pad in BasicBlock instead.
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1 if stride == 1 else 0,
+                     bias=False)
+
+
+def batch_norm(channels):
+    # torch's momentum weighs the new batch: 1 - Keras' momentum.
+    return nn.BatchNorm2d(channels, eps=common.BN_EPSILON, momentum=1 - common.BN_MOMENTUM)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + shortcut, then ReLU; "option A" shortcut when downsampling."""
+
+    def __init__(self, in_channels, filters, stride):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = conv3x3(in_channels, filters, stride)
+        self.bn1 = batch_norm(filters)
+        self.conv2 = conv3x3(filters, filters, 1)
+        self.bn2 = batch_norm(filters)
+        extra = filters - in_channels
+        self.channel_pad = (extra // 2, extra - extra // 2)  # as kbench's ShortcutPad
+
+    def forward(self, x):
+        if self.stride == 1:
+            shortcut, y = x, x
+        else:
+            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, *self.channel_pad))
+            y = F.pad(x, (0, 1, 0, 1))  # "same" padding for stride 2, see conv3x3
+        y = F.relu(self.bn1(self.conv1(y)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(shortcut + y)
+
+
+class CifarResNet(nn.Module):
+    """kbench.models.resnet.cifar_resnet in NCHW: raw 0..255 pixels in, logits out."""
+
+    def __init__(self, depth, num_classes, pixel_mean, pixel_std):
+        super().__init__()
+        self.normalize = Normalize(pixel_mean, pixel_std)
+        self.conv = conv3x3(len(pixel_mean), common.WIDTHS[0], 1)
+        self.bn = batch_norm(common.WIDTHS[0])
+        blocks, channels = [], common.WIDTHS[0]
+        for filters, stride in common.stage_plan(depth):
+            blocks.append(BasicBlock(channels, filters, stride))
+            channels = filters
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(self.normalize(x))))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def convs_and_bns(self):
+        """(conv, bn) pairs in the order the network applies them (= ResNetWeights order)."""
+        pairs = [(self.conv, self.bn)]
+        for block in self.blocks:
+            pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        return pairs
+
+
+def build_model(weights):
+    """A CifarResNet holding the Keras model's initial weights (ResNetWeights)."""
+    model = CifarResNet(weights.depth, weights.num_classes, weights.pixel_mean, weights.pixel_std)
+    with torch.no_grad():
+        for (conv, bn), kernel, stats in zip(model.convs_and_bns(), weights.convs, weights.bns):
+            # Keras kernels are (kh, kw, in, out); torch's are (out, in, kh, kw).
+            conv.weight.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))
+            bn.weight.copy_(torch.from_numpy(stats["gamma"]))
+            bn.bias.copy_(torch.from_numpy(stats["beta"]))
+            bn.running_mean.copy_(torch.from_numpy(stats["moving_mean"]))
+            bn.running_var.copy_(torch.from_numpy(stats["moving_variance"]))
+        model.fc.weight.copy_(torch.from_numpy(weights.dense_kernel).T)
+        model.fc.bias.copy_(torch.from_numpy(weights.dense_bias))
+    return model
+
+
+def decayed_and_plain(model):
+    """Parameters that get weight decay (conv and dense kernels) and those that do not (BN
+    gamma/beta, the dense bias), as Keras' exclude_from_weight_decay(["gamma", "beta", "bias"])."""
+    decayed = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ids = {id(p) for p in decayed}
+    return decayed, [p for p in model.parameters() if id(p) not in ids]
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class KerasSGD:
+    """keras.optimizers.SGD with decoupled weight decay, as Keras' own torch backend runs it.
+
+    Keras keeps the learning rate inside the momentum buffer (m = momentum * m - lr * g), which
+    torch.optim.SGD does not, and decays kernels by w *= 1 - lr * wd before the gradient step.
+    """
+
+    def __init__(self, decayed, plain, momentum, nesterov, weight_decay):
+        self.decayed = decayed
+        self.params = decayed + plain
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.momenta = [torch.zeros_like(p) for p in self.params] if momentum else []
+
+    @torch.no_grad()
+    def step(self, lr):
+        grads = [p.grad for p in self.params]
+        if self.weight_decay:
+            torch._foreach_mul_(self.decayed, 1 - self.weight_decay * lr)
+        if not self.momentum:
+            torch._foreach_add_(self.params, grads, alpha=-lr)
+            return
+        torch._foreach_mul_(self.momenta, self.momentum)
+        torch._foreach_add_(self.momenta, grads, alpha=-lr)
+        if self.nesterov:
+            torch._foreach_add_(self.params, grads, alpha=-lr)
+            torch._foreach_add_(self.params, self.momenta, alpha=self.momentum)
+        else:
+            torch._foreach_add_(self.params, self.momenta)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def to_device(images, labels, device):
+    """A NumPy batch (NHWC images, one-hot labels) -> (NCHW images, labels) on `device`."""
+    labels = torch.from_numpy(labels.copy())  # tf.data hands out read-only arrays
+    return images_to_device(images, device), labels.to(device, non_blocking=True)
+
+
+def images_to_device(images, device):
+    # The NCHW view of NHWC memory already is channels_last: on CPU no second copy is made.
+    x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2)
+    return x.to(device, memory_format=_memory_format(device), non_blocking=True)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _describe(device):
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _prepare(config, device):
+    """(model on device, the module to call, jit description) from the Keras initial weights."""
+    weights = common.initial_weights(config)
+    model = build_model(weights).to(device, memory_format=_memory_format(device))
+    if config.jit_compile == "on":
+        return weights, model, torch.compile(model), "torch.compile (inductor, default mode)"
+    return weights, model, model, "eager"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run(config, steps, warmup_steps=2):
+    """Train `1 + warmup_steps + steps` steps, evaluate on the test split; see the module doc
+    and native_common.timed_training for what each number means."""
+    common.check_config(config)
+    device = _device()
+    train_ds, test_ds, steps_per_epoch = common.datasets(config)
+    weights, model, net, jit = _prepare(config, device)
+    rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
+    optimizer = KerasSGD(*decayed_and_plain(model), config.momentum, config.nesterov,
+                         config.weight_decay)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step_fn(step, images, labels):
+        x, y = to_device(images, labels, device)
+        loss = F.cross_entropy(net(x), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(rates[step])
+        _sync(device)
+        return loss.item()
+
+    model.train()
+    compile_s, step_times, losses = common.timed_training(train_ds, step_fn, steps, warmup_steps)
+
+    @torch.inference_mode()
+    def eval_fn(images, labels):
+        x, y = to_device(images, labels, device)
+        logits = net(x)
+        # Keras' model.evaluate reports the compiled loss, label smoothing included.
+        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing,
+                               reduction="sum")
+        hits = (logits.argmax(-1) == y.argmax(-1)).sum()
+        return loss.item(), hits.item()
+
+    model.eval()
+    test = common.evaluate(test_ds, eval_fn)
+    return {
+        "compile_s": compile_s,
+        "step_times": step_times,
+        "train_loss_history": losses,
+        **test,
+        "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                           if device.type == "cuda" else None),
+        "flops_per_step": None,
+        "device": _describe(device),
+        "jit": jit,
+        "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+    }
+
+
+def forward(config, images):
+    """Logits of the native network at its initial weights, BN in inference mode."""
+    device = _device()
+    _, model, net, _ = _prepare(config, device)
+    model.eval()
+    with torch.inference_mode():
+        return net(images_to_device(images, device)).float().cpu().numpy()

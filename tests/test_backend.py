@@ -1,0 +1,52 @@
+"""kbench.backend and the `kbench env` command."""
+
+import json
+
+import pytest
+
+from tests.conftest import BACKEND
+
+
+def test_backend_reports_itself():
+    from kbench import backend
+
+    info = backend.describe()
+    assert info["backend"] == BACKEND
+    assert info["versions"]["keras"] and info["versions"][
+        {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[BACKEND]]
+    assert info["devices"] and all(isinstance(d, str) for d in info["devices"])
+
+
+def test_set_seed_makes_backend_randomness_repeat():
+    import keras
+
+    from kbench import backend
+
+    backend.set_seed(5)
+    a = keras.ops.convert_to_numpy(keras.random.normal((4,)))
+    backend.set_seed(5)
+    b = keras.ops.convert_to_numpy(keras.random.normal((4,)))
+    assert (a == b).all()
+
+
+def test_default_jit_compile_per_backend():
+    from kbench import backend
+
+    expected = {"jax": True, "tensorflow": backend.accelerator() == "gpu", "torch": False}
+    assert backend.default_jit_compile() == expected[BACKEND]
+
+
+def test_kbench_env_command(run_python):
+    out = run_python("-m", "kbench.cli", "env", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["backend"] == BACKEND and "keras" in info["versions"]
+
+
+@pytest.mark.backend_independent
+def test_unknown_backend_is_one_line(run_python):
+    out = run_python("-c", "import kbench", backend="mxnet", timeout=60)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+    assert lines == ["error: unknown KERAS_BACKEND='mxnet'; use one of: jax, tensorflow, torch "
+                     "(e.g. KERAS_BACKEND=jax)"]

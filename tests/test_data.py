@@ -1,0 +1,223 @@
+"""kbench.data: CIFAR from archive / folder / TFDS, the offline error, synthetic data, tf.data."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from kbench import data
+from kbench.errors import KbenchError
+from tests import cifar_files
+
+pytestmark = pytest.mark.backend_independent
+
+
+@pytest.fixture(scope="module")
+def cifar10_splits():
+    # 3 training batch files of unequal sizes: the loader must not assume 10000 per file.
+    return cifar_files.random_split(70, seed=1), cifar_files.random_split(20, seed=2)
+
+
+def keras_reference(folder, name):
+    """What keras.datasets.cifar10/100.load_data() returns for these files: keras' own
+    `load_batch` parser, then the same assembly steps keras applies."""
+    from keras.src.datasets.cifar import load_batch
+
+    if name == "cifar10":
+        names = sorted((f for f in os.listdir(folder) if f.startswith("data_batch_")),
+                       key=lambda f: int(f.rsplit("_", 1)[1]))
+        parts = [load_batch(os.path.join(folder, f)) for f in names]
+        x_train = np.concatenate([p[0] for p in parts])
+        y_train = np.concatenate([np.asarray(p[1], dtype="uint8") for p in parts])
+        x_test, y_test = load_batch(os.path.join(folder, "test_batch"))
+        y_test = np.asarray(y_test, dtype="uint8")
+    else:
+        x_train, y_train = load_batch(os.path.join(folder, "train"), label_key="fine_labels")
+        x_test, y_test = load_batch(os.path.join(folder, "test"), label_key="fine_labels")
+    y_train = np.reshape(y_train, (len(y_train), 1))
+    y_test = np.reshape(y_test, (len(y_test), 1))
+    return ((x_train.transpose(0, 2, 3, 1), y_train), (x_test.transpose(0, 2, 3, 1), y_test))
+
+
+def assert_same_arrays(got, want):
+    for g, w in zip(np.asarray(got, dtype=object).ravel(), np.asarray(want, dtype=object).ravel()):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        np.testing.assert_array_equal(g, w)
+
+
+def flat(result):
+    (a, b), (c, d) = result
+    return [a, b, c, d]
+
+
+@pytest.mark.parametrize("layout", ["folder", "archive", "archive-path", "folder-path"])
+def test_load_cifar10_matches_keras(tmp_path, cifar10_splits, layout):
+    train, test = cifar10_splits
+    folder = cifar_files.write_folder(tmp_path / "ref", "cifar10", train, test, [30, 25, 15])
+    root = tmp_path / "data"
+    if layout.startswith("archive"):
+        archive = cifar_files.write_archive(root, "cifar10", train, test, [30, 25, 15])
+        data_dir = archive if layout == "archive-path" else root
+    else:
+        written = cifar_files.write_folder(root, "cifar10", train, test, [30, 25, 15])
+        data_dir = written if layout == "folder-path" else root
+    got = data.load_cifar("cifar10", data_dir=str(data_dir))
+    assert_same_arrays(flat(got), flat(keras_reference(folder, "cifar10")))
+    # ... which are the arrays that were written, with keras' shapes and dtypes.
+    assert got[0][0].shape == (70, 32, 32, 3) and got[0][0].dtype == np.uint8
+    assert got[0][1].shape == (70, 1) and got[0][1].dtype == np.uint8
+    np.testing.assert_array_equal(got[0][0], train[0])
+    np.testing.assert_array_equal(got[1][1], test[1])
+
+
+def test_ten_batch_files_are_read_in_numeric_order(tmp_path):
+    train, test = cifar_files.random_split(110, seed=3), cifar_files.random_split(5, seed=4)
+    cifar_files.write_folder(tmp_path, "cifar10", train, test, [10] * 11)
+    (x_train, y_train), _ = data.load_cifar("cifar10", data_dir=str(tmp_path))
+    np.testing.assert_array_equal(x_train, train[0])  # data_batch_10 after data_batch_9
+
+
+@pytest.mark.parametrize("layout", ["folder", "archive"])
+def test_load_cifar100_matches_keras(tmp_path, layout):
+    train = cifar_files.random_split(40, seed=5, num_classes=100, label_dtype=np.int64)
+    test = cifar_files.random_split(10, seed=6, num_classes=100, label_dtype=np.int64)
+    folder = cifar_files.write_folder(tmp_path / "ref", "cifar100", train, test)
+    writer = cifar_files.write_folder if layout == "folder" else cifar_files.write_archive
+    writer(tmp_path / "data", "cifar100", train, test)
+    got = data.load_cifar("cifar100", data_dir=str(tmp_path / "data"))
+    assert_same_arrays(flat(got), flat(keras_reference(folder, "cifar100")))
+    assert got[0][1].dtype == np.int64 and int(got[0][1].max()) < 100
+
+
+def test_keras_cache_layout_is_found(tmp_path, cifar10_splits, monkeypatch):
+    # keras.datasets.cifar10 caches as ~/.keras/datasets/cifar-10-batches-py/cifar-10-batches-py
+    train, test = cifar10_splits
+    cache = tmp_path / ".keras" / "datasets" / "cifar-10-batches-py"
+    cifar_files.write_folder(cache, "cifar10", train, test)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KBENCH_DATA_DIR", raising=False)
+    (x_train, _), _ = data.load_cifar("cifar10")
+    np.testing.assert_array_equal(x_train, train[0])
+
+
+def test_tfds_data_dir(tmp_path):
+    """The TFDS path, with examples from tfds.testing.mock_data in a prepared-looking dir."""
+    import tensorflow_datasets as tfds
+
+    version_dir = tmp_path / "cifar10" / "3.0.2"
+    version_dir.mkdir(parents=True)
+    (version_dir / "dataset_info.json").write_text(json.dumps({"name": "cifar10"}))
+    with tfds.testing.mock_data(num_examples=12):
+        (x_train, y_train), (x_test, y_test) = data.load_cifar("cifar10", data_dir=str(tmp_path))
+    assert x_train.shape == (12, 32, 32, 3) and x_train.dtype == np.uint8
+    assert y_train.shape == (12, 1) and y_train.dtype == np.uint8
+    assert x_test.shape == (12, 32, 32, 3) and int(y_test.max()) < 10
+
+
+def test_missing_data_is_one_clear_error_within_seconds(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(KbenchError) as err:
+        data.load_cifar("cifar10", data_dir=str(tmp_path))
+    message = str(err.value)
+    assert "--data-dir" in message and "--dataset synthetic" in message
+    assert "\n" not in message
+    assert time.monotonic() - start < 5
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+    with pytest.raises(KbenchError, match="not a readable CIFAR-10"):
+        data.load_cifar("cifar10", data_dir=str(tmp_path))
+
+
+def test_download_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_network_answers", lambda url, timeout=3.0: False)
+    with pytest.raises(KbenchError, match="cannot reach"):
+        data.load_cifar("cifar10", data_dir=str(tmp_path), download=True)
+
+
+def test_unknown_dataset():
+    with pytest.raises(KbenchError, match="unknown dataset 'imagenet'"):
+        data.load_dataset("imagenet")
+
+
+def test_synthetic_is_deterministic_and_sized():
+    a = data.load_synthetic(train_examples=64, test_examples=16, seed=3)
+    b = data.load_synthetic(train_examples=64, test_examples=16, seed=3)
+    c = data.load_synthetic(train_examples=64, test_examples=16, seed=4)
+    for x, y in zip(flat(a), flat(b)):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0][0], c[0][0])
+    assert a[0][0].shape == (64, 32, 32, 3) and a[0][0].dtype == np.uint8
+    assert a[1][1].shape == (16, 1)
+
+
+def test_synthetic_is_learnable():
+    """A linear classifier on raw pixels separates the classes: the data carries signal."""
+    from sklearn.linear_model import LogisticRegression
+
+    (x_train, y_train), (x_test, y_test) = data.load_synthetic(train_examples=2000,
+                                                              test_examples=500, seed=0)
+    clf = LogisticRegression(max_iter=300).fit(x_train.reshape(2000, -1) / 255.0, y_train.ravel())
+    assert clf.score(x_test.reshape(500, -1) / 255.0, y_test.ravel()) > 0.5  # chance: 0.1
+
+
+def take(ds, n):
+    return [(np.asarray(x), np.asarray(y)) for x, y in ds.take(n)]
+
+
+def test_pipeline_is_seeded_and_changes_every_epoch():
+    arrays = data.load_dataset("synthetic", train_examples=64, test_examples=16)
+    train1, _ = data.make_datasets(arrays, batch_size=16, seed=7, cutout=8)
+    train2, _ = data.make_datasets(arrays, batch_size=16, seed=7, cutout=8)
+    assert train1.steps_per_epoch == 4
+    a, b = take(train1, 8), take(train2, 8)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # A new iterator replays the stream from the start (Keras restarts iterators).
+    np.testing.assert_array_equal(take(train1, 1)[0][0], a[0][0])
+    # Epoch 1 is a different order and different augmentation than epoch 0.
+    assert not np.array_equal(a[0][0], a[4][0])
+    # Every example appears exactly once per epoch.
+    epoch0 = np.concatenate([y.argmax(1) for _, y in a[:4]])
+    assert sorted(epoch0.tolist()) == sorted(arrays.y_train.ravel().tolist())
+
+
+def test_augmentation_crops_flips_and_cuts():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, size=(32, 32, 32, 3)).astype(np.float32)
+    out = data.augment_batch(tf.constant(x), tf.constant([3, 4], tf.int64), crop_padding=4,
+                             cutout=0).numpy()
+    padded = np.pad(x, [(0, 0), (4, 4), (4, 4), (0, 0)])
+    for i in range(len(x)):
+        # Each output is a 32x32 window of the zero-padded image, possibly mirrored.
+        found = any(np.array_equal(out[i], win)
+                    for dy in range(9) for dx in range(9)
+                    for win in (padded[i, dy:dy + 32, dx:dx + 32],
+                                padded[i, dy:dy + 32, dx:dx + 32][:, ::-1]))
+        assert found, f"example {i} is not a crop of its padded input"
+    assert len({out[i].tobytes() for i in range(len(x))}) == len(x)
+    cut = data.augment_batch(tf.constant(x), tf.constant([3, 4], tf.int64), crop_padding=0,
+                             cutout=8).numpy()
+    zero_pixels = (cut == 0).all(axis=-1).sum(axis=(1, 2))
+    assert (zero_pixels > 0).all() and (zero_pixels <= 64).all()
+
+
+def test_eval_pipeline_covers_each_example_once_in_order():
+    arrays = data.load_dataset("synthetic", train_examples=32, test_examples=21)
+    _, test = data.make_datasets(arrays, batch_size=8)
+    batches = take(test, 10)
+    assert [len(x) for x, _ in batches] == [8, 8, 5]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]),
+                                  arrays.x_test.astype(np.float32))
+
+
+def test_impossible_batch_size():
+    arrays = data.load_dataset("synthetic", train_examples=32, test_examples=8)
+    with pytest.raises(KbenchError, match="batch size 64 is impossible"):
+        data.make_datasets(arrays, batch_size=64)

@@ -1,0 +1,201 @@
+"""The native reference loops train what Keras trains: same network, initial weights, batches,
+schedule and optimizer, so that `kbench compare`'s Keras / native ratio is framework overhead.
+
+native_jax is checked in the jax pass and native_torch in the torch pass, each against Keras
+running on the same framework.
+"""
+
+import importlib
+import math
+import os
+
+import numpy as np
+import pytest
+
+import kbench  # noqa: F401  (validates KERAS_BACKEND before keras is imported)
+import keras
+from kbench import train
+from kbench.bench import native_common as common
+from kbench.errors import KbenchError
+from recipes import cifar_resnet
+
+BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+NATIVE = {"jax": "kbench.bench.native_jax", "torch": "kbench.bench.native_torch"}
+needs_twin = pytest.mark.skipif(BACKEND not in NATIVE,
+                                reason="native twins exist for the jax and torch backends")
+
+TRAIN_STEPS = 4  # all of them compared with Keras; the run() keeps 2 timed steps of these
+TIMED, WARMUP = 2, 1
+
+
+def small_config(**overrides):
+    # 72 test examples: the last test batch is partial, as it usually is for real data.
+    fields = dict(dataset="synthetic", train_examples=256, test_examples=72, batch_size=16,
+                  steps_per_epoch=TRAIN_STEPS, epochs=1, output_dir=None, verbose=0)
+    return cifar_resnet.Config(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def native():
+    return importlib.import_module(NATIVE[BACKEND])
+
+
+@pytest.fixture(scope="module")
+def keras_run():
+    """Keras' own training of the small config: per-batch logs and the final evaluation."""
+    config = small_config()
+    model = common.build_keras_model(config)
+    train_ds, test_ds = cifar_resnet.build_datasets(config)
+    train.compile_model(model, config, train.steps_per_epoch_of(train_ds, config))
+    logged = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: logged.append(float(logs["loss"])))
+    model.fit(train_ds, epochs=1, steps_per_epoch=TRAIN_STEPS, shuffle=False, verbose=0,
+              callbacks=[record])
+    return {"running_mean_loss": logged, **train.evaluate(model, test_ds)}
+
+
+@pytest.fixture(scope="module")
+def native_run(native):
+    return native.run(small_config(), steps=TIMED, warmup_steps=WARMUP)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+@pytest.mark.parametrize("warmup_epochs, epochs", [(1.0, 2), (0.0, 1), (2.5, 3)])
+def test_schedule_is_keras_schedule(warmup_epochs, epochs):
+    config = small_config(warmup_epochs=warmup_epochs, epochs=epochs, lr=0.4)
+    schedule = train.learning_rate_schedule(config, 10)
+    expected = [float(keras.ops.convert_to_numpy(schedule(s))) for s in range(epochs * 10 + 3)]
+    got = common.learning_rates(config, 10, len(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert got[0] == (0.0 if warmup_epochs else float(np.float32(0.4)))  # step 0 comes first
+
+
+@pytest.mark.backend_independent
+def test_models_without_twin_are_one_line_errors():
+    with pytest.raises(KbenchError, match="native reference has no model 'resnet9'"):
+        common.check_config(small_config(model="resnet9"))
+    with pytest.raises(KbenchError, match="float32 only"):
+        common.check_config(small_config(dtype_policy="mixed_bfloat16"))
+
+
+@pytest.mark.backend_independent
+def test_stage_plan_is_he_et_al():
+    plan = common.stage_plan(20)
+    assert plan == [(16, 1)] * 3 + [(32, 2), (32, 1), (32, 1), (64, 2), (64, 1), (64, 1)]
+    assert len(common.stage_plan(110)) == 54
+
+
+# --------------------------------------------------------------------------- the twins
+
+
+@needs_twin
+@pytest.mark.parametrize("model", ["resnet20", "resnet32"])
+def test_forward_matches_keras(native, model):
+    config = small_config(model=model)
+    images = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    keras_model = common.build_keras_model(config)
+    expected = keras.ops.convert_to_numpy(keras_model(images, training=False))
+    np.testing.assert_allclose(native.forward(config, images), expected, rtol=0, atol=1e-4)
+    assert common.initial_weights(config).count() == keras_model.count_params()
+
+
+@needs_twin
+def test_optimizer_is_keras_sgd(native):
+    """Three updates of one kernel and one bias: weight decay on the kernel only, Nesterov
+    momentum with the learning rate inside the buffer, the warmup schedule's step-0 rate."""
+    config = small_config(warmup_epochs=0.5, weight_decay=0.05)
+    rng = np.random.default_rng(2)
+    start = {"kernel": rng.normal(size=(3, 3, 2, 4)).astype("float32"),
+             "bias": rng.normal(size=(4,)).astype("float32")}
+    grads = [{k: rng.normal(size=v.shape).astype("float32") for k, v in start.items()}
+             for _ in range(3)]
+
+    optimizer = train.build_optimizer(config, TRAIN_STEPS)
+    variables = [keras.Variable(start[k], name=k) for k in ("kernel", "bias")]
+    for g in grads:
+        optimizer.apply_gradients(zip([g["kernel"], g["bias"]], variables))
+    expected = {v.name: keras.ops.convert_to_numpy(v) for v in variables}
+
+    rates = common.learning_rates(config, TRAIN_STEPS, len(grads))
+    got = NATIVE_SGD[BACKEND](native, config, start, grads, rates)
+    for name in start:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got["kernel"], start["kernel"])
+
+
+def _jax_sgd(native, config, start, grads, rates):
+    import jax.numpy as jnp
+    import optax
+
+    optimizer = native.keras_sgd(config.momentum, config.nesterov, config.weight_decay,
+                                 {"kernel": True, "bias": False})
+    params = {k: jnp.asarray(v) for k, v in start.items()}
+    state = optimizer.init(params)
+    for g, lr in zip(grads, rates):
+        updates, state = optimizer.update(g, state, params, learning_rate=np.float32(lr))
+        params = optax.apply_updates(params, updates)
+    return {k: np.asarray(v) for k, v in params.items()}
+
+
+def _torch_sgd(native, config, start, grads, rates):
+    import torch
+
+    params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in start.items()}
+    optimizer = native.KerasSGD([params["kernel"]], [params["bias"]], config.momentum,
+                                config.nesterov, config.weight_decay)
+    for g, lr in zip(grads, rates):
+        for k, p in params.items():
+            p.grad = torch.from_numpy(g[k])
+        optimizer.step(lr)
+    return {k: p.detach().numpy() for k, p in params.items()}
+
+
+NATIVE_SGD = {"jax": _jax_sgd, "torch": _torch_sgd}
+
+
+@needs_twin
+def test_training_matches_keras_fit(native_run, keras_run):
+    """Same data, same initial weights, same optimizer: the losses agree step by step.
+
+    Keras logs the running mean of the epoch's losses, so the native losses are compared the
+    same way. Step 0 trains at learning rate 0 (warmup), steps 1-2 move the weights, so steps
+    2-3 check the update.
+    """
+    losses = native_run["train_loss_history"]
+    assert len(losses) == TRAIN_STEPS
+    running_mean = np.cumsum(losses) / np.arange(1, len(losses) + 1)
+    np.testing.assert_allclose(running_mean, keras_run["running_mean_loss"], rtol=1e-3)
+
+
+@needs_twin
+def test_evaluation_matches_keras_evaluate(native_run, keras_run):
+    # nn.BatchNorm2d's moving variance takes the unbiased batch variance (Keras: biased), a
+    # factor n/(n-1) with n >= 16*8*8 here, so torch's test loss may differ in the 4th digit.
+    assert native_run["test_loss"] == pytest.approx(keras_run["test_loss"], rel=2e-3)
+    assert native_run["test_accuracy"] == pytest.approx(keras_run["test_accuracy"], abs=1 / 72)
+
+
+@needs_twin
+def test_run_reports_timings_and_metrics(native_run):
+    result = native_run
+    assert set(result) == set(common.RESULT_KEYS)
+    assert len(result["step_times"]) == TIMED
+    assert all(0 < t < 60 for t in result["step_times"])
+    assert 0 < result["compile_s"] < 600
+    assert all(math.isfinite(v) for v in result["train_loss_history"])
+    assert math.isfinite(result["test_loss"]) and 0 <= result["test_accuracy"] <= 1
+    assert result["params"] == 271_098  # ResNet-20 incl. BN moving statistics, as Keras counts
+    assert result["device"] and result["jit"]
+    if BACKEND == "jax":
+        assert result["flops_per_step"] > 1e9  # ResNet-20, batch 16: about 3.7 GFLOP
+    else:
+        assert result["flops_per_step"] is None
+
+
+@needs_twin
+def test_run_refuses_models_without_twin(native):
+    with pytest.raises(KbenchError, match="native reference has no model"):
+        native.run(small_config(model="preact_resnet18"), steps=1)

@@ -1,0 +1,159 @@
+"""recipes/cifar_resnet.py end to end under the active backend, plus its contracts."""
+
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+import kbench  # noqa: F401
+from kbench import data
+from kbench.flags import build_parser, parse_config
+from recipes import cifar_resnet
+from tests import cifar_files
+from tests.conftest import BACKEND
+
+METRICS_KEYS = {"backend", "test_accuracy", "test_loss", "epochs", "train_examples_per_sec",
+                "num_replicas", "config", "versions"}
+
+
+def tiny(**overrides):
+    base = dict(dataset="synthetic", train_examples=256, test_examples=64, epochs=1,
+                batch_size=32, verbose=0)
+    return cifar_resnet.Config(**{**base, **overrides})
+
+
+def test_command_line_run_writes_metrics_history_and_model(run_python, tmp_path):
+    out_dir = tmp_path / "run"
+    result = run_python("recipes/cifar_resnet.py", "--dataset", "synthetic", "--model",
+                        "resnet20", "--epochs", "1", "--steps-per-epoch", "4", "--batch-size",
+                        "32", "--output-dir", str(out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert METRICS_KEYS <= set(metrics)
+    assert metrics["backend"] == BACKEND and metrics["epochs"] == 1
+    assert metrics["num_replicas"] == 1 and metrics["train_examples_per_sec"] > 0
+    assert metrics["config"]["batch_size"] == 32 and metrics["versions"]["keras"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
+    with open(out_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0"]
+    assert list(rows[0])[:2] == ["epoch", "loss"]
+    # The final summary line.
+    assert f"under {BACKEND}: test accuracy" in result.stdout
+    assert (out_dir / "model.keras").is_file()
+    assert not [p for p in os.listdir(out_dir) if p.startswith(".tmp-")]
+
+
+def test_training_on_published_cifar_files_learns(tmp_path):
+    """CIFAR-10 read from a published-format archive (holding learnable synthetic images):
+    three epochs lower the loss every epoch and beat chance on the test split by far."""
+    train, test = data.load_synthetic(train_examples=1024, test_examples=256, seed=1)
+    cifar_files.write_archive(tmp_path / "cifar", "cifar10", train, test, [512, 512])
+    config = cifar_resnet.Config(dataset="cifar10", data_dir=str(tmp_path / "cifar"),
+                                 epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
+                                 validate_every_epoch=False, output_dir=str(tmp_path / "out"),
+                                 verbose=0)
+    metrics = cifar_resnet.main(config)
+    losses = metrics["history"]["loss"]
+    assert losses[0] > losses[1] > losses[2], losses
+    assert metrics["test_accuracy"] > 0.5, metrics["test_accuracy"]  # chance: 0.1
+    assert metrics["epochs"] == 3
+
+
+def test_main_takes_a_users_own_model(tmp_path):
+    """The template use: swap in your own network, keep everything else."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    mine = keras.Model(inputs, outputs, name="mine")
+    metrics = cifar_resnet.main(tiny(output_dir=str(tmp_path)), model=mine)
+    assert metrics["model"] == "mine" and metrics["params"] == mine.count_params()
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_main_takes_users_own_datasets(tmp_path):
+    arrays = data.load_dataset("synthetic", train_examples=128, test_examples=32)
+    train_ds, test_ds = data.make_datasets(arrays, batch_size=32)
+    metrics = cifar_resnet.main(tiny(output_dir=None, steps_per_epoch=2),
+                                datasets=(train_ds.take(2), test_ds))
+    assert metrics["epochs"] == 1 and "test_accuracy" in metrics
+
+
+def test_same_seed_same_numbers():
+    a = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=None))
+    b = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=None))
+    assert a["history"]["loss"] == pytest.approx(b["history"]["loss"], rel=1e-5)
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+@pytest.mark.backend_independent
+def test_every_config_field_is_a_flag():
+    parser = build_parser(cifar_resnet.Config)
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f.name for f in dataclasses.fields(cifar_resnet.Config)}
+    config = parse_config(cifar_resnet.Config, ["--batch-size", "7", "--no-augment",
+                                                "--data-dir", "/d", "--steps-per-epoch", "3"])
+    assert (config.batch_size, config.augment, config.data_dir, config.steps_per_epoch) == (
+        7, False, "/d", 3)
+    common = ["--dataset", "--data-dir", "--model", "--epochs", "--steps-per-epoch",
+              "--batch-size", "--lr", "--seed", "--output-dir", "--dtype-policy"]
+    options = {s for a in parser._actions for s in a.option_strings}
+    assert set(common) <= options
+
+
+@pytest.mark.backend_independent
+def test_offline_without_data_fails_fast_with_one_line(run_python, tmp_path):
+    start = time.monotonic()
+    env = {"HOME": str(tmp_path), "KBENCH_DATA_DIR": "", "TFDS_DATA_DIR": str(tmp_path / "t")}
+    result = run_python("recipes/cifar_resnet.py", env=env, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: CIFAR-10 not found")
+    assert "--data-dir" in last and "--dataset synthetic" in last
+    assert elapsed < 60
+
+
+@pytest.mark.backend_independent
+def test_bad_flags_are_one_line_errors(run_python):
+    result = run_python("recipes/cifar_resnet.py", "--dataset", "synthetic", "--model",
+                        "resnet21", "--epochs", "1", "--steps-per-epoch", "1", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown model 'resnet21'")
+    result = run_python("recipes/cifar_resnet.py", "--dataset", "synthetic",
+                        "--train-examples", "16", "--batch-size", "64", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "batch size 64 is impossible" in result.stderr
+
+
+PARITY = """
+import json, kbench
+from recipes import cifar_resnet
+m = cifar_resnet.main(cifar_resnet.Config(dataset="synthetic", train_examples=128,
+    test_examples=64, batch_size=32, epochs=2, steps_per_epoch=2, output_dir=None, verbose=0))
+print("RESULT", json.dumps({"loss": m["history"]["loss"], "test_loss": m["test_loss"]}))
+"""
+
+
+@pytest.mark.backend_independent
+def test_backends_train_the_same_numbers(run_python):
+    """Same seed: same initial weights, same batches, same optimizer, so the three backends'
+    losses agree to float32 round-off (up to 1e-3 relative after 4 steps)."""
+    results = {}
+    for backend in ("jax", "tensorflow", "torch"):
+        out = run_python("-c", PARITY, backend=backend, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
+        results[backend] = json.loads(line[len("RESULT "):])
+    ref = results["jax"]
+    for backend in ("tensorflow", "torch"):
+        assert results[backend]["loss"] == pytest.approx(ref["loss"], rel=1e-3), results
+        assert results[backend]["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-2), results
