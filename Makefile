@@ -16,14 +16,16 @@ install:
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(MAKE) install
 
-# The main job on data that needs no download: one short CIFAR ResNet run per backend,
-# then the cross-backend comparison.
+# The main job on data that needs no download: a short CIFAR ResNet run per backend, then
+# the cross-backend comparison with its defaults.
 demo: $(VENV)/.installed
 	@for b in $(BACKENDS); do \
 	  echo "=== demo: recipes/cifar_resnet.py under KERAS_BACKEND=$$b ==="; \
 	  KERAS_BACKEND=$$b $(PY) recipes/cifar_resnet.py --dataset synthetic --model resnet20 \
 	    --epochs 2 --steps-per-epoch 20 --batch-size 64 --output-dir runs/demo/$$b || exit 1; \
 	done
+	@echo "=== demo: kbench compare (defaults: ResNet-20, synthetic data, every installed backend) ==="
+	$(VENV)/bin/kbench compare --output runs/demo/compare
 
 # The whole suite once per backend: KERAS_BACKEND is read once per interpreter.
 test: $(VENV)/.installed

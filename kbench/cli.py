@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from kbench.bench import cli as bench_cli
 from kbench.errors import exit_on_error
 
 
@@ -39,12 +40,7 @@ def build_parser():
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(func=cmd_env)
 
-    try:
-        from kbench.bench import cli as bench_cli
-    except ImportError:  # the bench package is optional while it is being built
-        bench_cli = None
-    if bench_cli is not None:
-        bench_cli.add_verbs(verbs)
+    bench_cli.add_verbs(verbs)
     return parser
 
 

@@ -30,8 +30,10 @@ TIMED, WARMUP = 2, 1
 
 def small_config(**overrides):
     # 72 test examples: the last test batch is partial, as it usually is for real data.
+    # lr 0.01: at the recipe's 0.1, the first steps from initialization amplify float rounding
+    # so much that Keras' own backends disagree by 5e-4 in the 4th loss and 1% in test loss.
     fields = dict(dataset="synthetic", train_examples=256, test_examples=72, batch_size=16,
-                  steps_per_epoch=TRAIN_STEPS, epochs=1, output_dir=None, verbose=0)
+                  steps_per_epoch=TRAIN_STEPS, epochs=1, lr=0.01, output_dir=None, verbose=0)
     return cifar_resnet.Config(**{**fields, **overrides})
 
 
@@ -98,7 +100,9 @@ def test_forward_matches_keras(native, model):
     images = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     keras_model = common.build_keras_model(config)
     expected = keras.ops.convert_to_numpy(keras_model(images, training=False))
-    np.testing.assert_allclose(native.forward(config, images), expected, rtol=0, atol=1e-4)
+    # At initialization, inference-mode logits reach ~600 (moving statistics are still 0 and
+    # 1), so float32 rounding alone makes ~1e-4 absolute: the relative bound covers those.
+    np.testing.assert_allclose(native.forward(config, images), expected, rtol=1e-5, atol=1e-4)
     assert common.initial_weights(config).count() == keras_model.count_params()
 
 
@@ -116,7 +120,8 @@ def test_optimizer_is_keras_sgd(native):
     optimizer = train.build_optimizer(config, TRAIN_STEPS)
     variables = [keras.Variable(start[k], name=k) for k in ("kernel", "bias")]
     for g in grads:
-        optimizer.apply_gradients(zip([g["kernel"], g["bias"]], variables))
+        g = [keras.ops.convert_to_tensor(g[k]) for k in ("kernel", "bias")]
+        optimizer.apply_gradients(zip(g, variables))
     expected = {v.name: keras.ops.convert_to_numpy(v) for v in variables}
 
     rates = common.learning_rates(config, TRAIN_STEPS, len(grads))
@@ -160,22 +165,33 @@ NATIVE_SGD = {"jax": _jax_sgd, "torch": _torch_sgd}
 def test_training_matches_keras_fit(native_run, keras_run):
     """Same data, same initial weights, same optimizer: the losses agree step by step.
 
-    Keras logs the running mean of the epoch's losses, so the native losses are compared the
-    same way. Step 0 trains at learning rate 0 (warmup), steps 1-2 move the weights, so steps
-    2-3 check the update.
+    Keras logs the running mean of the epoch's losses; undoing the mean gives its per-step
+    losses. Step 0 trains at learning rate 0 (warmup), steps 1-2 move the weights, so steps
+    2-3 check the gradients and the update (measured: within 2e-6 for JAX, 1e-5 for torch).
     """
     losses = native_run["train_loss_history"]
     assert len(losses) == TRAIN_STEPS
     running_mean = np.cumsum(losses) / np.arange(1, len(losses) + 1)
-    np.testing.assert_allclose(running_mean, keras_run["running_mean_loss"], rtol=1e-3)
+    np.testing.assert_allclose(running_mean, keras_run["running_mean_loss"], rtol=1e-4)
+    np.testing.assert_allclose(losses, per_step(keras_run["running_mean_loss"]), rtol=1e-4)
+
+
+def per_step(running_means):
+    """Per-step values from the running means Keras logs: x_k = k m_k - (k - 1) m_(k-1)."""
+    sums = np.asarray(running_means, np.float64) * np.arange(1, len(running_means) + 1)
+    return np.diff(sums, prepend=0.0)
+
+
+# Test loss after the same 4 steps. JAX: BN written as Keras writes it (measured 3e-5). torch:
+# nn.BatchNorm2d updates its moving variance with the unbiased batch variance (Keras: biased),
+# i.e. n/(n-1) times the batch's share, n = 16*8*8 in the last stage (measured 4e-4).
+EVAL_RTOL = {"jax": 2e-4, "torch": 2e-3}
 
 
 @needs_twin
 def test_evaluation_matches_keras_evaluate(native_run, keras_run):
-    # nn.BatchNorm2d's moving variance takes the unbiased batch variance (Keras: biased), a
-    # factor n/(n-1) with n >= 16*8*8 here, so torch's test loss may differ in the 4th digit.
-    assert native_run["test_loss"] == pytest.approx(keras_run["test_loss"], rel=2e-3)
-    assert native_run["test_accuracy"] == pytest.approx(keras_run["test_accuracy"], abs=1 / 72)
+    assert native_run["test_loss"] == pytest.approx(keras_run["test_loss"], rel=EVAL_RTOL[BACKEND])
+    assert native_run["test_accuracy"] == pytest.approx(keras_run["test_accuracy"], abs=1e-6)
 
 
 @needs_twin

@@ -1,0 +1,108 @@
+"""`kbench compare` and `kbench report`: argument parsing only; the work is in compare/report."""
+
+import os
+
+from kbench.errors import KbenchError
+
+
+def _python_map(values):
+    """['jax=/envs/jax/bin/python', ...] -> {'jax': '/envs/jax/bin/python'}."""
+    mapping = {}
+    for value in values or []:
+        backend, sep, path = value.partition("=")
+        if not sep or not path:
+            raise KbenchError(f"--python takes BACKEND=PATH (e.g. jax=/envs/jax/bin/python), "
+                              f"not {value!r}")
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise KbenchError(f"--python {backend}={path}: no executable interpreter there")
+        mapping[backend] = path
+    return mapping
+
+
+def _config_overrides(values):
+    """['cutout=8', 'lr=0.05'] -> {'cutout': 8, 'lr': 0.05}: values parsed as JSON when they can
+    be, else kept as strings."""
+    import json
+
+    overrides = {}
+    for value in values or []:
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            raise KbenchError(f"--set takes FIELD=VALUE (a recipe Config field), not {value!r}")
+        try:
+            overrides[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.replace("-", "_")] = raw
+    return overrides
+
+
+def cmd_compare(args):
+    from kbench.bench.compare import CompareOptions, compare
+    from kbench.bench.report import make_console
+
+    if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
+        raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
+    options = CompareOptions(
+        recipe=args.recipe,
+        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip())
+        if args.backends else (),
+        reference=args.reference, dataset=args.dataset, model=args.model,
+        batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+        epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
+        repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
+        output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
+    )
+    if options.baseline and not os.path.isfile(options.baseline):
+        raise KbenchError(f"--baseline {options.baseline}: no such file")
+    rows = compare(options, console=make_console())
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+def cmd_report(args):
+    from kbench.bench.records import read_jsonl
+    from kbench.bench.report import render
+
+    rows = read_jsonl(args.results)
+    out_dir = args.output or os.path.dirname(os.path.abspath(args.results))
+    render(rows, out_dir, baseline=args.baseline)
+    return 0
+
+
+def add_verbs(verbs):
+    compare = verbs.add_parser(
+        "compare", help="run a recipe under every backend and compare speed, memory, accuracy",
+        description="Run a recipe under each backend in its own process and report "
+                    "throughput, compile time, memory and accuracy side by side.")
+    compare.add_argument("--recipe", default="cifar_resnet", help="recipe name (recipes/NAME.py)")
+    compare.add_argument("--backends", default=None,
+                         help="comma-separated, e.g. jax,tensorflow,torch (default: installed)")
+    compare.add_argument("--reference", choices=("none", "native"), default="none",
+                         help="native: also run the plain JAX+optax and PyTorch twins")
+    compare.add_argument("--dataset", default="synthetic")
+    compare.add_argument("--model", default="resnet20")
+    compare.add_argument("--batch-size", type=int, default=128)
+    compare.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
+    compare.add_argument("--warmup-steps", type=int, default=3,
+                         help="untimed steps after the first (compile) step")
+    compare.add_argument("--epochs", type=int, default=None,
+                         help="train full epochs instead (accuracy parity); times every step")
+    compare.add_argument("--dtype-policy", default="float32",
+                         choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"))
+    compare.add_argument("--repeats", type=int, default=1, help="runs per backend")
+    compare.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    compare.add_argument("--python", action="append", metavar="BACKEND=PATH",
+                         help="interpreter (virtualenv) for a backend; repeatable")
+    compare.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                         help="any other recipe Config field, e.g. --set cutout=8; repeatable")
+    compare.add_argument("--output", default=None,
+                         help="results folder (default runs/compare/<timestamp>)")
+    compare.add_argument("--baseline", default=None, help="results.jsonl to compare against")
+    compare.set_defaults(func=cmd_compare)
+
+    report = verbs.add_parser("report", help="re-render table, CSV and chart from results.jsonl")
+    report.add_argument("results", help="a results.jsonl written by kbench compare")
+    report.add_argument("--baseline", default=None, help="results.jsonl to compare against")
+    report.add_argument("--output", default=None, help="where results.csv/png go "
+                                                       "(default: next to results.jsonl)")
+    report.set_defaults(func=cmd_report)

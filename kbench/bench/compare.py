@@ -1,0 +1,193 @@
+"""`kbench compare`: run one recipe under every backend, each in its own process, and record
+honest measurements side by side.
+
+Every run is a fresh interpreter (kbench.bench.worker) with KERAS_BACKEND set, optionally from
+its own virtualenv (`--python jax=/envs/jax/bin/python`). A run that fails to import, crashes,
+runs out of memory or passes the timeout is recorded with its status and the tail of its
+error; the other runs go on. Each record is written to DIR/results.jsonl as soon as its run
+ends (atomically), so Ctrl-C or a crash never loses a finished run.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from kbench.bench import records
+from kbench.errors import KbenchError
+
+KERAS_BACKENDS = ("jax", "tensorflow", "torch")
+# Native twin -> the framework it needs (and whose interpreter runs it).
+NATIVE = {"native-jax": "jax", "native-torch": "torch"}
+ERROR_TAIL_LINES = 25
+
+
+@dataclasses.dataclass
+class CompareOptions:
+    recipe: str = "cifar_resnet"
+    backends: tuple = ()  # empty: every installed backend
+    reference: str = "none"  # "native": add native-jax / native-torch twins
+    dataset: str = "synthetic"
+    model: str = "resnet20"
+    batch_size: int = 128
+    steps: int = 20
+    warmup_steps: int = 3
+    epochs: int | None = None
+    dtype_policy: str = "float32"
+    jit_compile: str = "auto"
+    repeats: int = 1
+    timeout: float = 900.0
+    python: dict = dataclasses.field(default_factory=dict)  # backend -> interpreter
+    output: str | None = None
+    baseline: str | None = None
+    extra_config: dict = dataclasses.field(default_factory=dict)
+
+
+def installed_backends(python=sys.executable):
+    """Keras backends whose framework imports in `python` (this interpreter: without importing)."""
+    if python == sys.executable:
+        modules = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+        return [b for b in KERAS_BACKENDS if importlib.util.find_spec(modules[b]) is not None]
+    return list(KERAS_BACKENDS)
+
+
+def plan_runs(options):
+    """[(name, runner, framework)] in the order they will run."""
+    backends = list(options.backends) or installed_backends()
+    for name in backends:
+        if name not in KERAS_BACKENDS:
+            raise KbenchError(f"unknown backend {name!r}; use one of: {', '.join(KERAS_BACKENDS)}")
+    runs = [(b, "keras", b) for b in backends]
+    if options.reference == "native":
+        runs += [(n, n, fw) for n, fw in NATIVE.items()]
+    elif options.reference != "none":
+        raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
+    for name in options.python:
+        if name not in KERAS_BACKENDS:
+            raise KbenchError(f"--python {name}=... names no backend; use jax, tensorflow or torch")
+    return runs
+
+
+def run_config(options):
+    """Overrides of the recipe's Config shared by every run (same model, batch, data, dtype)."""
+    return {"dataset": options.dataset, "model": options.model,
+            "batch_size": options.batch_size, "dtype_policy": options.dtype_policy,
+            "jit_compile": options.jit_compile, **options.extra_config}
+
+
+def run_one(name, runner, framework, options, out_dir, repeat, interrupted):
+    """Run one worker process and return its record (ok, failed or timeout)."""
+    python = options.python.get(framework, sys.executable)
+    spec = {"recipe": options.recipe, "runner": runner, "steps": options.steps,
+            "warmup_steps": options.warmup_steps, "epochs": options.epochs,
+            "config": {**run_config(options),
+                       "output_dir": os.path.join(out_dir, "runs", f"{name}-r{repeat}")}}
+    if runner != "keras":
+        spec["config"]["output_dir"] = None
+    log_path = os.path.join(out_dir, "logs", f"{name}-r{repeat}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        command = [python, "-m", "kbench.bench.worker", spec_path, result_path]
+        env = {**os.environ, "KERAS_BACKEND": framework, "PYTHONUNBUFFERED": "1"}
+        record = records.new_record(name, spec, options, command=_user_command(),
+                                    python=python, repeat=repeat)
+        start = time.monotonic()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # its own group: killable as one
+            interrupted["proc"] = proc
+            try:
+                returncode = proc.wait(timeout=options.timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                returncode = None
+            finally:
+                interrupted["proc"] = None
+        record["wall_s"] = time.monotonic() - start
+        if returncode is None:
+            record.update(status="timeout",
+                          error=f"no result after {options.timeout:g} s (--timeout); "
+                                + _tail(log_path, 5))
+        elif returncode != 0 or not os.path.exists(result_path):
+            record.update(status="failed", error=_explain(returncode, _tail(log_path)))
+        else:
+            with open(result_path) as f:
+                records.fill_measurements(record, json.load(f))
+    record["log"] = os.path.relpath(log_path, out_dir)
+    return record
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _tail(path, lines=ERROR_TAIL_LINES):
+    with open(path, errors="replace") as f:
+        text = f.read().strip().splitlines()
+    # Drop TensorFlow/XLA start-up chatter so the tail shows the actual error.
+    text = [line for line in text if not line.startswith(("I0000", "WARNING: All log"))]
+    return "\n".join(text[-lines:])
+
+
+def _explain(returncode, tail):
+    if returncode is not None and returncode < 0:
+        sig = signal.Signals(-returncode).name
+        hint = " (killed: out of memory?)" if sig == "SIGKILL" else ""
+        return f"worker died with {sig}{hint}\n{tail}"
+    return f"worker exited with status {returncode}\n{tail}"
+
+
+def _user_command():
+    return "kbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "kbench"
+
+
+def compare(options, console=None):
+    """Run every planned run, write results as they finish; returns the list of records."""
+    from kbench.bench import report
+
+    runs = plan_runs(options)
+    out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, "results.jsonl")
+    done = []
+    interrupted = {"proc": None}
+    def say(text):
+        if console is None:
+            print(text, flush=True)
+        else:
+            console.print(text, markup=False, highlight=False)
+    try:
+        for repeat in range(options.repeats):
+            for name, runner, framework in runs:
+                say(f"[compare] {name} (run {repeat + 1}/{options.repeats}) ...")
+                record = run_one(name, runner, framework, options, out_dir, repeat, interrupted)
+                done.append(record)
+                records.write_jsonl_atomic(results_path, done)
+                say(f"[compare] {name}: {records.one_line(record)}")
+    except KeyboardInterrupt:
+        if interrupted["proc"] is not None:
+            _kill_group(interrupted["proc"])
+        say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
+        report.render(done, out_dir, baseline=options.baseline, console=console)
+        raise
+    report.render(done, out_dir, baseline=options.baseline, console=console)
+    return done
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None

@@ -1,0 +1,91 @@
+"""Benchmark records: one JSON object per run, in DIR/results.jsonl (schema in DESIGN.md).
+
+A record is built in the parent (what was asked: backend, config, command) and completed from
+the worker's measurements; a failed run keeps the first part plus `status` and `error`.
+"""
+
+import json
+import os
+import statistics
+import time
+
+from kbench import train
+
+STATUSES = ("ok", "failed", "timeout")
+# Every record has these keys (None where unknown or not applicable).
+FIELDS = (
+    "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
+    "steps_timed", "examples_per_sec", "compile_s", "peak_rss_mb", "peak_device_mb",
+    "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
+    "versions", "device", "config", "command", "git_commit", "timestamp",
+    "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
+    "python", "wall_s",
+)
+
+
+def new_record(name, spec, options, command, python, repeat):
+    record = dict.fromkeys(FIELDS)
+    record.update(
+        backend=name, status="failed", recipe=spec["recipe"], model=options.model,
+        dataset=options.dataset, batch_size=options.batch_size,
+        dtype_policy=options.dtype_policy, config=spec["config"], command=command,
+        python=python, repeat=repeat, git_commit=train.git_commit(),
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    return record
+
+
+def fill_measurements(record, result):
+    """Complete a record from a worker's result: medians and spread of the step times."""
+    times_ms = sorted(1000.0 * t for t in result.get("step_times") or [])
+    record.update(status="ok", error=None)
+    for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
+                "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
+                "params"):
+        if result.get(key) is not None:
+            record[key] = result[key]
+    record["config"] = result.get("config") or record["config"]
+    if not times_ms:
+        record.update(status="failed", error="no steady-state steps were timed; raise --steps")
+        return record
+    median = statistics.median(times_ms)
+    record.update(
+        step_time_ms=median,
+        step_time_p10_ms=train.percentile(times_ms, 10),
+        step_time_p90_ms=train.percentile(times_ms, 90),
+        steps_timed=len(times_ms),
+        examples_per_sec=record["batch_size"] * 1000.0 / median,
+    )
+    if record["flops_per_step"]:
+        record["achieved_tflops"] = record["flops_per_step"] / (median / 1000.0) / 1e12
+    return record
+
+
+def one_line(record):
+    if record["status"] != "ok":
+        first = (record.get("error") or "").strip().splitlines()
+        return f"{record['status']}: {first[-1] if first else 'no error text'}"
+    return (f"{record['step_time_ms']:.1f} ms/step (p10 {record['step_time_p10_ms']:.1f}, "
+            f"p90 {record['step_time_p90_ms']:.1f}), {record['examples_per_sec']:.0f} ex/s, "
+            f"compile {record['compile_s']:.1f} s, test acc {record['test_accuracy']:.3f}")
+
+
+def write_jsonl_atomic(path, rows):
+    train.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    from kbench.errors import KbenchError
+
+    if not os.path.isfile(path):
+        raise KbenchError(f"{path} does not exist; pass the results.jsonl that kbench compare wrote")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise KbenchError(f"{path}:{number} is not a JSON record") from None
+    return rows

@@ -1,0 +1,202 @@
+"""Tables, CSV and charts from benchmark records (`kbench compare`'s output, `kbench report`).
+
+One summary row per backend: medians over repeats, the p10-p90 spread of step times, the
+overhead ratio of each Keras backend against its native twin, and, with a baseline, whether a
+run is slower or faster than the baseline by more than the measured noise.
+"""
+
+import csv
+import os
+import statistics
+
+from kbench.bench.records import read_jsonl
+
+NATIVE_TWIN = {"jax": "native-jax", "torch": "native-torch", "tensorflow": "native-tensorflow"}
+CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
+              "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
+              "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
+              "vs_native", "vs_baseline", "baseline_step_time_ms", "error")
+
+
+def _median(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(rows):
+    """One dict per backend (in first-seen order), aggregated over its repeats."""
+    order, groups = [], {}
+    for row in rows:
+        if row["backend"] not in groups:
+            order.append(row["backend"])
+            groups[row["backend"]] = []
+        groups[row["backend"]].append(row)
+    summary = []
+    for name in order:
+        runs = groups[name]
+        ok = [r for r in runs if r["status"] == "ok"]
+        if ok:
+            status = "ok" if len(ok) == len(runs) else f"ok {len(ok)}/{len(runs)}"
+        else:
+            status = runs[-1]["status"]
+        item = {"backend": name, "status": status, "runs": len(runs),
+                "error": None if ok else runs[-1].get("error")}
+        for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
+                    "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
+                    "test_accuracy", "test_loss"):
+            item[key] = _median(ok, key)
+        summary.append(item)
+    by_name = {s["backend"]: s for s in summary}
+    for item in summary:
+        twin = by_name.get(NATIVE_TWIN.get(item["backend"], ""))
+        item["vs_native"] = (item["step_time_ms"] / twin["step_time_ms"]
+                             if twin and item["step_time_ms"] and twin["step_time_ms"] else None)
+    return summary
+
+
+def noise_ms(item):
+    """Half the p10-p90 spread of a run's step times: what a re-run could move by chance."""
+    if item.get("step_time_p10_ms") is None or item.get("step_time_p90_ms") is None:
+        return 0.0
+    return (item["step_time_p90_ms"] - item["step_time_p10_ms"]) / 2.0
+
+
+def compare_to_baseline(summary, baseline_rows):
+    """Mark each backend 'slower' / 'faster' / 'same' against the baseline's step time: slower
+    when the median moved by more than the larger of the two runs' noise."""
+    base = {s["backend"]: s for s in summarize(baseline_rows)}
+    for item in summary:
+        ref = base.get(item["backend"])
+        item["baseline_step_time_ms"] = ref["step_time_ms"] if ref else None
+        if not ref or item["step_time_ms"] is None or ref["step_time_ms"] is None:
+            item["vs_baseline"] = None
+            continue
+        delta = item["step_time_ms"] - ref["step_time_ms"]
+        noise = max(noise_ms(item), noise_ms(ref))
+        change = 100.0 * delta / ref["step_time_ms"]
+        if delta > noise:
+            item["vs_baseline"] = f"slower {change:+.1f}%"
+        elif -delta > noise:
+            item["vs_baseline"] = f"faster {change:+.1f}%"
+        else:
+            item["vs_baseline"] = f"same {change:+.1f}% (noise {100 * noise / ref['step_time_ms']:.1f}%)"
+    return summary
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(summary, title):
+    from rich.table import Table
+
+    t = Table(title=title)
+    columns = [("backend", "left"), ("status", "left"), ("ms/step", "right"),
+               ("p10-p90 ms", "right"), ("examples/s", "right"), ("compile s", "right"),
+               ("peak RSS MB", "right"), ("device MB", "right"), ("TFLOP/s", "right"),
+               ("test acc", "right"), ("test loss", "right"), ("vs native", "right")]
+    with_baseline = any(s.get("vs_baseline") for s in summary)
+    if with_baseline:
+        columns.append(("vs baseline", "left"))
+    for name, justify in columns:
+        t.add_column(name, justify=justify)
+    for s in summary:
+        spread = (f"{s['step_time_p10_ms']:.1f}-{s['step_time_p90_ms']:.1f}"
+                  if s["step_time_p10_ms"] is not None else "-")
+        row = [s["backend"], s["status"], _fmt(s["step_time_ms"], ".1f"), spread,
+               _fmt(s["examples_per_sec"], ".0f"), _fmt(s["compile_s"], ".1f"),
+               _fmt(s["peak_rss_mb"], ".0f"), _fmt(s["peak_device_mb"], ".0f"),
+               _fmt(s["achieved_tflops"], ".3f"), _fmt(s["test_accuracy"], ".4f"),
+               _fmt(s["test_loss"], ".4f"),
+               "-" if s["vs_native"] is None else f"{s['vs_native']:.2f}x"]
+        if with_baseline:
+            row.append(s.get("vs_baseline") or "-")
+        t.add_row(*row)
+    return t
+
+
+def write_csv(summary, path):
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for s in summary:
+            writer.writerow({k: s.get(k) for k in CSV_FIELDS})
+    os.replace(path + ".tmp", path)
+
+
+def write_chart(summary, path, title):
+    """Throughput (with p10-p90 error bars) and test accuracy per backend, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["backend"] for s in summary]
+    speed = [s["examples_per_sec"] or 0.0 for s in summary]
+    # Throughput at the p90 and p10 step times: the error bar's low and high ends.
+    err_low, err_high = [], []
+    for s, v in zip(summary, speed):
+        if v and s["step_time_p10_ms"] and s["step_time_p90_ms"]:
+            err_low.append(v - v * s["step_time_ms"] / s["step_time_p90_ms"])
+            err_high.append(v * s["step_time_ms"] / s["step_time_p10_ms"] - v)
+        else:
+            err_low.append(0.0)
+            err_high.append(0.0)
+    accuracy = [s["test_accuracy"] or 0.0 for s in summary]
+    colors = ["tab:gray" if s["backend"].startswith("native") else "tab:blue" for s in summary]
+    failed = [not s["status"].startswith("ok") for s in summary]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 2.0))
+    ax1.barh(names, speed, xerr=[err_low, err_high], color=colors, capsize=3)
+    ax1.set_xlabel("training examples / s (median step; bars: p10-p90)")
+    ax2.barh(names, accuracy, color=colors)
+    ax2.set_xlabel("test accuracy after the timed steps")
+    ax2.set_xlim(0, 1)
+    for ax in (ax1, ax2):
+        ax.invert_yaxis()
+        for i, bad in enumerate(failed):
+            if bad:
+                ax.text(0, i, "  " + summary[i]["status"], va="center", color="tab:red")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def describe(rows):
+    first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
+    device = (first.get("device") or "").split(",")[0]
+    return (f"{first.get('recipe', '?')}: {first.get('model', '?')} on {first.get('dataset', '?')}, "
+            f"batch {first.get('batch_size', '?')}, {first.get('dtype_policy', '?')}"
+            + (f", {device}" if device else ""))
+
+
+def make_console():
+    """A rich console; when output goes to a file or pipe, wide enough for the whole table."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def render(rows, out_dir, baseline=None, console=None):
+    """Print the table and write results.csv and results.png into out_dir; returns the summary."""
+    console = console or make_console()
+    if not rows:
+        console.print("no runs finished")
+        return []
+    summary = summarize(rows)
+    if baseline:
+        compare_to_baseline(summary, read_jsonl(baseline))
+    title = describe(rows)
+    console.print(table(summary, title))
+    for s in summary:
+        if s["error"]:
+            console.print(f"[red]{s['backend']} {s['status']}:[/red] {s['error'].strip()}",
+                          markup=True, highlight=False)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(summary, os.path.join(out_dir, "results.csv"))
+    write_chart(summary, os.path.join(out_dir, "results.png"), title)
+    console.print(f"results: {os.path.join(out_dir, 'results.jsonl')}, results.csv, results.png")
+    return summary

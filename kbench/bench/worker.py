@@ -1,0 +1,157 @@
+"""One benchmark run in a fresh interpreter: `python -m kbench.bench.worker SPEC.json RESULT.json`.
+
+`kbench compare` starts one worker per backend with KERAS_BACKEND set (Keras reads it once, at
+import), so no run can inherit another's compiled functions, memory or thread pools. The worker
+trains the recipe for 1 + warmup + N steps, times every step with the device synchronized,
+evaluates the trained model on the test split and writes its measurements as JSON.
+
+Spec keys: recipe, runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
+recipe's Config), steps, warmup_steps, epochs (null: time `steps` steps of one epoch).
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+
+
+def load_recipe(name):
+    from kbench.errors import KbenchError
+
+    try:
+        return importlib.import_module(f"recipes.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"recipes.{name}", "recipes"):
+            raise KbenchError(f"unknown recipe {name!r}: no recipes/{name}.py") from None
+        raise
+
+
+def run_config(recipe, spec):
+    """The recipe Config for this run: the user's overrides plus the benchmark's own settings."""
+    from kbench.errors import KbenchError
+
+    overrides = dict(spec.get("config") or {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(recipe.Config)}
+    if unknown:
+        raise KbenchError(f"recipe {spec['recipe']} has no setting(s) {', '.join(sorted(unknown))}")
+    overrides["validate_every_epoch"] = False  # one evaluation at the end is enough
+    overrides["verbose"] = 0
+    if spec.get("epochs"):
+        overrides["epochs"] = spec["epochs"]
+    else:
+        overrides["epochs"] = 1
+        overrides["steps_per_epoch"] = 1 + spec["warmup_steps"] + spec["steps"]
+    return recipe.Config(**overrides)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def peak_device_mb(framework):
+    """Peak accelerator memory of this process, where the framework reports it (None on CPU)."""
+    try:
+        if framework == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform == "cpu":
+                return None
+            stats = device.memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            return peak / 2**20 if peak else None
+        if framework == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            return torch.cuda.max_memory_allocated() / 2**20
+        if framework == "tensorflow":
+            import tensorflow as tf
+
+            if not tf.config.list_physical_devices("GPU"):
+                return None
+            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    except Exception:  # noqa: BLE001 - memory stats are best effort, never fail a run
+        return None
+    return None
+
+
+def run_keras(recipe, config, spec):
+    from kbench import backend, train
+    from kbench.bench import flops
+
+    timer = train.StepTimer(config.batch_size)
+    metrics = recipe.main(config, callbacks=[timer])
+    model = timer.model  # Keras hands every callback the model it trains
+    warmup = spec["warmup_steps"]
+    step_times = timer.step_times[warmup:] if not spec.get("epochs") else timer.step_times
+    return {
+        "compile_s": timer.compile_s,
+        "step_times": step_times,
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+        "flops_per_step": flops.training_flops(model, config.batch_size),
+        "flops_source": "analytic: 3 x forward conv/dense multiply-adds x 2",
+        "peak_device_mb": peak_device_mb(backend.name()),
+        "jit": str(metrics["jit_compile"]),
+        "params": metrics["params"],
+        "device": ", ".join(backend.devices()),
+    }
+
+
+def run_native(framework, config, spec):
+    from kbench import backend
+
+    module = importlib.import_module(f"kbench.bench.native_{framework}")
+    steps, warmup = spec["steps"], spec["warmup_steps"]
+    if spec.get("epochs"):
+        # Train as long as the Keras runs do: epochs x steps per epoch in all.
+        recipe = load_recipe(spec["recipe"])
+        train_ds, _ = recipe.build_datasets(config)
+        per_epoch = config.steps_per_epoch or train_ds.steps_per_epoch
+        steps = max(1, spec["epochs"] * per_epoch - 1 - warmup)
+    result = module.run(config, steps=steps, warmup_steps=warmup)
+    result.setdefault("peak_device_mb", peak_device_mb(framework))
+    result.setdefault("device", ", ".join(backend.devices()))
+    return result
+
+
+def main(argv=None):
+    from kbench.errors import KbenchError
+
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path, result_path = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    start = time.perf_counter()
+    try:
+        import kbench  # noqa: F401  (validates KERAS_BACKEND, registers layers)
+        from kbench import backend, train
+
+        recipe = load_recipe(spec["recipe"])
+        config = run_config(recipe, spec)
+        if spec["runner"] == "keras":
+            result = run_keras(recipe, config, spec)
+        else:
+            result = run_native(spec["runner"].split("-", 1)[1], config, spec)
+    except KbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result.update(
+        peak_rss_mb=peak_rss_mb(),
+        wall_s=time.perf_counter() - start,
+        versions=backend.versions(),
+        config=dataclasses.asdict(config),
+        git_commit=train.git_commit(),
+    )
+    train.write_json_atomic(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""kbench compare / report: records, failures kept apart, report re-rendering, baselines.
+
+compare starts its own process per backend, so these run once (in the tensorflow pass).
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from kbench.bench import records, report
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.backend_independent
+
+TINY = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", "16", "--steps", "3",
+        "--warmup-steps", "1", "--set", "train_examples=256", "--set", "test_examples=64"]
+
+
+def kbench(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "kbench.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+
+
+def fake_python(path, body):
+    """An 'interpreter' that behaves like a broken or hanging backend environment."""
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def load(out_dir):
+    return records.read_jsonl(os.path.join(out_dir, "results.jsonl"))
+
+
+def test_all_backends_and_native_twins(tmp_path):
+    out = tmp_path / "cmp"
+    result = kbench("compare", "--recipe", "cifar_resnet", "--backends", "jax,tensorflow,torch",
+                    "--reference", "native", *TINY, "--output", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = load(out)
+    assert [r["backend"] for r in rows] == ["jax", "tensorflow", "torch", "native-jax",
+                                           "native-torch"]
+    for row in rows:
+        assert set(records.FIELDS) <= set(row), set(records.FIELDS) - set(row)
+        assert row["status"] == "ok", row["error"]
+        assert row["steps_timed"] == 3 and row["step_time_ms"] > 0
+        assert row["step_time_p10_ms"] <= row["step_time_ms"] <= row["step_time_p90_ms"]
+        assert row["examples_per_sec"] == pytest.approx(16 * 1000 / row["step_time_ms"])
+        assert row["compile_s"] > 0 and row["peak_rss_mb"] > 100
+        assert 0 <= row["test_accuracy"] <= 1 and row["test_loss"] > 0
+        assert row["versions"]["keras"] and row["device"] and row["timestamp"]
+        assert row["config"]["batch_size"] == 16 and row["command"].startswith("kbench compare")
+    keras_jax = rows[0]
+    assert keras_jax["flops_per_step"] > 0 and keras_jax["achieved_tflops"] > 0
+    assert (out / "results.png").stat().st_size > 1000 and (out / "results.csv").is_file()
+    assert "vs native" in result.stdout
+    # The Keras runs leave their metrics and model behind.
+    assert (out / "runs" / "jax-r0" / "metrics.json").is_file()
+
+
+def test_a_failed_backend_is_recorded_and_the_others_kept(tmp_path):
+    broken = fake_python(tmp_path / "broken-python",
+                         "echo 'ModuleNotFoundError: No module named torch' >&2; exit 1")
+    out = tmp_path / "cmp"
+    result = kbench("compare", "--backends", "torch,jax", *TINY, "--python", f"torch={broken}",
+                    "--output", str(out))
+    assert result.returncode == 1  # some run failed
+    rows = {r["backend"]: r for r in load(out)}
+    assert rows["torch"]["status"] == "failed"
+    assert "No module named torch" in rows["torch"]["error"]
+    assert rows["jax"]["status"] == "ok"  # ran after the failure, and kept
+    assert "No module named torch" in result.stdout  # the report shows why
+    assert (out / "results.png").is_file()
+
+
+def test_a_hanging_backend_times_out(tmp_path):
+    hanging = fake_python(tmp_path / "hanging-python", "echo starting; sleep 60")
+    out = tmp_path / "cmp"
+    result = kbench("compare", "--backends", "tensorflow", *TINY,
+                    "--python", f"tensorflow={hanging}", "--timeout", "2", "--output", str(out))
+    assert result.returncode == 1
+    row = load(out)[0]
+    assert row["status"] == "timeout" and "--timeout" in row["error"]
+    assert row["wall_s"] < 30
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    for args, message in [
+        (["--backends", "mxnet"], "unknown backend 'mxnet'"),
+        (["--python", "jax"], "--python takes BACKEND=PATH"),
+        (["--baseline", str(tmp_path / "none.jsonl")], "no such file"),
+    ]:
+        result = kbench("compare", *args, "--output", str(tmp_path / "x"), timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert message in result.stderr
+    result = kbench("report", str(tmp_path / "missing.jsonl"), timeout=120)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_unknown_recipe_setting_fails_that_run_clearly(tmp_path):
+    result = kbench("compare", "--backends", "jax", *TINY, "--set", "no_such_knob=1",
+                    "--output", str(tmp_path / "c"))
+    assert result.returncode == 1
+    row = load(tmp_path / "c")[0]
+    assert row["status"] == "failed" and "no setting(s) no_such_knob" in row["error"]
+
+
+def record(backend, median, p10, p90, accuracy=0.5):
+    row = dict.fromkeys(records.FIELDS)
+    row.update(backend=backend, status="ok", step_time_ms=median, step_time_p10_ms=p10,
+               step_time_p90_ms=p90, examples_per_sec=128000.0 / median, compile_s=2.0,
+               test_accuracy=accuracy, test_loss=1.0, recipe="cifar_resnet", model="resnet20",
+               dataset="synthetic", batch_size=128, dtype_policy="float32", device="cpu:0")
+    return row
+
+
+def test_report_rerenders_saved_results(tmp_path):
+    rows = [record("jax", 100, 95, 105), record("native-jax", 80, 78, 82),
+            record("torch", 60, 58, 62)]
+    failed = dict.fromkeys(records.FIELDS)
+    failed.update(backend="tensorflow", status="failed", error="boom\nImportError: no tf")
+    records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), rows + [failed])
+    result = kbench("report", str(tmp_path / "results.jsonl"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "1.25x" in result.stdout  # jax vs native-jax: 100 / 80
+    assert "ImportError: no tf" in result.stdout
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert csv_text.startswith("backend,status,runs,step_time_ms")
+    assert "tensorflow,failed" in csv_text
+
+
+def test_baseline_marks_only_changes_beyond_noise():
+    baseline = [record("jax", 100, 96, 104), record("torch", 60, 59, 61),
+                record("tensorflow", 80, 79, 81)]
+    current = [record("jax", 103, 99, 107),  # +3 ms, noise 4 ms: same
+               record("torch", 70, 69, 71),  # +10 ms, noise 1 ms: slower
+               record("tensorflow", 70, 69, 71)]  # -10 ms: faster
+    summary = report.compare_to_baseline(report.summarize(current), baseline)
+    verdicts = {s["backend"]: s["vs_baseline"].split()[0] for s in summary}
+    assert verdicts == {"jax": "same", "torch": "slower", "tensorflow": "faster"}
+
+
+def test_repeats_are_aggregated_by_median():
+    summary = report.summarize([record("jax", 100, 95, 105), record("jax", 110, 100, 120),
+                                record("jax", 90, 85, 95)])
+    assert len(summary) == 1 and summary[0]["runs"] == 3
+    assert summary[0]["step_time_ms"] == 100
