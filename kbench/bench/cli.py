@@ -40,7 +40,7 @@ def cmd_compare(args):
     from kbench.bench.compare import CompareOptions, compare
     from kbench.bench.report import make_console
 
-    if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
+    if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
     options = CompareOptions(
         recipe=args.recipe,
@@ -79,8 +79,9 @@ def add_verbs(verbs):
     compare.add_argument("--reference", choices=("none", "native"), default="none",
                          help="native: also run the plain JAX+optax and PyTorch twins")
     compare.add_argument("--dataset", default="synthetic")
-    compare.add_argument("--model", default="resnet20")
-    compare.add_argument("--batch-size", type=int, default=128)
+    compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
+    compare.add_argument("--batch-size", type=int, default=None,
+                         help="global batch size (default: the recipe's)")
     compare.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
     compare.add_argument("--warmup-steps", type=int, default=3,
                          help="untimed steps after the first (compile) step")

@@ -35,8 +35,8 @@ class CompareOptions:
     backends: tuple = ()  # empty: every installed backend
     reference: str = "none"  # "native": add native-jax / native-torch twins
     dataset: str = "synthetic"
-    model: str = "resnet20"
-    batch_size: int = 128
+    model: str | None = None  # None: the recipe's default
+    batch_size: int | None = None
     steps: int = 20
     warmup_steps: int = 3
     epochs: int | None = None
@@ -77,9 +77,10 @@ def plan_runs(options):
 
 def run_config(options):
     """Overrides of the recipe's Config shared by every run (same model, batch, data, dtype)."""
-    return {"dataset": options.dataset, "model": options.model,
-            "batch_size": options.batch_size, "dtype_policy": options.dtype_policy,
-            "jit_compile": options.jit_compile, **options.extra_config}
+    overrides = {"dataset": options.dataset, "model": options.model,
+                 "batch_size": options.batch_size, "dtype_policy": options.dtype_policy,
+                 "jit_compile": options.jit_compile}
+    return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
 def run_one(name, runner, framework, options, out_dir, repeat, interrupted):

@@ -26,9 +26,9 @@ FIELDS = (
 def new_record(name, spec, options, command, python, repeat):
     record = dict.fromkeys(FIELDS)
     record.update(
-        backend=name, status="failed", recipe=spec["recipe"], model=options.model,
-        dataset=options.dataset, batch_size=options.batch_size,
-        dtype_policy=options.dtype_policy, config=spec["config"], command=command,
+        backend=name, status="failed", recipe=spec["recipe"], model=spec["config"].get("model"),
+        dataset=spec["config"].get("dataset"), batch_size=spec["config"].get("batch_size"),
+        dtype_policy=spec["config"].get("dtype_policy"), config=spec["config"], command=command,
         python=python, repeat=repeat, git_commit=train.git_commit(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
@@ -45,6 +45,8 @@ def fill_measurements(record, result):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]
+    for key in ("model", "dataset", "batch_size", "dtype_policy"):  # as the recipe resolved them
+        record[key] = record["config"].get(key, record[key])
     if not times_ms:
         record.update(status="failed", error="no steady-state steps were timed; raise --steps")
         return record
