@@ -152,3 +152,31 @@ def test_repeats_are_aggregated_by_median():
                                 record("jax", 90, 85, 95)])
     assert len(summary) == 1 and summary[0]["runs"] == 3
     assert summary[0]["step_time_ms"] == 100
+
+
+def test_ctrl_c_keeps_finished_runs_and_stops_the_running_one(tmp_path):
+    import signal
+    import time
+
+    slow = fake_python(tmp_path / "slow-python", "sleep 120")
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbench.cli", "compare", "--backends", "jax,torch", *TINY,
+         "--python", f"torch={slow}", "--output", str(out)],
+        cwd=REPO, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 300
+    while not results.exists() and time.monotonic() < deadline:  # jax finished: torch runs
+        time.sleep(0.5)
+    assert results.exists(), "the first run never finished"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    rows = load(out)
+    assert [r["backend"] for r in rows] == ["jax"] and rows[0]["status"] == "ok"
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    # The running worker (its whole process group) was stopped, not left behind.
+    leftover = subprocess.run(["pgrep", "-f", str(slow)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""

@@ -83,7 +83,7 @@ def run_config(options):
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
-def run_one(name, runner, framework, options, out_dir, repeat, interrupted):
+def run_one(name, runner, framework, options, out_dir, repeat):
     """Run one worker process and return its record (ok, failed or timeout)."""
     python = options.python.get(framework, sys.executable)
     spec = {"recipe": options.recipe, "runner": runner, "steps": options.steps,
@@ -106,14 +106,14 @@ def run_one(name, runner, framework, options, out_dir, repeat, interrupted):
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)  # its own group: killable as one
-            interrupted["proc"] = proc
             try:
                 returncode = proc.wait(timeout=options.timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 returncode = None
-            finally:
-                interrupted["proc"] = None
+            except KeyboardInterrupt:  # Ctrl-C: stop this run's whole process group too
+                _kill_group(proc)
+                raise
         record["wall_s"] = time.monotonic() - start
         if returncode is None:
             record.update(status="timeout",
@@ -165,7 +165,6 @@ def compare(options, console=None):
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.jsonl")
     done = []
-    interrupted = {"proc": None}
     def say(text):
         if console is None:
             print(text, flush=True)
@@ -175,13 +174,11 @@ def compare(options, console=None):
         for repeat in range(options.repeats):
             for name, runner, framework in runs:
                 say(f"[compare] {name} (run {repeat + 1}/{options.repeats}) ...")
-                record = run_one(name, runner, framework, options, out_dir, repeat, interrupted)
+                record = run_one(name, runner, framework, options, out_dir, repeat)
                 done.append(record)
                 records.write_jsonl_atomic(results_path, done)
                 say(f"[compare] {name}: {records.one_line(record)}")
     except KeyboardInterrupt:
-        if interrupted["proc"] is not None:
-            _kill_group(interrupted["proc"])
         say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
         report.render(done, out_dir, baseline=options.baseline, console=console)
         raise
