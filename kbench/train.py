@@ -21,6 +21,7 @@ from kbench import backend
 from kbench.errors import KbenchError
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 # --------------------------------------------------------------------------- config
@@ -44,6 +45,10 @@ class TrainConfig:
     steps_per_epoch: int | None = option(None, "optimizer steps per epoch (default: one pass)")
     batch_size: int = option(128, "global batch size")
     lr: float = option(0.1, "peak learning rate")
+    optimizer: str = option("sgd", "sgd: momentum (--momentum, --nesterov); adam / adamw: Adam. "
+                                   "Keras decays weights decoupled (AdamW-style) under every "
+                                   "optimizer, so adam and adamw train alike; --weight-decay 0 "
+                                   "gives plain Adam", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(True, "Nesterov momentum")
     weight_decay: float = option(5e-4, "decoupled weight decay on kernels (0 disables)")
@@ -122,17 +127,29 @@ def learning_rate_schedule(config, steps_per_epoch):
 
 
 def build_optimizer(config, steps_per_epoch):
-    """SGD with Nesterov momentum and decoupled weight decay, kept off BatchNorm and biases.
+    """SGD with Nesterov momentum (or Adam, `--optimizer adam/adamw`) and decoupled weight
+    decay, kept off BatchNorm and biases.
 
     Keras applies `weight_decay` as `w -= lr * wd * w` before the gradient step; the native
-    reference loops do exactly the same, so the comparison trains the same thing.
+    reference loops do exactly the same for SGD, so the comparison trains the same thing.
     """
-    optimizer = keras.optimizers.SGD(
-        learning_rate=learning_rate_schedule(config, steps_per_epoch),
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay or None,
-    )
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    choice = getattr(config, "optimizer", "sgd")
+    if choice == "sgd":
+        optimizer = keras.optimizers.SGD(
+            learning_rate=schedule,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay or None,
+        )
+    elif choice == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=schedule,
+                                          weight_decay=config.weight_decay or None)
+    elif choice == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule,
+                                           weight_decay=config.weight_decay)
+    else:
+        raise KbenchError(f"unknown optimizer {choice!r}; use one of: {', '.join(OPTIMIZERS)}")
     # Decay only conv/dense kernels: BN scale/offset and biases are not regularized.
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     if config.dtype_policy == "mixed_float16":
@@ -234,6 +251,24 @@ def fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks=()):
         verbose=config.verbose,
     )
     return history, timer
+
+
+def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,
+                       callbacks=()):
+    """The body of a recipe's `main`: seed and dtype policy, data and model (the recipe's own
+    builders unless the caller passes theirs), compile, fit, evaluate, write results.
+
+    `recipe` names the default output folder, runs/<recipe>/<backend>. Returns the metrics
+    dict that metrics.json holds.
+    """
+    config = resolve_output_dir(config, recipe)
+    setup_run(config)
+    train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
+    model = model if model is not None else build_model(config)
+    steps_per_epoch = steps_per_epoch_of(train_ds, config)
+    compile_model(model, config, steps_per_epoch)
+    history, timer = fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks)
+    return finish(config, model, history, timer, evaluate(model, test_ds))
 
 
 def evaluate(model, test_ds, verbose=0):

@@ -11,8 +11,9 @@ story, top to bottom:
    prefetches. tf.data feeds all three backends.
 2. Model: a ResNet from the kbench registry (ResNet-20 by default, He et al. 2016). It takes
    raw 0..255 pixels; normalisation is its first layer, so the saved model needs nothing else.
-3. Training: SGD with Nesterov momentum, linear warmup then cosine decay, label smoothing and
-   weight decay on kernels; XLA where the backend benefits (`--jit-compile auto`).
+3. Training (kbench.train.train_and_evaluate, shared by every recipe): SGD with Nesterov
+   momentum, linear warmup then cosine decay, label smoothing and weight decay on kernels;
+   XLA where the backend benefits (`--jit-compile auto`).
 4. Results in --output-dir: metrics.json, history.csv (one row per epoch), model.keras.
 
 As a template: `main(config, model=my_model, datasets=(train_ds, test_ds))` trains your own
@@ -59,14 +60,8 @@ def main(config, model=None, datasets=None, callbacks=()):
     `model` (a compiled or uncompiled keras.Model taking 0..255 pixels) and `datasets` (a
     (train, test) pair of tf.data pipelines yielding one-hot labels) replace the defaults.
     """
-    config = train.resolve_output_dir(config, "cifar_resnet")
-    train.setup_run(config)
-    train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
-    model = model if model is not None else build_model(config)
-    steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
-    train.compile_model(model, config, steps_per_epoch)
-    history, timer = train.fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks)
-    return train.finish(config, model, history, timer, train.evaluate(model, test_ds))
+    return train.train_and_evaluate(config, "cifar_resnet", build_model, build_datasets,
+                                    model=model, datasets=datasets, callbacks=callbacks)
 
 
 if __name__ == "__main__":

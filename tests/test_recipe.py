@@ -81,14 +81,14 @@ def test_main_takes_a_users_own_model(tmp_path):
 def test_main_takes_users_own_datasets(tmp_path):
     arrays = data.load_dataset("synthetic", train_examples=128, test_examples=32)
     train_ds, test_ds = data.make_datasets(arrays, batch_size=32)
-    metrics = cifar_resnet.main(tiny(output_dir=None, steps_per_epoch=2),
+    metrics = cifar_resnet.main(tiny(output_dir=str(tmp_path), steps_per_epoch=2),
                                 datasets=(train_ds.take(2), test_ds))
     assert metrics["epochs"] == 1 and "test_accuracy" in metrics
 
 
-def test_same_seed_same_numbers():
-    a = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=None))
-    b = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=None))
+def test_same_seed_same_numbers(tmp_path):
+    a = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=str(tmp_path / "a")))
+    b = cifar_resnet.main(tiny(steps_per_epoch=3, output_dir=str(tmp_path / "b")))
     assert a["history"]["loss"] == pytest.approx(b["history"]["loss"], rel=1e-5)
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
@@ -135,21 +135,22 @@ def test_bad_flags_are_one_line_errors(run_python):
 
 
 PARITY = """
-import json, kbench
+import json, sys, kbench
 from recipes import cifar_resnet
 m = cifar_resnet.main(cifar_resnet.Config(dataset="synthetic", train_examples=128,
-    test_examples=64, batch_size=32, epochs=2, steps_per_epoch=2, output_dir=None, verbose=0))
+    test_examples=64, batch_size=32, epochs=2, steps_per_epoch=2, output_dir=sys.argv[1],
+    verbose=0))
 print("RESULT", json.dumps({"loss": m["history"]["loss"], "test_loss": m["test_loss"]}))
 """
 
 
 @pytest.mark.backend_independent
-def test_backends_train_the_same_numbers(run_python):
+def test_backends_train_the_same_numbers(run_python, tmp_path):
     """Same seed: same initial weights, same batches, same optimizer, so the three backends'
     losses agree to float32 round-off (up to 1e-3 relative after 4 steps)."""
     results = {}
     for backend in ("jax", "tensorflow", "torch"):
-        out = run_python("-c", PARITY, backend=backend, timeout=300)
+        out = run_python("-c", PARITY, str(tmp_path / backend), backend=backend, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))
         results[backend] = json.loads(line[len("RESULT "):])

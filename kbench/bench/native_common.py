@@ -42,6 +42,9 @@ def resnet_depth(model_name):
 def check_config(config):
     """Refuse what the native loops do not implement, instead of timing something else."""
     resnet_depth(config.model)
+    if getattr(config, "optimizer", "sgd") != "sgd":
+        raise KbenchError(f"native reference implements SGD only, not {config.optimizer!r}; "
+                          "use --set optimizer=sgd to compare against it")
     if config.dtype_policy != "float32":
         raise KbenchError(f"native reference runs float32 only, not {config.dtype_policy!r}; "
                           "use --dtype-policy float32 to compare against it")

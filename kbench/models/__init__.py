@@ -1,6 +1,7 @@
 """One registry for every kbench model: `get_model(name, num_classes, ...)`.
 
-Every model takes raw 0..255 pixels (NHWC) and returns float32 logits. Weights are drawn with
+Image models take raw 0..255 pixels (NHWC), text models int32 token ids (input_shape is
+(sequence_length,), vocab_size a keyword); all return float32 logits. Weights are drawn with
 NumPy from `seed`, so a seed gives the same initial network under every backend.
 """
 
@@ -8,7 +9,7 @@ import functools
 
 from kbench.errors import KbenchError
 from kbench.models import layers  # noqa: F401  (registers custom layers)
-from kbench.models import resnet
+from kbench.models import convnet, resnet, text
 
 _REGISTRY = {}
 
@@ -23,6 +24,9 @@ for _depth in (20, 32, 44, 56, 110):
     register_model(f"resnet{_depth}", functools.partial(resnet.cifar_resnet, _depth))
 register_model("preact_resnet18", resnet.preact_resnet18)
 register_model("resnet9", resnet.resnet9)
+register_model("convnet", convnet.convnet)
+register_model("text_transformer", text.text_transformer)
+register_model("text_lstm", text.text_lstm)
 
 
 def list_models():

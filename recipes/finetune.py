@@ -1,0 +1,179 @@
+"""Fine-tune a trained network on a new task: a new head, then the whole network but BatchNorm.
+
+    KERAS_BACKEND=jax python recipes/cifar_resnet.py --data-dir ~/data/cifar   # CIFAR-10 ResNet-20
+    KERAS_BACKEND=jax python recipes/finetune.py --data-dir ~/data/cifar          # -> CIFAR-100
+        --init-from runs/cifar_resnet/jax/model.keras
+    KERAS_BACKEND=torch python recipes/finetune.py --init-from M.keras --dataset synthetic
+
+Transfer learning as keras-io's guide tells it, as a kbench recipe. The story, top to bottom:
+
+1. Start from a model.keras another recipe trained (--init-from): Keras' format loads under any
+   backend, whichever one saved it. (keras-hub / keras.applications backbones would need a
+   download; any model that ends in its classifier works the same way.)
+2. Replace the head: keep the network up to its last Dense layer's input (the features) and
+   put a new classifier for this data set's classes on top (CIFAR-100: 100 classes).
+3. Stage 1 (--head-epochs): only the new head trains; the backbone is frozen. A frozen
+   BatchNormalization runs in inference mode in Keras 3, normalising with the statistics it
+   learned in pretraining.
+4. Stage 2 (--epochs): every layer but BatchNorm trains, at a lower learning rate
+   (--finetune-lr). BatchNorm stays frozen, as keras-io's guide recommends: otherwise the
+   first batches of the new data would replace its moving statistics and undo what the
+   network learned, and its small batch statistics would disagree with test-time ones.
+5. Results in --output-dir: metrics.json (both stages' history), history.csv (one row per
+   epoch of both stages), model.keras (the fine-tuned model; it takes 0..255 pixels).
+
+`--dataset synthetic` is a CIFAR-100-shaped stand-in (100 classes) for offline runs. As a
+template: `main(config, model=my_model, datasets=(train_ds, test_ds))`, where `my_model` ends in
+its classifier (e.g. `with_new_head(my_pretrained, num_classes)`).
+"""
+
+import dataclasses
+import os
+
+import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
+import keras
+from kbench import data, train
+from kbench.errors import KbenchError
+from kbench.flags import run_recipe
+from kbench.models.layers import PortableNormal
+from kbench.train import option
+
+DATASETS = ("cifar100", "cifar10", "synthetic")
+
+
+@dataclasses.dataclass
+class Config(train.TrainConfig):
+    init_from: str | None = option(None, "the trained model.keras to start from, e.g. "
+                                         "runs/cifar_resnet/jax/model.keras")
+    dataset: str = option("cifar100", "cifar100, cifar10, synthetic (CIFAR-100-shaped)",
+                          choices=DATASETS)
+    model: str | None = option(None, "not used: the network comes from --init-from")
+    head_epochs: int = option(2, "stage 1: epochs training only the new head")
+    epochs: int = option(5, "stage 2: epochs training every layer but BatchNorm")
+    batch_size: int = option(128, "global batch size")
+    lr: float = option(0.05, "stage 1 peak learning rate (the new head)")
+    finetune_lr: float = option(0.005, "stage 2 peak learning rate: lower, so the pretrained "
+                                       "features are adjusted, not overwritten")
+    augment: bool = option(True, "random crop (4 px padding) and horizontal flip")
+    cutout: int = option(0, "cutout square size in pixels (0: off)")
+
+
+def build_datasets(config):
+    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels)."""
+    arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
+                              train_examples=config.train_examples,
+                              test_examples=config.test_examples, seed=config.seed,
+                              synthetic_like="cifar100")
+    return data.make_datasets(arrays, config.batch_size, seed=config.seed,
+                              augment=config.augment, cutout=config.cutout)
+
+
+def load_pretrained(path):
+    """The trained model at `path`; a missing or unreadable file is a one-line error."""
+    if not path:
+        raise KbenchError("pass --init-from PATH, a model.keras another recipe saved (e.g. "
+                          "`python recipes/cifar_resnet.py` writes "
+                          "runs/cifar_resnet/<backend>/model.keras)")
+    if not os.path.isfile(path):
+        raise KbenchError(f"--init-from {path}: no such file; point it at a model.keras "
+                          "a recipe saved")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a damaged file
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise KbenchError(f"--init-from {path} is not a readable Keras model "
+                          f"({type(exc).__name__}: {reason}); point it at a model.keras "
+                          "a recipe saved") from None
+
+
+def with_new_head(pretrained, num_classes, seed=0):
+    """`pretrained` up to its last Dense layer's input, then a new classifier."""
+    dense = [layer for layer in pretrained.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise KbenchError(f"model {pretrained.name!r} has no Dense classifier to replace")
+    features = dense[-1].input
+    logits = keras.layers.Dense(num_classes, kernel_initializer=PortableNormal(seed, scale=1.0),
+                                dtype="float32", name="logits")(features)
+    return keras.Model(pretrained.inputs, logits, name=f"{pretrained.name}_finetuned")
+
+
+def build_model(config):
+    """The --init-from network with a new head for this data set's classes."""
+    if config.model:
+        raise KbenchError("finetune takes its network from --init-from; drop --model")
+    image_shape, num_classes = data.image_info(config.dataset, synthetic_like="cifar100")
+    pretrained = load_pretrained(config.init_from)
+    if tuple(pretrained.input_shape[1:]) != image_shape:
+        raise KbenchError(f"--init-from {config.init_from} takes inputs of shape "
+                          f"{tuple(pretrained.input_shape[1:])}, --dataset {config.dataset} "
+                          f"has images of shape {image_shape}")
+    return with_new_head(pretrained, num_classes, seed=config.seed)
+
+
+def freeze_all_but_head(model):
+    """Stage 1: only the last layer (the head) trains."""
+    model.trainable = True
+    for layer in model.layers:
+        layer.trainable = layer is model.layers[-1]
+
+
+def unfreeze_all_but_batchnorm(model):
+    """Stage 2: every layer trains but BatchNormalization, which stays in inference mode.
+
+    Each layer is set one by one: under TensorFlow, `model.trainable = True` on a model that
+    is already trainable does nothing (TF's attribute tracking skips assigning the value an
+    attribute already holds), so its frozen layers would stay frozen.
+    """
+    model.trainable = True
+    for layer in _all_layers(model):  # outer layers before the layers they hold
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        yield from _all_layers(layer) if hasattr(layer, "layers") else ()
+
+
+def main(config, model=None, datasets=None, callbacks=()):
+    """Fine-tune in two stages and evaluate; returns the metrics dict that metrics.json holds.
+
+    `model` (a keras.Model taking 0..255 pixels whose last layer is its classifier) and
+    `datasets` (a (train, test) pair of tf.data pipelines yielding one-hot labels) replace
+    the defaults. `callbacks` see both stages; the reported step times are stage 2's.
+    """
+    config = train.resolve_output_dir(config, "finetune")
+    train.setup_run(config)
+    if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
+        raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
+    train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
+    model = model if model is not None else build_model(config)
+    steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
+    # One history.csv and one history for both stages: stage 2's epochs follow stage 1's.
+    path = os.path.join(config.output_dir, "history.csv") if config.output_dir else None
+    csv = train.HistoryCSV(path) if path else None
+    history = keras.callbacks.History()
+    history.epoch, history.history = [], {}
+    stages = ((freeze_all_but_head, config.head_epochs, config.lr),
+              (unfreeze_all_but_batchnorm, config.epochs, config.finetune_lr))
+    for set_trainable, epochs, lr in stages:
+        if not epochs:
+            continue
+        set_trainable(model)
+        stage = dataclasses.replace(config, epochs=epochs, lr=lr, output_dir=None)
+        train.compile_model(model, stage, steps_per_epoch)  # what trains changed: compile again
+        first = len(history.epoch)
+        log = [keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: csv.on_epoch_end(first + epoch, logs))] if csv else []
+        result, timer = train.fit(model, train_ds, test_ds, stage, steps_per_epoch,
+                                  [*callbacks, *log])
+        history.epoch += [first + epoch for epoch in result.epoch]
+        for key, values in result.history.items():
+            history.history.setdefault(key, []).extend(values)
+    extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
+             "finetune_epochs": config.epochs}
+    return train.finish(config, model, history, timer, train.evaluate(model, test_ds), extra)
+
+
+if __name__ == "__main__":
+    run_recipe(main, Config, description=__doc__.split("\n")[0])

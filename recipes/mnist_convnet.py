@@ -1,0 +1,82 @@
+"""Train a small convnet on MNIST, Fashion-MNIST or scikit-learn's 8x8 digits, on any backend.
+
+    KERAS_BACKEND=jax python recipes/mnist_convnet.py --dataset digits        # no download
+    KERAS_BACKEND=torch python recipes/mnist_convnet.py --data-dir ~/data/mnist
+    KERAS_BACKEND=tensorflow python recipes/mnist_convnet.py --dataset fashion_mnist --data-dir D
+
+keras-io's "Simple MNIST convnet", as a kbench recipe. The story, top to bottom:
+
+1. Data: MNIST / Fashion-MNIST from a TFDS dir, keras' mnist.npz or the published IDX files;
+   `digits` is the real 8x8 handwritten digits scikit-learn ships (1347 train / 450 test, a
+   fixed stratified split), the one real data set here that needs no download. Arrays become
+   the kbench tf.data pipeline (seeded shuffle, batches, prefetch). Augmentation is off:
+   flipping a digit changes what it means.
+2. Model: `convnet` from the kbench registry, two stages of conv-BN-ReLU pairs and a max pool,
+   global average pooling, a linear classifier. Raw 0..255 pixels in, logits out.
+3. Training: Adam, a linear warmup then cosine decay, label smoothing. The defaults train the
+   digits to 0.97+ test accuracy in seconds under every backend.
+4. Results in --output-dir: metrics.json, history.csv (one row per epoch), model.keras.
+
+As a template: `main(config, model=my_model, datasets=(train_ds, test_ds))` trains your own
+network and/or data with everything else unchanged.
+"""
+
+import dataclasses
+
+import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
+from kbench import data, train
+from kbench.flags import run_recipe
+from kbench.models import get_model
+from kbench.train import option
+
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+
+
+@dataclasses.dataclass
+class Config(train.TrainConfig):
+    dataset: str = option("mnist", "mnist, fashion_mnist, digits (scikit-learn's 8x8 digits, "
+                                   "no download), synthetic (MNIST-shaped)", choices=DATASETS)
+    model: str = option("convnet", "model name from kbench.models")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(64, "global batch size")
+    optimizer: str = option("adam", "sgd, adam or adamw", choices=train.OPTIMIZERS)
+    lr: float = option(3e-3, "peak learning rate")
+    weight_decay: float = option(1e-4, "decoupled weight decay on kernels (0 disables)")
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup before the cosine decay")
+    augment: bool = option(False, "random crop and horizontal flip (Fashion-MNIST only: a "
+                                  "flipped digit is another digit)")
+    crop_padding: int = option(2, "zero padding of the random crop, in pixels")
+
+
+def build_datasets(config):
+    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels)."""
+    arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
+                              train_examples=config.train_examples,
+                              test_examples=config.test_examples, seed=config.seed,
+                              synthetic_like="mnist")
+    train_ds = data.make_pipeline(arrays.x_train, arrays.y_train, arrays.num_classes,
+                                  config.batch_size, training=True, seed=config.seed,
+                                  augment=config.augment, crop_padding=config.crop_padding)
+    test_ds = data.make_pipeline(arrays.x_test, arrays.y_test, arrays.num_classes,
+                                 config.batch_size, training=False)
+    return train_ds, test_ds
+
+
+def build_model(config):
+    image_shape, num_classes = data.image_info(config.dataset, synthetic_like="mnist")
+    return get_model(config.model, num_classes=num_classes, input_shape=image_shape,
+                     seed=config.seed)
+
+
+def main(config, model=None, datasets=None, callbacks=()):
+    """Train and evaluate; returns the metrics dict that metrics.json holds.
+
+    `model` (a compiled or uncompiled keras.Model taking 0..255 pixels) and `datasets` (a
+    (train, test) pair of tf.data pipelines yielding one-hot labels) replace the defaults.
+    """
+    return train.train_and_evaluate(config, "mnist_convnet", build_model, build_datasets,
+                                    model=model, datasets=datasets, callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    run_recipe(main, Config, description=__doc__.split("\n")[0])

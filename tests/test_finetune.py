@@ -1,0 +1,124 @@
+"""recipes/finetune.py under the active backend: a new head on a saved kbench ResNet, stage 1
+with the backbone frozen, stage 2 with everything but BatchNorm, and its one-line errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import kbench  # noqa: F401
+from kbench.errors import KbenchError
+from kbench.models import get_model
+from recipes import finetune
+from tests.conftest import BACKEND
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A CIFAR-10 ResNet-20 as recipes/cifar_resnet.py saves it, with BatchNorm statistics
+    that are not the initial 0 / 1, so that any update to them shows."""
+    import keras
+
+    model = get_model("resnet20", num_classes=10, seed=1)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    path = tmp_path_factory.mktemp("pretrained") / "model.keras"
+    model.save(path)
+    return path
+
+
+def tiny(checkpoint, **overrides):
+    base = dict(init_from=str(checkpoint) if checkpoint else None, dataset="synthetic", train_examples=64,
+                test_examples=32, batch_size=16, head_epochs=1, epochs=1, steps_per_epoch=2,
+                validate_every_epoch=False, verbose=0)
+    return finetune.Config(**{**base, **overrides})
+
+
+def snapshot(model):
+    """{weight path: value} of every BatchNorm weight and of every conv kernel."""
+    import keras
+
+    return {w.path: np.array(keras.ops.convert_to_numpy(w)) for w in model.weights
+            if w.path.startswith(("batch_normalization", "conv2d"))}
+
+
+def test_two_stages_train_head_then_all_but_batchnorm(tmp_path, checkpoint):
+    import keras
+
+    seen = []  # a snapshot at the end of each stage
+    record = keras.callbacks.LambdaCallback(on_train_end=lambda logs: seen.append(
+        snapshot(record.model)))
+    config = tiny(checkpoint, output_dir=str(tmp_path), validate_every_epoch=True,
+                  head_epochs=2)
+    metrics = finetune.main(config, callbacks=[record])
+
+    # A new 100-way head (the synthetic stand-in for CIFAR-100) on the pretrained network.
+    model = keras.saving.load_model(tmp_path / "model.keras")
+    assert model.output_shape == (None, 100) and metrics["model"] == "resnet20_finetuned"
+    pretrained = snapshot(keras.saving.load_model(checkpoint))
+    head, tuned = seen
+    bn = [p for p in pretrained if "batch_normalization" in p]
+    conv = [p for p in pretrained if p.endswith("kernel") and "batch" not in p]
+    assert len(bn) == 19 * 4 and len(conv) == 19
+    # Stage 1 trained the head only; stage 2 changed the convolutions; BatchNorm (scale,
+    # offset and moving statistics) never moved.
+    for path in bn + conv:
+        np.testing.assert_array_equal(head[path], pretrained[path], err_msg=path)
+    assert all(not np.array_equal(tuned[p], pretrained[p]) for p in conv)
+    for path in bn:
+        np.testing.assert_array_equal(tuned[path], pretrained[path], err_msg=path)
+
+    # One history for both stages: 2 head epochs then 1 fine-tuning epoch, numbered 0..2.
+    assert metrics["epochs"] == 3 and metrics["head_epochs"] == 2
+    assert metrics["backend"] == BACKEND and len(metrics["history"]["loss"]) == 3
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and "val_accuracy" in rows[0]
+    assert json.loads((tmp_path / "metrics.json").read_text())["init_from"] == str(checkpoint)
+
+
+def test_main_takes_a_users_own_model(tmp_path):
+    """The template use: fine-tune your own pretrained network (its last layer the head)."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2)(x)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    features = keras.layers.GlobalAveragePooling2D()(x)
+    mine = keras.Model(inputs, keras.layers.Dense(10)(features), name="mine")
+    model = finetune.with_new_head(mine, num_classes=100)
+    metrics = finetune.main(tiny(None, output_dir=str(tmp_path)), model=model)
+    assert metrics["model"] == "mine_finetuned" and metrics["params"] == model.count_params()
+    assert metrics["epochs"] == 2 and (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.backend_independent
+def test_missing_or_corrupt_init_from_is_one_line_error(tmp_path, checkpoint):
+    for path, expected in ((None, "pass --init-from PATH"),
+                           (tmp_path / "nope.keras", "no such file"),
+                           (tmp_path / "bad.keras", "is not a readable Keras model")):
+        if path is not None and path.name == "bad.keras":
+            path.write_bytes(b"PK\x03\x04 this is not a Keras archive")
+        with pytest.raises(KbenchError) as err:
+            finetune.build_model(tiny(path if path else None))
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(KbenchError, match="images of shape"):
+        finetune.build_model(tiny(checkpoint, dataset="digits"))
+    with pytest.raises(KbenchError, match="drop --model"):
+        finetune.build_model(tiny(checkpoint, model="resnet20"))
+
+
+@pytest.mark.backend_independent
+def test_command_line_corrupt_checkpoint(run_python, tmp_path):
+    bad = tmp_path / "model.keras"
+    bad.write_text("not a model")
+    result = run_python("recipes/finetune.py", "--init-from", str(bad), "--dataset",
+                        "synthetic", "--epochs", "1", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --init-from {bad} is not a readable Keras model")
