@@ -3,7 +3,6 @@
 compare starts its own process per backend, so these run once (in the tensorflow pass).
 """
 
-import json
 import os
 import stat
 import subprocess

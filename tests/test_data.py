@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kbench import data
+from kbench.data import sources
 from kbench.errors import KbenchError
 from tests import cifar_files
 
@@ -133,7 +134,7 @@ def test_corrupt_archive_is_a_clear_error(tmp_path):
 
 
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_network_answers", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)
     with pytest.raises(KbenchError, match="cannot reach"):
         data.load_cifar("cifar10", data_dir=str(tmp_path), download=True)
 

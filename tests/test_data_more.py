@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kbench import data
+from kbench.data import sources
 from kbench.errors import KbenchError
 
 pytestmark = pytest.mark.backend_independent
@@ -159,7 +160,7 @@ def test_corrupt_idx_and_npz_are_clear_errors(tmp_path):
 
 
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_network_answers", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)
     with pytest.raises(KbenchError, match="cannot reach"):
         data.load_mnist("mnist", data_dir=str(tmp_path), download=True)
     with pytest.raises(KbenchError, match="cannot reach"):

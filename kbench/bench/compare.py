@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,8 +183,3 @@ def compare(options, console=None):
         raise
     report.render(done, out_dir, baseline=options.baseline, console=console)
     return done
-
-
-def median_or_none(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None

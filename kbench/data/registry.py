@@ -1,0 +1,107 @@
+"""Image data sets by name: which exist, their shapes and classes, and `load_dataset`."""
+
+import dataclasses
+
+import numpy as np
+
+from kbench.data.cifar import CIFAR, load_cifar
+from kbench.data.mnist import MNIST, load_digits, load_mnist
+from kbench.data.synthetic import load_synthetic
+from kbench.errors import KbenchError
+
+
+DATASETS = ("cifar10", "cifar100", "synthetic")  # what the CIFAR ResNet recipe trains on
+
+
+IMAGE_DATASETS = DATASETS + ("mnist", "fashion_mnist", "digits")  # every name load_dataset knows
+
+
+TEXT_DATASETS = ("imdb", "synthetic")  # what load_text_dataset knows
+
+
+# Image shape and class count of each real image data set, known without loading it.
+IMAGE_INFO = {
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "mnist": ((28, 28, 1), 10),
+    "fashion_mnist": ((28, 28, 1), 10),
+    "digits": ((8, 8, 1), 10),
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Arrays of one dataset, as every recipe consumes them."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+
+def load_dataset(name, data_dir=None, download=False, train_examples=None, test_examples=None,
+                 seed=0):
+    """Load a dataset by name. `train_examples`/`test_examples` take the first N examples of a
+    real dataset (a deterministic subset, asked for explicitly) and set the synthetic sizes."""
+    if name == "synthetic":
+        return load_images("synthetic", train_examples=train_examples,
+                           test_examples=test_examples, seed=seed)
+    if name in CIFAR:
+        train, test = load_cifar(name, data_dir, download=download)
+    elif name in MNIST:
+        (x_train, y_train), (x_test, y_test) = load_mnist(name, data_dir, download=download)
+        train = (x_train[..., None], y_train.reshape(-1, 1))  # NHWC, (N, 1) labels
+        test = (x_test[..., None], y_test.reshape(-1, 1))
+    elif name == "digits":
+        train, test = load_digits()
+    else:
+        raise KbenchError(f"unknown dataset {name!r}; use one of: {', '.join(IMAGE_DATASETS)}")
+    (x_train, y_train), (x_test, y_test) = train, test
+    if train_examples:
+        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+    if test_examples:
+        x_test, y_test = x_test[:test_examples], y_test[:test_examples]
+    return Dataset(name, x_train, y_train, x_test, y_test, IMAGE_INFO[name][1])
+
+
+def load_images(name, data_dir=None, download=False, train_examples=None, test_examples=None,
+                seed=0, synthetic_like="cifar10"):
+    """`load_dataset`, with `synthetic` shaped like the real data set `synthetic_like` (its image
+    shape and number of classes), so a recipe's synthetic stand-in fits the model it trains."""
+    if name != "synthetic":
+        return load_dataset(name, data_dir, download=download, train_examples=train_examples,
+                            test_examples=test_examples, seed=seed)
+    shape, classes = image_info(synthetic_like)
+    (x_train, y_train), (x_test, y_test) = load_synthetic(
+        num_classes=classes, train_examples=train_examples or 10_000,
+        test_examples=test_examples or 2_000, image_shape=shape, seed=seed)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=classes)
+
+
+def image_info(name, synthetic_like="cifar10"):
+    """(image shape (H, W, C), number of classes) of an image data set, without loading it."""
+    if name == "synthetic":
+        name = synthetic_like
+    if name not in IMAGE_INFO:
+        raise KbenchError(f"unknown dataset {name!r}; use one of: {', '.join(IMAGE_DATASETS)}")
+    return IMAGE_INFO[name]
+
+
+def num_classes(name):
+    """Number of classes of a dataset, known without loading it."""
+    if name == "synthetic":
+        return 10
+    if name in CIFAR:
+        return CIFAR[name]["num_classes"]
+    if name in IMAGE_INFO:
+        return IMAGE_INFO[name][1]
+    if name == "imdb":
+        return 2
+    raise KbenchError(f"unknown dataset {name!r}; use one of: "
+                      f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS[:-1])}")

@@ -1,0 +1,112 @@
+"""Where data sets come from: default folders, the network check, checksummed downloads,
+TFDS data dirs and safe unpickling. Shared by the CIFAR, MNIST and IMDB loaders."""
+
+import glob
+import hashlib
+import io
+import os
+import pickle
+import socket
+import tempfile
+import urllib.request
+
+import numpy as np
+
+from kbench.errors import KbenchError
+
+
+def default_data_dirs():
+    """Where CIFAR is looked for when no data dir is given, in order."""
+    dirs = []
+    if os.environ.get("KBENCH_DATA_DIR"):
+        dirs.append(os.environ["KBENCH_DATA_DIR"])
+    dirs.append(os.path.expanduser("~/.keras/datasets"))  # keras.datasets' cache
+    dirs.append(os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")))
+    return dirs
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; rebuilding them needs numpy's array globals and nothing else.
+    Refusing every other global keeps a tampered file from running code (as keras.datasets)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def tfds_arrays(name, data_dir, label_dtype):
+    """((x_train, y_train), (x_test, y_test)) of a prepared TFDS image data set, (N, 1) labels."""
+    import tensorflow_datasets as tfds
+
+    splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, as_supervised=True,
+                       download=False, shuffle_files=False)
+
+    def to_numpy(split):
+        # Batched iteration, not batch_size=-1: the latter needs split sizes up front.
+        xs, ys = zip(*tfds.as_numpy(split.batch(4096)))
+        return (np.concatenate(xs).astype(np.uint8),
+                np.concatenate(ys).astype(label_dtype).reshape(-1, 1))
+
+    return tuple(to_numpy(split) for split in splits)
+
+
+def tfds_prepared(path, name):
+    """Whether `path` is a TFDS data dir where `name` is prepared (<name>/[<config>/]<version>/).
+    Checked by file so that a missing data set never reaches TFDS' network-bound builder lookup."""
+    return bool(glob.glob(os.path.join(path, name, "*", "dataset_info.json"))
+                or glob.glob(os.path.join(path, name, "*", "*", "dataset_info.json")))
+
+
+def network_answers(url, timeout=3.0):
+    host = urllib.request.urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_archive(spec, target_dir):
+    """Fetch the published archive into target_dir (atomically, checksum verified)."""
+    if not network_answers(spec["url"]):
+        raise KbenchError(
+            f"cannot reach {urllib.request.urlparse(spec['url']).hostname} to download "
+            f"{spec['title']}: copy {spec['archive']} into a folder and pass --data-dir, "
+            "or use --dataset synthetic"
+        )
+    os.makedirs(target_dir, exist_ok=True)
+    final = os.path.join(target_dir, spec["archive"])
+    fd, tmp = tempfile.mkstemp(dir=target_dir, suffix=".part")
+    os.close(fd)
+    try:
+        print(f"downloading {spec['url']} -> {final}")
+        urllib.request.urlretrieve(spec["url"], tmp)
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != spec["sha256"]:
+            raise KbenchError(f"download of {spec['archive']} is corrupt (sha256 {digest}); retry")
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return final
+
+
+def read_npy(raw):
+    """One .npy member: numeric arrays without pickle, object arrays with numpy globals only."""
+    buffer = io.BytesIO(raw)
+    try:
+        return np.lib.format.read_array(buffer, allow_pickle=False)
+    except ValueError:
+        buffer.seek(0)
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(buffer)
+        else:
+            np.lib.format.read_array_header_2_0(buffer)  # 3.0 differs only in its encoding
+        return NumpyOnlyUnpickler(buffer).load()
