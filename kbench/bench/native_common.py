@@ -174,6 +174,14 @@ def datasets(config):
     return train_ds, test_ds, train.steps_per_epoch_of(train_ds, config)
 
 
+def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
+    """How many steps to time: `steps`, or with `epochs` as many as make epochs x
+    steps_per_epoch steps in all, as long as the Keras runs train."""
+    if epochs:
+        return max(1, epochs * steps_per_epoch - 1 - warmup_steps)
+    return steps
+
+
 def timed_training(train_ds, step_fn, steps, warmup_steps):
     """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
 

@@ -217,12 +217,14 @@ def _prepare(config, device):
 # --------------------------------------------------------------------------- entry points
 
 
-def run(config, steps, warmup_steps=2):
-    """Train `1 + warmup_steps + steps` steps, evaluate on the test split; see the module doc
-    and native_common.timed_training for what each number means."""
+def run(config, steps, warmup_steps=2, epochs=None):
+    """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
+    evaluate on the test split; see the module doc and native_common.timed_training for what
+    each number means."""
     common.check_config(config)
     device = _device()
     train_ds, test_ds, steps_per_epoch = common.datasets(config)
+    steps = common.timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
     weights, model, net, jit = _prepare(config, device)
     rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
     optimizer = KerasSGD(*decayed_and_plain(model), config.momentum, config.nesterov,

@@ -107,14 +107,8 @@ def run_native(framework, config, spec):
     from kbench import backend
 
     module = importlib.import_module(f"kbench.bench.native_{framework}")
-    steps, warmup = spec["steps"], spec["warmup_steps"]
-    if spec.get("epochs"):
-        # Train as long as the Keras runs do: epochs x steps per epoch in all.
-        recipe = load_recipe(spec["recipe"])
-        train_ds, _ = recipe.build_datasets(config)
-        per_epoch = config.steps_per_epoch or train_ds.steps_per_epoch
-        steps = max(1, spec["epochs"] * per_epoch - 1 - warmup)
-    result = module.run(config, steps=steps, warmup_steps=warmup)
+    result = module.run(config, steps=spec["steps"], warmup_steps=spec["warmup_steps"],
+                        epochs=spec.get("epochs"))
     result.setdefault("peak_device_mb", peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
