@@ -37,9 +37,47 @@ def build_parser(config_cls, description=None):
 
 
 def parse_config(config_cls, argv=None, description=None):
-    """Parse argv (default sys.argv[1:]) into a `config_cls` instance."""
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
+    """Parse argv (default sys.argv[1:]) into a `config_cls` instance.
+
+    `--config FILE` (a run's config.json or metrics.json, or any JSON object of settings)
+    supplies the defaults; flags given beside it override them. So
+    `python recipes/x.py --config runs/x/jax/metrics.json` re-runs a run exactly.
+    """
+    parser = build_parser(config_cls, description)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="take every setting from a saved config.json / metrics.json; "
+                             "flags given as well override it")
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**load_settings(args.config, config_cls))
+        args = parser.parse_args(argv)
+    settings = vars(args)
+    settings.pop("config")
+    return config_cls(**settings)
+
+
+def load_settings(path, config_cls):
+    """The settings a saved file holds, checked against `config_cls`'s fields."""
+    import json
+
+    from kbench.errors import KbenchError
+
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise KbenchError(f"cannot read settings from {path}: {exc}") from None
+    if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+        saved = saved["config"]  # metrics.json keeps the settings under "config"
+    if not isinstance(saved, dict):
+        raise KbenchError(f"{path} holds no settings (expected a JSON object of flag values)")
+    fields = {field.name for field in dataclasses.fields(config_cls)}
+    saved = {k: v for k, v in saved.items() if k not in ("recipe", "backend")}  # config.json's labels
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise KbenchError(f"{path} has settings this recipe does not know: {', '.join(unknown)} "
+                          "(saved by another recipe?)")
+    return saved
 
 
 def run_recipe(main, config_cls, argv=None, description=None):

@@ -4,24 +4,23 @@ evaluation, and writing results atomically.
 A recipe is a short story on top of these: build data, build model, `fit`, `finish`.
 """
 
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 
 import keras
 
-from kbench import backend
+from kbench import backend, checkpoint
 from kbench.errors import KbenchError
+from kbench.files import (save_model_atomic, write_json_atomic,  # noqa: F401 (re-exported)
+                          write_text_atomic)
+from kbench.optim import (OPTIMIZERS, SCHEDULES, build_optimizer,  # noqa: F401 (re-exported)
+                          learning_rate_schedule)
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 # --------------------------------------------------------------------------- config
@@ -53,7 +52,16 @@ class TrainConfig:
     nesterov: bool = option(True, "Nesterov momentum")
     weight_decay: float = option(5e-4, "decoupled weight decay on kernels (0 disables)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup before the cosine decay")
+    schedule: str = option("cosine", "learning-rate schedule: constant, step (x decay_rate every "
+                                     "decay_epochs), exponential (to lr x decay_rate at the end), "
+                                     "cosine (to 0), one_cycle (up over 30%%, then down)",
+                           choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup before the schedule "
+                                       "(one_cycle has its own)")
+    decay_rate: float = option(0.1, "step / exponential schedules: the decay factor")
+    decay_epochs: float | None = option(None, "step schedule: epochs between decays "
+                                              "(default: a third of the run)")
+    clip_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
     seed: int = option(0, "seeds weights, data order, augmentation and backend RNGs")
     output_dir: str | None = option(None, "where metrics.json, history.csv and model.keras go "
                                           "(default: runs/<recipe>/<backend>)")
@@ -65,6 +73,11 @@ class TrainConfig:
                                               "(synthetic: generate N; default 10000)")
     test_examples: int | None = option(None, "use the first N test examples "
                                              "(synthetic: generate N; default 2000)")
+    resume: bool = option(False, "continue the run in --output-dir from its last finished epoch")
+    monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
+    early_stopping: int = option(0, "stop after this many epochs without improvement of "
+                                    "--monitor (0: off)")
+    tensorboard: bool = option(False, "write TensorBoard logs to <output-dir>/tensorboard")
     verbose: int = option(1, "Keras progress output: 0 silent, 1 progress bar, 2 one line "
                              "per epoch", choices=(0, 1, 2))
 
@@ -81,7 +94,9 @@ def resolve_output_dir(config, recipe):
 
 
 def setup_run(config):
-    """Seed everything and set the dtype policy before any model is built."""
+    """Seed everything and set the dtype policy before any model is built.
+
+    Seeds Python, NumPy, the backend and TensorFlow (which runs every tf.data pipeline)."""
     if config.dtype_policy not in DTYPE_POLICIES:
         raise KbenchError(f"unknown dtype policy {config.dtype_policy!r}; "
                           f"use one of: {', '.join(DTYPE_POLICIES)}")
@@ -111,50 +126,7 @@ def steps_per_epoch_of(train_ds, config):
     return cardinality
 
 
-# --------------------------------------------------------------------------- optimizer
-
-
-def learning_rate_schedule(config, steps_per_epoch):
-    """Linear warmup from 0 to `lr` over `warmup_epochs`, then cosine decay to 0."""
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else config.lr,
-        decay_steps=total - warmup,
-        warmup_target=config.lr if warmup else None,
-        warmup_steps=warmup,
-    )
-
-
-def build_optimizer(config, steps_per_epoch):
-    """SGD with Nesterov momentum (or Adam, `--optimizer adam/adamw`) and decoupled weight
-    decay, kept off BatchNorm and biases.
-
-    Keras applies `weight_decay` as `w -= lr * wd * w` before the gradient step; the native
-    reference loops do exactly the same for SGD, so the comparison trains the same thing.
-    """
-    schedule = learning_rate_schedule(config, steps_per_epoch)
-    choice = getattr(config, "optimizer", "sgd")
-    if choice == "sgd":
-        optimizer = keras.optimizers.SGD(
-            learning_rate=schedule,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay or None,
-        )
-    elif choice == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=schedule,
-                                          weight_decay=config.weight_decay or None)
-    elif choice == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule,
-                                           weight_decay=config.weight_decay)
-    else:
-        raise KbenchError(f"unknown optimizer {choice!r}; use one of: {', '.join(OPTIMIZERS)}")
-    # Decay only conv/dense kernels: BN scale/offset and biases are not regularized.
-    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    if config.dtype_policy == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
+# --------------------------------------------------------------------------- compile
 
 
 def compile_model(model, config, steps_per_epoch):
@@ -209,54 +181,93 @@ class StepTimer(keras.callbacks.Callback):
         return self.batch_size * len(self.step_times) / sum(self.step_times)
 
 
-class HistoryCSV(keras.callbacks.Callback):
-    """history.csv with one row per finished epoch (`epoch` from 0, then `loss`, then the rest),
-    rewritten atomically after every epoch so that a crash never leaves a torn row."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-        self.rows = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch}
-        for key, value in (logs or {}).items():
-            row[key] = float(value)
-        self.rows.append(row)
-        keys = {k for r in self.rows for k in r} - {"epoch", "loss"}
-        fields = ["epoch", "loss"] + sorted(keys)
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text_atomic(self.path, out.getvalue())
-
-
 # --------------------------------------------------------------------------- fit / evaluate
 
 
-def fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks=()):
-    """model.fit with kbench's logs and timers; returns (keras History, StepTimer)."""
+def run_callbacks(config, steps_per_epoch, state):
+    """kbench's per-run callbacks: NaN guard, and with an output dir the epoch recorder
+    (checkpoint, history.csv, best.keras, early stopping) and TensorBoard when asked for."""
+    found = [checkpoint.StopOnNaN(config.output_dir)]
+    if config.early_stopping < 0:
+        raise KbenchError("--early-stopping must be >= 0 (epochs of patience; 0 turns it off)")
+    if config.output_dir and state is not None:
+        found.append(checkpoint.EpochRecorder(
+            config.output_dir, state, steps_per_epoch,
+            save_model=lambda model, path: save_model_float32(model, path),
+            monitor=config.monitor, patience=config.early_stopping))
+    elif config.early_stopping:
+        raise KbenchError("--early-stopping needs an --output-dir to keep its state in")
+    if config.tensorboard:
+        if not config.output_dir:
+            raise KbenchError("--tensorboard needs an --output-dir to write its logs to")
+        found.append(keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard"),
+                                                 write_graph=False, profile_batch=0))
+    return found
+
+
+def fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks=(), state=None,
+        initial_epoch=0):
+    """model.fit with kbench's timer and callbacks, for epochs initial_epoch .. config.epochs;
+    returns (keras History, StepTimer).
+
+    `state` (a checkpoint.RunState) records every finished epoch in config.output_dir, and
+    fit continues after the epochs it holds.
+    """
     timer = StepTimer(config.batch_size)
-    all_callbacks = [timer, *callbacks]
-    if config.output_dir:
-        all_callbacks.append(HistoryCSV(os.path.join(config.output_dir, "history.csv")))
+    first_epoch = state.epochs_done if state is not None else initial_epoch
+    last_epoch = first_epoch if state is not None and state.stopped_early else config.epochs
     history = model.fit(
         train_ds,
-        epochs=config.epochs,
+        initial_epoch=first_epoch,
+        epochs=last_epoch,
         steps_per_epoch=steps_per_epoch,
         validation_data=test_ds if config.validate_every_epoch else None,
-        callbacks=all_callbacks,
+        callbacks=[timer, *callbacks, *run_callbacks(config, steps_per_epoch, state)],
         shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
         verbose=config.verbose,
     )
     return history, timer
 
 
+def start_or_resume(config, recipe, model_name):
+    """The RunState this run records into: a fresh one (forgetting any previous run's
+    checkpoint in the output dir), or with --resume the checkpoint's, checked against this run.
+    Also writes config.json, the run's resolved settings, before any training."""
+    if not config.output_dir:
+        if config.resume:
+            raise KbenchError("--resume needs the --output-dir of the run to continue")
+        return None
+    os.makedirs(config.output_dir, exist_ok=True)
+    if config.resume:
+        state = checkpoint.state_to_resume(config.output_dir, recipe, model_name, config.dataset)
+    else:
+        checkpoint.clear(config.output_dir)
+        state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset)
+    write_json_atomic(os.path.join(config.output_dir, "config.json"),
+                      {"recipe": recipe, "backend": backend.name(), **dataclasses.asdict(config)})
+    return state
+
+
+def resume_data(train_ds, batches_done):
+    """The training stream after its first `batches_done` batches.
+
+    kbench's pipelines restart there directly (`starting_at`); another tf.data pipeline is
+    replayed and the first batches dropped, which continues it exactly when it is
+    deterministic (seeded) and endless.
+    """
+    if not batches_done:
+        return train_ds
+    if hasattr(train_ds, "starting_at"):
+        return train_ds.starting_at(batches_done)
+    resumed = train_ds.skip(batches_done)
+    resumed.steps_per_epoch = getattr(train_ds, "steps_per_epoch", None)
+    return resumed
+
+
 def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,
                        callbacks=()):
     """The body of a recipe's `main`: seed and dtype policy, data and model (the recipe's own
-    builders unless the caller passes theirs), compile, fit, evaluate, write results.
+    builders unless the caller passes theirs), compile, fit (or resume), evaluate, write results.
 
     `recipe` names the default output folder, runs/<recipe>/<backend>. Returns the metrics
     dict that metrics.json holds.
@@ -265,10 +276,17 @@ def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, 
     setup_run(config)
     train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
     model = model if model is not None else build_model(config)
+    state = start_or_resume(config, recipe, model.name)
     steps_per_epoch = steps_per_epoch_of(train_ds, config)
     compile_model(model, config, steps_per_epoch)
-    history, timer = fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks)
-    return finish(config, model, history, timer, evaluate(model, test_ds))
+    if state is not None and state.epochs_done:
+        checkpoint.restore(model, state, config.output_dir)
+        train_ds = resume_data(train_ds, state.batches_done)
+        print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
+              f"({state.batches_done} batches)")
+    history, timer = fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks, state)
+    return finish(config, model, history, timer, evaluate(model, test_ds), recipe=recipe,
+                  state=state)
 
 
 def evaluate(model, test_ds, verbose=0):
@@ -276,12 +294,28 @@ def evaluate(model, test_ds, verbose=0):
     return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"])}
 
 
-def finish(config, model, history, timer, test_metrics, extra=None):
+def save_model_float32(model, path):
+    """Save model.keras so that it loads and predicts in float32 whatever policy trained it:
+    a mixed-precision model is saved as a float32 copy with the same (float32) weights."""
+    if any(layer.dtype_policy.name != "float32" for layer in model.layers):
+        from kbench.models.saving import float32_copy
+
+        model = float32_copy(model)
+    save_model_atomic(model, path)
+
+
+def finish(config, model, history, timer, test_metrics, extra=None, recipe=None, state=None):
     """Write metrics.json and model.keras into the output dir (atomically), print the summary
-    line, and return the metrics dict."""
-    epochs_done = len(history.epoch) if history is not None else 0
+    line, and return the metrics dict. With a RunState, the epochs and history are the whole
+    run's, resumed sessions included."""
+    if state is not None:
+        epochs_done, history_dict = state.epochs_done, state.history
+    else:
+        epochs_done = len(history.epoch) if history is not None else 0
+        history_dict = history.history if history is not None else {}
     metrics = {
         "backend": backend.name(),
+        "recipe": recipe,
         "model": model.name,
         "dataset": config.dataset,
         **test_metrics,
@@ -293,7 +327,7 @@ def finish(config, model, history, timer, test_metrics, extra=None):
         "params": model.count_params(),
         "jit_compile": resolve_jit_compile(config.jit_compile),
         "dtype_policy": config.dtype_policy,
-        "history": {k: [float(v) for v in vs] for k, vs in (history.history if history else {}).items()},
+        "history": {k: [float(v) for v in vs] for k, vs in history_dict.items()},
         "config": dataclasses.asdict(config),
         "versions": backend.versions(),
         "devices": backend.devices(),
@@ -301,9 +335,12 @@ def finish(config, model, history, timer, test_metrics, extra=None):
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
+    if state is not None:
+        metrics["best"] = {"monitor": state.monitor, "value": state.best, "epoch": state.best_epoch,
+                           "stopped_early": state.stopped_early}
     if config.output_dir:
         os.makedirs(config.output_dir, exist_ok=True)
-        save_model_atomic(model, os.path.join(config.output_dir, "model.keras"))
+        save_model_float32(model, os.path.join(config.output_dir, "model.keras"))
         write_json_atomic(os.path.join(config.output_dir, "metrics.json"), metrics)
     speed = metrics["train_examples_per_sec"]
     print(f"{metrics['model']} on {config.dataset} under {metrics['backend']}: "
@@ -315,48 +352,7 @@ def finish(config, model, history, timer, test_metrics, extra=None):
     return metrics
 
 
-# --------------------------------------------------------------------------- files
-
-
-def write_text_atomic(path, text):
-    """Write via a temp file in the same folder + rename: readers see old or new, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def save_model_atomic(model, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# --------------------------------------------------------------------------- helpers
 
 
 def git_commit():

@@ -141,17 +141,22 @@ def main(config, model=None, datasets=None, callbacks=()):
     `model` (a keras.Model taking 0..255 pixels whose last layer is its classifier) and
     `datasets` (a (train, test) pair of tf.data pipelines yielding one-hot labels) replace
     the defaults. `callbacks` see both stages; the reported step times are stage 2's.
+    Epochs are numbered across both stages (stage 2 follows stage 1 in history.csv), and
+    every epoch is checkpointed like any recipe's.
     """
     config = train.resolve_output_dir(config, "finetune")
+    if config.resume:
+        # The stages compile different optimizers (different trainable weights), so a
+        # checkpoint from one cannot restore the other's optimizer state.
+        raise KbenchError("finetune has no --resume: its two stages train different weights; "
+                          "re-run it (it is short), or resume the recipe that pretrained it")
     train.setup_run(config)
     if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
         raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
     train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
     model = model if model is not None else build_model(config)
+    state = train.start_or_resume(config, "finetune", model.name)
     steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
-    # One history.csv and one history for both stages: stage 2's epochs follow stage 1's.
-    path = os.path.join(config.output_dir, "history.csv") if config.output_dir else None
-    csv = train.HistoryCSV(path) if path else None
     history = keras.callbacks.History()
     history.epoch, history.history = [], {}
     stages = ((freeze_all_but_head, config.head_epochs, config.lr),
@@ -160,19 +165,20 @@ def main(config, model=None, datasets=None, callbacks=()):
         if not epochs:
             continue
         set_trainable(model)
-        stage = dataclasses.replace(config, epochs=epochs, lr=lr, output_dir=None)
+        stage = dataclasses.replace(config, epochs=epochs, lr=lr)
         train.compile_model(model, stage, steps_per_epoch)  # what trains changed: compile again
         first = len(history.epoch)
-        log = [keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: csv.on_epoch_end(first + epoch, logs))] if csv else []
-        result, timer = train.fit(model, train_ds, test_ds, stage, steps_per_epoch,
-                                  [*callbacks, *log])
-        history.epoch += [first + epoch for epoch in result.epoch]
+        # fit numbers epochs from `first` (the state's finished epochs) to first + epochs.
+        result, timer = train.fit(model, train_ds, test_ds,
+                                  dataclasses.replace(stage, epochs=first + epochs),
+                                  steps_per_epoch, callbacks, state, initial_epoch=first)
+        history.epoch += result.epoch
         for key, values in result.history.items():
             history.history.setdefault(key, []).extend(values)
     extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
              "finetune_epochs": config.epochs}
-    return train.finish(config, model, history, timer, train.evaluate(model, test_ds), extra)
+    return train.finish(config, model, history, timer, train.evaluate(model, test_ds), extra,
+                        recipe="finetune", state=state)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""What a run leaves in its output dir after every finished epoch, and how `--resume` picks it up.
+
+After epoch e the `EpochRecorder` callback writes, in this order:
+
+1. `best.keras` when the monitored metric improved (the best model so far);
+2. `checkpoint-<e>.weights.h5`: the model's weights *and* the optimizer's state (slots, step
+   counter, loss scale), which is also the schedule's position, since every schedule is a
+   function of the step counter;
+3. `checkpoint.json`: the run's progress (epochs done, history rows, best value, early-stopping
+   counter) naming that weights file; older weights files are removed only after it;
+4. `history.csv`, rebuilt from the rows in the state.
+
+Each file is written to a temp name and renamed, so a `kill -9` at any moment leaves either the
+previous epoch's checkpoint or this one's, never a torn one. history.csv is rebuilt from the
+checkpoint's rows, so a resumed run logs every epoch exactly once. The training data needs no
+saved state: kbench's training stream is a pure function of (seed, step), and a resumed run
+restarts it at the step the checkpoint reached.
+"""
+
+import csv
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+
+import keras
+
+from kbench.errors import KbenchError
+from kbench.files import save_weights_atomic, write_json_atomic, write_text_atomic
+
+STATE_FILE = "checkpoint.json"
+HISTORY_FILE = "history.csv"
+BEST_FILE = "best.keras"
+
+
+@dataclasses.dataclass
+class RunState:
+    """Progress of a run, as checkpoint.json holds it."""
+
+    recipe: str
+    model: str
+    dataset: str
+    epochs_done: int = 0  # finished epochs: the next epoch to run
+    steps_done: int = 0  # optimizer steps taken by then (the schedule's position)
+    batches_done: int = 0  # training batches consumed by then (the data stream's position)
+    rows: list = dataclasses.field(default_factory=list)  # history.csv, one dict per epoch
+    monitor: str | None = None
+    best: float | None = None
+    best_epoch: int | None = None
+    wait: int = 0  # epochs since the monitored metric last improved
+    stopped_early: bool = False
+    weights: str | None = None  # file name of the epoch's weights, beside checkpoint.json
+
+    @property
+    def history(self):
+        """{metric: [value per epoch]}, like keras' History.history."""
+        keys = [k for k in self.rows[0] if k != "epoch"] if self.rows else []
+        return {k: [row.get(k) for row in self.rows] for k in keys}
+
+
+def load_state(output_dir):
+    """The run state in output_dir, or None when it holds no checkpoint."""
+    path = os.path.join(output_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return RunState(**json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        raise KbenchError(f"{path} is unreadable ({exc}); delete it to start the run afresh") \
+            from None
+
+
+def clear(output_dir):
+    """Forget a previous run's progress in output_dir, so a fresh run can never resume into
+    it. Its metrics.json and model.keras stay until this run replaces them."""
+    for name in (STATE_FILE, HISTORY_FILE, BEST_FILE):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.weights.h5")):
+        os.remove(path)
+
+
+def state_to_resume(output_dir, recipe, model_name, dataset):
+    """The checkpoint `--resume` continues from, checked against this run."""
+    state = load_state(output_dir)
+    if state is None:
+        raise KbenchError(f"nothing to resume in {output_dir}: it holds no {STATE_FILE}; "
+                          "run without --resume to start training, or pass the --output-dir "
+                          "of the run to continue")
+    for what, theirs, ours in (("recipe", state.recipe, recipe), ("model", state.model, model_name),
+                               ("dataset", state.dataset, dataset)):
+        if theirs != ours:
+            raise KbenchError(f"the checkpoint in {output_dir} is from {what} {theirs!r}, this "
+                              f"run is {what} {ours!r}: resume with the same settings, or use "
+                              "another --output-dir")
+    return state
+
+
+def restore(model, state, output_dir):
+    """Load the checkpoint's weights and optimizer state into a compiled model."""
+    path = os.path.join(output_dir, state.weights or "")
+    if not state.weights or not os.path.exists(path):
+        raise KbenchError(f"{output_dir}/{STATE_FILE} names {state.weights!r}, which is "
+                          "missing; delete the checkpoint to start afresh")
+    model.optimizer.build(model.trainable_variables)  # slots must exist to receive their values
+    try:
+        model.load_weights(path)
+    except Exception as exc:  # noqa: BLE001 - h5py/keras raise many kinds; all mean the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first[:200]} "
+                          "(written by a different model or settings?)") from None
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if steps != state.steps_done:
+        raise KbenchError(f"checkpoint {path} holds {steps} optimizer steps, {STATE_FILE} says "
+                          f"{state.steps_done}: the checkpoint is inconsistent; start afresh")
+
+
+def improved(monitor, value, best):
+    """Whether `value` beats `best` for `monitor` (accuracies up, losses down)."""
+    if best is None:
+        return True
+    higher_is_better = "acc" in monitor or "f1" in monitor or "auc" in monitor
+    return value > best if higher_is_better else value < best
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Checkpoint, history.csv, best model and early stopping, after every finished epoch.
+
+    `save_model(model, path)` writes best.keras (the trainer passes its float32-saving writer).
+    `patience` > 0 stops training after that many epochs without improvement of `monitor`.
+    """
+
+    def __init__(self, output_dir, state, steps_per_epoch, save_model, monitor="val_accuracy",
+                 patience=0, keep_best=True):
+        super().__init__()
+        self.output_dir = output_dir
+        self.state = state
+        self.steps_per_epoch = steps_per_epoch
+        self.save_model = save_model
+        self.monitor = monitor
+        self.patience = patience
+        self.keep_best = keep_best
+        state.monitor = monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        state = self.state
+        state.rows = [row for row in state.rows if row["epoch"] < epoch] + [{"epoch": epoch, **logs}]
+        state.epochs_done = epoch + 1
+        state.steps_done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        # Not the step counter: a float16 loss-scale optimizer skips steps whose gradients
+        # overflow, but their batches were consumed all the same.
+        state.batches_done += self.steps_per_epoch
+        self._track_best(epoch, logs)
+        weights = f"checkpoint-{epoch}.weights.h5"
+        save_weights_atomic(self.model, os.path.join(self.output_dir, weights))
+        previous, state.weights = state.weights, weights
+        write_json_atomic(os.path.join(self.output_dir, STATE_FILE), dataclasses.asdict(state))
+        if previous and previous != weights:
+            _remove(os.path.join(self.output_dir, previous))
+        write_history_csv(os.path.join(self.output_dir, HISTORY_FILE), state.rows)
+        if state.stopped_early:
+            self.model.stop_training = True
+            print(f"early stopping: {self.monitor} has not improved for {self.patience} "
+                  f"epochs (best {state.best:.4f} at epoch {state.best_epoch})")
+
+    def _track_best(self, epoch, logs):
+        state = self.state
+        if self.monitor not in logs:
+            if self.patience:
+                raise KbenchError(f"early stopping watches {self.monitor!r}, which training does "
+                                  f"not log (it logs: {', '.join(sorted(logs))}); pass --monitor "
+                                  "with one of those, or --validate-every-epoch")
+            return
+        value = logs[self.monitor]
+        if math.isfinite(value) and improved(self.monitor, value, state.best):
+            state.best, state.best_epoch, state.wait = value, epoch, 0
+            if self.keep_best:
+                self.save_model(self.model, os.path.join(self.output_dir, BEST_FILE))
+        else:
+            state.wait += 1
+            state.stopped_early = bool(self.patience) and state.wait >= self.patience
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Fail the run, with a message that says what to try, as soon as the loss is NaN or inf.
+
+    Keras' TerminateOnNaN only stops quietly; here the run ends with exit status 2 and the
+    checkpoints of the epochs that finished stay where they are.
+    """
+
+    def __init__(self, output_dir=None):
+        super().__init__()
+        self.output_dir = output_dir
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            kept = (f"; the epochs before it are checkpointed in {self.output_dir}"
+                    if self.output_dir else "")
+            raise KbenchError(f"training diverged: loss is {float(loss)} at epoch {self.epoch}, "
+                              f"step {batch}; lower --lr, add --clip-norm, or train in float32"
+                              + kept)
+
+
+def write_history_csv(path, rows):
+    """history.csv: `epoch`, `loss`, then every other logged metric in name order."""
+    keys = {k for row in rows for k in row} - {"epoch", "loss"}
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["epoch", "loss", *sorted(keys)], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, out.getvalue())
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
