@@ -123,7 +123,8 @@ def learning_rate_schedule(config, steps_per_epoch):
     elif kind == "step":
         every = max(1, int(round((getattr(config, "decay_epochs", None)
                                   or max(1, config.epochs // 3)) * steps_per_epoch)))
-        boundaries = list(range(every, total - warmup, every))
+        # PiecewiseConstantDecay keeps values[i] up to and including boundaries[i].
+        boundaries = [b - 1 for b in range(every, total - warmup, every)]
         after = (schedules.PiecewiseConstantDecay(
             boundaries, [config.lr * decay_rate ** i for i in range(len(boundaries) + 1)])
             if boundaries else Constant(config.lr))

@@ -1,0 +1,252 @@
+"""Training features every recipe shares: schedules, clipping, mixed precision, checkpoints and
+--resume (kill -9 included), best model, early stopping, the NaN guard, TensorBoard, --config.
+
+Runs under every backend (`make test` runs the suite once per backend)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from kbench import checkpoint, train
+from kbench.errors import KbenchError
+from kbench.flags import parse_config
+from recipes import cifar_resnet
+from tests.conftest import BACKEND, REPO
+
+
+def tiny(tmp_path=None, **overrides):
+    settings = dict(dataset="synthetic", model="resnet20", epochs=2, steps_per_epoch=2,
+                    batch_size=16, train_examples=64, test_examples=32, verbose=0,
+                    output_dir=str(tmp_path / "run") if tmp_path else None)
+    settings.update(overrides)
+    return cifar_resnet.Config(**settings)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def rates(config, steps_per_epoch, steps):
+    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    return [float(keras.ops.convert_to_numpy(schedule(step))) for step in steps]
+
+
+def test_schedules_follow_their_definitions():
+    base = dict(lr=0.1, epochs=6, warmup_epochs=0.0)
+    assert rates(tiny(schedule="constant", **base), 10, [0, 59]) == pytest.approx([0.1, 0.1])
+    # step: x0.1 every 2 epochs (20 steps)
+    got = rates(tiny(schedule="step", decay_epochs=2, **base), 10, [0, 19, 20, 39, 40, 59])
+    assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # exponential: reaches lr x decay_rate after the last step
+    got = rates(tiny(schedule="exponential", decay_rate=0.01, **base), 10, [0, 30, 60])
+    assert got == pytest.approx([0.1, 0.01, 0.001], rel=1e-5)
+    # cosine: lr at 0, half way lr/2, 0 at the end
+    assert rates(tiny(schedule="cosine", **base), 10, [0, 30, 60]) == pytest.approx(
+        [0.1, 0.05, 0.0], abs=1e-6)
+    # one-cycle: lr/25 at step 0, lr at 30%, ~0 at the end, never above lr
+    curve = rates(tiny(schedule="one_cycle", **base), 10, range(60))
+    assert curve[0] == pytest.approx(0.004, rel=1e-4)
+    assert max(curve) == pytest.approx(0.1, rel=1e-4) and int(np.argmax(curve)) in (16, 17, 18)
+    assert curve[-1] < 1e-5
+
+
+def test_warmup_ramps_linearly_into_any_schedule():
+    config = tiny(schedule="step", lr=0.2, epochs=4, warmup_epochs=1.0, decay_epochs=2)
+    got = rates(config, 10, [0, 5, 10, 29, 30])
+    # warmup 10 steps; then the step schedule counts from the warmup's end (decay after 20)
+    assert got == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.02], abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "exponential", "one_cycle"])
+def test_schedules_survive_saving(schedule):
+    """model.keras holds the optimizer and its schedule: kbench's must deserialize."""
+    original = train.learning_rate_schedule(tiny(schedule=schedule, epochs=3), 10)
+    config = keras.optimizers.schedules.serialize(original)
+    restored = keras.optimizers.schedules.deserialize(json.loads(json.dumps(config)))
+    for step in (0, 7, 15, 29):
+        assert float(keras.ops.convert_to_numpy(restored(step))) == pytest.approx(
+            float(keras.ops.convert_to_numpy(original(step))))
+
+
+def test_gradient_clipping_and_loss_scaling_are_set():
+    optimizer = train.build_optimizer(tiny(clip_norm=1.5), 10)
+    assert optimizer.global_clipnorm == 1.5
+    scaled = train.build_optimizer(tiny(dtype_policy="mixed_float16", optimizer="adamw"), 10)
+    assert isinstance(scaled, keras.optimizers.LossScaleOptimizer)
+    assert scaled.inner_optimizer.global_clipnorm is None
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_bfloat16_trains_and_saves_a_float32_model(tmp_path):
+    try:
+        metrics = cifar_resnet.main(tiny(tmp_path, dtype_policy="mixed_bfloat16", epochs=1))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert metrics["dtype_policy"] == "mixed_bfloat16" and math.isfinite(metrics["test_loss"])
+    loaded = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=False)
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    assert keras.ops.convert_to_numpy(loaded(x, training=False)).dtype == np.float32
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_every_epoch_is_checkpointed_and_logged(tmp_path):
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=3, tensorboard=True))
+    run = tmp_path / "run"
+    state = checkpoint.load_state(run)
+    assert state.epochs_done == 3 and state.batches_done == 6 and state.steps_done == 6
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2.weights.h5"]
+    assert (run / "history.csv").read_text().splitlines()[0].startswith("epoch,loss,")
+    assert [r["epoch"] for r in state.rows] == [0, 1, 2]
+    assert metrics["history"]["loss"] == [r["loss"] for r in state.rows]
+    assert (run / "best.keras").exists() and metrics["best"]["monitor"] == "val_accuracy"
+    assert json.loads((run / "config.json").read_text())["recipe"] == "cifar_resnet"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not list(run.glob(".tmp-*"))  # no temp files left behind
+
+
+def run_recipe(args, output_dir, **popen):
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    command = [sys.executable, "recipes/cifar_resnet.py", *args, "--output-dir", str(output_dir)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def history_rows(path):
+    lines = path.read_text().splitlines()
+    return [dict(zip(lines[0].split(","), map(float, line.split(",")))) for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The issue's must-show: killed with SIGKILL after its second epoch, a 4-epoch run resumed
+    with --resume logs epochs 0..3 once each, reports epochs: 4, and trains the same numbers
+    as a run that was never interrupted (same seed, backend and machine)."""
+    args = ["--dataset", "synthetic", "--epochs", "4", "--steps-per-epoch", "6",
+            "--batch-size", "16", "--train-examples", "256", "--test-examples", "32",
+            "--verbose", "0"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    process = run_recipe(args, killed)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        state = checkpoint.load_state(killed) if (killed / "checkpoint.json").exists() else None
+        if state is not None and state.epochs_done >= 2:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed:\n" + process.stdout.read()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()
+    # Killed at any moment after checkpoint 1: history.csv may lag the checkpoint by an epoch.
+    rows_at_kill = [row["epoch"] for row in history_rows(killed / "history.csv")]
+    assert rows_at_kill == list(range(len(rows_at_kill))) and 1 <= len(rows_at_kill) <= 3
+
+    resumed = run_recipe([*args, "--resume"], killed)
+    reference = run_recipe(args, whole)
+    out_resumed, out_reference = resumed.communicate(timeout=300), reference.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed[0]
+    assert reference.returncode == 0, out_reference[0]
+    assert "resuming cifar_resnet" in out_resumed[0]
+    got, expected = history_rows(killed / "history.csv"), history_rows(whole / "history.csv")
+    assert [row["epoch"] for row in got] == [0, 1, 2, 3]
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["epochs"] == 4 and len(metrics["history"]["loss"]) == 4
+    for ours, theirs in zip(got, expected):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    assert metrics["test_accuracy"] == pytest.approx(
+        json.loads((whole / "metrics.json").read_text())["test_accuracy"], abs=1e-6)
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    with pytest.raises(KbenchError, match="nothing to resume"):
+        cifar_resnet.main(tiny(tmp_path, resume=True))
+    cifar_resnet.main(tiny(tmp_path, epochs=1))
+    with pytest.raises(KbenchError, match="from model 'resnet20', this run is model 'resnet32'"):
+        cifar_resnet.main(tiny(tmp_path, model="resnet32", resume=True))
+    state = checkpoint.load_state(tmp_path / "run")
+    (tmp_path / "run" / state.weights).write_bytes(b"not an h5 file")
+    with pytest.raises(KbenchError, match="cannot load checkpoint"):
+        cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
+
+
+def test_resume_of_a_finished_run_trains_no_more(tmp_path):
+    cifar_resnet.main(tiny(tmp_path, epochs=2))
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
+    assert metrics["epochs"] == 2
+    assert [r["epoch"] for r in history_rows(tmp_path / "run" / "history.csv")] == [0, 1]
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def recorder_for(tmp_path, **kwargs):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    state = checkpoint.RunState(recipe="t", model=model.name, dataset="d")
+    saved = []
+    recorder = checkpoint.EpochRecorder(str(tmp_path), state, steps_per_epoch=1,
+                                        save_model=lambda m, path: saved.append(path), **kwargs)
+    recorder.set_model(model)
+    return recorder, state, saved
+
+
+def test_early_stopping_and_best_model(tmp_path):
+    recorder, state, saved = recorder_for(tmp_path, monitor="val_loss", patience=2)
+    for epoch, val_loss in enumerate([1.0, 0.5, 0.6, 0.7, 0.4]):
+        recorder.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+        if recorder.model.stop_training:
+            break
+    assert epoch == 3 and state.stopped_early  # two epochs without improving on 0.5
+    assert state.best == 0.5 and state.best_epoch == 1 and len(saved) == 2
+    assert checkpoint.load_state(tmp_path).stopped_early
+
+
+def test_early_stopping_on_a_metric_not_logged(tmp_path):
+    recorder, _, _ = recorder_for(tmp_path, monitor="val_accuracy", patience=1)
+    with pytest.raises(KbenchError, match="does not log"):
+        recorder.on_epoch_end(0, {"loss": 1.0})
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    import tensorflow as tf
+
+    images = np.full((32, 32, 32, 3), np.nan, np.float32)
+    labels = np.eye(10, dtype=np.float32)[np.arange(32) % 10]
+    nan_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat()
+    test_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    with pytest.raises(KbenchError, match="training diverged: loss is nan at epoch 0, step 0"):
+        cifar_resnet.main(tiny(tmp_path), datasets=(nan_ds, test_ds))
+
+
+# --------------------------------------------------------------------------- --config
+
+
+@pytest.mark.backend_independent
+def test_config_file_reruns_a_run_and_flags_override(tmp_path):
+    saved = dataclasses_asdict(tiny(tmp_path, epochs=7, lr=0.3, schedule="one_cycle"))
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"backend": "jax", "config": saved}))
+    config = parse_config(cifar_resnet.Config, ["--config", str(path), "--lr", "0.05"])
+    assert config.epochs == 7 and config.schedule == "one_cycle" and config.lr == 0.05
+    (tmp_path / "other.json").write_text(json.dumps({"vocab_size": 3}))
+    with pytest.raises(KbenchError, match="does not know: vocab_size"):
+        parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
+
+
+def dataclasses_asdict(config):
+    import dataclasses
+
+    return dataclasses.asdict(config)
