@@ -1,4 +1,4 @@
-"""The `kbench` command: env, compare, report.
+"""The `kbench` command: env, compare, report, evaluate, export, predict.
 
 Each verb is a small function; bad input ends as one `error: ...` line and exit status 2.
 """
@@ -32,6 +32,92 @@ def cmd_env(args):
     return 0
 
 
+def cmd_evaluate(args):
+    """Evaluate a saved model on its dataset's test split; write eval.json and the PNG."""
+    from kbench.evaluation import evaluate_saved_model, summary_line
+
+    result = evaluate_saved_model(args.model, args.output_dir, dataset=args.dataset,
+                                  data_dir=args.data_dir, test_examples=args.test_examples,
+                                  batch_size=args.batch_size, recipe=args.recipe,
+                                  download=args.download)
+    print(f"{result['model']} on {result['dataset']} under {result['backend']}: "
+          f"{summary_line(result)}; wrote {args.output_dir}/eval.json and "
+          "confusion_matrix.png")
+    return 0
+
+
+def cmd_export(args):
+    """Export a saved model to ONNX or a SavedModel and check it against Keras."""
+    from kbench.export import export_model
+
+    info = export_model(args.model, args.output, args.format, tolerance=args.tolerance)
+    print(f"exported {info['model']} as {info['format']} under {info['backend']} to "
+          f"{info['output']}: max abs diff {info['max_abs_diff']:.2e} from Keras on a test "
+          f"batch (tolerance {info['tolerance']:.1e})")
+    return 0
+
+
+def cmd_predict(args):
+    """Print the top classes of image files or .npy arrays."""
+    from kbench.predict import format_predictions, predict_files
+
+    rows = predict_files(args.model, args.inputs, top=args.top)
+    print(json.dumps(rows, indent=2) if args.json else format_predictions(rows))
+    return 0
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_model_verbs(verbs):
+    evaluate = verbs.add_parser(
+        "evaluate", help="accuracy, top-5, per-class metrics and confusion matrix of a model",
+        description="Evaluate a saved model.keras on its dataset's test split. The settings of "
+                    "the run (dataset, data dir, sizes, seed) come from the metrics.json next "
+                    "to the model when there is one; flags override them.")
+    evaluate.add_argument("model", metavar="MODEL.keras")
+    evaluate.add_argument("--output-dir", required=True,
+                          help="where eval.json and confusion_matrix.png go")
+    evaluate.add_argument("--dataset", help="dataset name (default: the one that trained it)")
+    evaluate.add_argument("--data-dir", help="where the dataset lies")
+    evaluate.add_argument("--download", action="store_true",
+                          help="download the dataset when it is missing and the network answers")
+    evaluate.add_argument("--test-examples", type=_positive_int,
+                          help="evaluate on the first N test examples")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
+    evaluate.add_argument("--recipe", help="recipe whose test split to build (default: from "
+                                           "metrics.json or the dataset)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = verbs.add_parser(
+        "export", help="export a model to ONNX or a TensorFlow SavedModel, checked",
+        description="Export a saved model.keras with Keras' model.export, run the artifact "
+                    "(onnxruntime / TensorFlow) on a test batch and compare with Keras.")
+    export.add_argument("model", metavar="MODEL.keras")
+    export.add_argument("--format", required=True, choices=("onnx", "savedmodel"))
+    export.add_argument("--output", required=True,
+                        help="file (onnx) or folder (savedmodel) to write")
+    export.add_argument("--tolerance", type=float, default=None,
+                        help="largest allowed output difference from Keras "
+                             "(default: 1e-4 x the largest |logit|, at least 1e-4)")
+    export.set_defaults(func=cmd_export)
+
+    predict = verbs.add_parser(
+        "predict", help="top classes of image files or .npy arrays",
+        description="Classify images (PNG, JPEG: resized to the model's input, raw 0..255 "
+                    "pixels) or .npy arrays (one input or a batch) with a saved model.")
+    predict.add_argument("model", metavar="MODEL.keras")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files and/or .npy arrays")
+    predict.add_argument("--top", type=_positive_int, default=5, help="classes to show")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(func=cmd_predict)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kbench", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -41,6 +127,7 @@ def build_parser():
     env.set_defaults(func=cmd_env)
 
     bench_cli.add_verbs(verbs)
+    add_model_verbs(verbs)
     return parser
 
 

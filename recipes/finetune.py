@@ -28,7 +28,6 @@ its classifier (e.g. `with_new_head(my_pretrained, num_classes)`).
 """
 
 import dataclasses
-import os
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
@@ -36,6 +35,7 @@ from kbench import data, train
 from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models.layers import PortableNormal
+from kbench.models.saving import load_model
 from kbench.train import option
 
 DATASETS = ("cifar100", "cifar10", "synthetic")
@@ -74,16 +74,10 @@ def load_pretrained(path):
         raise KbenchError("pass --init-from PATH, a model.keras another recipe saved (e.g. "
                           "`python recipes/cifar_resnet.py` writes "
                           "runs/cifar_resnet/<backend>/model.keras)")
-    if not os.path.isfile(path):
-        raise KbenchError(f"--init-from {path}: no such file; point it at a model.keras "
-                          "a recipe saved")
     try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a damaged file
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise KbenchError(f"--init-from {path} is not a readable Keras model "
-                          f"({type(exc).__name__}: {reason}); point it at a model.keras "
-                          "a recipe saved") from None
+        return load_model(path)
+    except KbenchError as exc:
+        raise KbenchError(f"--init-from {exc}") from None
 
 
 def with_new_head(pretrained, num_classes, seed=0):
@@ -177,7 +171,8 @@ def main(config, model=None, datasets=None, callbacks=()):
             history.history.setdefault(key, []).extend(values)
     extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
              "finetune_epochs": config.epochs}
-    return train.finish(config, model, history, timer, train.evaluate(model, test_ds), extra,
+    return train.finish(config, model, history, timer,
+                        train.final_evaluation(model, test_ds, config), extra,
                         recipe="finetune", state=state)
 
 

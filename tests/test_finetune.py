@@ -101,7 +101,7 @@ def test_main_takes_a_users_own_model(tmp_path):
 def test_missing_or_corrupt_init_from_is_one_line_error(tmp_path, checkpoint):
     for path, expected in ((None, "pass --init-from PATH"),
                            (tmp_path / "nope.keras", "no such file"),
-                           (tmp_path / "bad.keras", "is not a readable Keras model")):
+                           (tmp_path / "bad.keras", "is not a readable .keras file")):
         if path is not None and path.name == "bad.keras":
             path.write_bytes(b"PK\x03\x04 this is not a Keras archive")
         with pytest.raises(KbenchError) as err:
@@ -121,4 +121,4 @@ def test_command_line_corrupt_checkpoint(run_python, tmp_path):
                         "synthetic", "--epochs", "1", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --init-from {bad} is not a readable Keras model")
+    assert last.startswith(f"error: --init-from {bad} is not a readable .keras file")

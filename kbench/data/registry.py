@@ -105,3 +105,41 @@ def num_classes(name):
         return 2
     raise KbenchError(f"unknown dataset {name!r}; use one of: "
                       f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS[:-1])}")
+
+
+# Class names in label order, as the published data sets define them (CIFAR-100: the 100
+# fine labels, in the order of the archive's `fine_label_names`).
+CLASS_NAMES = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+    "cifar100": (
+        "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+        "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+        "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+        "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
+        "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower",
+        "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+        "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear",
+        "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit",
+        "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+        "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower",
+        "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train",
+        "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+    ),
+    "mnist": tuple(str(d) for d in range(10)),
+    "digits": tuple(str(d) for d in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "imdb": ("negative", "positive"),
+}
+
+
+def class_names(name):
+    """The class names of a dataset in label order, or None where classes have no names
+    (`synthetic`: its classes are just numbered)."""
+    if name == "synthetic":
+        return None
+    if name not in CLASS_NAMES:
+        raise KbenchError(f"unknown dataset {name!r}; use one of: "
+                          f"{', '.join(IMAGE_DATASETS + TEXT_DATASETS[:-1])}")
+    return list(CLASS_NAMES[name])

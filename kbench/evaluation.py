@@ -1,0 +1,374 @@
+"""Evaluate a classifier on a test split: accuracy, top-5, loss, per-class precision / recall /
+F1 and the confusion matrix, written as eval.json and confusion_matrix.png.
+
+Recipes call `evaluate_model` + `write_evaluation` at the end of a run; `kbench evaluate` calls
+them on a saved model.keras. One pass of `predict_on_batch` over the test set collects every
+logit and label; all metrics are then computed in NumPy / scikit-learn from those arrays, so
+they are the same numbers whatever backend ran the model.
+"""
+
+import io
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from kbench.errors import KbenchError
+from kbench.files import write_json_atomic
+
+TOP_K = 5
+TOP_K_MIN_CLASSES = 10  # below this, top-5 of a handful of classes says little
+ANNOTATE_MAX_CLASSES = 20  # write the count in every cell up to this many classes
+
+
+def evaluate_model(model, test_ds, class_names=None):
+    """Run `model` over `test_ds` once and return `evaluate_predictions` of the results.
+
+    `test_ds` yields (inputs, labels) batches: a tf.data pipeline (kbench's yield one-hot float
+    labels) or any iterable of pairs; labels may be one-hot rows or integer class ids.
+    """
+    return evaluate_predictions(*predict_all(model, test_ds), class_names)
+
+
+def predict_all(model, test_ds):
+    """(outputs, labels) of every test example, as NumPy arrays, from one pass over test_ds."""
+    import keras
+
+    batches = test_ds.as_numpy_iterator() if hasattr(test_ds, "as_numpy_iterator") else test_ds
+    logits, labels = [], []
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise KbenchError("the test data must yield (inputs, labels) pairs")
+        x, y = batch[0], batch[1]
+        logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(x)))
+        labels.append(np.asarray(y))
+    if not logits:
+        raise KbenchError("the test split is empty: nothing to evaluate "
+                          "(check --test-examples and the data)")
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def smoothed_loss(logits, labels, label_smoothing):
+    """Mean categorical cross-entropy against labels smoothed as Keras smooths them
+    (y * (1 - s) + s / classes): the training objective, as model.evaluate reports it."""
+    logits = np.asarray(logits, dtype=np.float64)
+    num_classes = logits.shape[1]
+    target = np.eye(num_classes)[class_ids(labels, num_classes)]
+    target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return float(-np.mean(np.sum(target * log_probabilities(logits), axis=1)))
+
+
+def evaluate_predictions(logits, labels, class_names=None):
+    """Metrics of a classifier's outputs against the true labels.
+
+    `logits`: (N, C) model outputs. They are taken as logits (softmax gives the probabilities)
+    unless every row is already a probability distribution (non-negative, summing to 1), as a
+    model ending in a softmax outputs: those are used as they are.
+    `labels`: (N,) or (N, 1) integer class ids, or (N, C) one-hot (or smoothed) rows.
+    `class_names`: C names, or None (classes are then named by their index).
+
+    Returns a JSON-ready dict: `accuracy`, `top5_accuracy` (only with >= 10 classes, where
+    top-5 means something), `loss` (mean categorical cross-entropy, no label smoothing),
+    `macro_f1`, `num_examples`, `num_classes`, `per_class` (a list, every class, even those
+    absent from the test split: name, precision, recall, f1, support), `confusion_matrix`
+    (rows: true class, columns: predicted class).
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise KbenchError(f"expected (examples, classes) model outputs, got shape {logits.shape}")
+    n, num_classes = logits.shape
+    true = class_ids(labels, num_classes)
+    if len(true) != n:
+        raise KbenchError(f"{n} model outputs but {len(true)} labels")
+    if class_names is not None and len(class_names) != num_classes:
+        raise KbenchError(f"the model has {num_classes} outputs but the dataset has "
+                          f"{len(class_names)} classes: evaluate it on the dataset it was "
+                          "trained on")
+    names = [str(c) for c in class_names] if class_names is not None else \
+        [str(i) for i in range(num_classes)]
+
+    log_probs = log_probabilities(logits)
+    predicted = np.argmax(logits, axis=1)
+    classes = list(range(num_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, predicted, labels=classes, zero_division=0)
+    result = {
+        "accuracy": float(np.mean(predicted == true)),
+        "loss": float(-np.mean(log_probs[np.arange(n), true])),
+        "macro_f1": float(np.mean(f1)),
+        "num_examples": int(n),
+        "num_classes": int(num_classes),
+    }
+    if num_classes >= TOP_K_MIN_CLASSES:
+        # A true class is in the top k when fewer than k classes score strictly higher
+        # (tf.math.in_top_k's rule: ties at the boundary count as in).
+        true_scores = logits[np.arange(n), true][:, None]
+        result[f"top{TOP_K}_accuracy"] = float(np.mean(np.sum(logits > true_scores, 1) < TOP_K))
+    result["per_class"] = [
+        {"class": i, "name": names[i], "precision": float(precision[i]),
+         "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i in classes
+    ]
+    result["confusion_matrix"] = confusion_matrix(true, predicted, labels=classes).tolist()
+    return result
+
+
+def class_ids(labels, num_classes):
+    """Integer class ids from (N,) / (N, 1) ids or (N, num_classes) one-hot rows."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == num_classes and num_classes > 1:
+        ids = np.argmax(labels, axis=1)
+    elif labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1):
+        ids = labels.reshape(-1)
+        if not np.all(ids == np.round(ids)):
+            raise KbenchError("labels must be integer class ids or one-hot rows")
+        ids = ids.astype(np.int64)
+    else:
+        raise KbenchError(f"labels of shape {labels.shape} fit neither class ids nor one-hot "
+                          f"rows for a model with {num_classes} outputs")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise KbenchError(f"label {int(ids.max())} is out of range for a model with "
+                          f"{num_classes} outputs: evaluate it on the dataset it was trained on")
+    return ids
+
+
+def is_probabilities(outputs, atol=1e-3):
+    """True when every row is non-negative and sums to 1 (a softmax output), not logits."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return bool(np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=atol))
+
+
+def log_probabilities(outputs):
+    """Log-probabilities of model outputs: log-softmax of logits, or the log of outputs that are
+    already probabilities (clipped at 1e-7 as Keras' cross-entropy clips them)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if is_probabilities(outputs):
+        return np.log(np.clip(outputs, 1e-7, 1.0))
+    shifted = outputs - outputs.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def probabilities(outputs):
+    """Class probabilities of model outputs (softmax of logits; probabilities as they are)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return outputs if is_probabilities(outputs) else np.exp(log_probabilities(outputs))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_evaluation(result, output_dir):
+    """Write output_dir/eval.json and output_dir/confusion_matrix.png, each atomically.
+
+    Returns the two paths.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "eval.json")
+    png_path = os.path.join(output_dir, "confusion_matrix.png")
+    write_json_atomic(json_path, result)
+    title = " on ".join(str(result[k]) for k in ("model", "dataset") if result.get(k))
+    write_bytes_atomic(png_path, confusion_matrix_png(result, title=title or None))
+    return json_path, png_path
+
+
+def confusion_matrix_png(result, title=None):
+    """The confusion matrix as PNG bytes, coloured by the fraction of each true class (so a
+    rare class is as readable as a common one), with counts written in the cells for up to
+    20 classes. Class names label the axes; with many classes (CIFAR-100) the figure grows so
+    every class keeps a labelled row and column."""
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed,
+    # and the caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(result["confusion_matrix"], dtype=np.int64)
+    k = counts.shape[0]
+    names = [c["name"] for c in result.get("per_class", [])] or [str(i) for i in range(k)]
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
+
+    side = min(24.0, max(5.0, 0.16 * k + 3.0))  # 100 classes -> 19 inches: a row per 0.16 in
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # A square-root colour scale: the few-percent confusions that matter stay visible next to
+    # a dark diagonal.
+    image = ax.imshow(fractions, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    label_size = 10 if k <= 20 else max(5.0, 9.0 - k / 20)
+    ax.set_xticks(range(k), names, rotation=90, fontsize=label_size)
+    ax.set_yticks(range(k), names, fontsize=label_size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= ANNOTATE_MAX_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if fractions[i, j] > 0.5 else "black")
+    summary = f"accuracy {result['accuracy']:.4f} on {result['num_examples']} examples"
+    if f"top{TOP_K}_accuracy" in result:
+        summary += f", top-{TOP_K} {result[f'top{TOP_K}_accuracy']:.4f}"
+    ax.set_title(f"{title}\n{summary}" if title else summary)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(path, payload):
+    """kbench.files.write_text_atomic for bytes: temp file in the same folder, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; results are for sharing
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def summary_line(result):
+    """`accuracy 0.9123, top-5 0.9950, loss 0.3012, macro F1 0.9101 on 10000 examples`."""
+    parts = [f"accuracy {result['accuracy']:.4f}"]
+    if f"top{TOP_K}_accuracy" in result:
+        parts.append(f"top-{TOP_K} {result[f'top{TOP_K}_accuracy']:.4f}")
+    loss = result["loss"]
+    parts.append(f"loss {loss:.4f}" if math.isfinite(loss) else "loss nan")
+    parts.append(f"macro F1 {result['macro_f1']:.4f}")
+    return ", ".join(parts) + f" on {result['num_examples']} examples"
+
+
+# --------------------------------------------------------------------------- kbench evaluate
+
+# The recipe whose `build_datasets` makes each dataset's test split (synthetic is decided by
+# the model's input: see `infer_recipe`).
+RECIPE_OF_DATASET = {"cifar10": "cifar_resnet", "cifar100": "cifar_resnet",
+                     "mnist": "mnist_convnet", "fashion_mnist": "mnist_convnet",
+                     "digits": "mnist_convnet", "imdb": "imdb_transformer"}
+
+
+def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
+                         test_examples=None, batch_size=None, recipe=None, download=False):
+    """`kbench evaluate`: load model.keras, build its dataset's test split exactly as the
+    recipe that trained it does, evaluate, write eval.json and confusion_matrix.png.
+
+    Settings come from the metrics.json (or config.json) a recipe wrote next to the model
+    (dataset, data_dir, seed, train/test_examples, batch_size...), then from the arguments,
+    which win. Returns the result dict, with the run's context added.
+    """
+    import keras
+
+    from kbench.data.registry import class_names
+    from kbench.models.saving import load_model, run_info
+
+    model = load_model(model_path)
+    run = run_info(model_path) or {"recipe": None, "config": {}}
+    saved = run["config"]
+    dataset = dataset or saved.get("dataset")
+    if not dataset:
+        raise KbenchError(f"no metrics.json next to {model_path} says which dataset trained "
+                          "it: pass --dataset NAME")
+    if dataset != saved.get("dataset"):  # another dataset: the run's settings do not apply
+        saved = {}
+    if recipe is None:
+        recipe = (run["recipe"] if saved else None) or infer_recipe(dataset, model)
+    module = load_recipe(recipe)
+    config = recipe_config(module, saved, model, dataset=dataset, data_dir=data_dir,
+                           test_examples=test_examples, batch_size=batch_size,
+                           download=download)
+    _, test_ds = module.build_datasets(config)
+    check_compatible(model, test_ds, model_path, dataset)
+    result = evaluate_model(model, test_ds, class_names(dataset))
+    context = {"model_path": os.path.abspath(model_path), "model": model.name,
+               "dataset": dataset, "recipe": recipe, "backend": keras.backend.backend(),
+               "config": {k: getattr(config, k) for k in (
+                   "dataset", "data_dir", "seed", "train_examples", "test_examples",
+                   "batch_size")}}
+    result = {**context, **result}
+    write_evaluation(result, output_dir)
+    return result
+
+
+def infer_recipe(dataset, model):
+    """The recipe that makes `dataset`'s test split. `synthetic` exists in every recipe's shape,
+    so the model decides: token ids -> imdb_transformer, 32x32x3 -> cifar_resnet, else
+    mnist_convnet."""
+    if dataset in RECIPE_OF_DATASET:
+        return RECIPE_OF_DATASET[dataset]
+    if dataset != "synthetic":
+        known = ", ".join([*RECIPE_OF_DATASET, "synthetic"])
+        raise KbenchError(f"unknown dataset {dataset!r}; use one of: {known}")
+    spec = model.inputs[0]
+    if "int" in str(spec.dtype):
+        return "imdb_transformer"
+    if tuple(spec.shape[1:]) == (32, 32, 3):
+        return "cifar_resnet"
+    return "mnist_convnet"
+
+
+def load_recipe(name):
+    import importlib
+
+    try:
+        return importlib.import_module(f"recipes.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"recipes.{name}", "recipes"):
+            raise KbenchError(f"unknown recipe {name!r}: no recipes/{name}.py (run kbench from "
+                              "the kbench checkout, or pass --recipe)") from None
+        raise
+
+
+def recipe_config(module, saved, model, **overrides):
+    """The recipe's Config for evaluation: its defaults, then the saved run's settings, then
+    the non-None `overrides`. Text models without saved settings get their sequence length
+    and vocabulary size from the model itself. Downloads only when `download=True` is passed
+    (not because the training run downloaded)."""
+    import dataclasses
+
+    from kbench.models.saving import vocab_size
+
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    values["download"] = False
+    values.update({k: v for k, v in overrides.items() if v is not None and k in fields})
+    if "sequence_length" in fields and "sequence_length" not in values:
+        length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
+        if length:
+            values["sequence_length"] = int(length)
+    if "vocab_size" in fields and "vocab_size" not in values and vocab_size(model):
+        values["vocab_size"] = vocab_size(model)
+    return module.Config(**values)
+
+
+def check_compatible(model, test_ds, model_path, dataset):
+    """One line instead of a shape error deep inside the model: inputs and classes must fit."""
+    x_spec, y_spec = test_ds.element_spec[:2]
+    model_shape = tuple(model.inputs[0].shape[1:])
+    data_shape = tuple(x_spec.shape[1:])
+    fits = len(model_shape) == len(data_shape) and all(
+        m is None or d is None or m == d for m, d in zip(model_shape, data_shape))
+    model_ids = "int" in str(model.inputs[0].dtype)
+    data_ids = x_spec.dtype.is_integer
+    if not fits or model_ids != data_ids:
+        what = lambda ids, shape: f"{'token ids' if ids else 'images'} {shape}"  # noqa: E731
+        raise KbenchError(f"{model_path} takes {what(model_ids, model_shape)} but {dataset} "
+                          f"gives {what(data_ids, data_shape)}: pass the --dataset (and the "
+                          "settings) it was trained with")
+    outputs, classes = model.outputs[0].shape[-1], y_spec.shape[-1]
+    if outputs != classes:
+        raise KbenchError(f"{model_path} has {outputs} outputs but {dataset} has {classes} "
+                          "classes: pass the --dataset it was trained on")

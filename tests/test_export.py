@@ -1,0 +1,168 @@
+"""Using a saved model outside training, under the active backend: `kbench export` (ONNX /
+SavedModel, checked against Keras) and `kbench predict` (image files and .npy arrays)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import kbench  # noqa: F401
+from kbench import cli
+from kbench.errors import KbenchError
+from kbench.export import export_model, usable_backends
+from kbench.models import get_model
+from kbench.predict import predict_files
+from tests.conftest import BACKEND
+
+ONNX_BACKENDS = usable_backends("onnx")  # tensorflow, torch (+ jax with jax2onnx installed)
+SAVEDMODEL_BACKENDS = usable_backends("savedmodel")  # tensorflow, jax
+
+
+@pytest.fixture(scope="module")
+def saved_digits_model(tmp_path_factory):
+    """A convnet for 8x8 grey digits, saved with a metrics.json naming its dataset."""
+    run = tmp_path_factory.mktemp("run")
+    model = get_model("convnet", num_classes=10, input_shape=(8, 8, 1), seed=0)
+    model.save(run / "model.keras")
+    (run / "metrics.json").write_text(json.dumps({"config": {"dataset": "digits"}}))
+    return run / "model.keras", model
+
+
+def keras_outputs(model, x):
+    return np.asarray(model.predict(x, verbose=0))
+
+
+def pixels(*shape, seed=1):
+    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.skipif(BACKEND not in ONNX_BACKENDS,
+                    reason=f"ONNX export is not available under {BACKEND} here")
+def test_onnx_export_matches_keras(saved_digits_model, tmp_path):
+    import onnxruntime
+
+    model_path, model = saved_digits_model
+    output = tmp_path / "out" / "model.onnx"
+    info = export_model(model_path, output, "onnx")
+    assert info["max_abs_diff"] <= info["tolerance"] and output.is_file()
+    # Independently of export_model's own check: another batch size, other inputs.
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    x = pixels(5, 8, 8, 1)
+    got = session.run(None, {name: x})[0]
+    expected = keras_outputs(model, x)
+    assert np.max(np.abs(got - expected)) < 1e-4 * max(1.0, np.abs(expected).max())
+    assert not [p for p in os.listdir(output.parent) if p.startswith(".tmp-")]
+
+
+@pytest.mark.skipif(BACKEND not in SAVEDMODEL_BACKENDS,
+                    reason=f"SavedModel export is not available under {BACKEND}")
+def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits_model,
+                                                                     tmp_path, capsys):
+    import tensorflow as tf
+
+    model_path, model = saved_digits_model
+    output = tmp_path / "savedmodel"
+    output.mkdir()
+    (output / "saved_model.pb").write_bytes(b"an older export")
+    (output / "stale.txt").write_text("from an older export")
+    argv = ["export", str(model_path), "--format", "savedmodel", "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    assert "max abs diff" in capsys.readouterr().out
+    assert not (output / "stale.txt").exists()
+    serve = tf.saved_model.load(str(output)).signatures["serving_default"]
+    (name,) = serve.structured_input_signature[1]
+    x = pixels(4, 8, 8, 1)
+    (got,) = serve(**{name: tf.constant(x)}).values()
+    np.testing.assert_allclose(got.numpy(), keras_outputs(model, x), atol=1e-4)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_unsupported_backend_format_names_the_backend_that_can(saved_digits_model, tmp_path):
+    model_path, _ = saved_digits_model
+    for format, backends in (("onnx", ONNX_BACKENDS), ("savedmodel", SAVEDMODEL_BACKENDS)):
+        if BACKEND in backends:
+            continue
+        with pytest.raises(KbenchError, match="KERAS_BACKEND=tensorflow") as error:
+            export_model(model_path, tmp_path / f"x.{format}", format)
+        assert "\n" not in str(error.value)
+        assert not os.listdir(tmp_path)
+    with pytest.raises(KbenchError, match="unknown export format"):
+        export_model(model_path, tmp_path / "x", "tflite")
+
+
+def test_a_failed_check_writes_nothing_and_outputs_are_not_clobbered(saved_digits_model,
+                                                                    tmp_path):
+    """An artifact that disagrees with Keras (here: a tolerance nothing meets) is not kept, and
+    an --output that holds something other than an older export is left alone."""
+    model_path, _ = saved_digits_model
+    format = "onnx" if BACKEND in ONNX_BACKENDS else "savedmodel"
+    with pytest.raises(KbenchError, match="disagrees with the Keras model"):
+        export_model(model_path, tmp_path / "model.out", format, tolerance=-1.0)
+    assert os.listdir(tmp_path) == []
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(KbenchError, match="is a folder|not a SavedModel"):
+        export_model(model_path, precious, format)
+    assert os.listdir(precious) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["precious"]
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_images_and_arrays(saved_digits_model, tmp_path, capsys):
+    import keras
+    from PIL import Image
+
+    model_path, model = saved_digits_model
+    rgb = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "digit.png")
+    batch = pixels(3, 8, 8, 1)
+    np.save(tmp_path / "batch.npy", batch)
+    np.save(tmp_path / "one.npy", batch[0, :, :, 0])  # (H, W): a grey image without channels
+
+    rows = predict_files(model_path, [str(tmp_path / "digit.png"), str(tmp_path / "batch.npy"),
+                                      str(tmp_path / "one.npy")], top=3)
+    assert [r["input"] for r in rows] == [str(tmp_path / "digit.png")] + [
+        f"{tmp_path / 'batch.npy'}[{i}]" for i in range(3)] + [str(tmp_path / "one.npy")]
+    image = keras.utils.load_img(tmp_path / "digit.png", color_mode="grayscale",
+                                 target_size=(8, 8), interpolation="bilinear")
+    x = np.concatenate([np.asarray(image, "float32").reshape(1, 8, 8, 1), batch, batch[:1]])
+    logits = keras_outputs(model, x)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for row, p in zip(rows, probs):
+        assert [t["class"] for t in row["top"]] == list(np.argsort(-p)[:3])
+        assert [t["probability"] for t in row["top"]] == pytest.approx(np.sort(p)[::-1][:3],
+                                                                       rel=1e-5)
+        assert [t["name"] for t in row["top"]] == [str(t["class"]) for t in row["top"]]
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(model_path), str(tmp_path / "batch.npy"), "--top", "2",
+                  "--json"])
+    assert exit_info.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 3 and all(len(r["top"]) == 2 for r in printed)
+
+
+def test_predict_bad_inputs_are_one_line_errors(saved_digits_model, tmp_path, capsys):
+    model_path, _ = saved_digits_model
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    np.save(tmp_path / "wrong.npy", pixels(2, 5, 5, 3))
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    for name, message in (("bad.png", "not a readable image"), ("missing.jpg", "no such file"),
+                          ("wrong.npy", "has shape (2, 5, 5, 3)"),
+                          ("bad.npy", "not a readable .npy array")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", str(model_path), str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (name, lines)

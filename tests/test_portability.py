@@ -1,0 +1,69 @@
+"""A model.keras is portable: trained under any backend, it predicts the same logits when
+loaded under JAX, TensorFlow and PyTorch.
+
+Each backend needs its own interpreter (KERAS_BACKEND is read once), so this one test trains
+and loads in subprocesses and runs once, in the tensorflow pass of the suite.
+"""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+BACKENDS = ("jax", "tensorflow", "torch")
+TOLERANCE = 1e-4  # max abs logit difference; float32 kernels of three libraries
+
+# Loads every model.keras named on the command line and saves its logits on one batch.
+PREDICT = """
+import sys
+import numpy as np
+import kbench
+from kbench.models.saving import load_model
+
+batch, out, *models = sys.argv[1:]
+x = np.load(batch)
+logits = {name: np.asarray(load_model(path).predict(x, verbose=0))
+          for name, path in (m.split("=", 1) for m in models)}
+np.savez(out, **logits)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.backend_independent
+def test_models_trained_under_each_backend_predict_alike_under_each_backend(run_python,
+                                                                          tmp_path):
+    models = {}
+    for backend in BACKENDS:
+        out_dir = tmp_path / "runs" / backend
+        result = run_python(
+            "recipes/cifar_resnet.py", "--dataset", "synthetic", "--model", "resnet20",
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
+            "--train-examples", "64", "--test-examples", "32", "--no-validate-every-epoch",
+            "--verbose", "0", "--output-dir", str(out_dir), backend=backend)
+        assert result.returncode == 0, (backend, result.stderr[-3000:])
+        assert json.loads((out_dir / "metrics.json").read_text())["backend"] == backend
+        models[backend] = out_dir / "model.keras"
+
+    batch = tmp_path / "batch.npy"
+    np.save(batch, np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32"))
+    logits = {}  # (trained under, loaded under) -> (8, 10) logits
+    for loader in BACKENDS:
+        out = tmp_path / f"logits_{loader}.npz"
+        result = run_python("-c", PREDICT, str(batch), str(out),
+                            *[f"{b}={path}" for b, path in models.items()], backend=loader)
+        assert result.returncode == 0, (loader, result.stderr[-3000:])
+        with np.load(out) as saved:
+            for trainer in BACKENDS:
+                logits[trainer, loader] = saved[trainer]
+
+    for trainer in BACKENDS:
+        assert all(logits[trainer, b].shape == (8, 10) for b in BACKENDS)
+        assert np.all(np.isfinite(logits[trainer, "jax"]))
+        for a, b in itertools.combinations(BACKENDS, 2):
+            diff = np.max(np.abs(logits[trainer, a] - logits[trainer, b]))
+            print(f"trained under {trainer}: loaded under {a} vs {b}: max abs diff {diff:.2e}")
+            assert diff < TOLERANCE, (f"model trained under {trainer}: its logits loaded under "
+                                      f"{a} and {b} differ by {diff:.2e}")
+    # Three different trainings, not one model loaded three times.
+    assert not np.allclose(logits["jax", "jax"], logits["torch", "jax"], atol=TOLERANCE)
