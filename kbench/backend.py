@@ -76,6 +76,50 @@ def devices():
     return ["cpu:0"]
 
 
+def simulate_cpu_devices(n):
+    """Split the host CPU into `n` devices for the backend KERAS_BACKEND names (jax: XLA's
+    `jax_num_cpu_devices`; tensorflow: n logical CPU devices), so data-parallel code can run
+    on a laptop. Only possible before the backend's runtime starts; torch has no such thing
+    (its replicas are processes: torchrun). Returns nothing; raises KbenchError.
+    """
+    if n < 1:
+        raise KbenchError(f"--simulate-devices must be at least 1, not {n}")
+    wanted = requested_backend()
+    if wanted == "torch":
+        raise KbenchError("--simulate-devices is for jax and tensorflow; torch replicas are "
+                          "processes: torchrun --standalone --nproc_per_node N "
+                          "<recipe>.py --distribute data_parallel")
+    too_late = (f"--simulate-devices {n} came too late: the {wanted} runtime already started "
+                "with a different device count; split the CPU first thing in the process "
+                "(kbench.distribute.simulate_devices before any model, tensor or dataset)")
+    if wanted == "jax":
+        import jax
+
+        # jax checks this itself: the update raises once a backend is up, unless the value
+        # is unchanged. The GPU check waits for distribute.setup: looking for devices here
+        # would start the backend before jax.distributed.initialize may run.
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:
+            if len(jax.devices("cpu")) != n:
+                raise KbenchError(too_late) from None
+        return
+    import tensorflow as tf
+
+    # Listing physical devices does not start the TF runtime; logical devices would.
+    if tf.config.list_physical_devices("GPU"):
+        raise KbenchError("--simulate-devices splits the CPU, but TensorFlow sees a GPU here: "
+                          "drop --simulate-devices to train on the GPUs, or hide them with "
+                          "CUDA_VISIBLE_DEVICES=")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError:  # "Virtual devices cannot be modified after being initialized"
+        if len(tf.config.list_logical_devices("CPU")) != n:
+            raise KbenchError(too_late) from None
+
+
 def accelerator():
     """'gpu' when the active backend sees a GPU, else 'cpu'."""
     return "gpu" if any(not d.startswith("cpu") for d in devices()) else "cpu"

@@ -132,6 +132,9 @@ class EpochRecorder(keras.callbacks.Callback):
 
     `save_model(model, path)` writes best.keras (the trainer passes its float32-saving writer).
     `patience` > 0 stops training after that many epochs without improvement of `monitor`.
+    With `output_dir` None it writes nothing and only tracks: a data-parallel process other
+    than the chief, which must take the same early-stopping decision (its logs are the
+    job's, averaged over replicas) or the chief would wait for it forever.
     """
 
     def __init__(self, output_dir, state, steps_per_epoch, save_model, monitor="val_accuracy",
@@ -156,6 +159,16 @@ class EpochRecorder(keras.callbacks.Callback):
         # overflow, but their batches were consumed all the same.
         state.batches_done += self.steps_per_epoch
         self._track_best(epoch, logs)
+        if self.output_dir is not None:
+            self._write_checkpoint(epoch)
+        if state.stopped_early:
+            self.model.stop_training = True
+            if self.output_dir is not None:
+                print(f"early stopping: {self.monitor} has not improved for {self.patience} "
+                      f"epochs (best {state.best:.4f} at epoch {state.best_epoch})")
+
+    def _write_checkpoint(self, epoch):
+        state = self.state
         weights = f"checkpoint-{epoch}.weights.h5"
         save_weights_atomic(self.model, os.path.join(self.output_dir, weights))
         previous, state.weights = state.weights, weights
@@ -163,10 +176,6 @@ class EpochRecorder(keras.callbacks.Callback):
         if previous and previous != weights:
             _remove(os.path.join(self.output_dir, previous))
         write_history_csv(os.path.join(self.output_dir, HISTORY_FILE), state.rows)
-        if state.stopped_early:
-            self.model.stop_training = True
-            print(f"early stopping: {self.monitor} has not improved for {self.patience} "
-                  f"epochs (best {state.best:.4f} at epoch {state.best_epoch})")
 
     def _track_best(self, epoch, logs):
         state = self.state
@@ -179,7 +188,7 @@ class EpochRecorder(keras.callbacks.Callback):
         value = logs[self.monitor]
         if math.isfinite(value) and improved(self.monitor, value, state.best):
             state.best, state.best_epoch, state.wait = value, epoch, 0
-            if self.keep_best:
+            if self.keep_best and self.output_dir is not None:
                 self.save_model(self.model, os.path.join(self.output_dir, BEST_FILE))
         else:
             state.wait += 1

@@ -36,12 +36,18 @@ def predict_all(model, test_ds):
     import keras
 
     batches = test_ds.as_numpy_iterator() if hasattr(test_ds, "as_numpy_iterator") else test_ds
+    # Under a TensorFlow strategy with several replicas, predict_on_batch hands every replica
+    # the whole batch (N copies of the outputs come back); calling the model runs it once, on
+    # the variables' primary copies, which kbench.distribute keeps in sync.
+    strategy = getattr(model, "distribute_strategy", None)
+    replicated = strategy is not None and strategy.num_replicas_in_sync > 1
     logits, labels = [], []
     for batch in batches:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise KbenchError("the test data must yield (inputs, labels) pairs")
         x, y = batch[0], batch[1]
-        logits.append(keras.ops.convert_to_numpy(model.predict_on_batch(x)))
+        outputs = model(x, training=False) if replicated else model.predict_on_batch(x)
+        logits.append(keras.ops.convert_to_numpy(outputs))
         labels.append(np.asarray(y))
     if not logits:
         raise KbenchError("the test split is empty: nothing to evaluate "

@@ -73,6 +73,11 @@ class TrainConfig:
                                               "(synthetic: generate N; default 10000)")
     test_examples: int | None = option(None, "use the first N test examples "
                                              "(synthetic: generate N; default 2000)")
+    distribute: str = option("none", "data_parallel: train on every device (JAX DataParallel, "
+                                     "TF MirroredStrategy, torch DDP under torchrun)",
+                             choices=("none", "data_parallel"))
+    simulate_devices: int | None = option(None, "CPU only (jax, tensorflow): split the host "
+                                                "CPU into N devices for --distribute")
     resume: bool = option(False, "continue the run in --output-dir from its last finished epoch")
     monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
     early_stopping: int = option(0, "stop after this many epochs without improvement of "
@@ -190,13 +195,14 @@ def run_callbacks(config, steps_per_epoch, state):
     found = [checkpoint.StopOnNaN(config.output_dir)]
     if config.early_stopping < 0:
         raise KbenchError("--early-stopping must be >= 0 (epochs of patience; 0 turns it off)")
-    if config.output_dir and state is not None:
+    if state is not None:  # without an output dir (data-parallel non-chief) it only tracks
         found.append(checkpoint.EpochRecorder(
             config.output_dir, state, steps_per_epoch,
             save_model=lambda model, path: save_model_float32(model, path),
             monitor=config.monitor, patience=config.early_stopping))
     elif config.early_stopping:
         raise KbenchError("--early-stopping needs an --output-dir to keep its state in")
+    # TensorBoard last: it reads the logs the recorder and the distribution's sync settled.
     if config.tensorboard:
         if not config.output_dir:
             raise KbenchError("--tensorboard needs an --output-dir to write its logs to")
@@ -229,20 +235,25 @@ def fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks=(), state=N
     return history, timer
 
 
-def start_or_resume(config, recipe, model_name):
+def start_or_resume(config, recipe, model_name, write=True):
     """The RunState this run records into: a fresh one (forgetting any previous run's
     checkpoint in the output dir), or with --resume the checkpoint's, checked against this run.
-    Also writes config.json, the run's resolved settings, before any training."""
+    Also writes config.json, the run's resolved settings, before any training. `write=False`
+    (a data-parallel process other than the chief) reads but never writes."""
     if not config.output_dir:
         if config.resume:
             raise KbenchError("--resume needs the --output-dir of the run to continue")
         return None
-    os.makedirs(config.output_dir, exist_ok=True)
     if config.resume:
-        state = checkpoint.state_to_resume(config.output_dir, recipe, model_name, config.dataset)
+        state = checkpoint.state_to_resume(config.output_dir, recipe, model_name,
+                                           config.dataset)
     else:
-        checkpoint.clear(config.output_dir)
         state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset)
+    if not write:
+        return state
+    os.makedirs(config.output_dir, exist_ok=True)
+    if not config.resume:
+        checkpoint.clear(config.output_dir)
     write_json_atomic(os.path.join(config.output_dir, "config.json"),
                       {"recipe": recipe, "backend": backend.name(), **dataclasses.asdict(config)})
     return state
@@ -266,27 +277,54 @@ def resume_data(train_ds, batches_done):
 
 def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,
                        callbacks=()):
-    """The body of a recipe's `main`: seed and dtype policy, data and model (the recipe's own
-    builders unless the caller passes theirs), compile, fit (or resume), evaluate, write results.
+    """The body of a recipe's `main`: distribution engine, seed and dtype policy, data and
+    model (the recipe's own builders unless the caller passes theirs), compile, fit (or resume),
+    evaluate, write results.
 
     `recipe` names the default output folder, runs/<recipe>/<backend>. Returns the metrics
-    dict that metrics.json holds.
+    dict that metrics.json holds. With --distribute data_parallel every process runs this;
+    only the chief writes files and prints (a caller's `model` must be built after this
+    starts the engine, so pass a builder instead where that matters).
     """
+    from kbench import distribute
+
     config = resolve_output_dir(config, recipe)
-    setup_run(config)
-    train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
-    model = model if model is not None else build_model(config)
-    state = start_or_resume(config, recipe, model.name)
-    steps_per_epoch = steps_per_epoch_of(train_ds, config)
-    compile_model(model, config, steps_per_epoch)
-    if state is not None and state.epochs_done:
-        checkpoint.restore(model, state, config.output_dir)
-        train_ds = resume_data(train_ds, state.batches_done)
-        print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
-              f"({state.batches_done} batches)")
-    history, timer = fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks, state)
-    return finish(config, model, history, timer, final_evaluation(model, test_ds, config),
-                  recipe=recipe, state=state)
+    if config.simulate_devices:  # before anything starts the backend's runtime
+        distribute.simulate_devices(config.simulate_devices)
+    dist = distribute.setup(config.distribute, config.simulate_devices, config.batch_size)
+    try:
+        setup_run(config)
+        if datasets is None:
+            shard = dist.data_shard()
+            datasets = build_datasets(config, shard=shard) if shard != (0, 1) \
+                else build_datasets(config)
+        train_ds, test_ds = dist.distribute_datasets(*datasets)
+        with dist.scope():  # TF strategies create the variables of what is built in here
+            model = model if model is not None else build_model(config)
+            state = start_or_resume(config, recipe, model.name, write=dist.is_chief)
+            steps_per_epoch = steps_per_epoch_of(train_ds, config)
+            compile_model(model, config, steps_per_epoch)
+            if state is not None and state.epochs_done:
+                checkpoint.restore(model, state, config.output_dir)  # on every replica
+                train_ds = resume_data(train_ds, state.batches_done)
+                if dist.is_chief:
+                    print(f"resuming {recipe} from {config.output_dir} after epoch "
+                          f"{state.epochs_done - 1} ({state.batches_done} batches)")
+        dist.prepare(model)
+        run_config = config if dist.is_chief else dataclasses.replace(
+            config, output_dir=None, verbose=0, tensorboard=False)  # one writer: the chief
+        history, timer = fit(model, train_ds, test_ds, run_config, steps_per_epoch,
+                             [*dist.callbacks(), *callbacks], state)
+        if dist.num_processes > 1 and backend.name() == "jax":
+            # model.predict cannot gather arrays that live on other hosts' devices; Keras'
+            # evaluate reduces across them. Run `kbench evaluate` on model.keras for eval.json.
+            test_metrics = evaluate(model, test_ds)
+        else:
+            test_metrics = final_evaluation(model, test_ds, run_config)
+        return finish(run_config, model, history, timer, test_metrics, recipe=recipe,
+                      state=state, extra=dist.describe(), announce=dist.is_chief)
+    finally:
+        dist.shutdown()
 
 
 def evaluate(model, test_ds, verbose=0):
@@ -333,10 +371,12 @@ def save_model_float32(model, path):
     save_model_atomic(model, path)
 
 
-def finish(config, model, history, timer, test_metrics, extra=None, recipe=None, state=None):
+def finish(config, model, history, timer, test_metrics, extra=None, recipe=None, state=None,
+           announce=True):
     """Write metrics.json and model.keras into the output dir (atomically), print the summary
-    line, and return the metrics dict. With a RunState, the epochs and history are the whole
-    run's, resumed sessions included."""
+    line (when `announce`), and return the metrics dict. With a RunState, the epochs and
+    history are the whole run's, resumed sessions included. `extra` (e.g. the distribution's
+    description, num_replicas included) is merged in last."""
     if state is not None:
         epochs_done, history_dict = state.epochs_done, state.history
     else:
@@ -372,6 +412,8 @@ def finish(config, model, history, timer, test_metrics, extra=None, recipe=None,
         save_model_float32(model, os.path.join(config.output_dir, "model.keras"))
         write_json_atomic(os.path.join(config.output_dir, "metrics.json"), metrics)
     speed = metrics["train_examples_per_sec"]
+    if not announce:
+        return metrics
     print(f"{metrics['model']} on {config.dataset} under {metrics['backend']}: "
           f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
           f"{epochs_done} epochs, "

@@ -40,13 +40,14 @@ class Config(train.TrainConfig):
     cutout: int = option(0, "cutout square size in pixels (0: off)")
 
 
-def build_datasets(config):
-    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels)."""
+def build_datasets(config, shard=(0, 1)):
+    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels); `shard` is this
+    process's part of every training batch under data-parallel training (kbench.distribute)."""
     arrays = data.load_dataset(config.dataset, config.data_dir, download=config.download,
                                train_examples=config.train_examples,
                                test_examples=config.test_examples, seed=config.seed)
     return data.make_datasets(arrays, config.batch_size, seed=config.seed,
-                              augment=config.augment, cutout=config.cutout)
+                              augment=config.augment, cutout=config.cutout, shard=shard)
 
 
 def build_model(config):

@@ -57,14 +57,15 @@ class Config(train.TrainConfig):
     warmup_epochs: float = option(0.1, "linear learning-rate warmup before the cosine decay")
 
 
-def build_datasets(config):
-    """(train, test) tf.data pipelines of (int32 token ids, one-hot labels)."""
+def build_datasets(config, shard=(0, 1)):
+    """(train, test) tf.data pipelines of (int32 token ids, one-hot labels); `shard` is this
+    process's part of every training batch under data-parallel training (kbench.distribute)."""
     arrays = data.load_text_dataset(config.dataset, config.data_dir, download=config.download,
                                     train_examples=config.train_examples,
                                     test_examples=config.test_examples, seed=config.seed,
                                     vocab_size=config.vocab_size,
                                     sequence_length=config.sequence_length)
-    return data.make_text_datasets(arrays, config.batch_size, seed=config.seed)
+    return data.make_text_datasets(arrays, config.batch_size, seed=config.seed, shard=shard)
 
 
 def build_model(config):

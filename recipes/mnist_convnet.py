@@ -48,15 +48,17 @@ class Config(train.TrainConfig):
     crop_padding: int = option(2, "zero padding of the random crop, in pixels")
 
 
-def build_datasets(config):
-    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels)."""
+def build_datasets(config, shard=(0, 1)):
+    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels); `shard` is this
+    process's part of every training batch under data-parallel training (kbench.distribute)."""
     arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
                               train_examples=config.train_examples,
                               test_examples=config.test_examples, seed=config.seed,
                               synthetic_like="mnist")
     train_ds = data.make_pipeline(arrays.x_train, arrays.y_train, arrays.num_classes,
                                   config.batch_size, training=True, seed=config.seed,
-                                  augment=config.augment, crop_padding=config.crop_padding)
+                                  augment=config.augment, crop_padding=config.crop_padding,
+                                  shard=shard)
     test_ds = data.make_pipeline(arrays.x_test, arrays.y_test, arrays.num_classes,
                                  config.batch_size, training=False)
     return train_ds, test_ds

@@ -3,6 +3,7 @@
 compare starts its own process per backend, so these run once (in the tensorflow pass).
 """
 
+import json
 import os
 import stat
 import subprocess
@@ -179,3 +180,79 @@ def test_ctrl_c_keeps_finished_runs_and_stops_the_running_one(tmp_path):
     # The running worker (its whole process group) was stopped, not left behind.
     leftover = subprocess.run(["pgrep", "-f", str(slow)], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path):
+    single = record("jax", 100, 95, 105)  # 1280 examples/s
+    parallel = record("jax", 40, 38, 42)  # 3200 examples/s on 4 replicas
+    parallel.update(distribution="jax_data_parallel", num_replicas=4)
+    single.update(distribution="none", num_replicas=1)
+    summary = report.summarize([single, parallel])
+    assert [s["backend"] for s in summary] == ["jax", "jax dp"]
+    assert summary[1]["num_replicas"] == 4
+    assert summary[1]["scaling_efficiency"] == pytest.approx(3200 / (4 * 1280))
+    assert summary[0]["scaling_efficiency"] is None
+    records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), [single, parallel])
+    result = kbench("report", str(tmp_path / "results.jsonl"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "scaling eff." in result.stdout and "62%" in result.stdout
+    assert "global batch 128" in result.stdout
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "scaling_efficiency" in csv_text.splitlines()[0]
+
+
+def test_distributed_runs_are_planned_and_launched_per_engine():
+    from kbench.bench import compare
+
+    options = compare.CompareOptions(backends=("jax", "torch"), distribute="data_parallel",
+                                     simulate_devices=2)
+    assert compare.plan_runs(options) == [("jax", "keras", "jax", False),
+                                          ("jax", "keras", "jax", True),
+                                          ("torch", "keras", "torch", False),
+                                          ("torch", "keras", "torch", True)]
+    assert compare.distribute_config("jax", options) == {"distribute": "data_parallel",
+                                                         "simulate_devices": 2}
+    # torch replicas are processes: no simulated devices, torchrun starts 2 workers.
+    assert compare.distribute_config("torch", options) == {"distribute": "data_parallel"}
+    command = compare.worker_command("py", "torch", True, options, "s.json", "r.json")
+    assert command == ["py", "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", "2", "-m", "kbench.bench.worker", "s.json", "r.json"]
+    assert compare.worker_command("py", "jax", True, options, "s", "r")[:3] == \
+        ["py", "-m", "kbench.bench.worker"]
+
+
+def test_simulate_devices_needs_distribute(tmp_path):
+    result = kbench("compare", "--simulate-devices", "2", "--output", str(tmp_path / "x"),
+                    timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --simulate-devices N goes with --distribute data_parallel")
+
+
+def _recipes_take_distribute():
+    import dataclasses
+
+    from recipes import cifar_resnet
+
+    return "distribute" in {f.name for f in dataclasses.fields(cifar_resnet.Config)}
+
+
+@pytest.mark.skipif(not _recipes_take_distribute(),
+                    reason="the recipes have no --distribute yet (kbench.train integration)")
+def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
+    out = tmp_path / "cmp"
+    result = kbench("compare", "--backends", "torch", *TINY, "--distribute", "data_parallel",
+                    "--simulate-devices", "2", "--output", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single, parallel = load(out)
+    assert (single["num_replicas"], single["distribution"]) == (1, "none")
+    assert (parallel["num_replicas"], parallel["distribution"]) == (2, "torch_ddp")
+    assert parallel["status"] == "ok" and parallel["steps_timed"] == 3
+    assert parallel["command"].startswith("kbench compare")
+    assert "torch dp" in result.stdout and "scaling eff." in result.stdout
+    # One metrics.json for the job, written by rank 0.
+    metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2

@@ -42,6 +42,10 @@ def cmd_compare(args):
 
     if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
+    if args.simulate_devices is not None and args.distribute != "data_parallel":
+        raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
+    if args.simulate_devices is not None and args.simulate_devices < 1:
+        raise KbenchError("--simulate-devices must be at least 1")
     options = CompareOptions(
         recipe=args.recipe,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip())
@@ -51,6 +55,7 @@ def cmd_compare(args):
         epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
         output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
+        distribute=args.distribute, simulate_devices=args.simulate_devices,
     )
     if options.baseline and not os.path.isfile(options.baseline):
         raise KbenchError(f"--baseline {options.baseline}: no such file")
@@ -90,6 +95,13 @@ def add_verbs(verbs):
     compare.add_argument("--dtype-policy", default="float32",
                          choices=("float32", "mixed_float16", "mixed_bfloat16"))
     compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"))
+    compare.add_argument("--distribute", choices=("none", "data_parallel"), default="none",
+                         help="data_parallel: run each Keras backend on one replica and on N, "
+                              "same global batch, and report the scaling efficiency")
+    compare.add_argument("--simulate-devices", type=int, default=None, metavar="N",
+                         help="with --distribute data_parallel on CPU: N devices for jax and "
+                              "tensorflow, N torchrun processes for torch (default: every "
+                              "device / one process per GPU)")
     compare.add_argument("--repeats", type=int, default=1, help="runs per backend")
     compare.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     compare.add_argument("--python", action="append", metavar="BACKEND=PATH",

@@ -2,7 +2,10 @@
 honest measurements side by side.
 
 Every run is a fresh interpreter (kbench.bench.worker) with KERAS_BACKEND set, optionally from
-its own virtualenv (`--python jax=/envs/jax/bin/python`). A run that fails to import, crashes,
+its own virtualenv (`--python jax=/envs/jax/bin/python`). With `--distribute data_parallel` each
+Keras backend runs twice, on one replica and on N (JAX / TensorFlow: every visible device, or
+`--simulate-devices N` CPU devices; torch: N processes under torchrun), with the same global
+batch, and the report shows the scaling efficiency. A run that fails to import, crashes,
 runs out of memory or passes the timeout is recorded with its status and the tail of its
 error; the other runs go on. Each record is written to DIR/results.jsonl as soon as its run
 ends (atomically), so Ctrl-C or a crash never loses a finished run.
@@ -47,6 +50,8 @@ class CompareOptions:
     output: str | None = None
     baseline: str | None = None
     extra_config: dict = dataclasses.field(default_factory=dict)
+    distribute: str = "none"  # "data_parallel": also run each Keras backend data-parallel
+    simulate_devices: int | None = None  # CPU devices (jax, tensorflow) / processes (torch)
 
 
 def installed_backends():
@@ -55,14 +60,25 @@ def installed_backends():
 
 
 def plan_runs(options):
-    """[(name, runner, framework)] in the order they will run."""
+    """[(name, runner, framework, distributed)] in the order they will run: with
+    --distribute data_parallel, each Keras backend on one replica, then data-parallel."""
     backends = list(options.backends) or installed_backends()
     for name in backends:
         if name not in KERAS_BACKENDS:
             raise KbenchError(f"unknown backend {name!r}; use one of: {', '.join(KERAS_BACKENDS)}")
-    runs = [(b, "keras", b) for b in backends]
+    if options.distribute not in ("none", "data_parallel"):
+        raise KbenchError(f"--distribute must be none or data_parallel, not "
+                          f"{options.distribute!r}")
+    if options.simulate_devices is not None and (options.distribute == "none"
+                                                 or options.simulate_devices < 1):
+        raise KbenchError("--simulate-devices N (N >= 1) goes with --distribute data_parallel")
+    runs = []
+    for b in backends:
+        runs.append((b, "keras", b, False))
+        if options.distribute == "data_parallel":
+            runs.append((b, "keras", b, True))
     if options.reference == "native":
-        runs += [(n, n, fw) for n, fw in NATIVE.items()]
+        runs += [(n, n, fw, False) for n, fw in NATIVE.items()]
     elif options.reference != "none":
         raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
     for name in options.python:
@@ -79,25 +95,51 @@ def run_config(options):
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
-def run_one(name, runner, framework, options, out_dir, repeat):
+def distribute_config(framework, options):
+    """The recipe settings of a data-parallel run. JAX and TensorFlow split the CPU into
+    --simulate-devices devices in one process; torch replicas are processes (torchrun)."""
+    config = {"distribute": "data_parallel"}
+    if options.simulate_devices and framework != "torch":
+        config["simulate_devices"] = options.simulate_devices
+    return config
+
+
+def worker_command(python, framework, distributed, options, spec_path, result_path):
+    """The worker's command line: torch data-parallel runs start under torchrun, one process
+    per --simulate-devices (CPU, gloo) or per GPU."""
+    worker = ["-m", "kbench.bench.worker", spec_path, result_path]
+    if distributed and framework == "torch":
+        processes = str(options.simulate_devices) if options.simulate_devices else "gpu"
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                processes, *worker]
+    return [python, *worker]
+
+
+def run_one(name, runner, framework, options, out_dir, repeat, distributed=False):
     """Run one worker process and return its record (ok, failed or timeout)."""
     python = options.python.get(framework, sys.executable)
+    label = f"{name}-dp" if distributed else name
     spec = {"recipe": options.recipe, "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
             "config": {**run_config(options),
-                       "output_dir": os.path.join(out_dir, "runs", f"{name}-r{repeat}")}}
+                       **(distribute_config(framework, options) if distributed else {}),
+                       "output_dir": os.path.join(out_dir, "runs", f"{label}-r{repeat}")}}
     if runner != "keras":
         spec["config"]["output_dir"] = None
-    log_path = os.path.join(out_dir, "logs", f"{name}-r{repeat}.log")
+    log_path = os.path.join(out_dir, "logs", f"{label}-r{repeat}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        command = [python, "-m", "kbench.bench.worker", spec_path, result_path]
+        command = worker_command(python, framework, distributed, options, spec_path,
+                                 result_path)
         env = {**os.environ, "KERAS_BACKEND": framework, "PYTHONUNBUFFERED": "1"}
         record = records.new_record(name, spec, options, command=_user_command(),
                                     python=python, repeat=repeat)
+        if distributed:  # what was asked; the worker's result says what ran
+            record.update(distribution="data_parallel",
+                          num_replicas=options.simulate_devices)
         start = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -168,12 +210,14 @@ def compare(options, console=None):
             console.print(text, markup=False, highlight=False)
     try:
         for repeat in range(options.repeats):
-            for name, runner, framework in runs:
-                say(f"[compare] {name} (run {repeat + 1}/{options.repeats}) ...")
-                record = run_one(name, runner, framework, options, out_dir, repeat)
+            for name, runner, framework, distributed in runs:
+                label = f"{name} data_parallel" if distributed else name
+                say(f"[compare] {label} (run {repeat + 1}/{options.repeats}) ...")
+                record = run_one(name, runner, framework, options, out_dir, repeat,
+                                 distributed=distributed)
                 done.append(record)
                 records.write_jsonl_atomic(results_path, done)
-                say(f"[compare] {name}: {records.one_line(record)}")
+                say(f"[compare] {label}: {records.one_line(record)}")
     except KeyboardInterrupt:
         say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
         report.render(done, out_dir, baseline=options.baseline, console=console)

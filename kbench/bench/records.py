@@ -19,7 +19,7 @@ FIELDS = (
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
     "versions", "device", "config", "command", "git_commit", "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
-    "python", "wall_s",
+    "python", "wall_s", "num_replicas", "distribution",
 )
 
 
@@ -31,6 +31,7 @@ def new_record(name, spec, options, command, python, repeat):
         dtype_policy=spec["config"].get("dtype_policy"), config=spec["config"], command=command,
         python=python, repeat=repeat, git_commit=train.git_commit(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        distribution=spec["config"].get("distribute", "none"), num_replicas=1,
     )
     return record
 
@@ -41,7 +42,7 @@ def fill_measurements(record, result):
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
                 "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
-                "params"):
+                "params", "num_replicas", "distribution"):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]
@@ -67,9 +68,11 @@ def one_line(record):
     if record["status"] != "ok":
         first = (record.get("error") or "").strip().splitlines()
         return f"{record['status']}: {first[-1] if first else 'no error text'}"
+    replicas = record.get("num_replicas") or 1
     return (f"{record['step_time_ms']:.1f} ms/step (p10 {record['step_time_p10_ms']:.1f}, "
-            f"p90 {record['step_time_p90_ms']:.1f}), {record['examples_per_sec']:.0f} ex/s, "
-            f"compile {record['compile_s']:.1f} s, test acc {record['test_accuracy']:.3f}")
+            f"p90 {record['step_time_p90_ms']:.1f}), {record['examples_per_sec']:.0f} ex/s"
+            + (f" on {replicas} replicas" if replicas > 1 else "")
+            + f", compile {record['compile_s']:.1f} s, test acc {record['test_accuracy']:.3f}")
 
 
 def write_jsonl_atomic(path, rows):

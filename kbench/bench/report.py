@@ -2,7 +2,10 @@
 
 One summary row per backend: medians over repeats, the p10-p90 spread of step times, the
 overhead ratio of each Keras backend against its native twin, and, with a baseline, whether a
-run is slower or faster than the baseline by more than the measured noise.
+run is slower or faster than the baseline by more than the measured noise. Data-parallel runs
+(`kbench compare --distribute data_parallel`) get their own row, "<backend> dp", with their
+replica count and scaling efficiency: throughput on N replicas / (N x the same backend's
+single-replica throughput), both at the same global batch.
 """
 
 import csv
@@ -15,7 +18,8 @@ NATIVE_TWIN = {"jax": "native-jax", "torch": "native-torch"}  # TensorFlow has n
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
-              "vs_native", "vs_baseline", "baseline_step_time_ms", "error")
+              "vs_native", "vs_baseline", "baseline_step_time_ms", "num_replicas",
+              "scaling_efficiency", "error")
 
 
 def _median(rows, key):
@@ -23,14 +27,30 @@ def _median(rows, key):
     return statistics.median(values) if values else None
 
 
+def run_label(row):
+    """The summary row a run belongs to: its backend, or "<backend> dp" for data-parallel."""
+    if row.get("distribution") in (None, "none"):
+        return row["backend"]
+    return f"{row['backend']} dp"
+
+
+def scaling_efficiency(parallel, single):
+    """Throughput on N replicas / (N x single-replica throughput); None when unknown."""
+    n = parallel.get("num_replicas")
+    if not n or not parallel.get("examples_per_sec") or not single.get("examples_per_sec"):
+        return None
+    return parallel["examples_per_sec"] / (n * single["examples_per_sec"])
+
+
 def summarize(rows):
     """One dict per backend (in first-seen order), aggregated over its repeats."""
     order, groups = [], {}
     for row in rows:
-        if row["backend"] not in groups:
-            order.append(row["backend"])
-            groups[row["backend"]] = []
-        groups[row["backend"]].append(row)
+        label = run_label(row)
+        if label not in groups:
+            order.append(label)
+            groups[label] = []
+        groups[label].append(row)
     summary = []
     for name in order:
         runs = groups[name]
@@ -43,14 +63,17 @@ def summarize(rows):
                 "error": None if ok else runs[-1].get("error")}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
-                    "test_accuracy", "test_loss"):
+                    "test_accuracy", "test_loss", "num_replicas"):
             item[key] = _median(ok, key)
+        item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
     for item in summary:
         twin = by_name.get(NATIVE_TWIN.get(item["backend"], ""))
         item["vs_native"] = (item["step_time_ms"] / twin["step_time_ms"]
                              if twin and item["step_time_ms"] and twin["step_time_ms"] else None)
+        single = by_name.get(item.pop("parallel_of") or "")
+        item["scaling_efficiency"] = scaling_efficiency(item, single) if single else None
     return summary
 
 
@@ -98,6 +121,10 @@ def table(summary, title):
     with_baseline = any(s.get("vs_baseline") for s in summary)
     if with_baseline:
         columns.append(("vs baseline", "left"))
+    with_replicas = any((s.get("num_replicas") or 1) > 1 or s["backend"].endswith(" dp")
+                        for s in summary)
+    if with_replicas:
+        columns[2:2] = [("replicas", "right"), ("scaling eff.", "right")]
     for name, justify in columns:
         t.add_column(name, justify=justify)
     for s in summary:
@@ -111,6 +138,10 @@ def table(summary, title):
                "-" if s["vs_native"] is None else f"{s['vs_native']:.2f}x"]
         if with_baseline:
             row.append(s.get("vs_baseline") or "-")
+        if with_replicas:
+            row[2:2] = [_fmt(s.get("num_replicas"), ".0f"),
+                        "-" if s.get("scaling_efficiency") is None
+                        else f"{100 * s['scaling_efficiency']:.0f}%"]
         t.add_row(*row)
     return t
 
@@ -167,8 +198,10 @@ def write_chart(summary, path, title):
 def describe(rows):
     first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
     device = (first.get("device") or "").split(",")[0]
+    parallel = any(r.get("distribution") not in (None, "none") for r in rows)
     return (f"{first.get('recipe', '?')}: {first.get('model', '?')} on {first.get('dataset', '?')}, "
-            f"batch {first.get('batch_size', '?')}, {first.get('dtype_policy', '?')}"
+            f"{'global ' if parallel else ''}batch {first.get('batch_size', '?')}, "
+            f"{first.get('dtype_policy', '?')}"
             + (f", {device}" if device else ""))
 
 

@@ -6,7 +6,9 @@ trains the recipe for 1 + warmup + N steps, times every step with the device syn
 evaluates the trained model on the test split and writes its measurements as JSON.
 
 Spec keys: recipe, runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
-recipe's Config), steps, warmup_steps, epochs (null: time `steps` steps of one epoch).
+recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
+(null: time `steps` steps of one epoch). A data-parallel torch run starts one worker per rank
+under torchrun; rank 0 writes the result, with the global batch's throughput.
 """
 
 import dataclasses
@@ -100,6 +102,8 @@ def run_keras(recipe, config, spec):
         "jit": str(metrics["jit_compile"]),
         "params": metrics["params"],
         "device": ", ".join(backend.devices()),
+        "num_replicas": metrics.get("num_replicas", 1),
+        "distribution": metrics.get("distribution", "none"),
     }
 
 
@@ -135,6 +139,8 @@ def main(argv=None):
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # torchrun started this rank too; rank 0 reports for the job
     result.update(
         peak_rss_mb=peak_rss_mb(),
         wall_s=time.perf_counter() - start,

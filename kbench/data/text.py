@@ -194,19 +194,20 @@ def load_synthetic_text(num_classes=2, vocab_size=20_000, sequence_length=200,
     return make(train_examples), make(test_examples)
 
 
-def make_text_pipeline(ids, labels, num_classes, batch_size, training, seed=0):
+def make_text_pipeline(ids, labels, num_classes, batch_size, training, seed=0, shard=(0, 1)):
     """The text twin of make_pipeline: batches of (int32 token ids, one-hot labels), the same
-    seeded endless training stream (no augmentation), every example once for evaluation."""
+    seeded endless training stream (no augmentation; `shard` as in make_pipeline), every
+    example once for evaluation."""
     import tensorflow as tf
 
     ids = tf.constant(np.asarray(ids, np.int32))
     return batched_stream(len(ids), lambda index: tf.gather(ids, index), labels, num_classes,
-                           batch_size, training, seed)
+                           batch_size, training, seed, shard=shard)
 
 
-def make_text_datasets(data, batch_size, seed=0):
-    """(train, test) pipelines for a TextDataset."""
+def make_text_datasets(data, batch_size, seed=0, shard=(0, 1)):
+    """(train, test) pipelines for a TextDataset; `shard` splits the training stream only."""
     train = make_text_pipeline(data.x_train, data.y_train, data.num_classes, batch_size, True,
-                               seed=seed)
+                               seed=seed, shard=shard)
     test = make_text_pipeline(data.x_test, data.y_test, data.num_classes, batch_size, False)
     return train, test
