@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from kbench.bench import records, report
-from tests.conftest import REPO
+from tests.conftest import BACKEND, REPO
 
 pytestmark = pytest.mark.backend_independent
 
@@ -232,17 +232,10 @@ def test_simulate_devices_needs_distribute(tmp_path):
         "error: --simulate-devices N goes with --distribute data_parallel")
 
 
-def _recipes_take_distribute():
-    import dataclasses
-
-    from recipes import cifar_resnet
-
-    return "distribute" in {f.name for f in dataclasses.fields(cifar_resnet.Config)}
-
-
-@pytest.mark.skipif(not _recipes_take_distribute(),
-                    reason="the recipes have no --distribute yet (kbench.train integration)")
+@pytest.mark.skipif(BACKEND != "torch", reason="runs in the torch pass")
 def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
+    """Also the issue's torch must-show: the recipe under torchrun, 2 processes, one
+    metrics.json with num_replicas 2."""
     out = tmp_path / "cmp"
     result = kbench("compare", "--backends", "torch", *TINY, "--distribute", "data_parallel",
                     "--simulate-devices", "2", "--output", str(out))

@@ -300,3 +300,32 @@ def test_torch_ddp_two_processes_match_one(tmp_path):
     # whole batch.
     np.testing.assert_allclose(trainable(rank0), trainable(one), rtol=1e-5)
     assert rank0["history"]["loss"] == pytest.approx(one["history"]["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- through a recipe
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch's recipe run is "
+                    "test_compare.py::test_compare_runs_torch_data_parallel_under_torchrun")
+def test_recipe_trains_data_parallel_on_four_simulated_devices(tmp_path):
+    """The issue's must-show for jax and tensorflow: recipes/cifar_resnet.py with
+    --distribute data_parallel --simulate-devices 4 ends with num_replicas 4; the run
+    checkpoints and resumes like a single-device one."""
+    out = tmp_path / "run"
+    args = [sys.executable, "recipes/cifar_resnet.py", "--dataset", "synthetic", "--epochs", "1",
+            "--steps-per-epoch", "3", "--batch-size", "32", "--train-examples", "128",
+            "--test-examples", "64", "--verbose", "0", "--distribute", "data_parallel",
+            "--simulate-devices", "4", "--output-dir", str(out)]
+    env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV},
+           "KERAS_BACKEND": BACKEND}
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 4 and metrics["per_replica_batch_size"] == 8
+    assert metrics["distribution"] == {"jax": "jax_data_parallel",
+                                       "tensorflow": "tf_mirrored"}[BACKEND]
+    assert (out / "eval.json").exists() and (out / "checkpoint.json").exists()
+    resumed = subprocess.run([*args[:5], "2", *args[6:], "--resume"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
