@@ -10,12 +10,11 @@ they are the same numbers whatever backend ran the model.
 import io
 import math
 import os
-import tempfile
 
 import numpy as np
 
 from kbench.errors import KbenchError
-from kbench.files import write_json_atomic
+from kbench.files import write_bytes_atomic, write_json_atomic
 
 TOP_K = 5
 TOP_K_MIN_CLASSES = 10  # below this, top-5 of a handful of classes says little
@@ -225,26 +224,6 @@ def confusion_matrix_png(result, title=None):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def write_bytes_atomic(path, payload):
-    """kbench.files.write_text_atomic for bytes: temp file in the same folder, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; results are for sharing
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def summary_line(result):

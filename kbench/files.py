@@ -7,14 +7,20 @@ import tempfile
 
 
 def write_text_atomic(path, text):
-    """Write via a temp file in the same folder + rename: readers see old or new, never half."""
+    """Write text via a temp file in the same folder + rename: readers see old or new, never
+    half."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, payload):
+    """Write bytes via a temp file in the same folder + rename (fsynced first)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are for sharing
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from kbench.bench import records, report
-from tests.conftest import BACKEND, REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.backend_independent
 
@@ -230,22 +230,3 @@ def test_simulate_devices_needs_distribute(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --simulate-devices N goes with --distribute data_parallel")
-
-
-@pytest.mark.skipif(BACKEND != "torch", reason="runs in the torch pass")
-def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
-    """Also the issue's torch must-show: the recipe under torchrun, 2 processes, one
-    metrics.json with num_replicas 2."""
-    out = tmp_path / "cmp"
-    result = kbench("compare", "--backends", "torch", *TINY, "--distribute", "data_parallel",
-                    "--simulate-devices", "2", "--output", str(out))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    single, parallel = load(out)
-    assert (single["num_replicas"], single["distribution"]) == (1, "none")
-    assert (parallel["num_replicas"], parallel["distribution"]) == (2, "torch_ddp")
-    assert parallel["status"] == "ok" and parallel["steps_timed"] == 3
-    assert parallel["command"].startswith("kbench compare")
-    assert "torch dp" in result.stdout and "scaling eff." in result.stdout
-    # One metrics.json for the job, written by rank 0.
-    metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
-    assert metrics["num_replicas"] == 2

@@ -306,11 +306,11 @@ def test_torch_ddp_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="torch's recipe run is "
-                    "test_compare.py::test_compare_runs_torch_data_parallel_under_torchrun")
+                    "test_compare_runs_torch_data_parallel_under_torchrun")
 def test_recipe_trains_data_parallel_on_four_simulated_devices(tmp_path):
     """The issue's must-show for jax and tensorflow: recipes/cifar_resnet.py with
-    --distribute data_parallel --simulate-devices 4 ends with num_replicas 4; the run
-    checkpoints and resumes like a single-device one."""
+    --distribute data_parallel --simulate-devices 4 ends with num_replicas 4, and writes
+    its checkpoint and evaluation as a one-device run does."""
     out = tmp_path / "run"
     args = [sys.executable, "recipes/cifar_resnet.py", "--dataset", "synthetic", "--epochs", "1",
             "--steps-per-epoch", "3", "--batch-size", "32", "--train-examples", "128",
@@ -325,7 +325,24 @@ def test_recipe_trains_data_parallel_on_four_simulated_devices(tmp_path):
     assert metrics["distribution"] == {"jax": "jax_data_parallel",
                                        "tensorflow": "tf_mirrored"}[BACKEND]
     assert (out / "eval.json").exists() and (out / "checkpoint.json").exists()
-    resumed = subprocess.run([*args[:5], "2", *args[6:], "--resume"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+@only("torch")
+def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
+    """Also the issue's torch must-show: the recipe under torchrun, 2 processes, one
+    metrics.json with num_replicas 2."""
+    out = tmp_path / "cmp"
+    from tests.test_compare import TINY, kbench, load
+
+    result = kbench("compare", "--backends", "torch", *TINY, "--distribute", "data_parallel",
+                    "--simulate-devices", "2", "--output", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single, parallel = load(out)
+    assert (single["num_replicas"], single["distribution"]) == (1, "none")
+    assert (parallel["num_replicas"], parallel["distribution"]) == (2, "torch_ddp")
+    assert parallel["status"] == "ok" and parallel["steps_timed"] == 3
+    assert parallel["command"].startswith("kbench compare")
+    assert "torch dp" in result.stdout and "scaling eff." in result.stdout
+    # One metrics.json for the job, written by rank 0.
+    metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2
