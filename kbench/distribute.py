@@ -555,6 +555,15 @@ class TorchDDP(Distribution):
         if not model.built:
             raise KbenchError("build the model before dist.prepare(model) (call it once on a "
                               "batch, or give it an Input): DDP wraps existing weights")
+        if self.ddp is not None:
+            # Prepared again after a recompile that changed what trains (fine-tuning): DDP
+            # fixes its set of gradients at construction, so wrap anew. The old wrapper's
+            # reducer removes its gradient hooks when it is destroyed: destroy it first.
+            import gc
+
+            self.ddp = None
+            model.train_step = None
+            gc.collect()
         # DDP broadcasts rank 0's parameters (trainable and not) at construction, so every
         # rank starts from the same weights whatever its RNG did.
         self.ddp = DistributedDataParallel(

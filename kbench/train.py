@@ -4,6 +4,7 @@ evaluation, and writing results atomically.
 A recipe is a short story on top of these: build data, build model, `fit`, `finish`.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -198,7 +199,7 @@ def run_callbacks(config, steps_per_epoch, state):
     if state is not None:  # without an output dir (data-parallel non-chief) it only tracks
         found.append(checkpoint.EpochRecorder(
             config.output_dir, state, steps_per_epoch,
-            save_model=lambda model, path: save_model_float32(model, path),
+            save_model=save_model_float32,
             monitor=config.monitor, patience=config.early_stopping))
     elif config.early_stopping:
         raise KbenchError("--early-stopping needs an --output-dir to keep its state in")
@@ -286,19 +287,11 @@ def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, 
     only the chief writes files and prints (a caller's `model` must be built after this
     starts the engine, so pass a builder instead where that matters).
     """
-    from kbench import distribute
-
     config = resolve_output_dir(config, recipe)
-    if config.simulate_devices:  # before anything starts the backend's runtime
-        distribute.simulate_devices(config.simulate_devices)
-    dist = distribute.setup(config.distribute, config.simulate_devices, config.batch_size)
-    try:
+    with distributed(config) as dist:
         setup_run(config)
-        if datasets is None:
-            shard = dist.data_shard()
-            datasets = build_datasets(config, shard=shard) if shard != (0, 1) \
-                else build_datasets(config)
-        train_ds, test_ds = dist.distribute_datasets(*datasets)
+        train_ds, test_ds = dist.distribute_datasets(
+            *(datasets if datasets is not None else sharded_datasets(build_datasets, config, dist)))
         with dist.scope():  # TF strategies create the variables of what is built in here
             model = model if model is not None else build_model(config)
             state = start_or_resume(config, recipe, model.name, write=dist.is_chief)
@@ -311,20 +304,42 @@ def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, 
                     print(f"resuming {recipe} from {config.output_dir} after epoch "
                           f"{state.epochs_done - 1} ({state.batches_done} batches)")
         dist.prepare(model)
-        run_config = config if dist.is_chief else dataclasses.replace(
-            config, output_dir=None, verbose=0, tensorboard=False)  # one writer: the chief
+        run_config = process_config(config, dist)
         history, timer = fit(model, train_ds, test_ds, run_config, steps_per_epoch,
                              [*dist.callbacks(), *callbacks], state)
-        if dist.num_processes > 1 and backend.name() == "jax":
-            # model.predict cannot gather arrays that live on other hosts' devices; Keras'
-            # evaluate reduces across them. Run `kbench evaluate` on model.keras for eval.json.
-            test_metrics = evaluate(model, test_ds)
-        else:
-            test_metrics = final_evaluation(model, test_ds, run_config)
-        return finish(run_config, model, history, timer, test_metrics, recipe=recipe,
+        return finish(run_config, model, history, timer,
+                      final_evaluation(model, test_ds, run_config, dist), recipe=recipe,
                       state=state, extra=dist.describe(), announce=dist.is_chief)
+
+
+@contextlib.contextmanager
+def distributed(config):
+    """The run's distribution engine (kbench.distribute; one replica with --distribute none),
+    started before anything else touches the backend's runtime, shut down at the end."""
+    from kbench import distribute
+
+    if config.simulate_devices:  # before anything starts the backend's runtime
+        distribute.simulate_devices(config.simulate_devices)
+    dist = distribute.setup(config.distribute, config.simulate_devices, config.batch_size)
+    try:
+        yield dist
     finally:
         dist.shutdown()
+
+
+def sharded_datasets(build_datasets, config, dist):
+    """The recipe's (train, test) pipelines, the training stream cut to this process's share
+    of every global batch when the engine has several processes feed it (torch DDP)."""
+    shard = dist.data_shard()
+    return build_datasets(config, shard=shard) if shard != (0, 1) else build_datasets(config)
+
+
+def process_config(config, dist):
+    """The config this process trains with: the chief's as given; every other data-parallel
+    process silent and writing nothing (one writer per run)."""
+    if dist.is_chief:
+        return config
+    return dataclasses.replace(config, output_dir=None, verbose=0, tensorboard=False)
 
 
 def evaluate(model, test_ds, verbose=0):
@@ -334,7 +349,7 @@ def evaluate(model, test_ds, verbose=0):
     return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"])}
 
 
-def final_evaluation(model, test_ds, config):
+def final_evaluation(model, test_ds, config, dist=None):
     """The end-of-training evaluation every recipe runs, from one pass over the test split:
     eval.json + confusion_matrix.png in the output dir (what `kbench evaluate` writes for a
     saved model), and metrics.json's test figures. `test_loss` stays the training objective
@@ -343,6 +358,10 @@ def final_evaluation(model, test_ds, config):
     from kbench import evaluation
     from kbench.data.registry import class_names
 
+    if dist is not None and dist.num_processes > 1 and backend.name() == "jax":
+        # model.predict cannot gather arrays that live on other hosts' devices; Keras'
+        # evaluate reduces across them. `kbench evaluate model.keras` writes eval.json later.
+        return evaluate(model, test_ds)
     logits, labels = evaluation.predict_all(model, test_ds)
     try:
         names = class_names(config.dataset)

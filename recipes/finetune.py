@@ -145,36 +145,44 @@ def main(config, model=None, datasets=None, callbacks=()):
         # checkpoint from one cannot restore the other's optimizer state.
         raise KbenchError("finetune has no --resume: its two stages train different weights; "
                           "re-run it (it is short), or resume the recipe that pretrained it")
-    train.setup_run(config)
     if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
         raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
-    train_ds, test_ds = datasets if datasets is not None else build_datasets(config)
-    model = model if model is not None else build_model(config)
-    state = train.start_or_resume(config, "finetune", model.name)
-    steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
-    history = keras.callbacks.History()
-    history.epoch, history.history = [], {}
-    stages = ((freeze_all_but_head, config.head_epochs, config.lr),
-              (unfreeze_all_but_batchnorm, config.epochs, config.finetune_lr))
-    for set_trainable, epochs, lr in stages:
-        if not epochs:
-            continue
-        set_trainable(model)
-        stage = dataclasses.replace(config, epochs=epochs, lr=lr)
-        train.compile_model(model, stage, steps_per_epoch)  # what trains changed: compile again
-        first = len(history.epoch)
-        # fit numbers epochs from `first` (the state's finished epochs) to first + epochs.
-        result, timer = train.fit(model, train_ds, test_ds,
-                                  dataclasses.replace(stage, epochs=first + epochs),
-                                  steps_per_epoch, callbacks, state, initial_epoch=first)
-        history.epoch += result.epoch
-        for key, values in result.history.items():
-            history.history.setdefault(key, []).extend(values)
-    extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
-             "finetune_epochs": config.epochs}
-    return train.finish(config, model, history, timer,
-                        train.final_evaluation(model, test_ds, config), extra,
-                        recipe="finetune", state=state)
+    with train.distributed(config) as dist:
+        train.setup_run(config)
+        train_ds, test_ds = dist.distribute_datasets(
+            *(datasets if datasets is not None
+              else train.sharded_datasets(build_datasets, config, dist)))
+        with dist.scope():
+            model = model if model is not None else build_model(config)
+        state = train.start_or_resume(config, "finetune", model.name, write=dist.is_chief)
+        run_config = train.process_config(config, dist)
+        steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
+        history = keras.callbacks.History()
+        history.epoch, history.history = [], {}
+        stages = ((freeze_all_but_head, config.head_epochs, config.lr),
+                  (unfreeze_all_but_batchnorm, config.epochs, config.finetune_lr))
+        for set_trainable, epochs, lr in stages:
+            if not epochs:
+                continue
+            set_trainable(model)
+            stage = dataclasses.replace(run_config, epochs=epochs, lr=lr)
+            with dist.scope():  # what trains changed: compile again
+                train.compile_model(model, stage, steps_per_epoch)
+            dist.prepare(model)
+            first = len(history.epoch)
+            # fit numbers epochs from `first` (the state's finished epochs) to first + epochs.
+            result, timer = train.fit(model, train_ds, test_ds,
+                                      dataclasses.replace(stage, epochs=first + epochs),
+                                      steps_per_epoch, [*dist.callbacks(), *callbacks], state,
+                                      initial_epoch=first)
+            history.epoch += result.epoch
+            for key, values in result.history.items():
+                history.history.setdefault(key, []).extend(values)
+        extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
+                 "finetune_epochs": config.epochs, **dist.describe()}
+        return train.finish(run_config, model, history, timer,
+                            train.final_evaluation(model, test_ds, run_config, dist), extra,
+                            recipe="finetune", state=state, announce=dist.is_chief)
 
 
 if __name__ == "__main__":

@@ -346,3 +346,27 @@ def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
     # One metrics.json for the job, written by rank 0.
     metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2
+
+
+@only("torch")
+def test_finetune_rewraps_ddp_between_its_stages(tmp_path):
+    """finetune compiles twice (head only, then all but BatchNorm); under torch DDP the model
+    is wrapped again for stage 2's trainable set. Both stages train on 2 processes."""
+    from kbench.models import get_model
+
+    pretrained = tmp_path / "pretrained.keras"
+    get_model("resnet20", num_classes=10, seed=0).save(pretrained)
+    out = tmp_path / "ft"
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "recipes/finetune.py", "--init-from", str(pretrained), "--dataset", "synthetic",
+               "--head-epochs", "1", "--epochs", "1", "--steps-per-epoch", "2",
+               "--batch-size", "16", "--train-examples", "64", "--test-examples", "32",
+               "--verbose", "0", "--distribute", "data_parallel", "--output-dir", str(out)]
+    env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV},
+           "KERAS_BACKEND": "torch"}
+    done = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2 and metrics["distribution"] == "torch_ddp"
+    assert metrics["epochs"] == 2 and len(metrics["history"]["loss"]) == 2
