@@ -52,6 +52,9 @@ class RunState:
     wait: int = 0  # epochs since the monitored metric last improved
     stopped_early: bool = False
     weights: str | None = None  # file name of the epoch's weights, beside checkpoint.json
+    # Keras' seed-generator states (dropout and other random layers), which save_weights
+    # leaves out: restored so a resumed run draws the masks an uninterrupted one would.
+    rng_states: list = dataclasses.field(default_factory=list)
 
     @property
     def history(self):
@@ -113,10 +116,19 @@ def restore(model, state, output_dir):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first[:200]} "
                           "(written by a different model or settings?)") from None
+    variables = rng_variables(model)
+    if len(variables) == len(state.rng_states):
+        for variable, value in zip(variables, state.rng_states):
+            variable.assign(keras.ops.convert_to_tensor(value, dtype=variable.dtype))
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if steps != state.steps_done:
         raise KbenchError(f"checkpoint {path} holds {steps} optimizer steps, {STATE_FILE} says "
                           f"{state.steps_done}: the checkpoint is inconsistent; start afresh")
+
+
+def rng_variables(model):
+    """The model's seed-generator state variables, in a stable order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def improved(monitor, value, best):
@@ -170,6 +182,8 @@ class EpochRecorder(keras.callbacks.Callback):
     def _write_checkpoint(self, epoch):
         state = self.state
         weights = f"checkpoint-{epoch}.weights.h5"
+        state.rng_states = [keras.ops.convert_to_numpy(v).tolist()
+                            for v in rng_variables(self.model)]
         save_weights_atomic(self.model, os.path.join(self.output_dir, weights))
         previous, state.weights = state.weights, weights
         write_json_atomic(os.path.join(self.output_dir, STATE_FILE), dataclasses.asdict(state))

@@ -251,3 +251,33 @@ def dataclasses_asdict(config):
     import dataclasses
 
     return dataclasses.asdict(config)
+
+
+def test_dropout_rng_state_is_checkpointed_and_restored(tmp_path):
+    """save_weights leaves Keras' seed-generator states out; the checkpoint keeps them, so a
+    resumed run draws the dropout masks the uninterrupted run would."""
+    def dropout_model():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5, seed=1),
+                                  keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    model = dropout_model()
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=1, verbose=0)
+    state = checkpoint.RunState(recipe="t", model=model.name, dataset="d")
+    recorder = checkpoint.EpochRecorder(str(tmp_path), state, steps_per_epoch=1,
+                                        save_model=lambda m, path: None)
+    recorder.set_model(model)
+    recorder.on_epoch_end(0, {"loss": 1.0})
+    trained = [keras.ops.convert_to_numpy(v) for v in checkpoint.rng_variables(model)]
+    assert trained and state.rng_states
+
+    fresh = dropout_model()
+    initial = [keras.ops.convert_to_numpy(v) for v in checkpoint.rng_variables(fresh)]
+    assert [a.tolist() for a in initial] != [a.tolist() for a in trained]  # training drew masks
+    checkpoint.restore(fresh, checkpoint.load_state(tmp_path), str(tmp_path))
+    restored = [keras.ops.convert_to_numpy(v) for v in checkpoint.rng_variables(fresh)]
+    assert [a.tolist() for a in restored] == [a.tolist() for a in trained]
+    x = np.ones((4, 4), np.float32)
+    assert np.array_equal(keras.ops.convert_to_numpy(model(x, training=True)),
+                          keras.ops.convert_to_numpy(fresh(x, training=True)))
