@@ -3,6 +3,7 @@
 
 Runs under every backend (`make test` runs the suite once per backend)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -237,7 +238,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 @pytest.mark.backend_independent
 def test_config_file_reruns_a_run_and_flags_override(tmp_path):
-    saved = dataclasses_asdict(tiny(tmp_path, epochs=7, lr=0.3, schedule="one_cycle"))
+    saved = dataclasses.asdict(tiny(tmp_path, epochs=7, lr=0.3, schedule="one_cycle"))
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"backend": "jax", "config": saved}))
     config = parse_config(cifar_resnet.Config, ["--config", str(path), "--lr", "0.05"])
@@ -246,11 +247,6 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path):
     with pytest.raises(KbenchError, match="does not know: vocab_size"):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
 
-
-def dataclasses_asdict(config):
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def test_dropout_rng_state_is_checkpointed_and_restored(tmp_path):
