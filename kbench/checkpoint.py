@@ -55,6 +55,23 @@ class RunState:
     # Keras' seed-generator states (dropout and other random layers), which save_weights
     # leaves out: restored so a resumed run draws the masks an uninterrupted one would.
     rng_states: list = dataclasses.field(default_factory=list)
+    # Recipes that train in stages (finetune) compile a new optimizer for each: the stage that
+    # wrote the checkpoint (its optimizer state is in the weights file), and the epoch and
+    # batch it started at (each stage's fit reads the training stream from its start).
+    stage: int = 0
+    stage_first_epoch: int = 0
+    stage_first_batch: int = 0
+
+    def begin_stage(self, stage):
+        """Start stage `stage` here; its early-stopping count starts afresh."""
+        self.stage, self.stage_first_epoch, self.stage_first_batch = (
+            stage, self.epochs_done, self.batches_done)
+        self.wait, self.stopped_early = 0, False
+
+    @property
+    def stage_batches_done(self):
+        """Training batches the current stage has consumed: where its stream resumes."""
+        return self.batches_done - self.stage_first_batch
 
     @property
     def history(self):

@@ -9,6 +9,7 @@ import sys
 
 from kbench.bench import cli as bench_cli
 from kbench.errors import exit_on_error
+from kbench.flags import OneLineErrorParser
 
 
 def cmd_env(args):
@@ -119,7 +120,7 @@ def add_model_verbs(verbs):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="kbench", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="kbench", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     env = verbs.add_parser("env", help="backend, devices and versions")

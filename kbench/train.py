@@ -260,6 +260,11 @@ def start_or_resume(config, recipe, model_name, write=True):
     return state
 
 
+def announce_resume(recipe, config, state):
+    print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
+          f"({state.batches_done} batches)")
+
+
 def resume_data(train_ds, batches_done):
     """The training stream after its first `batches_done` batches.
 
@@ -299,10 +304,9 @@ def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, 
             compile_model(model, config, steps_per_epoch)
             if state is not None and state.epochs_done:
                 checkpoint.restore(model, state, config.output_dir)  # on every replica
-                train_ds = resume_data(train_ds, state.batches_done)
+                train_ds = resume_data(train_ds, state.stage_batches_done)
                 if dist.is_chief:
-                    print(f"resuming {recipe} from {config.output_dir} after epoch "
-                          f"{state.epochs_done - 1} ({state.batches_done} batches)")
+                    announce_resume(recipe, config, state)
         dist.prepare(model)
         run_config = process_config(config, dist)
         history, timer = fit(model, train_ds, test_ds, run_config, steps_per_epoch,

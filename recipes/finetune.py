@@ -31,7 +31,7 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
-from kbench import data, train
+from kbench import checkpoint, data, train
 from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models.layers import PortableNormal
@@ -135,16 +135,12 @@ def main(config, model=None, datasets=None, callbacks=()):
 
     `model` (a keras.Model taking 0..255 pixels whose last layer is its classifier) and
     `datasets` (a (train, test) pair of tf.data pipelines yielding one-hot labels) replace
-    the defaults. `callbacks` see both stages; the reported step times are stage 2's.
-    Epochs are numbered across both stages (stage 2 follows stage 1 in history.csv), and
-    every epoch is checkpointed like any recipe's.
+    the defaults. `callbacks` see both stages; the reported step times are the last stage's.
+    Epochs are numbered across both stages (stage 2 follows stage 1 in history.csv), every
+    epoch is checkpointed like any recipe's, and `--resume` continues in the stage the
+    checkpoint is from (early stopping ends a stage, not the run).
     """
     config = train.resolve_output_dir(config, "finetune")
-    if config.resume:
-        # The stages compile different optimizers (different trainable weights), so a
-        # checkpoint from one cannot restore the other's optimizer state.
-        raise KbenchError("finetune has no --resume: its two stages train different weights; "
-                          "re-run it (it is short), or resume the recipe that pretrained it")
     if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
         raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
     with train.distributed(config) as dist:
@@ -155,23 +151,33 @@ def main(config, model=None, datasets=None, callbacks=()):
         with dist.scope():
             model = model if model is not None else build_model(config)
         state = train.start_or_resume(config, "finetune", model.name, write=dist.is_chief)
+        resume_stage = state.stage if state is not None and state.epochs_done else None
         run_config = train.process_config(config, dist)
         steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
         history = keras.callbacks.History()
         history.epoch, history.history = [], {}
+        timer = train.StepTimer(config.batch_size)  # stays empty if nothing is left to train
         stages = ((freeze_all_but_head, config.head_epochs, config.lr),
                   (unfreeze_all_but_batchnorm, config.epochs, config.finetune_lr))
-        for set_trainable, epochs, lr in stages:
-            if not epochs:
-                continue
+        for index, (set_trainable, epochs, lr) in enumerate(stages):
+            if not epochs or (resume_stage is not None and index < resume_stage):
+                continue  # nothing to train, or finished before the checkpoint
             set_trainable(model)
             stage = dataclasses.replace(run_config, epochs=epochs, lr=lr)
+            stage_ds = train_ds
             with dist.scope():  # what trains changed: compile again
                 train.compile_model(model, stage, steps_per_epoch)
+                if index == resume_stage:  # the checkpoint holds this stage's optimizer
+                    checkpoint.restore(model, state, config.output_dir)
+                    stage_ds = train.resume_data(train_ds, state.stage_batches_done)
+                    if dist.is_chief:
+                        train.announce_resume("finetune", config, state)
+                elif state is not None:
+                    state.begin_stage(index)
             dist.prepare(model)
-            first = len(history.epoch)
-            # fit numbers epochs from `first` (the state's finished epochs) to first + epochs.
-            result, timer = train.fit(model, train_ds, test_ds,
+            first = state.stage_first_epoch if state is not None else len(history.epoch)
+            # fit runs epochs from the state's finished ones (or `first`) to first + epochs.
+            result, timer = train.fit(model, stage_ds, test_ds,
                                       dataclasses.replace(stage, epochs=first + epochs),
                                       steps_per_epoch, [*dist.callbacks(), *callbacks], state,
                                       initial_epoch=first)

@@ -122,3 +122,69 @@ def test_command_line_corrupt_checkpoint(run_python, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --init-from {bad} is not a readable .keras file")
+
+
+class Interrupted(Exception):
+    """Stands in for a crash: raised in epoch `at` before its checkpoint is written."""
+
+
+def crash_in_epoch(at):
+    import keras
+
+    def on_epoch_end(epoch, logs=None):
+        if epoch == at:
+            raise Interrupted(epoch)
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
+def history_of(path):
+    with open(path / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_in_either_stage_equals_an_uninterrupted_run(tmp_path, checkpoint):
+    """Interrupted at the boundary or in stage 2, --resume restores the stage the checkpoint
+    is from (its own optimizer), finishes it, trains the next, and ends where an
+    uninterrupted run ends: every epoch logged once, the same losses and test accuracy.
+    (Within a stage, resume is cifar_resnet's, tested in test_training.py.)"""
+    # Small rates: the fixture's made-up BatchNorm statistics give large logits that the
+    # default rates blow up to NaN by epoch 3 (under every backend alike).
+    settings = dict(head_epochs=2, epochs=2, validate_every_epoch=False, lr=0.002,
+                    finetune_lr=0.0005)
+    whole = finetune.main(tiny(checkpoint, output_dir=str(tmp_path / "whole"), **settings))
+    expected = history_of(tmp_path / "whole")
+    # Interrupted in epoch 2 (stage 1 done, stage 2 not begun) and in epoch 3 (stage 2).
+    for crash_at in (2, 3):
+        out = tmp_path / f"crash{crash_at}"
+        with pytest.raises(Interrupted):
+            finetune.main(tiny(checkpoint, output_dir=str(out), **settings),
+                          callbacks=[crash_in_epoch(crash_at)])
+        assert len(history_of(out)) == crash_at
+        metrics = finetune.main(tiny(checkpoint, output_dir=str(out), resume=True, **settings))
+        got = history_of(out)
+        assert [row["epoch"] for row in got] == ["0", "1", "2", "3"], crash_at
+        assert metrics["epochs"] == 4
+        for ours, theirs in zip(got, expected):
+            assert float(ours["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-4), crash_at
+        assert metrics["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
+
+
+def test_early_stopping_ends_a_stage_not_the_run(tmp_path, checkpoint):
+    """Patience runs out in stage 1: stage 2 still trains (and stops by the same rule)."""
+    import keras
+
+    class WorseEveryEpoch(keras.callbacks.Callback):
+        """The monitored value rises every epoch: after epoch 0, never an improvement."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["loss"] = float(epoch + 1)
+
+    config = tiny(checkpoint, output_dir=str(tmp_path), head_epochs=3, epochs=3,
+                  monitor="loss", early_stopping=1)
+    metrics = finetune.main(config, callbacks=[WorseEveryEpoch()])
+    # Stage 1: epoch 0 is the best, epoch 1 does not improve -> stage 1 ends. Stage 2 trains
+    # epoch 2, which does not beat the best either -> the run ends.
+    assert [row["epoch"] for row in history_of(tmp_path)] == ["0", "1", "2"]
+    assert metrics["epochs"] == 3 and metrics["best"]["epoch"] == 0
+    assert metrics["best"]["stopped_early"]

@@ -248,6 +248,18 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
 
 
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("flags, expected", [
+    (["--dtype-policy", "float64"], "argument --dtype-policy: invalid choice: 'float64'"),
+    (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+])
+def test_bad_flags_are_one_line_errors(flags, expected, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_config(cifar_resnet.Config, flags)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + expected) and err.count("\n") == 1, err
 
 def test_dropout_rng_state_is_checkpointed_and_restored(tmp_path):
     """save_weights leaves Keras' seed-generator states out; the checkpoint keeps them, so a
