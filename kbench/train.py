@@ -260,9 +260,14 @@ def start_or_resume(config, recipe, model_name, write=True):
     return state
 
 
-def announce_resume(recipe, config, state):
-    print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
-          f"({state.batches_done} batches)")
+def resume_from_checkpoint(model, train_ds, state, config, recipe, announce=True):
+    """Load the checkpoint into the compiled model (on every replica) and return the training
+    stream where the checkpointed stage left it."""
+    checkpoint.restore(model, state, config.output_dir)
+    if announce:
+        print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
+              f"({state.batches_done} batches)")
+    return resume_data(train_ds, state.stage_batches_done)
 
 
 def resume_data(train_ds, batches_done):
@@ -303,10 +308,8 @@ def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, 
             steps_per_epoch = steps_per_epoch_of(train_ds, config)
             compile_model(model, config, steps_per_epoch)
             if state is not None and state.epochs_done:
-                checkpoint.restore(model, state, config.output_dir)  # on every replica
-                train_ds = resume_data(train_ds, state.stage_batches_done)
-                if dist.is_chief:
-                    announce_resume(recipe, config, state)
+                train_ds = resume_from_checkpoint(model, train_ds, state, config, recipe,
+                                                  announce=dist.is_chief)
         dist.prepare(model)
         run_config = process_config(config, dist)
         history, timer = fit(model, train_ds, test_ds, run_config, steps_per_epoch,

@@ -31,7 +31,7 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
-from kbench import checkpoint, data, train
+from kbench import data, train
 from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models.layers import PortableNormal
@@ -168,10 +168,8 @@ def main(config, model=None, datasets=None, callbacks=()):
             with dist.scope():  # what trains changed: compile again
                 train.compile_model(model, stage, steps_per_epoch)
                 if index == resume_stage:  # the checkpoint holds this stage's optimizer
-                    checkpoint.restore(model, state, config.output_dir)
-                    stage_ds = train.resume_data(train_ds, state.stage_batches_done)
-                    if dist.is_chief:
-                        train.announce_resume("finetune", config, state)
+                    stage_ds = train.resume_from_checkpoint(model, train_ds, state, config,
+                                                            "finetune", announce=dist.is_chief)
                 elif state is not None:
                     state.begin_stage(index)
             dist.prepare(model)

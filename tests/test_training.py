@@ -254,12 +254,13 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path):
     (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
 ])
-def test_bad_flags_are_one_line_errors(flags, expected, capsys):
+def test_bad_flag_values_are_one_line_argparse_errors(flags, expected, capsys):
     with pytest.raises(SystemExit) as exit:
         parse_config(cifar_resnet.Config, flags)
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + expected) and err.count("\n") == 1, err
+
 
 def test_dropout_rng_state_is_checkpointed_and_restored(tmp_path):
     """save_weights leaves Keras' seed-generator states out; the checkpoint keeps them, so a
