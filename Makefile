@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,13 @@ demo: $(VENV)/.installed
 	@echo "=== demo: kbench compare (defaults: ResNet-20, synthetic data, every installed backend) ==="
 	$(VENV)/bin/kbench compare --output runs/demo/compare
 
-# The whole suite once per backend: KERAS_BACKEND is read once per interpreter.
+# The whole suite once per backend: KERAS_BACKEND is read once per interpreter. Each pass
+# prints its 15 slowest tests and how long it took.
 test: $(VENV)/.installed
 	@for b in $(BACKENDS); do \
-	  echo "=== pytest under KERAS_BACKEND=$$b ==="; \
-	  KERAS_BACKEND=$$b $(PY) -m pytest -q $(PYTEST_ARGS) || exit 1; \
+	  echo "=== pytest under KERAS_BACKEND=$$b ==="; start=$$(date +%s); \
+	  KERAS_BACKEND=$$b $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) || exit 1; \
+	  echo "=== $$b pass: $$(( $$(date +%s) - start )) s ==="; \
 	done; echo "=== all backends passed: $(BACKENDS) ==="
 
 clean:

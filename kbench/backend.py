@@ -125,20 +125,16 @@ def accelerator():
     return "gpu" if any(not d.startswith("cpu") for d in devices()) else "cpu"
 
 
-def default_jit_compile():
-    """Whether `model.compile(jit_compile=...)` should be on for this backend and device.
+def git_commit():
+    """The kbench checkout's commit, or None outside a git checkout."""
+    import subprocess
 
-    Measured, not assumed (README, "Backend settings"; ResNet-20, batch 128, 2-core CPU):
-    JAX always compiles with XLA; TensorFlow on CPU ran 1.76x faster with XLA off (oneDNN
-    convolutions beat XLA's CPU ones) and uses XLA on GPU; torch.compile made CPU steps 1.4x
-    slower after 56 s of compiling, so it is opt-in (`--jit-compile on`).
-    """
-    backend = name()
-    if backend == "jax":
-        return True
-    if backend == "tensorflow":
-        return accelerator() == "gpu"
-    return False
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def set_seed(seed):

@@ -148,12 +148,20 @@ def rng_variables(model):
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-def improved(monitor, value, best):
-    """Whether `value` beats `best` for `monitor` (accuracies up, losses down)."""
-    if best is None:
-        return True
-    higher_is_better = "acc" in monitor or "f1" in monitor or "auc" in monitor
-    return value > best if higher_is_better else value < best
+def higher_is_better(model, monitor, mode="auto"):
+    """Whether `monitor` improves upwards: `mode` "max" / "min", or "auto", Keras' own rule
+    (as EarlyStopping and ModelCheckpoint apply it: a loss goes down, a compiled metric in the
+    direction it declares). Asked of Keras itself, once the model's metrics are built."""
+    if mode in ("min", "max"):
+        return mode == "max"
+    probe = keras.callbacks.EarlyStopping(monitor=monitor, mode="auto")
+    probe.set_model(model)
+    try:
+        probe._set_monitor_op()  # Keras' rule, in Keras' words (keras 3.15 MonitorCallback)
+    except ValueError:
+        raise KbenchError(f"Keras cannot tell whether {monitor!r} should go up or down; "
+                          "pass --monitor-mode max or min") from None
+    return probe.monitor_op is keras.ops.greater
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -167,13 +175,15 @@ class EpochRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, output_dir, state, steps_per_epoch, save_model, monitor="val_accuracy",
-                 patience=0, keep_best=True):
+                 mode="auto", patience=0, keep_best=True):
         super().__init__()
         self.output_dir = output_dir
         self.state = state
         self.steps_per_epoch = steps_per_epoch
         self.save_model = save_model
         self.monitor = monitor
+        self.mode = mode
+        self._higher_is_better = None  # resolved at the first epoch's end, when metrics exist
         self.patience = patience
         self.keep_best = keep_best
         state.monitor = monitor
@@ -217,7 +227,11 @@ class EpochRecorder(keras.callbacks.Callback):
                                   "with one of those, or --validate-every-epoch")
             return
         value = logs[self.monitor]
-        if math.isfinite(value) and improved(self.monitor, value, state.best):
+        if self._higher_is_better is None:
+            self._higher_is_better = higher_is_better(self.model, self.monitor, self.mode)
+        better = (state.best is None or
+                  (value > state.best if self._higher_is_better else value < state.best))
+        if math.isfinite(value) and better:
             state.best, state.best_epoch, state.wait = value, epoch, 0
             if self.keep_best and self.output_dir is not None:
                 self.save_model(self.model, os.path.join(self.output_dir, BEST_FILE))

@@ -26,7 +26,8 @@ def cmd_env(args):
     table = Table(title=f"kbench env (KERAS_BACKEND={info['backend']})", show_header=False)
     table.add_row("backend", info["backend"])
     table.add_row("devices", ", ".join(info["devices"]))
-    table.add_row("jit_compile (auto)", str(backend.default_jit_compile()))
+    table.add_row("jit_compile (auto)", "Keras decides: XLA under jax, and under tensorflow "
+                  "where a GPU is present; torch eager")
     for name, version in info["versions"].items():
         table.add_row(name, version or "not installed")
     Console().print(table)
@@ -90,8 +91,10 @@ def add_model_verbs(verbs):
     evaluate.add_argument("--test-examples", type=_positive_int,
                           help="evaluate on the first N test examples")
     evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
-    evaluate.add_argument("--recipe", help="recipe whose test split to build (default: from "
-                                           "metrics.json or the dataset)")
+    evaluate.add_argument("--recipe", metavar="NAME_OR_FILE",
+                          help="build the test split with this recipe's build_datasets: a "
+                               "kbench recipe's name or your own recipe file (default: "
+                               "kbench's own pipeline for the dataset)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     export = verbs.add_parser(

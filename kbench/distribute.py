@@ -44,7 +44,7 @@ Use (kbench.train does this):
 import contextlib
 import os
 
-from kbench import backend
+from kbench import backend, keras_fixes
 from kbench.errors import KbenchError
 
 DISTRIBUTIONS = ("none", "data_parallel")
@@ -97,7 +97,8 @@ class Distribution:
         return (0, 1)
 
     def distribute_datasets(self, train_ds, test_ds):
-        """Check (and, where an engine needs it, adapt) the datasets fit and evaluate get."""
+        """Check (and, where an engine needs it, adapt) the (train, test) Streams fit and
+        evaluate get (kbench.data.Stream: a pipeline and its sizes)."""
         return train_ds, test_ds
 
     def prepare(self, model):
@@ -257,9 +258,12 @@ class JaxDataParallel(Distribution):
         # jax shards every batch evenly over the devices (no ragged shards), so the last,
         # partial test batch must split too: each process's batch of b examples becomes
         # part of a global batch of b * processes.
-        n = getattr(test_ds, "num_examples", None)
-        batch = getattr(test_ds, "batch_size", None)
-        if n and batch:
+        n, batch = test_ds.num_examples, test_ds.batch_size
+        if not (n and batch) and self.num_replicas > 1:
+            print(f"note: the test data does not say how many examples it holds, so kbench "
+                  f"cannot check that its last batch splits evenly over {self.num_replicas} "
+                  "devices (kbench's pipelines say; JAX fails on a batch that does not split)")
+        elif n and batch:
             for local in {batch, n % batch} - {0}:
                 if (local * self.num_processes) % self.num_replicas:
                     usable = n - n % self.local_replicas
@@ -383,11 +387,8 @@ class TensorFlowStrategy(Distribution):
                 raise KbenchError("the model was built outside dist.scope(): build and "
                                   "compile it inside `with dist.scope():`")
         if self.name == "tf_multi_worker":
-            import types
-
-            model._maybe_symbolic_build = types.MethodType(
-                _symbolic_build_from_local_replica, model)
-            _mean_over_workers_without_axis()
+            keras_fixes.multi_worker_build(model)
+            self._restore_reduce = keras_fixes.multi_worker_log_reduction()
 
     def distribute_datasets(self, train_ds, test_ds):
         if self.name == "tf_multi_worker":
@@ -399,9 +400,15 @@ class TensorFlowStrategy(Distribution):
             options = tf.data.Options()
             options.experimental_distribute.auto_shard_policy = (
                 tf.data.experimental.AutoShardPolicy.DATA)
-            train_ds, test_ds = (_keep_sizes(ds, ds.with_options(options))
-                                 for ds in (train_ds, test_ds))
+            train_ds, test_ds = (stream.map_dataset(lambda ds: ds.with_options(options))
+                                 for stream in (train_ds, test_ds))
         return train_ds, test_ds
+
+    def shutdown(self):
+        restore = getattr(self, "_restore_reduce", None)
+        if restore is not None:
+            restore()
+            self._restore_reduce = None
 
     def sync_non_trainable(self, model):
         """Average each replica's BatchNorm moving statistics into every replica.
@@ -435,65 +442,6 @@ class TensorFlowStrategy(Distribution):
             import tensorflow as tf
 
             self.strategy.reduce("SUM", self.strategy.run(lambda: tf.constant(1.0)), axis=None)
-
-
-def _keep_sizes(old, new):
-    """Carry kbench's size attributes (steps_per_epoch, ...) over to a derived dataset."""
-    for key in ("steps_per_epoch", "num_examples", "batch_size"):
-        if hasattr(old, key):
-            setattr(new, key, getattr(old, key))
-    return new
-
-
-def _symbolic_build_from_local_replica(self, iterator=None, data_batch=None):
-    """Keras' TensorFlowTrainer._maybe_symbolic_build (keras 3.15) for MultiWorkerMirrored.
-
-    Keras builds the metrics from the first distributed batch, which it first averages with
-    strategy.reduce over the whole (x, y) structure; MultiWorkerMirroredStrategy's collective
-    reduce takes only single tensors and fails (keras-team/keras#20585). The build needs
-    shapes and dtypes only, so take this worker's first replica's part instead.
-    """
-    import tensorflow as tf
-    from keras.src import tree
-
-    if iterator is not None:
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = tree.map_structure(
-                lambda v: (self.distribute_strategy.experimental_local_results(v)[0]
-                           if isinstance(v, tf.distribute.DistributedValues) else v), batch)
-            break
-    with self.distribute_strategy.scope():
-        self._symbolic_build(data_batch=data_batch)
-
-
-def _mean_over_workers_without_axis():
-    """Make Keras average per-replica step logs over all workers correctly (keras 3.15).
-
-    Each replica's logs are its own metric results; Keras averages them with
-    strategy.reduce("MEAN", v, axis=0), which under MultiWorkerMirroredStrategy fails for a
-    scalar (there is no axis 0). axis=None is the mean over every replica of every worker:
-    with equal slices, the metric over the global batch. Installed once per process, and only
-    in a multi-worker process, where every strategy is the multi-worker one.
-    """
-    import tensorflow as tf
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer
-
-    original = trainer.reduce_per_replica
-    if getattr(original, "_kbench", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if (reduction in ("auto", "mean")
-                and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)):
-            return tree.map_structure(
-                lambda v: (strategy.reduce("MEAN", v, axis=None)
-                           if isinstance(v, tf.distribute.DistributedValues) else v), values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._kbench = True
-    trainer.reduce_per_replica = reduce_per_replica
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -568,7 +516,7 @@ class TorchDDP(Distribution):
         # rank starts from the same weights whatever its RNG did.
         self.ddp = DistributedDataParallel(
             model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        model.train_step = types.MethodType(_ddp_train_step(self.ddp), model)
+        model.train_step = types.MethodType(keras_fixes.ddp_train_step(self.ddp), model)
 
     def sync_non_trainable(self, model):
         """Average the ranks' BatchNorm moving statistics into every rank.
@@ -625,40 +573,3 @@ def _share_cpu_threads(torch, local_processes):
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // max(1, local_processes)))
-
-
-def _ddp_train_step(ddp):
-    """Keras' TorchTrainer.train_step (keras 3.15, keras/src/backend/torch/trainer.py) with
-    one change: the forward pass runs through the DDP wrapper, so that loss.backward()
-    fires DDP's hooks and every gradient is averaged over the ranks before the optimizer
-    sees it."""
-    import warnings
-
-    import torch
-    from keras.src import tree
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    def train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        if self._call_has_training_arg:
-            y_pred = ddp(x, training=True)
-        else:
-            y_pred = ddp(x)
-        self.zero_grad()
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                  training=True)
-        self._loss_tracker.update_state(
-            loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
-        if self.optimizer is not None:
-            loss = self.optimizer.scale_loss(loss)
-        if self.trainable_weights:
-            loss.backward()  # DDP all-reduces each gradient bucket as it is ready
-            trainable_weights = self.trainable_weights[:]
-            gradients = [v.value.grad for v in trainable_weights]
-            with torch.no_grad():
-                self.optimizer.apply(gradients, trainable_weights)
-        else:
-            warnings.warn("The model does not have any trainable weights.")
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    return train_step

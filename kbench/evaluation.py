@@ -7,12 +7,14 @@ logit and label; all metrics are then computed in NumPy / scikit-learn from thos
 they are the same numbers whatever backend ran the model.
 """
 
+import dataclasses
 import io
 import math
 import os
 
 import numpy as np
 
+from kbench.data.stream import as_stream
 from kbench.errors import KbenchError
 from kbench.files import write_bytes_atomic, write_json_atomic
 
@@ -34,6 +36,8 @@ def predict_all(model, test_ds):
     """(outputs, labels) of every test example, as NumPy arrays, from one pass over test_ds."""
     import keras
 
+    if not isinstance(test_ds, (list, tuple)):  # a Stream or a tf.data pipeline
+        test_ds = as_stream(test_ds, training=False).dataset
     batches = test_ds.as_numpy_iterator() if hasattr(test_ds, "as_numpy_iterator") else test_ds
     # Under a TensorFlow strategy with several replicas, predict_on_batch hands every replica
     # the whole batch (N copies of the outputs come back); calling the model runs it once, on
@@ -239,24 +243,21 @@ def summary_line(result):
 
 # --------------------------------------------------------------------------- kbench evaluate
 
-# The recipe whose `build_datasets` makes each dataset's test split (synthetic is decided by
-# the model's input: see `infer_recipe`).
-RECIPE_OF_DATASET = {"cifar10": "cifar_resnet", "cifar100": "cifar_resnet",
-                     "mnist": "mnist_convnet", "fashion_mnist": "mnist_convnet",
-                     "digits": "mnist_convnet", "imdb": "imdb_transformer"}
-
 
 def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
                          test_examples=None, batch_size=None, recipe=None, download=False):
-    """`kbench evaluate`: load model.keras, build its dataset's test split exactly as the
-    recipe that trained it does, evaluate, write eval.json and confusion_matrix.png.
+    """`kbench evaluate`: load model.keras, build its dataset's test split as the training run
+    built it, evaluate, write eval.json and confusion_matrix.png.
 
     Settings come from the metrics.json (or config.json) a recipe wrote next to the model
     (dataset, data_dir, seed, train/test_examples, batch_size...), then from the arguments,
-    which win. Returns the result dict, with the run's context added.
+    which win. The test split comes from kbench.tasks, or with `recipe` (a kbench recipe's
+    name or a recipe file's path) from that recipe's `build_datasets`: the way to evaluate on
+    a data set of your own. Returns the result dict, with the run's context added.
     """
     import keras
 
+    from kbench import tasks
     from kbench.data.registry import class_names
     from kbench.models.saving import load_model, run_info
 
@@ -269,79 +270,60 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
                           "it: pass --dataset NAME")
     if dataset != saved.get("dataset"):  # another dataset: the run's settings do not apply
         saved = {}
-    if recipe is None:
-        recipe = (run["recipe"] if saved else None) or infer_recipe(dataset, model)
-    module = load_recipe(recipe)
-    config = recipe_config(module, saved, model, dataset=dataset, data_dir=data_dir,
-                           test_examples=test_examples, batch_size=batch_size,
-                           download=download)
-    _, test_ds = module.build_datasets(config)
+    overrides = {k: v for k, v in dict(dataset=dataset, data_dir=data_dir,
+                                       test_examples=test_examples, batch_size=batch_size,
+                                       download=download).items() if v is not None}
+    settings = {**saved, "download": False, **overrides}  # downloads only when asked now
+    if recipe is not None:
+        config = recipe_config(recipe, settings, model)
+        test_ds = as_stream(config.build_datasets(config.config)[1], training=False)
+        settings = dataclasses.asdict(config.config)
+    else:
+        test_ds = tasks.test_stream(dataset, model, settings)
     check_compatible(model, test_ds, model_path, dataset)
-    result = evaluate_model(model, test_ds, class_names(dataset))
+    try:
+        names = class_names(dataset)
+    except KbenchError:  # a recipe's own dataset: classes are numbered
+        names = None
+    result = evaluate_model(model, test_ds, names)
     context = {"model_path": os.path.abspath(model_path), "model": model.name,
-               "dataset": dataset, "recipe": recipe, "backend": keras.backend.backend(),
-               "config": {k: getattr(config, k) for k in (
+               "dataset": dataset, "recipe": recipe or run["recipe"],
+               "backend": keras.backend.backend(),
+               "config": {k: settings.get(k) for k in (
                    "dataset", "data_dir", "seed", "train_examples", "test_examples",
                    "batch_size")}}
+    context["config"]["batch_size"] = test_ds.batch_size or context["config"]["batch_size"]
     result = {**context, **result}
     write_evaluation(result, output_dir)
     return result
 
 
-def infer_recipe(dataset, model):
-    """The recipe that makes `dataset`'s test split. `synthetic` exists in every recipe's shape,
-    so the model decides: token ids -> imdb_transformer, 32x32x3 -> cifar_resnet, else
-    mnist_convnet."""
-    if dataset in RECIPE_OF_DATASET:
-        return RECIPE_OF_DATASET[dataset]
-    if dataset != "synthetic":
-        known = ", ".join([*RECIPE_OF_DATASET, "synthetic"])
-        raise KbenchError(f"unknown dataset {dataset!r}; use one of: {known}")
-    spec = model.inputs[0]
-    if "int" in str(spec.dtype):
-        return "imdb_transformer"
-    if tuple(spec.shape[1:]) == (32, 32, 3):
-        return "cifar_resnet"
-    return "mnist_convnet"
-
-
-def load_recipe(name):
-    import importlib
-
-    try:
-        return importlib.import_module(f"recipes.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name in (f"recipes.{name}", "recipes"):
-            raise KbenchError(f"unknown recipe {name!r}: no recipes/{name}.py (run kbench from "
-                              "the kbench checkout, or pass --recipe)") from None
-        raise
-
-
-def recipe_config(module, saved, model, **overrides):
-    """The recipe's Config for evaluation: its defaults, then the saved run's settings, then
-    the non-None `overrides`. Text models without saved settings get their sequence length
-    and vocabulary size from the model itself. Downloads only when `download=True` is passed
-    (not because the training run downloaded)."""
-    import dataclasses
+def recipe_config(recipe, settings, model):
+    """The recipe (name or file) loaded, and its Config for evaluation: its defaults, then
+    `settings` where it has such fields. Text models without saved settings get their
+    sequence length and vocabulary size from the model itself. Returns a namespace with
+    `config` and `build_datasets`."""
+    import types
 
     from kbench.models.saving import vocab_size
+    from kbench.recipe import load_recipe
 
+    module = load_recipe(recipe)
     fields = {f.name for f in dataclasses.fields(module.Config)}
-    values = {k: v for k, v in saved.items() if k in fields}
-    values["download"] = False
-    values.update({k: v for k, v in overrides.items() if v is not None and k in fields})
+    values = {k: v for k, v in settings.items() if k in fields}
     if "sequence_length" in fields and "sequence_length" not in values:
         length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
         if length:
             values["sequence_length"] = int(length)
     if "vocab_size" in fields and "vocab_size" not in values and vocab_size(model):
         values["vocab_size"] = vocab_size(model)
-    return module.Config(**values)
+    return types.SimpleNamespace(config=module.Config(**values),
+                                 build_datasets=module.build_datasets)
 
 
 def check_compatible(model, test_ds, model_path, dataset):
     """One line instead of a shape error deep inside the model: inputs and classes must fit."""
-    x_spec, y_spec = test_ds.element_spec[:2]
+    x_spec, y_spec = as_stream(test_ds, training=False).dataset.element_spec[:2]
     model_shape = tuple(model.inputs[0].shape[1:])
     data_shape = tuple(x_spec.shape[1:])
     fits = len(model_shape) == len(data_shape) and all(

@@ -167,8 +167,6 @@ def build_optimizer(config, steps_per_epoch):
     else:
         raise KbenchError(f"unknown optimizer {choice!r}; use one of: {', '.join(OPTIMIZERS)}")
     # Decay only conv/dense kernels: BN scale/offset and biases are not regularized.
+    # (Under mixed_float16, model.compile wraps this in a LossScaleOptimizer itself.)
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    if config.dtype_policy == "mixed_float16":
-        # float16 gradients underflow without it; bfloat16 has float32's range and needs none.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

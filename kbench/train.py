@@ -1,102 +1,191 @@
-"""What every recipe shares: seeding, optimizer and schedule, compile, fit with timing and logs,
-evaluation, and writing results atomically.
+"""The training run: `Run`, the object every recipe's `main` drives in plain sight.
 
-A recipe is a short story on top of these: build data, build model, `fit`, `finish`.
+    with Run(config, "cifar_resnet", callbacks) as run:
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)  # Streams
+        model = run.model(build_model, given=model)
+        run.fit(model, train_ds, test_ds)  # compile with the config's optimizer, then fit
+        return run.finish(model)           # evaluate, write results, return the metrics
+
+A Run owns what every recipe shares and none should repeat: the distribution engine
+(kbench.distribute) and its scope, seeding and the dtype policy, the checkpoint state that
+`--resume` continues (kbench.checkpoint), kbench's callbacks, step timing, and writing the
+results atomically. Each `fit` is one stage with its own compile (finetune calls it twice);
+epochs are numbered across stages, and `--resume` continues in the stage its checkpoint is from.
+Under `--distribute data_parallel` every process runs the same recipe; only the chief writes
+files and prints.
 """
 
-import contextlib
 import dataclasses
-import math
 import os
 import statistics
-import subprocess
 import time
 
 import keras
 
 from kbench import backend, checkpoint
+from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
+from kbench.config import DTYPE_POLICIES
+from kbench.data.stream import as_stream
 from kbench.errors import KbenchError
-from kbench.files import (save_model_atomic, write_json_atomic,  # noqa: F401 (re-exported)
-                          write_text_atomic)
+from kbench.files import save_model_atomic, write_json_atomic
 from kbench.optim import (OPTIMIZERS, SCHEDULES, build_optimizer,  # noqa: F401 (re-exported)
                           learning_rate_schedule)
 
-DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+class Run:
+    """One training run of recipe `recipe` with `config` (a TrainConfig); a context manager
+    that starts the distribution engine on entry and shuts it down on exit.
+
+    `callbacks` are the caller's Keras callbacks, given to every `fit`.
+    """
+
+    def __init__(self, config, recipe, callbacks=()):
+        self.config = resolve_output_dir(config, recipe)
+        self.recipe = recipe
+        self.callbacks = list(callbacks)
+        self.dist = None  # kbench.distribute.Distribution, from __enter__ on
+        self.state = None  # checkpoint.RunState, when the run has an output dir
+        self.timer = StepTimer(self.config.batch_size)  # the last stage's step times
+        self.history = {}  # metric -> value per epoch this process trained, every stage
+        self.test_ds = None  # what `finish` evaluates on: the last test stream seen
+        self._stages = 0  # `fit` calls so far: the next stage's index
+        self._epochs_trained = 0
+        self._resume_stage = None  # the stage the checkpoint is from, when resuming
+
+    # ----------------------------------------------------------------------- lifetime
+
+    def __enter__(self):
+        from kbench import distribute
+
+        config = self.config
+        if config.simulate_devices:  # before anything starts the backend's runtime
+            distribute.simulate_devices(config.simulate_devices)
+        self.dist = distribute.setup(config.distribute, config.simulate_devices,
+                                     config.batch_size)
+        try:
+            setup_run(config)
+        except BaseException:
+            self.dist.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.dist.shutdown()
+        return False
+
+    @property
+    def is_chief(self):
+        """Whether this process writes files and prints (always, without distribution)."""
+        return self.dist.is_chief
+
+    @property
+    def process_config(self):
+        """The config this process trains with: the chief's as given; every other
+        data-parallel process silent and writing nothing (one writer per run)."""
+        if self.is_chief:
+            return self.config
+        return dataclasses.replace(self.config, output_dir=None, verbose=0, tensorboard=False)
+
+    # ----------------------------------------------------------------------- verbs
+
+    def datasets(self, build, given=None):
+        """The (train, test) Streams: `given` (a caller's pair of Streams or tf.data
+        pipelines) or `build(config)`, which under data-parallel training with several
+        feeding processes (torch DDP) is called as `build(config, shard=(index, count))`."""
+        if given is not None:
+            train_ds, test_ds = given
+        else:
+            shard = self.dist.data_shard()
+            train_ds, test_ds = (build(self.config, shard=shard) if shard != (0, 1)
+                                 else build(self.config))
+        train_ds = as_stream(train_ds, self.config.steps_per_epoch, training=True)
+        test_ds = as_stream(test_ds, training=False)
+        train_ds, self.test_ds = self.dist.distribute_datasets(train_ds, test_ds)
+        return train_ds, self.test_ds
+
+    def model(self, build, given=None):
+        """`given`, or `build(config)` inside the distribution's scope (where TF strategies
+        create variables); then the run's checkpoint state: a fresh one, or with --resume
+        the one in the output dir, checked against this model."""
+        with self.dist.scope():
+            model = given if given is not None else build(self.config)
+        self.state = start_or_resume(self.config, self.recipe, model.name,
+                                     write=self.is_chief)
+        if self.state is not None and self.state.epochs_done:
+            self._resume_stage = self.state.stage
+        return model
+
+    def fit(self, model, train_ds, test_ds, epochs=None, lr=None):
+        """One stage: compile `model` with the config's optimizer and loss (peak rate `lr`,
+        schedule over `epochs`; default the config's), then train it for `epochs` epochs
+        after those of earlier stages, evaluating on `test_ds` after each epoch when
+        --validate-every-epoch. Returns Keras' History, or None when the stage has nothing
+        to train (0 epochs, or finished before the checkpoint being resumed)."""
+        stage, self._stages = self._stages, self._stages + 1
+        settings = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+        config = dataclasses.replace(self.process_config, **settings)
+        train_ds = as_stream(train_ds, self.config.steps_per_epoch, training=True)
+        self.test_ds = test_ds = as_stream(test_ds, training=False)
+        resuming = stage == self._resume_stage
+        if not config.epochs or (self._resume_stage is not None and stage < self._resume_stage):
+            return None
+        state = self.state
+        with self.dist.scope():  # TF strategies create the optimizer's variables in here
+            compile_model(model, config, train_ds.steps_per_epoch)
+            if resuming:  # the checkpoint holds this stage's optimizer
+                checkpoint.restore(model, state, self.config.output_dir)
+                if self.is_chief:
+                    print(f"resuming {self.recipe} from {self.config.output_dir} after epoch "
+                          f"{state.epochs_done - 1} ({state.batches_done} batches)")
+                train_ds = train_ds.starting_at(state.stage_batches_done)
+            elif state is not None:
+                state.begin_stage(stage)
+        self.dist.prepare(model)
+        first = state.stage_first_epoch if state is not None else self._epochs_trained
+        start = state.epochs_done if state is not None else first
+        end = start if state is not None and state.stopped_early else first + config.epochs
+        self.timer = StepTimer(config.batch_size)
+        history = model.fit(
+            train_ds.dataset,
+            initial_epoch=start,
+            epochs=end,
+            steps_per_epoch=train_ds.steps_per_epoch,
+            validation_data=test_ds.dataset if config.validate_every_epoch else None,
+            callbacks=[self.timer, *self.dist.callbacks(), *self.callbacks,
+                       *run_callbacks(config, train_ds.steps_per_epoch, state)],
+            shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
+            verbose=config.verbose,
+        )
+        self._epochs_trained += len(history.epoch)
+        for key, values in history.history.items():
+            self.history.setdefault(key, []).extend(values)
+        return history
+
+    def finish(self, model, test_ds=None, **extra):
+        """Evaluate on the test split (`test_ds`, default the last one fit saw), write
+        metrics.json, eval.json and model.keras (chief only, atomically), print the summary
+        line, and return the metrics dict. `extra` items are added to metrics.json."""
+        test_ds = as_stream(test_ds, training=False) if test_ds is not None else self.test_ds
+        if test_ds is None:
+            raise KbenchError("Run.finish needs the test data: call run.datasets first")
+        config = self.process_config
+        test_metrics = final_evaluation(model, test_ds, config, self.dist)
+        return write_results(config, model, self.history, self.timer, test_metrics,
+                             extra={**extra, **self.dist.describe()}, recipe=self.recipe,
+                             state=self.state, announce=self.is_chief)
 
 
-# --------------------------------------------------------------------------- config
+def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,
+                       callbacks=()):
+    """A whole single-stage run, for recipes written before `Run`: the four verbs in order."""
+    with Run(config, recipe, callbacks) as run:
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)
+        model = run.model(build_model, given=model)
+        run.fit(model, train_ds, test_ds)
+        return run.finish(model)
 
 
-def option(default, help=" ", choices=None, metavar=None):
-    """A Config field with the help text and choices its command-line flag shows."""
-    return dataclasses.field(default=default,
-                             metadata={"help": help, "choices": choices, "metavar": metavar})
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """The knobs every recipe shares; a recipe's Config subclasses it and sets its defaults."""
-
-    dataset: str = option("synthetic", "dataset name")
-    data_dir: str | None = option(None, "where the dataset lies (archive, folder or TFDS dir)")
-    download: bool = option(False, "download the dataset when it is missing and the network answers")
-    model: str = option("resnet20", "model name from kbench.models")
-    epochs: int = option(1, "training epochs")
-    steps_per_epoch: int | None = option(None, "optimizer steps per epoch (default: one pass)")
-    batch_size: int = option(128, "global batch size")
-    lr: float = option(0.1, "peak learning rate")
-    optimizer: str = option("sgd", "sgd: momentum (--momentum, --nesterov); adam / adamw: Adam. "
-                                   "Keras decays weights decoupled (AdamW-style) under every "
-                                   "optimizer, so adam and adamw train alike; --weight-decay 0 "
-                                   "gives plain Adam", choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "decoupled weight decay on kernels (0 disables)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
-    schedule: str = option("cosine", "learning-rate schedule: constant, step (x decay_rate every "
-                                     "decay_epochs), exponential (to lr x decay_rate at the end), "
-                                     "cosine (to 0), one_cycle (up over 30%%, then down)",
-                           choices=SCHEDULES)
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup before the schedule "
-                                       "(one_cycle has its own)")
-    decay_rate: float = option(0.1, "step / exponential schedules: the decay factor")
-    decay_epochs: float | None = option(None, "step schedule: epochs between decays "
-                                              "(default: a third of the run)")
-    clip_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
-    seed: int = option(0, "seeds weights, data order, augmentation and backend RNGs")
-    output_dir: str | None = option(None, "where metrics.json, history.csv and model.keras go "
-                                          "(default: runs/<recipe>/<backend>)")
-    dtype_policy: str = option("float32", "Keras dtype policy", choices=DTYPE_POLICIES)
-    jit_compile: str = option("auto", "XLA / torch.compile: auto picks the measured best "
-                                      "for this backend and device", choices=("auto", "on", "off"))
-    validate_every_epoch: bool = option(True, "evaluate on the test split after every epoch")
-    train_examples: int | None = option(None, "use the first N training examples "
-                                              "(synthetic: generate N; default 10000)")
-    test_examples: int | None = option(None, "use the first N test examples "
-                                             "(synthetic: generate N; default 2000)")
-    distribute: str = option("none", "data_parallel: train on every device (JAX DataParallel, "
-                                     "TF MirroredStrategy, torch DDP under torchrun)",
-                             choices=("none", "data_parallel"))
-    simulate_devices: int | None = option(None, "CPU only (jax, tensorflow): split the host "
-                                                "CPU into N devices for --distribute")
-    resume: bool = option(False, "continue the run in --output-dir from its last finished epoch")
-    monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
-    early_stopping: int = option(0, "stop after this many epochs without improvement of "
-                                    "--monitor (0: off)")
-    tensorboard: bool = option(False, "write TensorBoard logs to <output-dir>/tensorboard")
-    verbose: int = option(1, "Keras progress output: 0 silent, 1 progress bar, 2 one line "
-                             "per epoch", choices=(0, 1, 2))
-
-
-def resolve_output_dir(config, recipe):
-    """Fill in the default output dir, runs/<recipe>/<backend>."""
-    if config.output_dir is None:
-        config = dataclasses.replace(config,
-                                     output_dir=os.path.join("runs", recipe, backend.name()))
-    return config
-
-
-# --------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- setup + compile
 
 
 def setup_run(config):
@@ -111,31 +200,21 @@ def setup_run(config):
 
 
 def resolve_jit_compile(setting):
-    """'auto' -> the measured per-backend default (see backend.default_jit_compile)."""
+    """--jit-compile as model.compile takes it: 'auto' is left to Keras (XLA under jax, and
+    under tensorflow only where a GPU is present: on CPU oneDNN's convolutions ran 2x faster
+    than XLA's here; torch eager, since torch.compile made CPU steps slower after a minute of
+    compiling), which is what we measured best."""
     if setting == "auto":
-        return backend.default_jit_compile()
+        return "auto"
     if setting in ("on", "off"):
         return setting == "on"
     raise KbenchError(f"--jit-compile must be auto, on or off, not {setting!r}")
 
 
-def steps_per_epoch_of(train_ds, config):
-    """Optimizer steps in one epoch: --steps-per-epoch, else one pass over the training data."""
-    if config.steps_per_epoch:
-        return int(config.steps_per_epoch)
-    if getattr(train_ds, "steps_per_epoch", None):  # kbench's endless training pipelines
-        return train_ds.steps_per_epoch
-    cardinality = int(train_ds.cardinality()) if hasattr(train_ds, "cardinality") else -1
-    if cardinality <= 0:
-        raise KbenchError("cannot tell how many batches the training data holds; "
-                          "pass --steps-per-epoch")
-    return cardinality
-
-
-# --------------------------------------------------------------------------- compile
-
-
 def compile_model(model, config, steps_per_epoch):
+    """model.compile with the config's optimizer and schedule, label-smoothed cross-entropy
+    on logits and accuracy. Under mixed_float16 Keras wraps the optimizer in a
+    LossScaleOptimizer itself (compile's auto_scale_loss)."""
     model.compile(
         optimizer=build_optimizer(config, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -187,9 +266,6 @@ class StepTimer(keras.callbacks.Callback):
         return self.batch_size * len(self.step_times) / sum(self.step_times)
 
 
-# --------------------------------------------------------------------------- fit / evaluate
-
-
 def run_callbacks(config, steps_per_epoch, state):
     """kbench's per-run callbacks: NaN guard, and with an output dir the epoch recorder
     (checkpoint, history.csv, best.keras, early stopping) and TensorBoard when asked for."""
@@ -199,8 +275,8 @@ def run_callbacks(config, steps_per_epoch, state):
     if state is not None:  # without an output dir (data-parallel non-chief) it only tracks
         found.append(checkpoint.EpochRecorder(
             config.output_dir, state, steps_per_epoch,
-            save_model=save_model_float32,
-            monitor=config.monitor, patience=config.early_stopping))
+            save_model=save_model_float32, monitor=config.monitor,
+            mode=getattr(config, "monitor_mode", "auto"), patience=config.early_stopping))
     elif config.early_stopping:
         raise KbenchError("--early-stopping needs an --output-dir to keep its state in")
     # TensorBoard last: it reads the logs the recorder and the distribution's sync settled.
@@ -210,30 +286,6 @@ def run_callbacks(config, steps_per_epoch, state):
         found.append(keras.callbacks.TensorBoard(os.path.join(config.output_dir, "tensorboard"),
                                                  write_graph=False, profile_batch=0))
     return found
-
-
-def fit(model, train_ds, test_ds, config, steps_per_epoch, callbacks=(), state=None,
-        initial_epoch=0):
-    """model.fit with kbench's timer and callbacks, for epochs initial_epoch .. config.epochs;
-    returns (keras History, StepTimer).
-
-    `state` (a checkpoint.RunState) records every finished epoch in config.output_dir, and
-    fit continues after the epochs it holds.
-    """
-    timer = StepTimer(config.batch_size)
-    first_epoch = state.epochs_done if state is not None else initial_epoch
-    last_epoch = first_epoch if state is not None and state.stopped_early else config.epochs
-    history = model.fit(
-        train_ds,
-        initial_epoch=first_epoch,
-        epochs=last_epoch,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=test_ds if config.validate_every_epoch else None,
-        callbacks=[timer, *callbacks, *run_callbacks(config, steps_per_epoch, state)],
-        shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
-        verbose=config.verbose,
-    )
-    return history, timer
 
 
 def start_or_resume(config, recipe, model_name, write=True):
@@ -260,99 +312,14 @@ def start_or_resume(config, recipe, model_name, write=True):
     return state
 
 
-def resume_from_checkpoint(model, train_ds, state, config, recipe, announce=True):
-    """Load the checkpoint into the compiled model (on every replica) and return the training
-    stream where the checkpointed stage left it."""
-    checkpoint.restore(model, state, config.output_dir)
-    if announce:
-        print(f"resuming {recipe} from {config.output_dir} after epoch {state.epochs_done - 1} "
-              f"({state.batches_done} batches)")
-    return resume_data(train_ds, state.stage_batches_done)
-
-
-def resume_data(train_ds, batches_done):
-    """The training stream after its first `batches_done` batches.
-
-    kbench's pipelines restart there directly (`starting_at`); another tf.data pipeline is
-    replayed and the first batches dropped, which continues it exactly when it is
-    deterministic (seeded) and endless.
-    """
-    if not batches_done:
-        return train_ds
-    if hasattr(train_ds, "starting_at"):
-        return train_ds.starting_at(batches_done)
-    resumed = train_ds.skip(batches_done)
-    resumed.steps_per_epoch = getattr(train_ds, "steps_per_epoch", None)
-    return resumed
-
-
-def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,
-                       callbacks=()):
-    """The body of a recipe's `main`: distribution engine, seed and dtype policy, data and
-    model (the recipe's own builders unless the caller passes theirs), compile, fit (or resume),
-    evaluate, write results.
-
-    `recipe` names the default output folder, runs/<recipe>/<backend>. Returns the metrics
-    dict that metrics.json holds. With --distribute data_parallel every process runs this;
-    only the chief writes files and prints (a caller's `model` must be built after this
-    starts the engine, so pass a builder instead where that matters).
-    """
-    config = resolve_output_dir(config, recipe)
-    with distributed(config) as dist:
-        setup_run(config)
-        train_ds, test_ds = dist.distribute_datasets(
-            *(datasets if datasets is not None else sharded_datasets(build_datasets, config, dist)))
-        with dist.scope():  # TF strategies create the variables of what is built in here
-            model = model if model is not None else build_model(config)
-            state = start_or_resume(config, recipe, model.name, write=dist.is_chief)
-            steps_per_epoch = steps_per_epoch_of(train_ds, config)
-            compile_model(model, config, steps_per_epoch)
-            if state is not None and state.epochs_done:
-                train_ds = resume_from_checkpoint(model, train_ds, state, config, recipe,
-                                                  announce=dist.is_chief)
-        dist.prepare(model)
-        run_config = process_config(config, dist)
-        history, timer = fit(model, train_ds, test_ds, run_config, steps_per_epoch,
-                             [*dist.callbacks(), *callbacks], state)
-        return finish(run_config, model, history, timer,
-                      final_evaluation(model, test_ds, run_config, dist), recipe=recipe,
-                      state=state, extra=dist.describe(), announce=dist.is_chief)
-
-
-@contextlib.contextmanager
-def distributed(config):
-    """The run's distribution engine (kbench.distribute; one replica with --distribute none),
-    started before anything else touches the backend's runtime, shut down at the end."""
-    from kbench import distribute
-
-    if config.simulate_devices:  # before anything starts the backend's runtime
-        distribute.simulate_devices(config.simulate_devices)
-    dist = distribute.setup(config.distribute, config.simulate_devices, config.batch_size)
-    try:
-        yield dist
-    finally:
-        dist.shutdown()
-
-
-def sharded_datasets(build_datasets, config, dist):
-    """The recipe's (train, test) pipelines, the training stream cut to this process's share
-    of every global batch when the engine has several processes feed it (torch DDP)."""
-    shard = dist.data_shard()
-    return build_datasets(config, shard=shard) if shard != (0, 1) else build_datasets(config)
-
-
-def process_config(config, dist):
-    """The config this process trains with: the chief's as given; every other data-parallel
-    process silent and writing nothing (one writer per run)."""
-    if dist.is_chief:
-        return config
-    return dataclasses.replace(config, output_dir=None, verbose=0, tensorboard=False)
+# --------------------------------------------------------------------------- results
 
 
 def evaluate(model, test_ds, verbose=0):
     """Keras' own evaluation: test loss (the compiled loss, label smoothing included) and
     accuracy."""
-    results = model.evaluate(test_ds, return_dict=True, verbose=verbose)
+    results = model.evaluate(as_stream(test_ds, training=False).dataset, return_dict=True,
+                             verbose=verbose)
     return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"])}
 
 
@@ -397,17 +364,16 @@ def save_model_float32(model, path):
     save_model_atomic(model, path)
 
 
-def finish(config, model, history, timer, test_metrics, extra=None, recipe=None, state=None,
-           announce=True):
+def write_results(config, model, history, timer, test_metrics, extra=None, recipe=None,
+                  state=None, announce=True):
     """Write metrics.json and model.keras into the output dir (atomically), print the summary
-    line (when `announce`), and return the metrics dict. With a RunState, the epochs and
-    history are the whole run's, resumed sessions included. `extra` (e.g. the distribution's
-    description, num_replicas included) is merged in last."""
+    line (when `announce`), and return the metrics dict. `history` is {metric: values}; with a
+    RunState, the epochs and history are the whole run's, resumed sessions included. `extra`
+    (e.g. the distribution's description, num_replicas included) is merged in last."""
     if state is not None:
-        epochs_done, history_dict = state.epochs_done, state.history
+        epochs_done, history = state.epochs_done, state.history
     else:
-        epochs_done = len(history.epoch) if history is not None else 0
-        history_dict = history.history if history is not None else {}
+        epochs_done = len(next(iter(history.values()), []))
     metrics = {
         "backend": backend.name(),
         "recipe": recipe,
@@ -420,13 +386,13 @@ def finish(config, model, history, timer, test_metrics, extra=None, recipe=None,
         "step_time_ms": (1000 * statistics.median(timer.step_times)) if timer.step_times else None,
         "num_replicas": 1,
         "params": model.count_params(),
-        "jit_compile": resolve_jit_compile(config.jit_compile),
+        "jit_compile": bool(model.jit_compile),  # what Keras resolved --jit-compile to
         "dtype_policy": config.dtype_policy,
-        "history": {k: [float(v) for v in vs] for k, vs in history_dict.items()},
+        "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "config": dataclasses.asdict(config),
         "versions": backend.versions(),
         "devices": backend.devices(),
-        "git_commit": git_commit(),
+        "git_commit": backend.git_commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
@@ -447,26 +413,3 @@ def finish(config, model, history, timer, test_metrics, extra=None, recipe=None,
           + f", {metrics['num_replicas']} replica(s)"
           + (f"; results in {config.output_dir}" if config.output_dir else ""))
     return metrics
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def git_commit():
-    """The kbench checkout's commit, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def percentile(values, q):
-    """Linear-interpolated percentile, q in [0, 100]."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

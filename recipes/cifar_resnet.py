@@ -11,9 +11,10 @@ story, top to bottom:
    prefetches. tf.data feeds all three backends.
 2. Model: a ResNet from the kbench registry (ResNet-20 by default, He et al. 2016). It takes
    raw 0..255 pixels; normalisation is its first layer, so the saved model needs nothing else.
-3. Training (kbench.train.train_and_evaluate, shared by every recipe): SGD with Nesterov
-   momentum, linear warmup then cosine decay, label smoothing and weight decay on kernels;
-   XLA where the backend benefits (`--jit-compile auto`).
+3. Training (`main`, through kbench's `Run`): `run.fit` compiles the model with SGD with
+   Nesterov momentum, linear warmup then cosine decay, label smoothing and weight decay on
+   kernels (XLA where Keras' `jit_compile="auto"` picks it), then calls `model.fit`; the Run
+   owns devices, seeding, checkpoints (`--resume`) and timing.
 4. Results in --output-dir: metrics.json, history.csv (one row per epoch), model.keras.
 
 As a template: `main(config, model=my_model, datasets=(train_ds, test_ds))` trains your own
@@ -23,14 +24,15 @@ network and/or data with everything else unchanged.
 import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
-from kbench import data, train
+from kbench import data, tasks
+from kbench.config import TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
-from kbench.train import option
+from kbench.train import Run
 
 
 @dataclasses.dataclass
-class Config(train.TrainConfig):
+class Config(TrainConfig):
     dataset: str = option("cifar10", "dataset", choices=data.DATASETS)
     model: str = option("resnet20", "resnet20/32/44/56/110, preact_resnet18, resnet9")
     epochs: int = option(30, "training epochs")
@@ -41,13 +43,9 @@ class Config(train.TrainConfig):
 
 
 def build_datasets(config, shard=(0, 1)):
-    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels); `shard` is this
-    process's part of every training batch under data-parallel training (kbench.distribute)."""
-    arrays = data.load_dataset(config.dataset, config.data_dir, download=config.download,
-                               train_examples=config.train_examples,
-                               test_examples=config.test_examples, seed=config.seed)
-    return data.make_datasets(arrays, config.batch_size, seed=config.seed,
-                              augment=config.augment, cutout=config.cutout, shard=shard)
+    """(train, test) Streams of (float32 pixels, one-hot labels); `shard` is this process's
+    part of every training batch under data-parallel training (kbench.distribute)."""
+    return tasks.image_streams(config, shard=shard)
 
 
 def build_model(config):
@@ -59,10 +57,14 @@ def main(config, model=None, datasets=None, callbacks=()):
     """Train and evaluate; returns the metrics dict that metrics.json holds.
 
     `model` (a compiled or uncompiled keras.Model taking 0..255 pixels) and `datasets` (a
-    (train, test) pair of tf.data pipelines yielding one-hot labels) replace the defaults.
+    (train, test) pair of Streams or tf.data pipelines yielding one-hot labels) replace the
+    defaults; `callbacks` are Keras callbacks added to fit's.
     """
-    return train.train_and_evaluate(config, "cifar_resnet", build_model, build_datasets,
-                                    model=model, datasets=datasets, callbacks=callbacks)
+    with Run(config, "cifar_resnet", callbacks) as run:  # devices, seed, dtype policy, resume
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)
+        model = run.model(build_model, given=model)
+        run.fit(model, train_ds, test_ds)  # compile (SGD, schedule, loss), then model.fit
+        return run.finish(model)  # evaluate; metrics.json, history.csv, model.keras
 
 
 if __name__ == "__main__":

@@ -31,18 +31,19 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
-from kbench import data, train
+from kbench import data, tasks
+from kbench.config import TrainConfig, option
 from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models.layers import PortableNormal
 from kbench.models.saving import load_model
-from kbench.train import option
+from kbench.train import Run
 
 DATASETS = ("cifar100", "cifar10", "synthetic")
 
 
 @dataclasses.dataclass
-class Config(train.TrainConfig):
+class Config(TrainConfig):
     init_from: str | None = option(None, "the trained model.keras to start from, e.g. "
                                          "runs/cifar_resnet/jax/model.keras")
     dataset: str = option("cifar100", "cifar100, cifar10, synthetic (CIFAR-100-shaped)",
@@ -59,14 +60,9 @@ class Config(train.TrainConfig):
 
 
 def build_datasets(config, shard=(0, 1)):
-    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels); `shard` is this
-    process's part of every training batch under data-parallel training (kbench.distribute)."""
-    arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
-                              train_examples=config.train_examples,
-                              test_examples=config.test_examples, seed=config.seed,
-                              synthetic_like="cifar100")
-    return data.make_datasets(arrays, config.batch_size, seed=config.seed,
-                              augment=config.augment, cutout=config.cutout, shard=shard)
+    """(train, test) Streams of (float32 pixels, one-hot labels); `shard` is this process's
+    part of every training batch under data-parallel training (kbench.distribute)."""
+    return tasks.image_streams(config, shard=shard, synthetic_like="cifar100")
 
 
 def load_pretrained(path):
@@ -134,59 +130,23 @@ def main(config, model=None, datasets=None, callbacks=()):
     """Fine-tune in two stages and evaluate; returns the metrics dict that metrics.json holds.
 
     `model` (a keras.Model taking 0..255 pixels whose last layer is its classifier) and
-    `datasets` (a (train, test) pair of tf.data pipelines yielding one-hot labels) replace
-    the defaults. `callbacks` see both stages; the reported step times are the last stage's.
-    Epochs are numbered across both stages (stage 2 follows stage 1 in history.csv), every
-    epoch is checkpointed like any recipe's, and `--resume` continues in the stage the
-    checkpoint is from (early stopping ends a stage, not the run).
+    `datasets` (a (train, test) pair of Streams or tf.data pipelines yielding one-hot labels)
+    replace the defaults. `callbacks` see both stages; the reported step times are the last
+    stage's. Each `run.fit` is a stage with its own optimizer: epochs are numbered across
+    both (stage 2 follows stage 1 in history.csv), every epoch is checkpointed, and
+    `--resume` continues in the stage the checkpoint is from (early stopping ends a stage).
     """
-    config = train.resolve_output_dir(config, "finetune")
     if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
         raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
-    with train.distributed(config) as dist:
-        train.setup_run(config)
-        train_ds, test_ds = dist.distribute_datasets(
-            *(datasets if datasets is not None
-              else train.sharded_datasets(build_datasets, config, dist)))
-        with dist.scope():
-            model = model if model is not None else build_model(config)
-        state = train.start_or_resume(config, "finetune", model.name, write=dist.is_chief)
-        resume_stage = state.stage if state is not None and state.epochs_done else None
-        run_config = train.process_config(config, dist)
-        steps_per_epoch = train.steps_per_epoch_of(train_ds, config)
-        history = keras.callbacks.History()
-        history.epoch, history.history = [], {}
-        timer = train.StepTimer(config.batch_size)  # stays empty if nothing is left to train
-        stages = ((freeze_all_but_head, config.head_epochs, config.lr),
-                  (unfreeze_all_but_batchnorm, config.epochs, config.finetune_lr))
-        for index, (set_trainable, epochs, lr) in enumerate(stages):
-            if not epochs or (resume_stage is not None and index < resume_stage):
-                continue  # nothing to train, or finished before the checkpoint
-            set_trainable(model)
-            stage = dataclasses.replace(run_config, epochs=epochs, lr=lr)
-            stage_ds = train_ds
-            with dist.scope():  # what trains changed: compile again
-                train.compile_model(model, stage, steps_per_epoch)
-                if index == resume_stage:  # the checkpoint holds this stage's optimizer
-                    stage_ds = train.resume_from_checkpoint(model, train_ds, state, config,
-                                                            "finetune", announce=dist.is_chief)
-                elif state is not None:
-                    state.begin_stage(index)
-            dist.prepare(model)
-            first = state.stage_first_epoch if state is not None else len(history.epoch)
-            # fit runs epochs from the state's finished ones (or `first`) to first + epochs.
-            result, timer = train.fit(model, stage_ds, test_ds,
-                                      dataclasses.replace(stage, epochs=first + epochs),
-                                      steps_per_epoch, [*dist.callbacks(), *callbacks], state,
-                                      initial_epoch=first)
-            history.epoch += result.epoch
-            for key, values in result.history.items():
-                history.history.setdefault(key, []).extend(values)
-        extra = {"init_from": config.init_from, "head_epochs": config.head_epochs,
-                 "finetune_epochs": config.epochs, **dist.describe()}
-        return train.finish(run_config, model, history, timer,
-                            train.final_evaluation(model, test_ds, run_config, dist), extra,
-                            recipe="finetune", state=state, announce=dist.is_chief)
+    with Run(config, "finetune", callbacks) as run:  # devices, seed, dtype policy, resume
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)
+        model = run.model(build_model, given=model)
+        freeze_all_but_head(model)  # stage 1: the new head learns the new classes
+        run.fit(model, train_ds, test_ds, epochs=config.head_epochs, lr=config.lr)
+        unfreeze_all_but_batchnorm(model)  # stage 2: everything but BatchNorm, gently
+        run.fit(model, train_ds, test_ds, epochs=config.epochs, lr=config.finetune_lr)
+        return run.finish(model, init_from=config.init_from, head_epochs=config.head_epochs,
+                          finetune_epochs=config.epochs)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,19 @@ network and/or data with everything else unchanged.
 import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
-from kbench import data, train
+from kbench import data, tasks
+from kbench.config import TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
-from kbench.train import option
+from kbench.optim import OPTIMIZERS
+from kbench.train import Run
 
 ARCHS = {"transformer": "text_transformer", "lstm": "text_lstm"}
 NUM_CLASSES = 2  # negative, positive (the synthetic stand-in too)
 
 
 @dataclasses.dataclass
-class Config(train.TrainConfig):
+class Config(TrainConfig):
     dataset: str = option("imdb", "imdb, or synthetic (learnable, no data needed)",
                           choices=data.TEXT_DATASETS)
     arch: str = option("transformer", "transformer encoder or recurrent (LSTM) model",
@@ -51,21 +53,16 @@ class Config(train.TrainConfig):
     dropout: float = option(0.1, "dropout rate")
     epochs: int = option(2, "training epochs")
     batch_size: int = option(32, "global batch size")
-    optimizer: str = option("adamw", "sgd, adam or adamw", choices=train.OPTIMIZERS)
+    optimizer: str = option("adamw", "sgd, adam or adamw", choices=OPTIMIZERS)
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(1e-2, "decoupled weight decay on kernels and embeddings")
     warmup_epochs: float = option(0.1, "linear learning-rate warmup before the cosine decay")
 
 
 def build_datasets(config, shard=(0, 1)):
-    """(train, test) tf.data pipelines of (int32 token ids, one-hot labels); `shard` is this
-    process's part of every training batch under data-parallel training (kbench.distribute)."""
-    arrays = data.load_text_dataset(config.dataset, config.data_dir, download=config.download,
-                                    train_examples=config.train_examples,
-                                    test_examples=config.test_examples, seed=config.seed,
-                                    vocab_size=config.vocab_size,
-                                    sequence_length=config.sequence_length)
-    return data.make_text_datasets(arrays, config.batch_size, seed=config.seed, shard=shard)
+    """(train, test) Streams of (int32 token ids, one-hot labels); `shard` is this process's
+    part of every training batch under data-parallel training (kbench.distribute)."""
+    return tasks.text_streams(config, shard=shard)
 
 
 def build_model(config):
@@ -84,10 +81,14 @@ def main(config, model=None, datasets=None, callbacks=()):
     """Train and evaluate; returns the metrics dict that metrics.json holds.
 
     `model` (a compiled or uncompiled keras.Model taking int32 token ids) and `datasets` (a
-    (train, test) pair of tf.data pipelines yielding one-hot labels) replace the defaults.
+    (train, test) pair of Streams or tf.data pipelines yielding one-hot labels) replace the
+    defaults; `callbacks` are Keras callbacks added to fit's.
     """
-    return train.train_and_evaluate(config, "imdb_transformer", build_model, build_datasets,
-                                    model=model, datasets=datasets, callbacks=callbacks)
+    with Run(config, "imdb_transformer", callbacks) as run:  # devices, seed, policy, resume
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)
+        model = run.model(build_model, given=model)
+        run.fit(model, train_ds, test_ds)  # compile (AdamW, schedule, loss), then model.fit
+        return run.finish(model)  # evaluate; metrics.json, history.csv, model.keras
 
 
 if __name__ == "__main__":

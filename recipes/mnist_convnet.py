@@ -24,22 +24,24 @@ network and/or data with everything else unchanged.
 import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
-from kbench import data, train
+from kbench import data, tasks
+from kbench.config import TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
-from kbench.train import option
+from kbench.optim import OPTIMIZERS
+from kbench.train import Run
 
 DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 
 
 @dataclasses.dataclass
-class Config(train.TrainConfig):
+class Config(TrainConfig):
     dataset: str = option("mnist", "mnist, fashion_mnist, digits (scikit-learn's 8x8 digits, "
                                    "no download), synthetic (MNIST-shaped)", choices=DATASETS)
     model: str = option("convnet", "model name from kbench.models")
     epochs: int = option(10, "training epochs")
     batch_size: int = option(64, "global batch size")
-    optimizer: str = option("adam", "sgd, adam or adamw", choices=train.OPTIMIZERS)
+    optimizer: str = option("adam", "sgd, adam or adamw", choices=OPTIMIZERS)
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "decoupled weight decay on kernels (0 disables)")
     warmup_epochs: float = option(1.0, "linear learning-rate warmup before the cosine decay")
@@ -49,19 +51,9 @@ class Config(train.TrainConfig):
 
 
 def build_datasets(config, shard=(0, 1)):
-    """(train, test) tf.data pipelines of (float32 pixels, one-hot labels); `shard` is this
-    process's part of every training batch under data-parallel training (kbench.distribute)."""
-    arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
-                              train_examples=config.train_examples,
-                              test_examples=config.test_examples, seed=config.seed,
-                              synthetic_like="mnist")
-    train_ds = data.make_pipeline(arrays.x_train, arrays.y_train, arrays.num_classes,
-                                  config.batch_size, training=True, seed=config.seed,
-                                  augment=config.augment, crop_padding=config.crop_padding,
-                                  shard=shard)
-    test_ds = data.make_pipeline(arrays.x_test, arrays.y_test, arrays.num_classes,
-                                 config.batch_size, training=False)
-    return train_ds, test_ds
+    """(train, test) Streams of (float32 pixels, one-hot labels); `shard` is this process's
+    part of every training batch under data-parallel training (kbench.distribute)."""
+    return tasks.image_streams(config, shard=shard, synthetic_like="mnist")
 
 
 def build_model(config):
@@ -74,10 +66,14 @@ def main(config, model=None, datasets=None, callbacks=()):
     """Train and evaluate; returns the metrics dict that metrics.json holds.
 
     `model` (a compiled or uncompiled keras.Model taking 0..255 pixels) and `datasets` (a
-    (train, test) pair of tf.data pipelines yielding one-hot labels) replace the defaults.
+    (train, test) pair of Streams or tf.data pipelines yielding one-hot labels) replace the
+    defaults; `callbacks` are Keras callbacks added to fit's.
     """
-    return train.train_and_evaluate(config, "mnist_convnet", build_model, build_datasets,
-                                    model=model, datasets=datasets, callbacks=callbacks)
+    with Run(config, "mnist_convnet", callbacks) as run:  # devices, seed, dtype policy, resume
+        train_ds, test_ds = run.datasets(build_datasets, given=datasets)
+        model = run.model(build_model, given=model)
+        run.fit(model, train_ds, test_ds)  # compile (Adam, schedule, loss), then model.fit
+        return run.finish(model)  # evaluate; metrics.json, history.csv, model.keras
 
 
 if __name__ == "__main__":

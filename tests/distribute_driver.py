@@ -139,11 +139,11 @@ def main(argv=None):
     if backend.name() == "jax":
         watch_jax_sharding()
     started = time.perf_counter()
-    history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps,
-                        validation_data=test_ds, callbacks=dist.callbacks(), shuffle=False,
-                        verbose=0)
+    history = model.fit(train_ds.dataset, epochs=args.epochs, steps_per_epoch=args.steps,
+                        validation_data=test_ds.dataset, callbacks=dist.callbacks(),
+                        shuffle=False, verbose=0)
     fit_s = time.perf_counter() - started
-    test = model.evaluate(test_ds, return_dict=True, verbose=0)
+    test = model.evaluate(test_ds.dataset, return_dict=True, verbose=0)
 
     def checksum(variable):
         value = np.asarray(keras.ops.convert_to_numpy(variable.value), np.float64)

@@ -20,8 +20,24 @@ TINY = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", "16", "
         "--warmup-steps", "1", "--set", "train_examples=256", "--set", "test_examples=64"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def user_folder(tmp_path_factory):
+    """Every compare here runs from a user's project folder that holds its own `recipes`
+    package whose cifar_resnet.py raises on import: kbench must use its own recipe files."""
+    global WORKDIR
+    WORKDIR = tmp_path_factory.mktemp("project")
+    (WORKDIR / "recipes").mkdir()
+    (WORKDIR / "recipes" / "__init__.py").write_text("")
+    (WORKDIR / "recipes" / "cifar_resnet.py").write_text(
+        "raise RuntimeError('the user recipes package was imported')\n")
+    return WORKDIR
+
+
+WORKDIR = REPO
+
+
 def kbench(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "kbench.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "kbench.cli", *args], cwd=WORKDIR,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow"})
 
@@ -61,6 +77,11 @@ def test_all_backends_and_native_twins(tmp_path):
     assert "vs native" in result.stdout
     # The Keras runs leave their metrics and model behind.
     assert (out / "runs" / "jax-r0" / "metrics.json").is_file()
+    # kbench evaluate on one of them, from the same folder: the test split from kbench alone.
+    result = kbench("evaluate", str(out / "runs" / "torch-r0" / "model.keras"),
+                    "--output-dir", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_examples"] == 64
 
 
 def test_a_failed_backend_is_recorded_and_the_others_kept(tmp_path):

@@ -166,7 +166,7 @@ def test_synthetic_is_learnable():
 
 
 def take(ds, n):
-    return [(np.asarray(x), np.asarray(y)) for x, y in ds.take(n)]
+    return [(np.asarray(x), np.asarray(y)) for x, y in ds.dataset.take(n)]
 
 
 def test_pipeline_is_seeded_and_changes_every_epoch():
@@ -222,3 +222,34 @@ def test_impossible_batch_size():
     arrays = data.load_dataset("synthetic", train_examples=32, test_examples=8)
     with pytest.raises(KbenchError, match="batch size 64 is impossible"):
         data.make_datasets(arrays, batch_size=64)
+
+
+@pytest.mark.backend_independent
+def test_streams_carry_their_sizes_and_restart_exactly(capsys):
+    import tensorflow as tf
+
+    arrays = data.load_dataset("synthetic", train_examples=64, test_examples=20)
+    train, test = data.make_datasets(arrays, batch_size=16, seed=3)
+    assert (train.steps_per_epoch, train.num_examples, train.batch_size) == (4, 64, 16)
+    assert (test.steps_per_epoch, test.num_examples, test.batch_size) == (None, 20, 16)
+    assert train.exact_restart and not test.exact_restart
+    later = take(train, 7)[5:]
+    np.testing.assert_array_equal(take(train.starting_at(5), 2)[0][0], later[0][0])
+    # A derived pipeline keeps the sizes and still restarts exactly, through the transform.
+    options = tf.data.Options()
+    derived = train.map_dataset(lambda ds: ds.with_options(options))
+    assert derived.steps_per_epoch == 4 and derived.exact_restart
+    np.testing.assert_array_equal(take(derived.starting_at(6), 1)[0][0], later[1][0])
+    # A plain tf.data pipeline: what can be computed is, the rest is said in one line.
+    plain = tf.data.Dataset.from_tensor_slices(
+        (arrays.x_train.astype(np.float32), np.eye(10, dtype=np.float32)[
+            arrays.y_train.ravel()])).batch(16, drop_remainder=True)
+    stream = data.as_stream(plain)
+    assert (stream.steps_per_epoch, stream.batch_size, stream.num_examples) == (4, 16, None)
+    assert data.as_stream(plain, steps_per_epoch=2).steps_per_epoch == 2
+    resumed = stream.starting_at(3)
+    assert len(list(resumed.dataset)) == 1
+    assert "exact only if it is seeded and endless" in capsys.readouterr().out
+    with pytest.raises(KbenchError, match="pass --steps-per-epoch"):
+        data.as_stream(plain.repeat())
+    assert data.as_stream(plain.repeat(), training=False).dataset is not None

@@ -355,15 +355,15 @@ def test_text_pipeline_keeps_ids_and_visits_every_example_once_per_epoch():
                                     vocab_size=200, sequence_length=12)
     train, test = data.make_text_datasets(arrays, batch_size=16, seed=5)
     assert train.steps_per_epoch == 3
-    batches = [(np.asarray(x), np.asarray(y)) for x, y in train.take(6)]
-    again = [(np.asarray(x), np.asarray(y)) for x, y in train.take(6)]
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in train.dataset.take(6)]
+    again = [(np.asarray(x), np.asarray(y)) for x, y in train.dataset.take(6)]
     for (xa, ya), (xb, yb) in zip(batches, again):  # a new iterator replays the stream
         np.testing.assert_array_equal(xa, xb)
     assert batches[0][0].dtype == np.int32 and batches[0][1].shape == (16, 2)
     epoch = np.concatenate([x for x, _ in batches[:3]])
     assert sorted(map(bytes, epoch)) == sorted(map(bytes, arrays.x_train))
     assert not np.array_equal(batches[0][0], batches[3][0])  # epoch 2: another order
-    ordered = np.concatenate([np.asarray(x) for x, _ in test])
+    ordered = np.concatenate([np.asarray(x) for x, _ in test.dataset])
     np.testing.assert_array_equal(ordered, arrays.x_test)
     with pytest.raises(KbenchError, match="batch size 64 is impossible"):
         data.make_text_datasets(arrays, batch_size=64)

@@ -86,8 +86,8 @@ def test_shards_are_slices_of_the_global_batch_augmented_alike():
                                  cutout=8, shard=(i, 4)) for i in range(4)]
     assert all(s.steps_per_epoch == whole.steps_per_epoch == 6 for s in shards)
     steps = 8  # past an epoch boundary: the next epoch's order is sharded too
-    expected = list(whole.take(steps).as_numpy_iterator())
-    parts = [list(s.take(steps).as_numpy_iterator()) for s in shards]
+    expected = list(whole.dataset.take(steps).as_numpy_iterator())
+    parts = [list(s.dataset.take(steps).as_numpy_iterator()) for s in shards]
     for step, (x, y) in enumerate(expected):
         assert all(p[step][0].shape[0] == 4 for p in parts)
         np.testing.assert_array_equal(np.concatenate([p[step][0] for p in parts]), x)
@@ -99,9 +99,9 @@ def test_text_shards_and_shard_errors():
     text = data.load_text_dataset("synthetic", train_examples=64, test_examples=8, seed=0)
     whole, test = data.make_text_datasets(text, 8, seed=1)
     halves = [data.make_text_datasets(text, 8, seed=1, shard=(i, 2))[0] for i in range(2)]
-    x = next(iter(whole))[0].numpy()
+    x = next(iter(whole.dataset))[0].numpy()
     np.testing.assert_array_equal(
-        np.concatenate([next(iter(h))[0].numpy() for h in halves]), x)
+        np.concatenate([next(iter(h.dataset))[0].numpy() for h in halves]), x)
     assert test.num_examples == 8  # evaluation is never sharded
     arrays = data.load_dataset("synthetic", train_examples=64, test_examples=8, seed=0)
     for shard, message in [((0, 3), "does not split among 3 processes"),

@@ -140,7 +140,7 @@ def test_evaluate_model_matches_keras_evaluate():
     model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     test_ds = digits_test_split(examples=200, batch_size=64)  # a partial last batch
-    expected = model.evaluate(test_ds, return_dict=True, verbose=0)
+    expected = model.evaluate(test_ds.dataset, return_dict=True, verbose=0)
     result = evaluate_model(model, test_ds, class_names("digits"))
     assert result["num_examples"] == 200 and len(result["per_class"]) == 10
     assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
@@ -264,6 +264,6 @@ def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
     assert "3 outputs but digits has 10 classes" in error_of(bare, "--dataset", "digits")
     assert "takes images (8, 8, 1) but synthetic gives images (32, 32, 3)" in error_of(
         bare, "--dataset", "synthetic", "--recipe", "cifar_resnet", "--test-examples", "8")
-    assert "unknown dataset 'nope'" in error_of(bare, "--dataset", "nope")
+    assert "kbench has no dataset 'nope'" in error_of(bare, "--dataset", "nope")
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 truncated")
     assert "not a readable .keras file" in error_of(tmp_path / "broken.keras")

@@ -76,12 +76,18 @@ def test_schedules_survive_saving(schedule):
             float(keras.ops.convert_to_numpy(original(step))))
 
 
-def test_gradient_clipping_and_loss_scaling_are_set():
+def test_gradient_clipping_is_set_and_keras_scales_the_loss_under_float16():
     optimizer = train.build_optimizer(tiny(clip_norm=1.5), 10)
     assert optimizer.global_clipnorm == 1.5
-    scaled = train.build_optimizer(tiny(dtype_policy="mixed_float16", optimizer="adamw"), 10)
-    assert isinstance(scaled, keras.optimizers.LossScaleOptimizer)
-    assert scaled.inner_optimizer.global_clipnorm is None
+    config = tiny(dtype_policy="mixed_float16", optimizer="adamw")
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    train.compile_model(model, config, 10)  # compile's auto_scale_loss wraps the optimizer
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer.global_clipnorm is None
 
 
 # --------------------------------------------------------------------------- mixed precision
@@ -134,7 +140,7 @@ def test_kill_minus_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """The issue's must-show: killed with SIGKILL after its second epoch, a 4-epoch run resumed
     with --resume logs epochs 0..3 once each, reports epochs: 4, and trains the same numbers
     as a run that was never interrupted (same seed, backend and machine)."""
-    args = ["--dataset", "synthetic", "--epochs", "4", "--steps-per-epoch", "6",
+    args = ["--dataset", "synthetic", "--model", "convnet", "--epochs", "4", "--steps-per-epoch", "6",
             "--batch-size", "16", "--train-examples", "256", "--test-examples", "32",
             "--verbose", "0"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -213,6 +219,18 @@ def test_early_stopping_and_best_model(tmp_path):
     assert epoch == 3 and state.stopped_early  # two epochs without improving on 0.5
     assert state.best == 0.5 and state.best_epoch == 1 and len(saved) == 2
     assert checkpoint.load_state(tmp_path).stopped_early
+
+
+def test_monitor_direction_is_keras_rule_or_the_mode_given(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse",
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)  # builds the compiled metrics
+    assert checkpoint.higher_is_better(model, "val_accuracy")
+    assert not checkpoint.higher_is_better(model, "val_loss")
+    assert not checkpoint.higher_is_better(model, "val_accuracy", mode="min")
+    with pytest.raises(KbenchError, match="pass --monitor-mode max or min"):
+        checkpoint.higher_is_better(model, "val_f2")
 
 
 def test_early_stopping_on_a_metric_not_logged(tmp_path):

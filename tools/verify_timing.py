@@ -28,9 +28,9 @@ def fit_step_ms(batch_size, steps, model_name):
     train_ds, _ = cifar_resnet.build_datasets(config)
     model = cifar_resnet.build_model(config)
     train.compile_model(model, config, steps)
-    model.fit(train_ds, epochs=1, steps_per_epoch=3, verbose=0)  # trace and compile
+    model.fit(train_ds.dataset, epochs=1, steps_per_epoch=3, verbose=0)  # trace and compile
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=1, steps_per_epoch=steps, verbose=0)
+    history = model.fit(train_ds.dataset, epochs=1, steps_per_epoch=steps, verbose=0)
     float(history.history["loss"][-1])  # the epoch's logs are host values: work is done
     return 1000.0 * (time.perf_counter() - start) / steps
 

@@ -78,7 +78,9 @@ def add_verbs(verbs):
         "compare", help="run a recipe under every backend and compare speed, memory, accuracy",
         description="Run a recipe under each backend in its own process and report "
                     "throughput, compile time, memory and accuracy side by side.")
-    compare.add_argument("--recipe", default="cifar_resnet", help="recipe name (recipes/NAME.py)")
+    compare.add_argument("--recipe", default="cifar_resnet", metavar="NAME_OR_FILE",
+                         help="one of kbench's recipes by name, or the path of your own recipe "
+                              "file (e.g. ./my_recipe.py)")
     compare.add_argument("--backends", default=None,
                          help="comma-separated, e.g. jax,tensorflow,torch (default: installed)")
     compare.add_argument("--reference", choices=("none", "native"), default="none",

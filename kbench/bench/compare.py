@@ -24,6 +24,7 @@ import time
 
 from kbench.bench import records
 from kbench.errors import KbenchError
+from kbench.recipe import recipe_path
 
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 # Native twin -> the framework it needs (and whose interpreter runs it).
@@ -119,7 +120,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     """Run one worker process and return its record (ok, failed or timeout)."""
     python = options.python.get(framework, sys.executable)
     label = f"{name}-dp" if distributed else name
-    spec = {"recipe": options.recipe, "runner": runner, "steps": options.steps,
+    spec = {"recipe": _recipe_for_worker(options.recipe), "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
             "config": {**run_config(options),
                        **(distribute_config(framework, options) if distributed else {}),
@@ -166,6 +167,13 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     return record
 
 
+def _recipe_for_worker(recipe):
+    """A recipe name as it is; a recipe file as an absolute path."""
+    if recipe.endswith(".py") or os.sep in recipe:
+        return recipe_path(recipe)
+    return recipe
+
+
 def _kill_group(proc):
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -199,6 +207,7 @@ def compare(options, console=None):
     from kbench.bench import report
 
     runs = plan_runs(options)
+    recipe_path(options.recipe)  # an unknown recipe is one line now, not a failure per run
     out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.jsonl")

@@ -1,10 +1,10 @@
 """What the native reference loops (plain JAX + optax, plain PyTorch) share with each other and
 with the Keras runs they are compared against.
 
-A native twin must train the very same thing as the Keras recipe, so everything that defines
-"the same thing" comes from one place: the initial weights are copied out of the Keras model the
-recipe builds, the batches come from the recipe's own tf.data pipeline, the learning rate is the
-Keras schedule evaluated at each step, and the clock is read exactly where `kbench.train.StepTimer`
+A native twin must train the very same thing as the Keras run, so everything that defines
+"the same thing" comes from kbench itself, never from a recipe module: the initial weights are
+copied out of the Keras model kbench's registry builds, the batches come from kbench.tasks'
+tf.data pipeline, the learning rate is the Keras schedule evaluated at each step, and the clock is read exactly where `kbench.train.StepTimer`
 reads it for Keras. Only the model and the update step are written per framework.
 """
 
@@ -17,6 +17,8 @@ import numpy as np
 from kbench import train
 from kbench.errors import KbenchError
 
+# The data sets whose images the twins' networks take (32x32x3).
+CIFAR_DATASETS = ("cifar10", "cifar100", "synthetic")
 # The CIFAR ResNets of kbench.models.resnet.cifar_resnet that have native twins.
 CIFAR_RESNET_DEPTHS = {f"resnet{d}": d for d in (20, 32, 44, 56, 110)}
 WIDTHS = (16, 32, 64)
@@ -40,14 +42,32 @@ def resnet_depth(model_name):
 
 
 def check_config(config):
-    """Refuse what the native loops do not implement, instead of timing something else."""
+    """Refuse what the native loops do not implement, instead of timing something else: they
+    train a CIFAR ResNet with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
+    on Keras' cosine schedule with linear warmup, in float32, without gradient clipping, on one
+    device."""
     resnet_depth(config.model)
-    if getattr(config, "optimizer", "sgd") != "sgd":
-        raise KbenchError(f"native reference implements SGD only, not {config.optimizer!r}; "
-                          "use --set optimizer=sgd to compare against it")
-    if config.dtype_policy != "float32":
-        raise KbenchError(f"native reference runs float32 only, not {config.dtype_policy!r}; "
-                          "use --dtype-policy float32 to compare against it")
+    refusals = (
+        (getattr(config, "optimizer", "sgd") != "sgd",
+         f"SGD only, not {getattr(config, 'optimizer', None)!r}", "--set optimizer=sgd"),
+        (getattr(config, "schedule", "cosine") != "cosine",
+         f"the cosine schedule only, not {getattr(config, 'schedule', None)!r}",
+         "--set schedule=cosine"),
+        (bool(getattr(config, "clip_norm", 0.0)),
+         f"no gradient clipping (clip_norm {getattr(config, 'clip_norm', None)})",
+         "--set clip_norm=0"),
+        (config.dtype_policy != "float32", f"float32 only, not {config.dtype_policy!r}",
+         "--dtype-policy float32"),
+        (getattr(config, "distribute", "none") != "none", "one device only",
+         "--distribute none"),
+        (config.dataset not in CIFAR_DATASETS,
+         f"the CIFAR-shaped data sets only ({', '.join(CIFAR_DATASETS)}), not "
+         f"{config.dataset!r}", "--dataset synthetic"),
+    )
+    for refused, what, fix in refusals:
+        if refused:
+            raise KbenchError(f"native reference implements {what}; use {fix} to compare "
+                              "against it")
 
 
 def stage_plan(depth):
@@ -87,12 +107,14 @@ class ResNetWeights:
 
 
 def build_keras_model(config):
-    """The Keras model the recipe trains, seeded and built the way the recipe builds it."""
-    from recipes import cifar_resnet
+    """The Keras model the Keras runs train (kbench's registry, seeded the same way)."""
+    from kbench import data
+    from kbench.models import get_model
 
     check_config(config)
     train.setup_run(config)
-    return cifar_resnet.build_model(config)
+    return get_model(config.model, num_classes=data.num_classes(config.dataset),
+                     seed=config.seed)
 
 
 def initial_weights(config):
@@ -167,11 +189,14 @@ def learning_rates(config, steps_per_epoch, count):
 
 
 def datasets(config):
-    """The recipe's own (train, test) tf.data pipelines and its steps per epoch."""
-    from recipes import cifar_resnet
+    """The (train, test) Streams the Keras runs train on (kbench.tasks, augmented as the
+    config says) and the steps per epoch."""
+    from kbench import tasks
+    from kbench.data.stream import as_stream
 
-    train_ds, test_ds = cifar_resnet.build_datasets(config)
-    return train_ds, test_ds, train.steps_per_epoch_of(train_ds, config)
+    train_ds, test_ds = tasks.image_streams(config)
+    train_ds = as_stream(train_ds, config.steps_per_epoch)
+    return train_ds, test_ds, train_ds.steps_per_epoch
 
 
 def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
@@ -196,7 +221,7 @@ def timed_training(train_ds, step_fn, steps, warmup_steps):
         raise KbenchError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
     ends, losses = [], []
     start = time.perf_counter()
-    batches = train_ds.as_numpy_iterator()
+    batches = train_ds.dataset.as_numpy_iterator()
     for step in range(1 + warmup_steps + steps):
         images, labels = next(batches)
         losses.append(float(step_fn(step, images, labels)))
@@ -212,7 +237,7 @@ def evaluate(test_ds, eval_fn):
     for one batch; Keras weights each batch's mean loss by its size, which is the same mean.
     """
     total_loss, correct, count = 0.0, 0, 0
-    for images, labels in test_ds.as_numpy_iterator():
+    for images, labels in test_ds.dataset.as_numpy_iterator():
         loss_sum, hits = eval_fn(images, labels)
         total_loss += float(loss_sum)
         correct += int(hits)

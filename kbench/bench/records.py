@@ -5,11 +5,13 @@ the worker's measurements; a failed run keeps the first part plus `status` and `
 """
 
 import json
+import math
 import os
 import statistics
 import time
 
-from kbench import train
+from kbench import backend
+from kbench.files import write_text_atomic
 
 STATUSES = ("ok", "failed", "timeout")
 # Every record has these keys (None where unknown or not applicable).
@@ -29,7 +31,7 @@ def new_record(name, spec, options, command, python, repeat):
         backend=name, status="failed", recipe=spec["recipe"], model=spec["config"].get("model"),
         dataset=spec["config"].get("dataset"), batch_size=spec["config"].get("batch_size"),
         dtype_policy=spec["config"].get("dtype_policy"), config=spec["config"], command=command,
-        python=python, repeat=repeat, git_commit=train.git_commit(),
+        python=python, repeat=repeat, git_commit=backend.git_commit(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
     )
@@ -54,8 +56,8 @@ def fill_measurements(record, result):
     median = statistics.median(times_ms)
     record.update(
         step_time_ms=median,
-        step_time_p10_ms=train.percentile(times_ms, 10),
-        step_time_p90_ms=train.percentile(times_ms, 90),
+        step_time_p10_ms=percentile(times_ms, 10),
+        step_time_p90_ms=percentile(times_ms, 90),
         steps_timed=len(times_ms),
         examples_per_sec=record["batch_size"] * 1000.0 / median,
     )
@@ -76,7 +78,7 @@ def one_line(record):
 
 
 def write_jsonl_atomic(path, rows):
-    train.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def read_jsonl(path):
@@ -94,3 +96,13 @@ def read_jsonl(path):
             except json.JSONDecodeError:
                 raise KbenchError(f"{path}:{number} is not a JSON record") from None
     return rows
+
+
+def percentile(values, q):
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

@@ -5,7 +5,7 @@ import), so no run can inherit another's compiled functions, memory or thread po
 trains the recipe for 1 + warmup + N steps, times every step with the device synchronized,
 evaluates the trained model on the test split and writes its measurements as JSON.
 
-Spec keys: recipe, runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
+Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
 recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
 (null: time `steps` steps of one epoch). A data-parallel torch run starts one worker per rank
 under torchrun; rank 0 writes the result, with the global batch's throughput.
@@ -18,17 +18,6 @@ import os
 import resource
 import sys
 import time
-
-
-def load_recipe(name):
-    from kbench.errors import KbenchError
-
-    try:
-        return importlib.import_module(f"recipes.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name in (f"recipes.{name}", "recipes"):
-            raise KbenchError(f"unknown recipe {name!r}: no recipes/{name}.py") from None
-        raise
 
 
 def run_config(recipe, spec):
@@ -128,7 +117,8 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         import kbench  # noqa: F401  (validates KERAS_BACKEND, registers layers)
-        from kbench import backend, train
+        from kbench import backend
+        from kbench.recipe import load_recipe
 
         recipe = load_recipe(spec["recipe"])
         config = run_config(recipe, spec)
@@ -146,9 +136,11 @@ def main(argv=None):
         wall_s=time.perf_counter() - start,
         versions=backend.versions(),
         config=dataclasses.asdict(config),
-        git_commit=train.git_commit(),
+        git_commit=backend.git_commit(),
     )
-    train.write_json_atomic(result_path, result)
+    from kbench.files import write_json_atomic
+
+    write_json_atomic(result_path, result)
     return 0
 
 

@@ -19,7 +19,7 @@ downloaded unless the caller passes `download=True` (recipes: `--download`).
 
 Layout: sources.py (folders, network check, downloads, TFDS), cifar.py, mnist.py (+ digits),
 synthetic.py, text.py (IMDB, synthetic text), registry.py (names -> arrays), pipeline.py
-(tf.data). Everything public is re-exported here: `kbench.data.load_cifar(...)`.
+(tf.data), stream.py (`Stream`: a pipeline and its sizes, what the pipelines return). Everything public is re-exported here: `kbench.data.load_cifar(...)`.
 """
 
 from kbench.data.cifar import CIFAR, load_cifar
@@ -37,6 +37,7 @@ from kbench.data.registry import (
     num_classes,
 )
 from kbench.data.sources import default_data_dirs
+from kbench.data.stream import Stream, as_stream
 from kbench.data.synthetic import load_synthetic
 from kbench.data.text import (
     IMDB,
@@ -51,7 +52,8 @@ from kbench.data.text import (
 
 __all__ = [
     "CIFAR", "DATASETS", "IDX_FILES", "IMAGE_DATASETS", "IMAGE_INFO", "IMDB", "MNIST",
-    "TEXT_DATASETS", "Dataset", "TextDataset", "augment_batch", "default_data_dirs",
+    "TEXT_DATASETS", "Dataset", "Stream", "TextDataset", "as_stream", "augment_batch",
+    "default_data_dirs",
     "image_info", "load_cifar", "load_dataset", "load_digits", "load_images", "load_imdb",
     "load_mnist", "load_synthetic", "load_synthetic_text", "load_text_dataset",
     "make_datasets", "make_pipeline", "make_text_datasets", "make_text_pipeline",

@@ -3,6 +3,7 @@ batched augmentation, and in-order evaluation batches."""
 
 import numpy as np
 
+from kbench.data.stream import Stream
 from kbench.errors import KbenchError
 
 
@@ -15,9 +16,10 @@ def make_pipeline(images, labels, num_classes, batch_size, training, seed=0, aug
     (pad-and-random-crop, horizontal flip, optional cutout) with stateless ops seeded from
     (seed, i). The stream is a pure function of the seed: every new iterator replays it from
     the start, so JAX and PyTorch (where Keras peeks at one batch and restarts the iterator)
-    see exactly the batches TensorFlow sees. `ds.steps_per_epoch` tells fit how long an
-    epoch is; `ds.starting_at(k)` is the same stream from global step k (a resumed run).
-    Evaluation: every example once, in order. Pixels stay 0..255: normalisation
+    see exactly the batches TensorFlow sees. Returns a `Stream`: `.dataset` is the tf.data
+    pipeline, `.steps_per_epoch` tells fit how long an epoch is, `.starting_at(k)` is the
+    same stream from global step k (a resumed run).
+    Evaluation: a Stream of every example once, in order. Pixels stay 0..255: normalisation
     lives in the model.
 
     `shard=(index, count)` (training only) is for data-parallel processes that each feed their
@@ -65,10 +67,8 @@ def batched_stream(n, inputs, labels, num_classes, batch_size, training, seed, t
     if not training:
         ds = tf.data.Dataset.range(n).batch(batch_size)
         ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
         # Sizes for kbench.distribute, which checks that every batch splits over the devices.
-        ds.num_examples, ds.batch_size = n, batch_size
-        return ds
+        return Stream(ds.prefetch(tf.data.AUTOTUNE), num_examples=n, batch_size=batch_size)
 
     local = batch_size // shard_count
     start = shard_index * local
@@ -92,21 +92,19 @@ def batched_stream(n, inputs, labels, num_classes, batch_size, training, seed, t
                 x = transform(x, batch_seed)
         return x, y
 
-    def stream(first_step=0):
+    def stream_from(first_step=0):
         ds = tf.data.Dataset.counter().flat_map(epoch_batches).enumerate()
         if first_step:
             # Skips index batches only (a permutation per epoch): no pixels are gathered.
             ds = ds.skip(first_step)
         ds = ds.map(gather_and_transform, num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
-        ds.steps_per_epoch = n // batch_size  # global steps: the same for every shard
-        ds.num_examples, ds.batch_size = n, batch_size  # batch_size: global, not this shard's
-        # The same stream from global step k on: where a resumed run continues.
-        ds.starting_at = stream
-        return ds
+        return ds.prefetch(tf.data.AUTOTUNE)
 
-    return stream()
+    # steps_per_epoch counts global steps (the same for every shard); batch_size is the global
+    # batch, not this shard's; restart(k) is the same stream from global step k on.
+    return Stream(stream_from(), steps_per_epoch=n // batch_size, num_examples=n,
+                  batch_size=batch_size, restart=stream_from)
 
 
 def check_shard(shard, batch_size):

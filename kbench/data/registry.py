@@ -10,7 +10,7 @@ from kbench.data.synthetic import load_synthetic
 from kbench.errors import KbenchError
 
 
-DATASETS = ("cifar10", "cifar100", "synthetic")  # what the CIFAR ResNet recipe trains on
+DATASETS = ("cifar10", "cifar100", "synthetic")  # the CIFAR-shaped image data sets
 
 
 IMAGE_DATASETS = DATASETS + ("mnist", "fashion_mnist", "digits")  # every name load_dataset knows
@@ -71,13 +71,14 @@ def load_dataset(name, data_dir=None, download=False, train_examples=None, test_
 
 
 def load_images(name, data_dir=None, download=False, train_examples=None, test_examples=None,
-                seed=0, synthetic_like="cifar10"):
+                seed=0, synthetic_like="cifar10", synthetic_shape=None):
     """`load_dataset`, with `synthetic` shaped like the real data set `synthetic_like` (its image
-    shape and number of classes), so a recipe's synthetic stand-in fits the model it trains."""
+    shape and number of classes), so a recipe's synthetic stand-in fits the model it trains;
+    `synthetic_shape=(image_shape, num_classes)` gives the shape directly instead."""
     if name != "synthetic":
         return load_dataset(name, data_dir, download=download, train_examples=train_examples,
                             test_examples=test_examples, seed=seed)
-    shape, classes = image_info(synthetic_like)
+    shape, classes = synthetic_shape or image_info(synthetic_like)
     (x_train, y_train), (x_test, y_test) = load_synthetic(
         num_classes=classes, train_examples=train_examples or 10_000,
         test_examples=test_examples or 2_000, image_shape=shape, seed=seed)

@@ -1,0 +1,72 @@
+"""Finding a recipe for `kbench compare --recipe` and `kbench evaluate --recipe`.
+
+A recipe is named (`cifar_resnet`: one of kbench's own, shipped beside the kbench package) or
+given as a path to a Python file that follows the recipe contract (a `Config` dataclass,
+`build_model(config)`, `build_datasets(config)`, `main(config, ...)`). Either way the file is
+loaded by its path, as a module of its own: never through `import recipes...`, so a
+`recipes/` folder in the user's working directory cannot stand in for kbench's, and nothing in
+kbench depends on a recipe (recipes are leaves).
+"""
+
+import importlib.util
+import os
+import sys
+
+from kbench.errors import KbenchError
+
+# kbench's own recipes lie beside the package: in a checkout (and an editable install) the
+# repository's recipes/ folder, in a wheel install the `recipes` folder it installs.
+KBENCH_RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "recipes")
+CONTRACT = ("Config", "build_model", "build_datasets", "main")
+
+
+def installed_recipes():
+    """Names of kbench's own recipes."""
+    if not os.path.isdir(KBENCH_RECIPES):
+        return []
+    return sorted(name[:-3] for name in os.listdir(KBENCH_RECIPES)
+                  if name.endswith(".py") and not name.startswith("_"))
+
+
+def recipe_path(name_or_path):
+    """The file of a recipe: a path to a .py file as given, or a kbench recipe's name."""
+    if name_or_path.endswith(".py") or os.sep in name_or_path:
+        path = os.path.abspath(os.path.expanduser(name_or_path))
+        if not os.path.isfile(path):
+            raise KbenchError(f"recipe file {name_or_path}: no such file")
+        return path
+    path = os.path.join(KBENCH_RECIPES, f"{name_or_path}.py")
+    if not os.path.isfile(path):
+        known = ", ".join(installed_recipes()) or "none found"
+        raise KbenchError(f"unknown recipe {name_or_path!r} (kbench's recipes: {known}); "
+                          "or pass the path of your own recipe file, e.g. --recipe ./my_recipe.py")
+    return path
+
+
+def load_recipe(name_or_path):
+    """Import a recipe file as a module (`kbench_recipe_<file name>`), checked against the
+    recipe contract."""
+    path = recipe_path(name_or_path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    module_name = f"kbench_recipe_{stem}"
+    if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == path:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    missing = [name for name in CONTRACT if not hasattr(module, name)]
+    if missing:
+        raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
+                          "(a recipe defines Config, build_model, build_datasets and main)")
+    return module
+
+
+def recipe_name(name_or_path):
+    """What a recipe is called in records and output folders: its file name without .py."""
+    return os.path.splitext(os.path.basename(name_or_path))[0]
