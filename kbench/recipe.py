@@ -3,7 +3,7 @@
 A recipe is named (`cifar_resnet`: one of kbench's own, shipped beside the kbench package) or
 given as a path to a Python file that follows the recipe contract (a `Config` dataclass,
 `build_model(config)`, `build_datasets(config)`, `main(config, ...)`). Either way the file is
-loaded by its path, as a module of its own: never through `import recipes...`, so a
+loaded by its path, as a module of its own, never as part of a `recipes` package, so a
 `recipes/` folder in the user's working directory cannot stand in for kbench's, and nothing in
 kbench depends on a recipe (recipes are leaves).
 """
