@@ -37,3 +37,18 @@ def run_python():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def entry_point_error(capsys):
+    """Call an entry point (a recipe's run_recipe, kbench.cli.main) in this interpreter with
+    bad input; returns (exit status, stderr). Cheaper than a fresh interpreter per case, and
+    it runs the same code: exit_on_error prints the one line and exits."""
+
+    def call(fn, *args, **kwargs):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            fn(*args, **kwargs)
+        return exit.value.code, capsys.readouterr().err
+
+    return call

@@ -110,18 +110,20 @@ def test_a_hanging_backend_times_out(tmp_path):
     assert row["wall_s"] < 30
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path):
+def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
+    from kbench import cli
+
     for args, message in [
         (["--backends", "mxnet"], "unknown backend 'mxnet'"),
         (["--python", "jax"], "--python takes BACKEND=PATH"),
         (["--baseline", str(tmp_path / "none.jsonl")], "no such file"),
     ]:
-        result = kbench("compare", *args, "--output", str(tmp_path / "x"), timeout=120)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-        assert message in result.stderr
-    result = kbench("report", str(tmp_path / "missing.jsonl"), timeout=120)
-    assert result.returncode == 2 and "does not exist" in result.stderr
+        status, err = entry_point_error(cli.main, ["compare", *args, "--output",
+                                                   str(tmp_path / "x")])
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err
+    status, err = entry_point_error(cli.main, ["report", str(tmp_path / "missing.jsonl")])
+    assert status == 2 and "does not exist" in err
 
 
 def test_unknown_recipe_setting_fails_that_run_clearly(tmp_path):

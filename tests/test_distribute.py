@@ -312,7 +312,8 @@ def test_recipe_trains_data_parallel_on_four_simulated_devices(tmp_path):
     --distribute data_parallel --simulate-devices 4 ends with num_replicas 4, and writes
     its checkpoint and evaluation as a one-device run does."""
     out = tmp_path / "run"
-    args = [sys.executable, "recipes/cifar_resnet.py", "--dataset", "synthetic", "--epochs", "1",
+    args = [sys.executable, "recipes/cifar_resnet.py", "--dataset", "synthetic", "--model",
+            "convnet", "--epochs", "1",
             "--steps-per-epoch", "3", "--batch-size", "32", "--train-examples", "128",
             "--test-examples", "64", "--verbose", "0", "--distribute", "data_parallel",
             "--simulate-devices", "4", "--output-dir", str(out)]

@@ -24,7 +24,7 @@ from tests.conftest import BACKEND, REPO
 
 
 def tiny(tmp_path=None, **overrides):
-    settings = dict(dataset="synthetic", model="resnet20", epochs=2, steps_per_epoch=2,
+    settings = dict(dataset="synthetic", model="convnet", epochs=2, steps_per_epoch=2,
                     batch_size=16, train_examples=64, test_examples=32, verbose=0,
                     output_dir=str(tmp_path / "run") if tmp_path else None)
     settings.update(overrides)
@@ -180,8 +180,8 @@ def test_resume_errors_are_one_line(tmp_path):
     with pytest.raises(KbenchError, match="nothing to resume"):
         cifar_resnet.main(tiny(tmp_path, resume=True))
     cifar_resnet.main(tiny(tmp_path, epochs=1))
-    with pytest.raises(KbenchError, match="from model 'resnet20', this run is model 'resnet32'"):
-        cifar_resnet.main(tiny(tmp_path, model="resnet32", resume=True))
+    with pytest.raises(KbenchError, match="from model 'convnet', this run is model 'resnet20'"):
+        cifar_resnet.main(tiny(tmp_path, model="resnet20", resume=True))
     state = checkpoint.load_state(tmp_path / "run")
     (tmp_path / "run" / state.weights).write_bytes(b"not an h5 file")
     with pytest.raises(KbenchError, match="cannot load checkpoint"):
