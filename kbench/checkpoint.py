@@ -10,6 +10,12 @@ After epoch e the `EpochRecorder` callback writes, in this order:
    counter) naming that weights file; older weights files are removed only after it;
 4. `history.csv`, rebuilt from the rows in the state.
 
+`StepCheckpoint` writes the same checkpoint in the middle of an epoch: every
+`--checkpoint-every` steps, and when the run is asked to stop (SIGTERM, as clouds preempt, or
+SIGINT): then it finishes the step it is in, writes `checkpoint-<e>-<k>.weights.h5` (k batches
+into epoch e) with the epoch's metric sums so far, and raises `Interrupted`. `--resume`
+finishes that epoch from batch k (the epoch's logs as if never interrupted) and goes on.
+
 Each file is written to a temp name and renamed, so a `kill -9` at any moment leaves either the
 previous epoch's checkpoint or this one's, never a torn one. history.csv is rebuilt from the
 checkpoint's rows, so a resumed run logs every epoch exactly once. The training data needs no
@@ -27,7 +33,7 @@ import os
 
 import keras
 
-from kbench.errors import KbenchError
+from kbench.errors import Interrupted, KbenchError
 from kbench.files import save_weights_atomic, write_json_atomic, write_text_atomic
 
 STATE_FILE = "checkpoint.json"
@@ -61,6 +67,11 @@ class RunState:
     stage: int = 0
     stage_first_epoch: int = 0
     stage_first_batch: int = 0
+    # A step checkpoint, in the middle of epoch `epochs_done`: the batches of that epoch
+    # already trained, and the values of the model's metric variables (the running sums the
+    # epoch's logs are made of) after them. 0 and [] for a checkpoint at an epoch's end.
+    batches_in_epoch: int = 0
+    metric_states: list = dataclasses.field(default_factory=list)
 
     def begin_stage(self, stage):
         """Start stage `stage` here; its early-stopping count starts afresh."""
@@ -72,6 +83,15 @@ class RunState:
     def stage_batches_done(self):
         """Training batches the current stage has consumed: where its stream resumes."""
         return self.batches_done - self.stage_first_batch
+
+    def reached(self, epoch, batches_in_epoch, steps_per_epoch):
+        """Record progress to `batches_in_epoch` batches into `epoch` (the stage's epochs all
+        have `steps_per_epoch` batches); at an epoch's end, the epoch counts as done."""
+        if batches_in_epoch >= steps_per_epoch:
+            epoch, batches_in_epoch = epoch + 1, 0
+        self.epochs_done, self.batches_in_epoch = epoch, batches_in_epoch
+        self.batches_done = (self.stage_first_batch + batches_in_epoch
+                             + (epoch - self.stage_first_epoch) * steps_per_epoch)
 
     @property
     def history(self):
@@ -133,10 +153,7 @@ def restore(model, state, output_dir):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first[:200]} "
                           "(written by a different model or settings?)") from None
-    variables = rng_variables(model)
-    if len(variables) == len(state.rng_states):
-        for variable, value in zip(variables, state.rng_states):
-            variable.assign(keras.ops.convert_to_tensor(value, dtype=variable.dtype))
+    _assign(rng_variables(model), state.rng_states)
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if steps != state.steps_done:
         raise KbenchError(f"checkpoint {path} holds {steps} optimizer steps, {STATE_FILE} says "
@@ -146,6 +163,35 @@ def restore(model, state, output_dir):
 def rng_variables(model):
     """The model's seed-generator state variables, in a stable order."""
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def _assign(variables, values):
+    if len(variables) == len(values):
+        for variable, value in zip(variables, values):
+            variable.assign(keras.ops.convert_to_tensor(value, dtype=variable.dtype))
+
+
+def write_checkpoint(model, output_dir, state, weights, metric_states=()):
+    """Write `weights` (weights + optimizer) and checkpoint.json naming it, then drop the
+    previous weights file and rebuild history.csv: the order that makes a crash at any moment
+    leave one whole checkpoint."""
+    state.rng_states = [keras.ops.convert_to_numpy(v).tolist() for v in rng_variables(model)]
+    state.metric_states = [keras.ops.convert_to_numpy(v).tolist() for v in metric_states]
+    save_weights_atomic(model, os.path.join(output_dir, weights))
+    previous, state.weights = state.weights, weights
+    write_json_atomic(os.path.join(output_dir, STATE_FILE), dataclasses.asdict(state))
+    if previous and previous != weights:
+        _remove(os.path.join(output_dir, previous))
+    write_history_csv(os.path.join(output_dir, HISTORY_FILE), state.rows)
+
+
+def sync_model_variables(model):
+    """Make the model's variables hold the training state. Keras' JAX trainer keeps it outside
+    them during an epoch and syncs at the epoch's end; callbacks that read the variables
+    mid-epoch ask for a sync, as Keras' own ModelCheckpoint does."""
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
 
 
 def higher_is_better(model, monitor, mode="auto"):
@@ -192,11 +238,10 @@ class EpochRecorder(keras.callbacks.Callback):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         state = self.state
         state.rows = [row for row in state.rows if row["epoch"] < epoch] + [{"epoch": epoch, **logs}]
-        state.epochs_done = epoch + 1
         state.steps_done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        # Not the step counter: a float16 loss-scale optimizer skips steps whose gradients
-        # overflow, but their batches were consumed all the same.
-        state.batches_done += self.steps_per_epoch
+        # Batches, not the step counter: a float16 loss-scale optimizer skips steps whose
+        # gradients overflow, but their batches were consumed all the same.
+        state.reached(epoch, self.steps_per_epoch, self.steps_per_epoch)
         self._track_best(epoch, logs)
         if self.output_dir is not None:
             self._write_checkpoint(epoch)
@@ -207,16 +252,8 @@ class EpochRecorder(keras.callbacks.Callback):
                       f"epochs (best {state.best:.4f} at epoch {state.best_epoch})")
 
     def _write_checkpoint(self, epoch):
-        state = self.state
-        weights = f"checkpoint-{epoch}.weights.h5"
-        state.rng_states = [keras.ops.convert_to_numpy(v).tolist()
-                            for v in rng_variables(self.model)]
-        save_weights_atomic(self.model, os.path.join(self.output_dir, weights))
-        previous, state.weights = state.weights, weights
-        write_json_atomic(os.path.join(self.output_dir, STATE_FILE), dataclasses.asdict(state))
-        if previous and previous != weights:
-            _remove(os.path.join(self.output_dir, previous))
-        write_history_csv(os.path.join(self.output_dir, HISTORY_FILE), state.rows)
+        write_checkpoint(self.model, self.output_dir, self.state,
+                         f"checkpoint-{epoch}.weights.h5")
 
     def _track_best(self, epoch, logs):
         state = self.state
@@ -238,6 +275,100 @@ class EpochRecorder(keras.callbacks.Callback):
         else:
             state.wait += 1
             state.stopped_early = bool(self.patience) and state.wait >= self.patience
+
+
+class StepCheckpoint(keras.callbacks.Callback):
+    """Checkpoints in the middle of an epoch: every `every` training batches (0: never), and
+    when `stop_requested()` names a signal, after the step in progress, followed by
+    `Interrupted`. Goes after EpochRecorder: a stop asked for in an epoch's last step or in
+    its validation is taken once that epoch's own checkpoint is written.
+
+    `first_batch`: the batches of the first epoch trained before this fit (the resumed part
+    of an epoch a step checkpoint interrupted); `metric_states`: that epoch's metric
+    variables then, added back so its logs cover the whole epoch. With
+    `output_dir` None (a data-parallel process other than the chief) it writes nothing and
+    only stops when asked to.
+    """
+
+    def __init__(self, output_dir, state, steps_per_epoch, every=0, stop_requested=None,
+                 first_batch=0, metric_states=(), distribution=None):
+        super().__init__()
+        self.distribution = distribution  # kbench.distribute's engine, None: one process
+        self.output_dir = output_dir
+        self.state = state
+        self.steps_per_epoch = steps_per_epoch
+        self.every = every
+        self.stop_requested = stop_requested or (lambda: None)
+        self._offset = first_batch
+        self._metric_states = list(metric_states)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._metric_states:
+            self._add_interrupted_sums()
+        done = self._offset + batch + 1  # batches of this epoch trained so far
+        if done >= self.steps_per_epoch:
+            return  # the epoch's own checkpoint follows
+        signal_name = self.stop_requested()  # the same answer in every process
+        if signal_name or self._periodic(done):
+            sync_model_variables(self.model)
+            sums = [keras.ops.convert_to_numpy(v) for v in self.model.metrics_variables]
+            if self.distribution is not None:
+                # Data-parallel processes that keep their own BatchNorm statistics and
+                # metric sums (torch DDP): every process takes part in averaging them (the
+                # chief's weights file then holds what all will resume from; the epoch's
+                # end averages the statistics anyway, and a moving average is linear).
+                self.distribution.sync_non_trainable(self.model)
+                sums = self.distribution.mean_over_processes(sums)
+            if self.output_dir is not None and self.state is not None:
+                self._write(done, sums)
+        if signal_name:
+            raise Interrupted(signal_name, self._where(done))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._offset = 0
+        signal_name = self.stop_requested()
+        if signal_name:
+            raise Interrupted(signal_name, f"after epoch {epoch}")
+
+    def _add_interrupted_sums(self):
+        """Add the interrupted epoch's metric sums to the resumed part's, after its first
+        step: the epoch's logs then average over all its batches, as if never interrupted.
+        (After the first step, not before: TensorFlow builds the compiled metrics' variables
+        in it.) kbench compiles a loss mean and accuracy, whose variables are running sums
+        (total, count), so adding is exact."""
+        sync_model_variables(self.model)
+        variables = self.model.metrics_variables
+        if len(variables) != len(self._metric_states):
+            raise KbenchError(f"the step checkpoint holds {len(self._metric_states)} metric "
+                              f"values, the model has {len(variables)}: resume with the same "
+                              "settings")
+        for variable, saved in zip(variables, self._metric_states):
+            variable.assign(variable + keras.ops.convert_to_tensor(saved, variable.dtype))
+        self._metric_states = []
+
+    def _periodic(self, done):
+        """Whether the run's batch count reached a multiple of `every`."""
+        state = self.state
+        if not self.every or state is None:
+            return False
+        run_batches = (state.stage_first_batch + done
+                       + (self._epoch - state.stage_first_epoch) * self.steps_per_epoch)
+        return run_batches % self.every == 0
+
+    def _write(self, done, metric_sums):
+        state = self.state
+        state.reached(self._epoch, done, self.steps_per_epoch)
+        state.steps_done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        write_checkpoint(self.model, self.output_dir, state,
+                         f"checkpoint-{self._epoch}-{done}.weights.h5",
+                         metric_states=metric_sums)
+
+    def _where(self, done):
+        return f"in epoch {self._epoch} after batch {done} of {self.steps_per_epoch}"
 
 
 class StopOnNaN(keras.callbacks.Callback):

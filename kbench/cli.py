@@ -52,10 +52,12 @@ def cmd_export(args):
     """Export a saved model to ONNX or a SavedModel and check it against Keras."""
     from kbench.export import export_model
 
-    info = export_model(args.model, args.output, args.format, tolerance=args.tolerance)
+    info = export_model(args.model, args.output, args.format, tolerance=args.tolerance,
+                        backend=args.backend)
     print(f"exported {info['model']} as {info['format']} under {info['backend']} to "
-          f"{info['output']}: max abs diff {info['max_abs_diff']:.2e} from Keras on a test "
-          f"batch (tolerance {info['tolerance']:.1e})")
+          f"{info['output']}: max abs diff {info['max_abs_diff']:.2e} from Keras under "
+          f"{' and '.join(info['checked_under'])} on a test batch "
+          f"(tolerance {info['tolerance']:.1e})")
     return 0
 
 
@@ -108,6 +110,9 @@ def add_model_verbs(verbs):
     export.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed output difference from Keras "
                              "(default: 1e-4 x the largest |logit|, at least 1e-4)")
+    export.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,
+                        help="the Keras backend that exports (default: KERAS_BACKEND when it "
+                             "can export the format, else tensorflow, in a subprocess)")
     export.set_defaults(func=cmd_export)
 
     predict = verbs.add_parser(

@@ -1,22 +1,64 @@
 """A recipe's settings: `TrainConfig`, the knobs every recipe shares, and `option`, a field with
-the help text and choices its command-line flag shows (kbench.flags turns a Config into flags).
+the help text, choices and allowed range its command-line flag shows (kbench.flags turns a
+Config into flags).
 
-A recipe's Config subclasses TrainConfig and sets its own defaults and extra knobs.
+A recipe's Config subclasses TrainConfig and sets its own defaults and extra knobs. `check`
+runs one validation for every way a Config arrives (flags, `--config FILE`, `main(Config(...))`,
+`kbench compare --set`) before any data or model is built: a bad value is one line naming the
+flag, the value and what it takes.
 """
 
 import dataclasses
+import math
 import os
+import types
+import typing
 
 from kbench import backend
+from kbench.errors import KbenchError
 from kbench.optim import OPTIMIZERS, SCHEDULES
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-def option(default, help=" ", choices=None, metavar=None):
-    """A Config field with the help text and choices its command-line flag shows."""
-    return dataclasses.field(default=default,
-                             metadata={"help": help, "choices": choices, "metavar": metavar})
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a field takes: low <= x (low < x when low_open), x <= high (x < high when
+    high_open); None is no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x):
+        return ((self.low is None or (x > self.low if self.low_open else x >= self.low))
+                and (self.high is None or (x < self.high if self.high_open else x <= self.high)))
+
+    def __str__(self):
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+        return " and ".join(bounds)
+
+
+def _number(x):
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # rates and probabilities: 0 <= x < 1
+
+
+def option(default, help=" ", choices=None, metavar=None, allowed=None):
+    """A Config field with the help text and choices its command-line flag shows, and the
+    Range of numbers it takes (`allowed`; inherited from the base class's field when a
+    recipe overrides only the default)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "metavar": metavar, "allowed": allowed})
 
 
 @dataclasses.dataclass
@@ -27,29 +69,36 @@ class TrainConfig:
     data_dir: str | None = option(None, "where the dataset lies (archive, folder or TFDS dir)")
     download: bool = option(False, "download the dataset when it is missing and the network answers")
     model: str = option("resnet20", "model name from kbench.models")
-    epochs: int = option(1, "training epochs")
-    steps_per_epoch: int | None = option(None, "optimizer steps per epoch (default: one pass)")
-    batch_size: int = option(128, "global batch size")
-    lr: float = option(0.1, "peak learning rate")
+    epochs: int = option(1, "training epochs", allowed=Range(1))
+    steps_per_epoch: int | None = option(None, "optimizer steps per epoch (default: one pass)",
+                                          allowed=Range(1))
+    batch_size: int = option(128, "global batch size", allowed=Range(1))
+    lr: float = option(0.1, "peak learning rate", allowed=POSITIVE)
     optimizer: str = option("sgd", "sgd: momentum (--momentum, --nesterov); adam / adamw: Adam. "
                                    "Keras decays weights decoupled (AdamW-style) under every "
                                    "optimizer, so adam and adamw train alike; --weight-decay 0 "
                                    "gives plain Adam", choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum")
+    momentum: float = option(0.9, "SGD momentum", allowed=FRACTION)
     nesterov: bool = option(True, "Nesterov momentum")
-    weight_decay: float = option(5e-4, "decoupled weight decay on kernels (0 disables)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    weight_decay: float = option(5e-4, "decoupled weight decay on kernels (0 disables)",
+                                  allowed=NON_NEGATIVE)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy",
+                                     allowed=FRACTION)
     schedule: str = option("cosine", "learning-rate schedule: constant, step (x decay_rate every "
                                      "decay_epochs), exponential (to lr x decay_rate at the end), "
                                      "cosine (to 0), one_cycle (up over 30%%, then down)",
                            choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "linear learning-rate warmup before the schedule "
-                                       "(one_cycle has its own)")
-    decay_rate: float = option(0.1, "step / exponential schedules: the decay factor")
+                                       "(one_cycle has its own)", allowed=NON_NEGATIVE)
+    decay_rate: float = option(0.1, "step / exponential schedules: the decay factor",
+                                allowed=Range(0, 1, low_open=True))
     decay_epochs: float | None = option(None, "step schedule: epochs between decays "
-                                              "(default: a third of the run)")
-    clip_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
-    seed: int = option(0, "seeds weights, data order, augmentation and backend RNGs")
+                                              "(default: a third of the run)",
+                                       allowed=POSITIVE)
+    clip_norm: float = option(0.0, "clip gradients to this global norm (0: off)",
+                               allowed=NON_NEGATIVE)
+    seed: int = option(0, "seeds weights, data order, augmentation and backend RNGs",
+                        allowed=Range(0, 2**32 - 1))
     output_dir: str | None = option(None, "where metrics.json, history.csv and model.keras go "
                                           "(default: runs/<recipe>/<backend>)")
     dtype_policy: str = option("float32", "Keras dtype policy", choices=DTYPE_POLICIES)
@@ -59,24 +108,99 @@ class TrainConfig:
                               choices=("auto", "on", "off"))
     validate_every_epoch: bool = option(True, "evaluate on the test split after every epoch")
     train_examples: int | None = option(None, "use the first N training examples "
-                                              "(synthetic: generate N; default 10000)")
+                                              "(synthetic: generate N; default 10000)",
+                                       allowed=Range(1))
     test_examples: int | None = option(None, "use the first N test examples "
-                                             "(synthetic: generate N; default 2000)")
+                                             "(synthetic: generate N; default 2000)",
+                                      allowed=Range(1))
     distribute: str = option("none", "data_parallel: train on every device (JAX DataParallel, "
                                      "TF MirroredStrategy, torch DDP under torchrun)",
                              choices=("none", "data_parallel"))
     simulate_devices: int | None = option(None, "CPU only (jax, tensorflow): split the host "
-                                                "CPU into N devices for --distribute")
-    resume: bool = option(False, "continue the run in --output-dir from its last finished epoch")
+                                                "CPU into N devices for --distribute",
+                                         allowed=Range(1))
+    resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
+    checkpoint_every: int = option(0, "also checkpoint every N training steps, in the middle "
+                                      "of epochs (0: at epoch ends only; SIGTERM / SIGINT "
+                                      "always checkpoint before stopping)",
+                                   allowed=NON_NEGATIVE)
     monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
     monitor_mode: str = option("auto", "whether --monitor improves up (max) or down (min); auto: "
                                        "Keras' rule (losses down, a compiled metric its own "
                                        "direction)", choices=("auto", "min", "max"))
     early_stopping: int = option(0, "stop after this many epochs without improvement of "
-                                    "--monitor (0: off)")
+                                    "--monitor (0: off)", allowed=NON_NEGATIVE)
     tensorboard: bool = option(False, "write TensorBoard logs to <output-dir>/tensorboard")
     verbose: int = option(1, "Keras progress output: 0 silent, 1 progress bar, 2 one line "
                              "per epoch", choices=(0, 1, 2))
+
+    def check_combination(self):
+        """Rules between fields, after each field passed its own check (`check`): raise
+        KbenchError, one line. A recipe's Config overrides it for its own fields."""
+
+
+FREE_TEXT = ("data_dir", "output_dir", "init_from")  # paths: any string (checked where opened)
+
+
+def check(config):
+    """Raise KbenchError, one line, for the first field of `config` that holds a value of the
+    wrong type, outside its choices or its Range, or a float that is not finite. Flags name
+    the field (`--steps-per-epoch`), as a user sets it in any of the ways a Config arrives."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        kinds, optional = _kinds(hints[field.name])
+        if value is None:
+            if optional:
+                continue
+            raise KbenchError(f"{flag} must be set ({_describe(kinds)})")
+        if not _is_instance(value, kinds) or (isinstance(value, str) and not value.strip()
+                                              and field.name not in FREE_TEXT):
+            raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
+                              f"{_describe(kinds)}")
+        choices = field_setting(type(config), field.name, "choices")
+        if choices is not None and value not in choices:
+            raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
+                              f"{', '.join(map(str, choices))}")
+        allowed = field_setting(type(config), field.name, "allowed")
+        if isinstance(value, float) and not math.isfinite(value) or (
+                allowed is not None and value not in allowed):
+            unset = ", or leave it unset" if optional else ""
+            raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
+                              f"{_describe(kinds, allowed)}{unset}")
+    config.check_combination()
+
+
+def _kinds(annotation):
+    """(the types a field holds, whether None is allowed) from `int`, `float | None`..."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (annotation,), False
+
+
+def _is_instance(value, kinds):
+    if isinstance(value, bool):  # bool is an int to Python, not to a flag
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, tuple(k for k in kinds if k is not bool))
+
+
+def _describe(kinds, allowed=None):
+    name = {int: "an integer", float: "a finite number", str: "a name", bool: "true or false"}
+    text = " or ".join(name.get(k, k.__name__) for k in kinds)
+    return f"{text} {allowed}" if allowed else text
+
+
+def field_setting(config_cls, name, key):
+    """Field metadata `key` of `name`, from the nearest class in the MRO that declares it."""
+    for cls in config_cls.__mro__:
+        for field in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+            if field.name == name and field.metadata.get(key) is not None:
+                return field.metadata[key]
+    return None
 
 
 def resolve_output_dir(config, recipe):

@@ -131,6 +131,17 @@ class Distribution:
     def barrier(self):
         """Wait until every process gets here."""
 
+    def any_process(self, flag):
+        """Whether `flag` is true in any process (a stop a signal asked for in one of them:
+        all must stop at the same step, or the others would wait in the next step's
+        collective forever). One process: `flag` itself, no communication."""
+        return bool(flag)
+
+    def mean_over_processes(self, arrays):
+        """The element-wise mean of a list of NumPy arrays over processes (each process's
+        metric sums, say); one process: `arrays` as they are."""
+        return arrays
+
     def shutdown(self):
         """Release the engine (process group, coordinator); safe to call twice."""
 
@@ -288,6 +299,22 @@ class JaxDataParallel(Distribution):
 
             multihost_utils.sync_global_devices("kbench.distribute.barrier")
 
+    def any_process(self, flag):
+        if self.num_processes == 1:
+            return bool(flag)
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([bool(flag)]))))
+
+    def mean_over_processes(self, arrays):
+        if self.num_processes == 1:
+            return arrays
+        from jax.experimental import multihost_utils
+
+        return [gathered.mean(axis=0) for gathered in
+                (multihost_utils.process_allgather(a) for a in arrays)]
+
     def shutdown(self):
         import keras
 
@@ -443,6 +470,16 @@ class TensorFlowStrategy(Distribution):
 
             self.strategy.reduce("SUM", self.strategy.run(lambda: tf.constant(1.0)), axis=None)
 
+    def any_process(self, flag):
+        if self.num_processes == 1:
+            return bool(flag)
+        import tensorflow as tf
+
+        value = 1.0 if flag else 0.0  # this worker's; the sum is over workers' replicas
+        total = self.strategy.reduce("SUM", self.strategy.run(lambda: tf.constant(value)),
+                                     axis=None)
+        return float(total) > 0
+
 
 # --------------------------------------------------------------------------- PyTorch
 
@@ -553,6 +590,24 @@ class TorchDDP(Distribution):
     def barrier(self):
         if self._dist.is_initialized():
             self._dist.barrier()
+
+    def any_process(self, flag):
+        import torch
+
+        asked = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self._dist.all_reduce(asked, op=self._dist.ReduceOp.MAX)
+        return bool(asked.item())
+
+    def mean_over_processes(self, arrays):
+        import numpy as np
+        import torch
+
+        means = []
+        for array in arrays:
+            tensor = torch.as_tensor(np.asarray(array, np.float64), device=self.device)
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)  # gloo has no AVG
+            means.append((tensor / self.num_processes).cpu().numpy())
+        return means
 
     def shutdown(self):
         if self._dist.is_initialized():

@@ -10,6 +10,19 @@ class KbenchError(ValueError):
     """
 
 
+class Interrupted(Exception):
+    """A run stopped on a signal (SIGTERM: a preempted machine; SIGINT: Ctrl-C) once it had
+    checkpointed. `status` is the exit status a shell gives that signal (143 / 130); the
+    message says where training stopped and how to continue."""
+
+    STATUS = {"SIGTERM": 143, "SIGINT": 130}
+
+    def __init__(self, signal_name, where, hint=""):
+        self.signal_name, self.where, self.hint = signal_name, where, hint
+        self.status = self.STATUS.get(signal_name, 1)
+        super().__init__(f"stopped by {signal_name} {where}" + (f": {hint}" if hint else ""))
+
+
 def install_excepthook():
     """Render an uncaught KbenchError as `error: <message>` (e.g. a bad KERAS_BACKEND at import)."""
     previous = sys.excepthook
@@ -27,12 +40,17 @@ def install_excepthook():
 
 
 def exit_on_error(fn, *args, **kwargs):
-    """Call fn; on KbenchError print one line and exit 2. Ctrl-C exits 130 without a traceback."""
+    """Call fn; on KbenchError print one line and exit 2. A run stopped by a signal after its
+    checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130, without a
+    traceback."""
     try:
         return fn(*args, **kwargs)
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

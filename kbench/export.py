@@ -1,15 +1,21 @@
 """Export a saved model for serving (ONNX or TensorFlow SavedModel), then check the artifact.
 
 Keras does the export (`model.export(path, format=...)`); what it can do depends on the backend
-running it. Measured with Keras 3.15.1 on kbench's registry models:
+running it. Measured with Keras 3.15.1 on kbench's registry models (kbench picks the backend,
+see below):
 
     format       tensorflow       jax                                torch
     onnx         yes (tf2onnx)    only with jax2onnx installed, and  yes, except text_transformer
                                   not for models with MaxPooling2D   (attention, dynamic batch)
     savedmodel   yes              yes (jax2tf)                       no (Keras needs torch_xla)
 
+A model.keras is portable, so the backend the user happens to have set does not decide what
+can be exported: when it cannot export a format, the export runs in a fresh interpreter under
+a backend that can (TensorFlow first), and the output says which one did.
+
 After exporting, the artifact runs on a small batch (onnxruntime for ONNX, the SavedModel's
-serving signature in TensorFlow) and its outputs are compared with the Keras model's: a
+serving signature in TensorFlow) and its outputs are compared with the Keras model's (under the
+exporting backend, and, when that is another one, under this process's backend too): a
 mismatch beyond float32 noise is an error, and the artifact is only moved into place once it
 has passed.
 """
@@ -28,45 +34,43 @@ from kbench.errors import KbenchError
 
 # Our format names -> Keras' names.
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
+BACKENDS = ("jax", "tensorflow", "torch")
 # Outputs may differ by this much relative to the largest |logit| (at least 1): float32
 # round-off of a different kernel library, far below any change of prediction.
 RELATIVE_TOLERANCE = 1e-4
 SAMPLE_BATCH = 3  # not 1: the exported batch dimension must really be dynamic
 
 
-def export_model(model, output, format, tolerance=None):
+def export_model(model, output, format, tolerance=None, backend=None):
     """Export `model` (a keras.Model or the path of a .keras file) to `output` and verify it.
 
+    `backend`: the Keras backend that exports; default this process's when it can export
+    `format` here, else the first of `usable_backends(format)`, in a subprocess.
     A Keras model passed in may change how it traces (see `_inline_normalization_constants`),
     never what it computes.
 
     `tolerance`: the largest allowed |artifact - Keras| output difference; default
     1e-4 x max(1, max |logit|) on the verification batch. Returns a dict with `output`,
-    `format`, `backend`, `max_abs_diff` and `tolerance`.
+    `format`, `backend` (the one that exported), `checked_under` (the backends whose Keras
+    outputs the artifact matched), `max_abs_diff` and `tolerance`.
     """
     import keras
 
-    from kbench.models.saving import LOW_PRECISION, first_line, float32_copy, load_model
+    from kbench.models.saving import first_line
 
     if format not in FORMATS:
         raise KbenchError(f"unknown export format {format!r}; use one of: {', '.join(FORMATS)}")
-    backend = keras.backend.backend()
+    here = keras.backend.backend()
+    if backend is None:
+        backend = here if can_export(format, here) else next(iter(usable_backends(format)),
+                                                                here)
+    if backend not in BACKENDS:
+        raise KbenchError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     check_supported(format, backend)
-    if not isinstance(model, keras.Model):
-        model = load_model(model)
-    if any(layer.dtype_policy.name in LOW_PRECISION for layer in model._flatten_layers()):
-        # Keras exports float32 models only (ONNX says so outright): export the float32 copy.
-        print(f"note: exporting a float32 copy of {model.name} (it computes in mixed precision)")
-        model = float32_copy(model)
-
-    sample = sample_inputs(model)
-    # Calling the model once gives the reference outputs, and marks it as called, which
-    # Keras' ONNX export checks under JAX.
-    expected = keras.ops.convert_to_numpy(model(sample, training=False))
+    model = _float32_model(model)
+    sample, expected = _reference_outputs(model)
     if tolerance is None:
-        tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
-    if backend == "tensorflow" and format == "onnx":
-        _inline_normalization_constants(model)
+        tolerance = _default_tolerance(expected)
 
     output = os.path.abspath(output)
     check_output(output, format)
@@ -76,13 +80,12 @@ def export_model(model, output, format, tolerance=None):
     scratch = tempfile.mkdtemp(dir=os.path.dirname(output), prefix=".tmp-export-")
     try:
         artifact = os.path.join(scratch, os.path.basename(output))
-        try:
-            with _quiet():
-                model.export(artifact, format=FORMATS[format], verbose=False)
-        except Exception as exc:  # exporters fail in many ways; all mean "not this backend"
-            raise KbenchError(f"{format} export of {model.name} failed under {backend} "
-                              f"({type(exc).__name__}: {first_line(exc)})"
-                              f"{_try_others(format, backend)}") from None
+        if backend == here:
+            _export_here(model, artifact, format)
+            checked_under, diffs = [here], []
+        else:  # exported and checked there; checked here below too
+            child = _export_in_subprocess(model, scratch, artifact, format, tolerance, backend)
+            checked_under, diffs = [backend, here], [child["max_abs_diff"]]
         try:
             got = run_artifact(artifact, format, sample)
         except KbenchError:
@@ -91,46 +94,134 @@ def export_model(model, output, format, tolerance=None):
             raise KbenchError(f"the {format} export of {model.name} made under {backend} does "
                               f"not run ({type(exc).__name__}: {first_line(exc)})"
                               f"{_try_others(format, backend)}") from None
-        if got.shape != expected.shape:
-            raise KbenchError(f"the exported {format} model outputs shape {got.shape}, the "
-                              f"Keras model {expected.shape}: the export is broken")
-        diff = float(np.max(np.abs(got - expected)))
-        if not diff <= tolerance:  # also catches NaN
-            raise KbenchError(f"the exported {format} model disagrees with the Keras model: "
-                              f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}; not "
-                              f"written (export it under another backend)")
+        diff = max([_compare(got, expected, format, tolerance), *diffs])
         _move_into_place(artifact, output, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"output": output, "format": format, "backend": backend, "model": model.name,
-            "max_abs_diff": diff, "tolerance": tolerance}
+    return {"output": output, "format": format, "backend": backend,
+            "checked_under": checked_under, "model": model.name, "max_abs_diff": diff,
+            "tolerance": tolerance}
+
+
+def _export_here(model, artifact, format):
+    """Keras' model.export in this process; any exporter failure is one line."""
+    import keras
+
+    from kbench.models.saving import first_line
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow" and format == "onnx":
+        _inline_normalization_constants(model)
+    try:
+        with _quiet():
+            model.export(artifact, format=FORMATS[format], verbose=False)
+    except Exception as exc:  # exporters fail in many ways; all mean "not this backend"
+        raise KbenchError(f"{format} export of {model.name} failed under {backend} "
+                          f"({type(exc).__name__}: {first_line(exc)})"
+                          f"{_try_others(format, backend)}") from None
+
+
+def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
+    """Export `model` to `artifact` under `backend` in a fresh interpreter (KERAS_BACKEND is
+    read once per process), which checks it against its own Keras outputs; returns its
+    result dict."""
+    import json
+    import subprocess
+    import sys
+
+    import keras
+
+    saved = os.path.join(scratch, "model.keras")
+    model.save(saved)
+    print(f"note: {format} export does not work under {keras.backend.backend()} here; "
+          f"exporting under {backend} in a subprocess")
+    done = subprocess.run(
+        [sys.executable, "-m", "kbench.export", saved, format, artifact, repr(tolerance)],
+        env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise KbenchError(f"{format} export under {backend} failed: "
+                          f"{last.removeprefix('error: ')}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _float32_model(model):
+    """The keras.Model to export: loaded from a path; a float32 copy of a mixed-precision one."""
+    import keras
+
+    from kbench.models.saving import LOW_PRECISION, float32_copy, load_model
+
+    if not isinstance(model, keras.Model):
+        model = load_model(model)
+    if any(layer.dtype_policy.name in LOW_PRECISION for layer in model._flatten_layers()):
+        # Keras exports float32 models only (ONNX says so outright): export the float32 copy.
+        print(f"note: exporting a float32 copy of {model.name} (it computes in mixed precision)")
+        model = float32_copy(model)
+    return model
+
+
+def _reference_outputs(model):
+    """(the verification batch, the Keras model's outputs on it). Calling the model also marks
+    it as called, which Keras' ONNX export checks under JAX."""
+    import keras
+
+    sample = sample_inputs(model)
+    return sample, keras.ops.convert_to_numpy(model(sample, training=False))
+
+
+def _default_tolerance(expected):
+    return RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
+
+
+def _compare(got, expected, format, tolerance):
+    """max |got - expected|, or a one-line error when the shapes differ or it is too large."""
+    if got.shape != expected.shape:
+        raise KbenchError(f"the exported {format} model outputs shape {got.shape}, the "
+                          f"Keras model {expected.shape}: the export is broken")
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= tolerance:  # also catches NaN
+        raise KbenchError(f"the exported {format} model disagrees with the Keras model: "
+                          f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}; not "
+                          f"written (export it under another backend)")
+    return diff
 
 
 def usable_backends(format):
-    """The backends that can export `format` with what is installed here."""
-    backends = {"onnx": ["tensorflow", "torch"], "savedmodel": ["tensorflow", "jax"]}[format]
-    if format == "onnx" and _installed("jax2onnx"):
-        backends.append("jax")
-    return backends
+    """The backends that can export `format` with what is installed here, best first."""
+    backends = {"onnx": ["tensorflow", "torch", "jax"],
+                "savedmodel": ["tensorflow", "jax"]}[format]
+    return [b for b in backends if can_export(format, b)]
+
+
+def can_export(format, backend):
+    try:
+        check_supported(format, backend)
+    except KbenchError:
+        return False
+    return True
 
 
 def _try_others(format, backend):
     others = [b for b in usable_backends(format) if b != backend]
-    return f": try KERAS_BACKEND={' or '.join(others)}" if others else ""
+    return f": try --backend {' or '.join(others)}" if others else ""
 
 
 def check_supported(format, backend):
-    """One line naming what to do when this backend cannot export `format` here."""
+    """One line naming what to do when `backend` cannot export `format` here."""
+    if not _installed(backend):
+        raise KbenchError(f"{format} export under {backend} needs {backend}, which is not "
+                          "installed here")
     if format == "savedmodel" and backend == "torch":
         # Keras exports SavedModels from torch through torch_xla's StableHLO bridge; no
         # torch_xla wheel matches the torch kbench pins, and Keras' torch path fails before it
         # on kbench models (torch.export dynamic-shape error), so this cannot work here.
         raise KbenchError("SavedModel export does not work under torch (Keras needs torch_xla "
-                          "for it): run it with KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax")
+                          "for it): export with --backend tensorflow or jax")
     if format == "onnx" and backend == "jax" and not _installed("jax2onnx"):
         raise KbenchError("ONNX export under jax needs the jax2onnx package (pip install "
                           "jax2onnx; not in kbench's export extra: it pulls in flax, orbax and "
-                          "~25 more): or run it with KERAS_BACKEND=tensorflow or torch")
+                          "~25 more): or export with --backend tensorflow or torch")
     if format == "onnx" and backend == "tensorflow" and not _installed("tf2onnx"):
         raise KbenchError("ONNX export under tensorflow needs tf2onnx: pip install "
                           "-c constraints.txt -e '.[export]'")
@@ -228,3 +319,23 @@ def _quiet():
 
 def _installed(module):
     return importlib.util.find_spec(module) is not None
+
+
+def _subprocess_main(argv):
+    """`python -m kbench.export MODEL FORMAT OUTPUT TOLERANCE`, run by _export_in_subprocess
+    under another KERAS_BACKEND: export, check, and print the result as JSON (last line)."""
+    import json
+
+    from kbench.errors import exit_on_error
+
+    path, format, output, tolerance = argv
+    info = exit_on_error(export_model, path, output, format, tolerance=float(tolerance))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    import sys
+
+    import kbench  # noqa: F401  (registers kbench's layers before the model is loaded)
+
+    _subprocess_main(sys.argv[1:])

@@ -73,3 +73,45 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class FolderLock:
+    """An exclusive lock on a run's output folder for the life of this process's run, so two
+    runs never write into one folder. It is an OS lock (flock) on `<folder>/.kbench.lock`:
+    the kernel drops it when the process dies, even by kill -9, so a crash never leaves a
+    stale lock behind. The file names the holder (pid, host) for the refusal message."""
+
+    NAME = ".kbench.lock"
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._file = None
+
+    def acquire(self):
+        import fcntl
+        import socket
+
+        from kbench.errors import KbenchError
+
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, self.NAME)
+        lock_file = open(path, "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            lock_file.close()
+            raise KbenchError(f"{self.folder} is in use by another run ({holder}); wait for "
+                              "it to end, or give this run another --output-dir") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
+        self._file = lock_file
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None

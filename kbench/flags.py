@@ -9,6 +9,8 @@ import dataclasses
 import types
 import typing
 
+from kbench.config import check, field_setting
+
 
 def _flag_type(annotation):
     """(argparse type, is_bool) for int, float, str, bool and `X | None`."""
@@ -35,11 +37,16 @@ def build_parser(config_cls, description=None):
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _flag_type(hints[field.name])
-        options = dict(default=field.default, help=field.metadata.get("help", " "))
+        help_text = field.metadata.get("help", " ")
+        allowed = field_setting(config_cls, field.name, "allowed")
+        if allowed is not None:
+            help_text += f" [{allowed}{', or unset' if field.default is None else ''}]"
+        options = dict(default=field.default, help=help_text)
         if is_bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         else:
-            parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"),
+            parser.add_argument(flag, type=kind, choices=field_setting(config_cls, field.name,
+                                                                    "choices"),
                                 metavar=field.metadata.get("metavar"), **options)
     return parser
 
@@ -61,7 +68,9 @@ def parse_config(config_cls, argv=None, description=None):
         args = parser.parse_args(argv)
     settings = vars(args)
     settings.pop("config")
-    return config_cls(**settings)
+    config = config_cls(**settings)
+    check(config)  # ranges; also the values a --config FILE brought, which argparse never sees
+    return config
 
 
 def load_settings(path, config_cls):
@@ -92,5 +101,4 @@ def run_recipe(main, config_cls, argv=None, description=None):
     """The `if __name__ == "__main__"` of every recipe: parse flags, run, one-line errors."""
     from kbench.errors import exit_on_error
 
-    config = parse_config(config_cls, argv, description)
-    exit_on_error(main, config)
+    exit_on_error(lambda: main(parse_config(config_cls, argv, description)))

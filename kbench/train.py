@@ -17,17 +17,20 @@ files and prints.
 
 import dataclasses
 import os
+import signal
 import statistics
+import sys
+import threading
 import time
 
 import keras
 
 from kbench import backend, checkpoint
 from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
-from kbench.config import DTYPE_POLICIES
+from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
-from kbench.errors import KbenchError
-from kbench.files import save_model_atomic, write_json_atomic
+from kbench.errors import Interrupted, KbenchError
+from kbench.files import FolderLock, save_model_atomic, write_json_atomic
 from kbench.optim import (OPTIMIZERS, SCHEDULES, build_optimizer,  # noqa: F401 (re-exported)
                           learning_rate_schedule)
 
@@ -40,6 +43,7 @@ class Run:
     """
 
     def __init__(self, config, recipe, callbacks=()):
+        check(config)  # main(Config(...)) is checked as flags are, before anything is built
         self.config = resolve_output_dir(config, recipe)
         self.recipe = recipe
         self.callbacks = list(callbacks)
@@ -51,6 +55,9 @@ class Run:
         self._stages = 0  # `fit` calls so far: the next stage's index
         self._epochs_trained = 0
         self._resume_stage = None  # the stage the checkpoint is from, when resuming
+        self._lock = None  # the chief's FolderLock on the output dir, while the run lives
+        self._stop_signal = None  # "SIGTERM" / "SIGINT" once one asked the run to stop
+        self._signal_handlers = {}  # the handlers ours replaced, restored on exit
 
     # ----------------------------------------------------------------------- lifetime
 
@@ -63,15 +70,51 @@ class Run:
         self.dist = distribute.setup(config.distribute, config.simulate_devices,
                                      config.batch_size)
         try:
+            if self.is_chief and config.output_dir:  # one run per output folder
+                self._lock = FolderLock(config.output_dir).acquire()
             setup_run(config)
+            self._catch_stop_signals()
         except BaseException:
-            self.dist.shutdown()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc_info):
+        for signum, handler in self._signal_handlers.items():
+            signal.signal(signum, handler)
+        self._signal_handlers = {}
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.dist.shutdown()
         return False
+
+    def _catch_stop_signals(self):
+        """SIGTERM (a preempted machine) and SIGINT (Ctrl-C) ask the run to stop: it finishes
+        the step in progress, checkpoints, and raises Interrupted (kbench.checkpoint's
+        StepCheckpoint). A second Ctrl-C stops at once. Python takes signals in the main
+        thread only: a run started in another thread keeps the default handling."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def ask_to_stop(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            if self.is_chief:
+                print(f"{self._stop_signal}: stopping after the step in progress, once it is "
+                      "checkpointed", file=sys.stderr, flush=True)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._signal_handlers[signum] = signal.signal(signum, ask_to_stop)
+
+    def _stop_requested(self):
+        """The signal that asked the run to stop, agreed on by every process of a
+        data-parallel job (one collective per step when there are several): "SIGTERM" when
+        only another process got one; None to go on."""
+        if self.dist.num_processes > 1 and self.dist.any_process(self._stop_signal):
+            self._stop_signal = self._stop_signal or "SIGTERM"
+        return self._stop_signal
 
     @property
     def is_chief(self):
@@ -130,14 +173,17 @@ class Run:
         if not config.epochs or (self._resume_stage is not None and stage < self._resume_stage):
             return None
         state = self.state
+        self._check_stop("before training")
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
             compile_model(model, config, train_ds.steps_per_epoch)
             if resuming:  # the checkpoint holds this stage's optimizer
                 checkpoint.restore(model, state, self.config.output_dir)
                 if self.is_chief:
-                    print(f"resuming {self.recipe} from {self.config.output_dir} after epoch "
-                          f"{state.epochs_done - 1} ({state.batches_done} batches)")
-                train_ds = train_ds.starting_at(state.stage_batches_done)
+                    where = (f"{state.batches_in_epoch} batches into epoch {state.epochs_done}"
+                             if state.batches_in_epoch else
+                             f"after epoch {state.epochs_done - 1}")
+                    print(f"resuming {self.recipe} from {self.config.output_dir} {where} "
+                          f"({state.batches_done} batches)")
             elif state is not None:
                 state.begin_stage(stage)
         self.dist.prepare(model)
@@ -145,14 +191,39 @@ class Run:
         start = state.epochs_done if state is not None else first
         end = start if state is not None and state.stopped_early else first + config.epochs
         self.timer = StepTimer(config.batch_size)
+        history = None
+        try:
+            if resuming and state.batches_in_epoch:  # a step checkpoint: finish its epoch
+                history = self._fit_epochs(model, config, train_ds, test_ds, start, start + 1,
+                                           first_batch=state.batches_in_epoch,
+                                           metric_states=state.metric_states)
+                start += 1
+            if start < end and not (state is not None and state.stopped_early):
+                history = self._fit_epochs(model, config, train_ds, test_ds, start, end)
+        except Interrupted as stop:
+            raise Interrupted(stop.signal_name, stop.where, self._resume_hint()) from None
+        return history
+
+    def _fit_epochs(self, model, config, train_ds, test_ds, start, end, first_batch=0,
+                    metric_states=()):
+        """model.fit over epochs [start, end) of the stage; the first of them from its batch
+        `first_batch` on (the rest of an epoch a step checkpoint interrupted)."""
+        state = self.state
+        if state is not None:
+            train_ds = train_ds.starting_at(state.stage_batches_done)
+        steps = train_ds.steps_per_epoch
+        interrupt = checkpoint.StepCheckpoint(
+            config.output_dir, state, steps, every=config.checkpoint_every,
+            stop_requested=self._stop_requested, first_batch=first_batch,
+            metric_states=metric_states, distribution=self.dist)
         history = model.fit(
             train_ds.dataset,
             initial_epoch=start,
             epochs=end,
-            steps_per_epoch=train_ds.steps_per_epoch,
+            steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
             validation_data=test_ds.dataset if config.validate_every_epoch else None,
             callbacks=[self.timer, *self.dist.callbacks(), *self.callbacks,
-                       *run_callbacks(config, train_ds.steps_per_epoch, state)],
+                       *run_callbacks(config, steps, state), interrupt],
             shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
             verbose=config.verbose,
         )
@@ -161,6 +232,19 @@ class Run:
             self.history.setdefault(key, []).extend(values)
         return history
 
+    def _check_stop(self, where):
+        if self._stop_requested() is not None:
+            raise Interrupted(self._stop_signal, where, self._resume_hint())
+
+    def _resume_hint(self):
+        state = self.state
+        if state is None or not self.config.output_dir:
+            return "nothing is checkpointed without an --output-dir"
+        if not state.batches_done:
+            return "nothing was trained yet; run the same command again"
+        return (f"checkpoint in {self.config.output_dir}; continue with the same command "
+                "and --resume")
+
     def finish(self, model, test_ds=None, **extra):
         """Evaluate on the test split (`test_ds`, default the last one fit saw), write
         metrics.json, eval.json and model.keras (chief only, atomically), print the summary
@@ -168,6 +252,7 @@ class Run:
         test_ds = as_stream(test_ds, training=False) if test_ds is not None else self.test_ds
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
+        self._check_stop("after training, before the final evaluation")
         config = self.process_config
         test_metrics = final_evaluation(model, test_ds, config, self.dist)
         return write_results(config, model, self.history, self.timer, test_metrics,

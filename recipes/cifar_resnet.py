@@ -25,7 +25,7 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 from kbench import data, tasks
-from kbench.config import TrainConfig, option
+from kbench.config import NON_NEGATIVE, TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
 from kbench.train import Run
@@ -39,7 +39,7 @@ class Config(TrainConfig):
     batch_size: int = option(128, "global batch size")
     lr: float = option(0.1, "peak learning rate (SGD, batch 128)")
     augment: bool = option(True, "random crop (4 px padding) and horizontal flip")
-    cutout: int = option(0, "cutout square size in pixels (0: off)")
+    cutout: int = option(0, "cutout square size in pixels (0: off)", allowed=NON_NEGATIVE)
 
 
 def build_datasets(config, shard=(0, 1)):

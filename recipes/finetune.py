@@ -32,7 +32,7 @@ import dataclasses
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
 from kbench import data, tasks
-from kbench.config import TrainConfig, option
+from kbench.config import NON_NEGATIVE, POSITIVE, TrainConfig, option
 from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models.layers import PortableNormal
@@ -49,14 +49,21 @@ class Config(TrainConfig):
     dataset: str = option("cifar100", "cifar100, cifar10, synthetic (CIFAR-100-shaped)",
                           choices=DATASETS)
     model: str | None = option(None, "not used: the network comes from --init-from")
-    head_epochs: int = option(2, "stage 1: epochs training only the new head")
-    epochs: int = option(5, "stage 2: epochs training every layer but BatchNorm")
+    head_epochs: int = option(2, "stage 1: epochs training only the new head",
+                             allowed=NON_NEGATIVE)
+    epochs: int = option(5, "stage 2: epochs training every layer but BatchNorm",
+                         allowed=NON_NEGATIVE)
     batch_size: int = option(128, "global batch size")
     lr: float = option(0.05, "stage 1 peak learning rate (the new head)")
     finetune_lr: float = option(0.005, "stage 2 peak learning rate: lower, so the pretrained "
-                                       "features are adjusted, not overwritten")
+                                       "features are adjusted, not overwritten",
+                                allowed=POSITIVE)
     augment: bool = option(True, "random crop (4 px padding) and horizontal flip")
-    cutout: int = option(0, "cutout square size in pixels (0: off)")
+    cutout: int = option(0, "cutout square size in pixels (0: off)", allowed=NON_NEGATIVE)
+
+    def check_combination(self):
+        if self.head_epochs + self.epochs == 0:
+            raise KbenchError("--head-epochs and --epochs are both 0: nothing to train")
 
 
 def build_datasets(config, shard=(0, 1)):
@@ -136,8 +143,6 @@ def main(config, model=None, datasets=None, callbacks=()):
     both (stage 2 follows stage 1 in history.csv), every epoch is checkpointed, and
     `--resume` continues in the stage the checkpoint is from (early stopping ends a stage).
     """
-    if config.head_epochs < 0 or config.epochs < 0 or config.head_epochs + config.epochs == 0:
-        raise KbenchError("--head-epochs and --epochs must be >= 0, and not both 0")
     with Run(config, "finetune", callbacks) as run:  # devices, seed, dtype policy, resume
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)

@@ -28,7 +28,7 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 from kbench import data, tasks
-from kbench.config import TrainConfig, option
+from kbench.config import FRACTION, Range, TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
 from kbench.optim import OPTIMIZERS
@@ -45,12 +45,15 @@ class Config(TrainConfig):
     arch: str = option("transformer", "transformer encoder or recurrent (LSTM) model",
                        choices=tuple(ARCHS))
     model: str | None = option(None, "a kbench.models name (default: text_<arch>)")
-    vocab_size: int = option(20_000, "keep the most frequent words; rarer ones share one id")
-    sequence_length: int = option(200, "tokens per review (its last ones, padded in front)")
-    embed_dim: int = option(32, "token embedding size")
-    num_heads: int = option(2, "attention heads (transformer)")
-    ff_dim: int = option(32, "feed-forward hidden size (transformer)")
-    dropout: float = option(0.1, "dropout rate")
+    vocab_size: int = option(20_000, "keep the most frequent words; rarer ones share one id",
+                             allowed=Range(3))
+    sequence_length: int = option(200, "tokens per review (its last ones, padded in front)",
+                                  allowed=Range(1))
+    embed_dim: int = option(32, "token embedding size", allowed=Range(1))
+    num_heads: int = option(2, "attention heads (transformer)", allowed=Range(1))
+    ff_dim: int = option(32, "feed-forward hidden size (transformer)",
+                         allowed=Range(1))
+    dropout: float = option(0.1, "dropout rate", allowed=FRACTION)
     epochs: int = option(2, "training epochs")
     batch_size: int = option(32, "global batch size")
     optimizer: str = option("adamw", "sgd, adam or adamw", choices=OPTIMIZERS)

@@ -25,7 +25,7 @@ import dataclasses
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 from kbench import data, tasks
-from kbench.config import TrainConfig, option
+from kbench.config import NON_NEGATIVE, TrainConfig, option
 from kbench.flags import run_recipe
 from kbench.models import get_model
 from kbench.optim import OPTIMIZERS
@@ -47,7 +47,8 @@ class Config(TrainConfig):
     warmup_epochs: float = option(1.0, "linear learning-rate warmup before the cosine decay")
     augment: bool = option(False, "random crop and horizontal flip (Fashion-MNIST only: a "
                                   "flipped digit is another digit)")
-    crop_padding: int = option(2, "zero padding of the random crop, in pixels")
+    crop_padding: int = option(2, "zero padding of the random crop, in pixels",
+                                allowed=NON_NEGATIVE)
 
 
 def build_datasets(config, shard=(0, 1)):

@@ -126,12 +126,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
     assert status == 2 and "does not exist" in err
 
 
-def test_unknown_recipe_setting_fails_that_run_clearly(tmp_path):
-    result = kbench("compare", "--backends", "jax", *TINY, "--set", "no_such_knob=1",
-                    "--output", str(tmp_path / "c"))
-    assert result.returncode == 1
-    row = load(tmp_path / "c")[0]
-    assert row["status"] == "failed" and "no setting(s) no_such_knob" in row["error"]
+def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_error):
+    from kbench import cli
+
+    for setting, message in [("no_such_knob=1", "recipe cifar_resnet has no setting(s) "
+                                                "no_such_knob"),
+                             ("momentum=2", "--momentum 2 is not allowed: it takes a finite "
+                                            "number >= 0 and < 1"),
+                             ("cutout=-4", "--cutout -4 is not allowed")]:
+        out = tmp_path / "c"
+        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *TINY,
+                                                   "--set", setting, "--output", str(out)])
+        assert status == 2 and err.startswith("error: " + message), err
+        assert not (out / "results.jsonl").exists()
 
 
 def record(backend, median, p10, p90, accuracy=0.5):

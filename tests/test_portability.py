@@ -41,8 +41,8 @@ def test_backends_train_alike_and_their_models_predict_alike_under_each_backend(
         out_dir = tmp_path / "runs" / backend
         result = run_python(
             "recipes/cifar_resnet.py", "--dataset", "synthetic", "--model", "resnet20",
-            "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16",
-            "--train-examples", "64", "--test-examples", "32", "--no-validate-every-epoch",
+            "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "32",
+            "--train-examples", "128", "--test-examples", "64", "--no-validate-every-epoch",
             "--verbose", "0", "--output-dir", str(out_dir), backend=backend)
         assert result.returncode == 0, (backend, result.stderr[-3000:])
         metrics[backend] = json.loads((out_dir / "metrics.json").read_text())

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kbench import checkpoint, train
-from kbench.errors import KbenchError
+from kbench.errors import Interrupted, KbenchError
 from kbench.flags import parse_config
 from recipes import cifar_resnet
 from tests.conftest import BACKEND, REPO
@@ -139,7 +139,8 @@ def history_rows(path):
 def test_kill_minus_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """The issue's must-show: killed with SIGKILL after its second epoch, a 4-epoch run resumed
     with --resume logs epochs 0..3 once each, reports epochs: 4, and trains the same numbers
-    as a run that was never interrupted (same seed, backend and machine)."""
+    as a run that was never interrupted (same seed, backend and machine). Also: the killed
+    run's folder lock died with it, and a second run into a busy folder is refused."""
     args = ["--dataset", "synthetic", "--model", "convnet", "--epochs", "4", "--steps-per-epoch", "6",
             "--batch-size", "16", "--train-examples", "256", "--test-examples", "32",
             "--verbose", "0"]
@@ -160,8 +161,19 @@ def test_kill_minus_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     rows_at_kill = [row["epoch"] for row in history_rows(killed / "history.csv")]
     assert rows_at_kill == list(range(len(rows_at_kill))) and 1 <= len(rows_at_kill) <= 3
 
-    resumed = run_recipe([*args, "--resume"], killed)
+    resumed = run_recipe([*args, "--resume"], killed)  # the lock died with the killed run
     reference = run_recipe(args, whole)
+    # One run per output folder: while `reference` trains, a second run into its folder
+    # refuses at once and leaves it untouched (its numbers are checked below).
+    lock = whole / ".kbench.lock"
+    while time.time() < deadline and not (lock.exists() and str(reference.pid) in
+                                          lock.read_text()):
+        time.sleep(0.02)
+    start = time.monotonic()
+    with pytest.raises(KbenchError, match=rf"^{whole} is in use by another run \(process "
+                                          rf"{reference.pid} on .*--output-dir$"):
+        cifar_resnet.main(tiny(output_dir=str(whole), epochs=4, steps_per_epoch=6))
+    assert time.monotonic() - start < 10
     out_resumed, out_reference = resumed.communicate(timeout=300), reference.communicate(timeout=300)
     assert resumed.returncode == 0, out_resumed[0]
     assert reference.returncode == 0, out_reference[0]
@@ -186,6 +198,89 @@ def test_resume_errors_are_one_line(tmp_path):
     (tmp_path / "run" / state.weights).write_bytes(b"not an h5 file")
     with pytest.raises(KbenchError, match="cannot load checkpoint"):
         cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
+
+
+class SignalAt(keras.callbacks.Callback):
+    """Sends this process `signum` at the end of training batch `batch` (Keras' index in the
+    fit at hand) of epoch `epoch`: a preemption at a known step."""
+
+    def __init__(self, epoch, batch, signum):
+        super().__init__()
+        self.at, self.signum, self.epoch = (epoch, batch), signum, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+class CheckpointSeen(keras.callbacks.Callback):
+    """Records, at the end of every training batch, the weights file checkpoint.json names."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir, self.seen = run_dir, set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.run_dir / "checkpoint.json").exists():
+            self.seen.add(checkpoint.load_state(self.run_dir).weights)
+
+
+def test_sigterm_and_sigint_mid_epoch_checkpoint_and_resume_equals_an_uninterrupted_run(
+        tmp_path):
+    """The issue's must-show, in this interpreter (a real signal, sent to itself at a known
+    step): SIGTERM in epoch 1 finishes the step, checkpoints mid-epoch and stops with status
+    143; resumed, SIGINT in epoch 2 stops with 130; resumed again, the run logs every epoch
+    once and ends with the uninterrupted run's numbers. --checkpoint-every 4 also wrote a
+    step checkpoint in epoch 0."""
+    settings = dict(epochs=3, steps_per_epoch=6, checkpoint_every=4)
+    whole = cifar_resnet.main(tiny(output_dir=str(tmp_path / "whole"), **settings))
+    run = tmp_path / "run"
+    seen = CheckpointSeen(run)
+    with pytest.raises(Interrupted) as stop:
+        cifar_resnet.main(tiny(tmp_path, **settings),
+                          callbacks=[seen, SignalAt(1, 2, signal.SIGTERM)])
+    assert stop.value.status == 143 and "\n" not in str(stop.value)
+    assert str(stop.value) == (f"stopped by SIGTERM in epoch 1 after batch 3 of 6: checkpoint "
+                               f"in {run}; continue with the same command and --resume")
+    assert "checkpoint-0-4.weights.h5" in seen.seen  # the periodic one, mid-epoch 0
+    state = checkpoint.load_state(run)
+    assert (state.epochs_done, state.batches_in_epoch, state.batches_done) == (1, 3, 9)
+    assert state.weights == "checkpoint-1-3.weights.h5" and state.metric_states
+    assert [r["epoch"] for r in history_rows(run / "history.csv")] == [0]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1-3.weights.h5"]
+
+    # Resumed: the rest of epoch 1 is one fit (its batches counted from 0), then epoch 2.
+    with pytest.raises(Interrupted) as stop:
+        cifar_resnet.main(tiny(tmp_path, resume=True, **settings),
+                          callbacks=[SignalAt(2, 1, signal.SIGINT)])
+    assert stop.value.status == 130 and "in epoch 2 after batch 2 of 6" in str(stop.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    metrics = cifar_resnet.main(tiny(tmp_path, resume=True, **settings))
+    got, expected = history_rows(run / "history.csv"), history_rows(tmp_path / "whole" /
+                                                                    "history.csv")
+    assert [row["epoch"] for row in got] == [0, 1, 2] and metrics["epochs"] == 3
+    for ours, theirs in zip(got, expected):
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    assert metrics["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
+def test_an_interrupted_run_exits_143_or_130_with_one_line(capsys):
+    from kbench.errors import exit_on_error
+
+    def preempted():
+        raise Interrupted("SIGTERM", "in epoch 0 after batch 1 of 2", "continue with --resume")
+
+    with pytest.raises(SystemExit) as exit:
+        exit_on_error(preempted)
+    assert exit.value.code == 143
+    assert capsys.readouterr().err == ("stopped by SIGTERM in epoch 0 after batch 1 of 2: "
+                                       "continue with --resume\n")
+    assert Interrupted("SIGINT", "").status == 130
 
 
 def test_resume_of_a_finished_run_trains_no_more(tmp_path):

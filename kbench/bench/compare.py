@@ -96,6 +96,20 @@ def run_config(options):
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
+def check_recipe_settings(options):
+    """Build the recipe's Config as every run will and check it (kbench.config.check): an
+    unknown recipe, an unknown `--set` field or a value out of range is one line before any
+    run starts, not the same failure once per run."""
+    from kbench.bench import worker
+    from kbench.config import check
+    from kbench.recipe import load_recipe
+
+    recipe = load_recipe(_recipe_for_worker(options.recipe))
+    spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
+            "steps": options.steps, "warmup_steps": options.warmup_steps}
+    check(worker.run_config(recipe, spec))
+
+
 def distribute_config(framework, options):
     """The recipe settings of a data-parallel run. JAX and TensorFlow split the CPU into
     --simulate-devices devices in one process; torch replicas are processes (torchrun)."""
@@ -207,7 +221,7 @@ def compare(options, console=None):
     from kbench.bench import report
 
     runs = plan_runs(options)
-    recipe_path(options.recipe)  # an unknown recipe is one line now, not a failure per run
+    check_recipe_settings(options)
     out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.jsonl")

@@ -1,0 +1,130 @@
+"""Every setting of every recipe is checked before anything is built, the same way for flags,
+`--config FILE` and `main(Config(...))`: one line naming the flag, the value and what it
+takes, exit status 2. (kbench compare --set: tests/test_compare.py.)"""
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import typing
+
+import pytest
+
+import kbench  # noqa: F401
+from kbench.config import FREE_TEXT, check, field_setting
+from kbench.errors import KbenchError
+from kbench.flags import parse_config, run_recipe
+from recipes import cifar_resnet, finetune, imdb_transformer, mnist_convnet
+
+pytestmark = pytest.mark.backend_independent
+
+RECIPES = (cifar_resnet, finetune, imdb_transformer, mnist_convnet)
+
+
+def invalid_values(config_cls, field):
+    """[(value, whether it can be typed as a flag)] that `field` must refuse."""
+    kinds = [k for k in typing.get_args(typing.get_type_hints(config_cls)[field.name])
+             if k is not type(None)] or [typing.get_type_hints(config_cls)[field.name]]
+    kind = kinds[0]
+    bad = []
+    if kind is bool:
+        return [("yes", False), (1, False)]  # --flag / --no-flag cannot say anything else
+    choices = field_setting(config_cls, field.name, "choices")
+    if choices is not None:
+        bad.append(("no_such_choice" if kind is str else 99, True))
+    allowed = field_setting(config_cls, field.name, "allowed")
+    if allowed is not None:
+        step = 1 if kind is int else 0.5
+        if allowed.low is not None:
+            bad.append((allowed.low if allowed.low_open else allowed.low - step, True))
+        if allowed.high is not None:
+            bad.append((allowed.high if allowed.high_open else allowed.high + step, True))
+    if kind is float:
+        bad += [(math.nan, True), (math.inf, True)]
+    if kind is str and field.name not in FREE_TEXT:
+        bad.append(("", True))
+    if kind in (int, float):
+        bad.append(("3", False))  # a string where a number belongs: main(Config(...)) only
+    return bad
+
+
+def flag_text(value):
+    return "nan" if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+CASES = [(recipe, field, value, as_flag)
+         for recipe in RECIPES for field in dataclasses.fields(recipe.Config)
+         for value, as_flag in invalid_values(recipe.Config, field)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.__name__.split(".")[-1])
+def test_every_field_refuses_something_or_is_free_text(recipe):
+    """A new field without a range, choices or type to check fails here: declare what it
+    takes next to its default (option(..., allowed=Range(...)))."""
+    for field in dataclasses.fields(recipe.Config):
+        assert invalid_values(recipe.Config, field) or field.name in FREE_TEXT, field.name
+
+
+def test_every_invalid_value_is_one_line_exit_2(entry_point_error):
+    checked = 0
+    for recipe, field, value, as_flag in CASES:
+        flag = "--" + field.name.replace("_", "-")
+        start = time.monotonic()
+        if as_flag:  # the command line: argparse (types, choices) or kbench's check (ranges)
+            status, err = entry_point_error(run_recipe, recipe.main, recipe.Config,
+                                            [f"{flag}={flag_text(value)}"])
+            assert status == 2 and err.count("\n") == 1, (flag, value, err)
+            assert err.startswith("error: ") and flag in err, (flag, value, err)
+            assert "Traceback" not in err
+        # main(Config(...)), as a script or notebook calls a recipe
+        with pytest.raises(KbenchError) as error:
+            recipe.main(recipe.Config(**{field.name: value}))
+        message = str(error.value)
+        assert message.startswith(f"{flag} ") and "\n" not in message, (flag, value, message)
+        assert "it takes" in message or "must be set" in message, message
+        assert time.monotonic() - start < 10
+        checked += 1
+    assert checked == len(CASES) > 100
+
+
+def test_messages_say_what_is_allowed(entry_point_error):
+    status, err = entry_point_error(run_recipe, cifar_resnet.main, cifar_resnet.Config,
+                                    ["--momentum", "2"])
+    assert (status, err) == (2, "error: --momentum 2.0 is not allowed: it takes a finite "
+                                "number >= 0 and < 1\n")
+    with pytest.raises(KbenchError, match=r"^--steps-per-epoch 0 is not allowed: it takes an "
+                                          r"integer >= 1, or leave it unset$"):
+        check(cifar_resnet.Config(steps_per_epoch=0))
+    check(cifar_resnet.Config(steps_per_epoch=None, decay_epochs=None))  # unset is fine
+    check(imdb_transformer.Config(lr=1, dropout=0))  # an int where a float belongs is fine
+    # Rules between fields: finetune may skip either stage, not both.
+    check(finetune.Config(head_epochs=0, epochs=1))
+    with pytest.raises(KbenchError, match="--head-epochs and --epochs are both 0"):
+        check(finetune.Config(head_epochs=0, epochs=0))
+
+
+def test_a_config_file_is_checked_like_flags(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"config": {"epochs": -1, "lr": 0.05}}))
+    with pytest.raises(KbenchError, match="^--epochs -1 is not allowed"):
+        parse_config(mnist_convnet.Config, ["--config", str(path)])
+    # A flag given beside the file overrides its bad value.
+    assert parse_config(mnist_convnet.Config, ["--config", str(path), "--epochs", "2"]).epochs == 2
+
+
+def test_help_shows_the_allowed_range(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(cifar_resnet.Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "label smoothing of the cross-entropy [>= 0 and < 1]" in text
+    assert "[>= 1, or unset]" in text
+
+
+def test_a_recipe_run_refuses_at_once(run_python):
+    start = time.monotonic()
+    result = run_python("recipes/cifar_resnet.py", "--epochs", "-1", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --epochs -1 is not allowed: it takes an integer >= 1")
+    assert time.monotonic() - start < 10, sys.executable
