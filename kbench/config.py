@@ -164,7 +164,7 @@ def check(config):
             raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
                               f"{', '.join(map(str, choices))}")
         allowed = field_setting(type(config), field.name, "allowed")
-        if isinstance(value, float) and not math.isfinite(value) or (
+        if (isinstance(value, float) and not math.isfinite(value)) or (
                 allowed is not None and value not in allowed):
             unset = ", or leave it unset" if optional else ""
             raise KbenchError(f"{flag} {value!r} is not allowed: it takes "

@@ -154,7 +154,7 @@ class Run:
             model = given if given is not None else build(self.config)
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief)
-        if self.state is not None and self.state.epochs_done:
+        if self.state is not None and self.state.batches_done:  # epoch or step checkpoint
             self._resume_stage = self.state.stage
         return model
 
@@ -355,8 +355,6 @@ def run_callbacks(config, steps_per_epoch, state):
     """kbench's per-run callbacks: NaN guard, and with an output dir the epoch recorder
     (checkpoint, history.csv, best.keras, early stopping) and TensorBoard when asked for."""
     found = [checkpoint.StopOnNaN(config.output_dir)]
-    if config.early_stopping < 0:
-        raise KbenchError("--early-stopping must be >= 0 (epochs of patience; 0 turns it off)")
     if state is not None:  # without an output dir (data-parallel non-chief) it only tracks
         found.append(checkpoint.EpochRecorder(
             config.output_dir, state, steps_per_epoch,

@@ -52,3 +52,21 @@ def entry_point_error(capsys):
         return exit.value.code, capsys.readouterr().err
 
     return call
+
+
+@pytest.fixture
+def entry_point(capsys):
+    """Call an entry point (kbench.cli.main, ...) in this interpreter; returns (exit status,
+    stdout, stderr)."""
+
+    def call(fn, *args, **kwargs):
+        capsys.readouterr()
+        try:
+            fn(*args, **kwargs)
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return call

@@ -16,7 +16,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.backend_independent
 
-TINY = ["--dataset", "synthetic", "--model", "resnet20", "--batch-size", "16", "--steps", "3",
+# A small compare: the convnet, except where the native twins (ResNets only) run beside it.
+TINY = ["--dataset", "synthetic", "--model", "convnet", "--batch-size", "16", "--steps", "3",
         "--warmup-steps", "1", "--set", "train_examples=256", "--set", "test_examples=64"]
 
 
@@ -56,7 +57,7 @@ def load(out_dir):
 def test_all_backends_and_native_twins(tmp_path):
     out = tmp_path / "cmp"
     result = kbench("compare", "--recipe", "cifar_resnet", "--backends", "jax,tensorflow,torch",
-                    "--reference", "native", *TINY, "--output", str(out))
+                    "--reference", "native", *TINY, "--model", "resnet20", "--output", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = load(out)
     assert [r["backend"] for r in rows] == ["jax", "tensorflow", "torch", "native-jax",
@@ -150,16 +151,24 @@ def record(backend, median, p10, p90, accuracy=0.5):
     return row
 
 
-def test_report_rerenders_saved_results(tmp_path):
+def report_here(entry_point, path):
+    """`kbench report PATH` in this interpreter: (exit status, stdout)."""
+    from kbench import cli
+
+    status, out, _ = entry_point(cli.main, ["report", str(path)])
+    return status, out
+
+
+def test_report_rerenders_saved_results(tmp_path, entry_point):
     rows = [record("jax", 100, 95, 105), record("native-jax", 80, 78, 82),
             record("torch", 60, 58, 62)]
     failed = dict.fromkeys(records.FIELDS)
     failed.update(backend="tensorflow", status="failed", error="boom\nImportError: no tf")
     records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), rows + [failed])
-    result = kbench("report", str(tmp_path / "results.jsonl"), timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "1.25x" in result.stdout  # jax vs native-jax: 100 / 80
-    assert "ImportError: no tf" in result.stdout
+    status, out = report_here(entry_point, tmp_path / "results.jsonl")
+    assert status == 0
+    assert "1.25x" in out  # jax vs native-jax: 100 / 80
+    assert "ImportError: no tf" in out
     assert (tmp_path / "results.png").stat().st_size > 1000
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.startswith("backend,status,runs,step_time_ms")
@@ -215,7 +224,7 @@ def test_ctrl_c_keeps_finished_runs_and_stops_the_running_one(tmp_path):
 # --------------------------------------------------------------------------- data parallel
 
 
-def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path):
+def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path, entry_point):
     single = record("jax", 100, 95, 105)  # 1280 examples/s
     parallel = record("jax", 40, 38, 42)  # 3200 examples/s on 4 replicas
     parallel.update(distribution="jax_data_parallel", num_replicas=4)
@@ -226,10 +235,10 @@ def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path)
     assert summary[1]["scaling_efficiency"] == pytest.approx(3200 / (4 * 1280))
     assert summary[0]["scaling_efficiency"] is None
     records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), [single, parallel])
-    result = kbench("report", str(tmp_path / "results.jsonl"), timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "scaling eff." in result.stdout and "62%" in result.stdout
-    assert "global batch 128" in result.stdout
+    status, out = report_here(entry_point, tmp_path / "results.jsonl")
+    assert status == 0
+    assert "scaling eff." in out and "62%" in out
+    assert "global batch 128" in out
     csv_text = (tmp_path / "results.csv").read_text()
     assert "scaling_efficiency" in csv_text.splitlines()[0]
 
@@ -254,9 +263,10 @@ def test_distributed_runs_are_planned_and_launched_per_engine():
         ["py", "-m", "kbench.bench.worker"]
 
 
-def test_simulate_devices_needs_distribute(tmp_path):
-    result = kbench("compare", "--simulate-devices", "2", "--output", str(tmp_path / "x"),
-                    timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: --simulate-devices N goes with --distribute data_parallel")
+def test_simulate_devices_needs_distribute(tmp_path, entry_point_error):
+    from kbench import cli
+
+    status, err = entry_point_error(cli.main, ["compare", "--simulate-devices", "2", "--output",
+                                               str(tmp_path / "x")])
+    assert status == 2
+    assert err == "error: --simulate-devices N goes with --distribute data_parallel\n"

@@ -234,25 +234,26 @@ def test_sigterm_and_sigint_mid_epoch_checkpoint_and_resume_equals_an_uninterrup
     step): SIGTERM in epoch 1 finishes the step, checkpoints mid-epoch and stops with status
     143; resumed, SIGINT in epoch 2 stops with 130; resumed again, the run logs every epoch
     once and ends with the uninterrupted run's numbers. --checkpoint-every 4 also wrote a
-    step checkpoint in epoch 0."""
+    step checkpoint in epoch 0, and a stop in epoch 0 resumes too."""
     settings = dict(epochs=3, steps_per_epoch=6, checkpoint_every=4)
     whole = cifar_resnet.main(tiny(output_dir=str(tmp_path / "whole"), **settings))
     run = tmp_path / "run"
     seen = CheckpointSeen(run)
     with pytest.raises(Interrupted) as stop:
         cifar_resnet.main(tiny(tmp_path, **settings),
-                          callbacks=[seen, SignalAt(1, 2, signal.SIGTERM)])
+                          callbacks=[seen, SignalAt(0, 4, signal.SIGTERM)])
     assert stop.value.status == 143 and "\n" not in str(stop.value)
-    assert str(stop.value) == (f"stopped by SIGTERM in epoch 1 after batch 3 of 6: checkpoint "
+    assert str(stop.value) == (f"stopped by SIGTERM in epoch 0 after batch 5 of 6: checkpoint "
                                f"in {run}; continue with the same command and --resume")
     assert "checkpoint-0-4.weights.h5" in seen.seen  # the periodic one, mid-epoch 0
     state = checkpoint.load_state(run)
-    assert (state.epochs_done, state.batches_in_epoch, state.batches_done) == (1, 3, 9)
-    assert state.weights == "checkpoint-1-3.weights.h5" and state.metric_states
-    assert [r["epoch"] for r in history_rows(run / "history.csv")] == [0]
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1-3.weights.h5"]
+    assert (state.epochs_done, state.batches_in_epoch, state.batches_done) == (0, 5, 5)
+    assert state.weights == "checkpoint-0-5.weights.h5" and state.metric_states
+    assert history_rows(run / "history.csv") == []
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0-5.weights.h5"]
 
-    # Resumed: the rest of epoch 1 is one fit (its batches counted from 0), then epoch 2.
+    # Resumed: the last step of epoch 0 is one fit (its batches counted from 0), then
+    # epochs 1 and 2.
     with pytest.raises(Interrupted) as stop:
         cifar_resnet.main(tiny(tmp_path, resume=True, **settings),
                           callbacks=[SignalAt(2, 1, signal.SIGINT)])
