@@ -72,6 +72,7 @@ class RunState:
     # epoch's logs are made of) after them. 0 and [] for a checkpoint at an epoch's end.
     batches_in_epoch: int = 0
     metric_states: list = dataclasses.field(default_factory=list)
+    steps_per_epoch: int = 0  # the epoch length progress was counted in (0: not yet)
 
     def begin_stage(self, stage):
         """Start stage `stage` here; its early-stopping count starts afresh."""
@@ -90,6 +91,7 @@ class RunState:
         if batches_in_epoch >= steps_per_epoch:
             epoch, batches_in_epoch = epoch + 1, 0
         self.epochs_done, self.batches_in_epoch = epoch, batches_in_epoch
+        self.steps_per_epoch = steps_per_epoch
         self.batches_done = (self.stage_first_batch + batches_in_epoch
                              + (epoch - self.stage_first_epoch) * steps_per_epoch)
 
@@ -323,6 +325,8 @@ class StepCheckpoint(keras.callbacks.Callback):
                 # end averages the statistics anyway, and a moving average is linear).
                 self.distribution.sync_non_trainable(self.model)
                 sums = self.distribution.mean_over_processes(sums)
+            if self.state is not None:  # every process: its Interrupted says where it is
+                self._record(done)
             if self.output_dir is not None and self.state is not None:
                 self._write(done, sums)
         if signal_name:
@@ -359,10 +363,13 @@ class StepCheckpoint(keras.callbacks.Callback):
                        + (self._epoch - state.stage_first_epoch) * self.steps_per_epoch)
         return run_batches % self.every == 0
 
-    def _write(self, done, metric_sums):
+    def _record(self, done):
         state = self.state
         state.reached(self._epoch, done, self.steps_per_epoch)
         state.steps_done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _write(self, done, metric_sums):
+        state = self.state
         write_checkpoint(self.model, self.output_dir, state,
                          f"checkpoint-{self._epoch}-{done}.weights.h5",
                          metric_states=metric_sums)

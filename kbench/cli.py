@@ -112,7 +112,8 @@ def add_model_verbs(verbs):
                              "(default: 1e-4 x the largest |logit|, at least 1e-4)")
     export.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,
                         help="the Keras backend that exports (default: KERAS_BACKEND when it "
-                             "can export the format, else tensorflow, in a subprocess)")
+                             "can export the format here, else the first of tensorflow, "
+                             "torch, jax that can, in a subprocess)")
     export.set_defaults(func=cmd_export)
 
     predict = verbs.add_parser(

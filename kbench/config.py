@@ -121,8 +121,9 @@ class TrainConfig:
                                          allowed=Range(1))
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     checkpoint_every: int = option(0, "also checkpoint every N training steps, in the middle "
-                                      "of epochs (0: at epoch ends only; SIGTERM / SIGINT "
-                                      "always checkpoint before stopping)",
+                                      "of epochs (0: at epoch ends only; a run with an "
+                                      "--output-dir stopped by SIGTERM / SIGINT in training "
+                                      "checkpoints first anyway)",
                                    allowed=NON_NEGATIVE)
     monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
     monitor_mode: str = option("auto", "whether --monitor improves up (max) or down (min); auto: "
@@ -145,8 +146,13 @@ FREE_TEXT = ("data_dir", "output_dir", "init_from")  # paths: any string (checke
 def check(config):
     """Raise KbenchError, one line, for the first field of `config` that holds a value of the
     wrong type, outside its choices or its Range, or a float that is not finite. Flags name
-    the field (`--steps-per-epoch`), as a user sets it in any of the ways a Config arrives."""
+    the field (`--steps-per-epoch`), as a user sets it in any of the ways a Config arrives.
+    Returns `config`, with NumPy numbers (a loop over np.array values) made Python's."""
     hints = typing.get_type_hints(type(config))
+    config = dataclasses.replace(config, **{
+        f.name: getattr(config, f.name).item() for f in dataclasses.fields(config)
+        if type(getattr(config, f.name)).__module__ == "numpy"
+        and hasattr(getattr(config, f.name), "item")})
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -170,6 +176,7 @@ def check(config):
             raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
                               f"{_describe(kinds, allowed)}{unset}")
     config.check_combination()
+    return config
 
 
 def _kinds(annotation):

@@ -10,8 +10,10 @@ see below):
     savedmodel   yes              yes (jax2tf)                       no (Keras needs torch_xla)
 
 A model.keras is portable, so the backend the user happens to have set does not decide what
-can be exported: when it cannot export a format, the export runs in a fresh interpreter under
-a backend that can (TensorFlow first), and the output says which one did.
+can be exported: when it cannot export a format here at all (the table's "no", or a missing
+package), the export runs in a fresh interpreter under a backend that can (TensorFlow first),
+and the output says which one did. Failures of one model under one backend (a "not" in the
+table) are one-line errors naming the others: `--backend` picks one.
 
 After exporting, the artifact runs on a small batch (onnxruntime for ONNX, the SavedModel's
 serving signature in TensorFlow) and its outputs are compared with the Keras model's (under the
@@ -133,17 +135,25 @@ def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
 
     saved = os.path.join(scratch, "model.keras")
     model.save(saved)
-    print(f"note: {format} export does not work under {keras.backend.backend()} here; "
-          f"exporting under {backend} in a subprocess")
+    here = keras.backend.backend()
+    why = (f"{format} export does not work under {here} here" if not can_export(format, here)
+           else f"--backend {backend}")
+    print(f"note: {why}; exporting under {backend} in a subprocess")
     done = subprocess.run(
-        [sys.executable, "-m", "kbench.export", saved, format, artifact, repr(tolerance)],
+        [sys.executable, "-m", "kbench.export", saved, format, artifact,
+         str(float(tolerance))],
         env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise KbenchError(f"{format} export under {backend} failed: "
-                          f"{last.removeprefix('error: ')}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        pass
+    # The child's one-line error, not the TensorFlow / XLA log lines around it.
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    reason = (errors[-1].removeprefix("error: ") if errors
+              else " | ".join(lines[-3:]) or f"exit status {done.returncode}")
+    raise KbenchError(f"{format} export under {backend} failed: {reason}")
 
 
 def _float32_model(model):

@@ -104,6 +104,11 @@ class FolderLock:
             lock_file.close()
             raise KbenchError(f"{self.folder} is in use by another run ({holder}); wait for "
                               "it to end, or give this run another --output-dir") from None
+        except OSError as exc:  # a filesystem without flock (some NFS / FUSE mounts)
+            lock_file.close()
+            print(f"note: cannot lock {self.folder} ({exc.strerror}): a second run into it "
+                  "would not be refused", flush=True)
+            return self
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")

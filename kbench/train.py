@@ -43,7 +43,7 @@ class Run:
     """
 
     def __init__(self, config, recipe, callbacks=()):
-        check(config)  # main(Config(...)) is checked as flags are, before anything is built
+        config = check(config)  # main(Config(...)) is checked as flags are, before anything
         self.config = resolve_output_dir(config, recipe)
         self.recipe = recipe
         self.callbacks = list(callbacks)
@@ -58,6 +58,7 @@ class Run:
         self._lock = None  # the chief's FolderLock on the output dir, while the run lives
         self._stop_signal = None  # "SIGTERM" / "SIGINT" once one asked the run to stop
         self._signal_handlers = {}  # the handlers ours replaced, restored on exit
+        self._training = False  # inside model.fit, where a stop waits for the step's end
 
     # ----------------------------------------------------------------------- lifetime
 
@@ -70,8 +71,7 @@ class Run:
         self.dist = distribute.setup(config.distribute, config.simulate_devices,
                                      config.batch_size)
         try:
-            if self.is_chief and config.output_dir:  # one run per output folder
-                self._lock = FolderLock(config.output_dir).acquire()
+            self._lock_output_dir()
             setup_run(config)
             self._catch_stop_signals()
         except BaseException:
@@ -89,20 +89,39 @@ class Run:
         self.dist.shutdown()
         return False
 
+    def _lock_output_dir(self):
+        """One run per output folder: the chief locks it (kbench.files.FolderLock); every
+        process of a data-parallel job learns whether it could, so none goes on alone."""
+        refused = None
+        if self.is_chief and self.config.output_dir:
+            try:
+                self._lock = FolderLock(self.config.output_dir).acquire()
+            except KbenchError as exc:
+                refused = exc
+        if self.dist.any_process(refused is not None):
+            raise refused or KbenchError(f"{self.config.output_dir} is in use by another run "
+                                         "(the chief process was refused its lock)")
+
     def _catch_stop_signals(self):
-        """SIGTERM (a preempted machine) and SIGINT (Ctrl-C) ask the run to stop: it finishes
-        the step in progress, checkpoints, and raises Interrupted (kbench.checkpoint's
-        StepCheckpoint). A second Ctrl-C stops at once. Python takes signals in the main
-        thread only: a run started in another thread keeps the default handling."""
+        """SIGTERM (a preempted machine) and SIGINT (Ctrl-C) ask the run to stop. In training
+        it finishes the step in progress, checkpoints (with an output dir; kbench.checkpoint's
+        StepCheckpoint) and raises Interrupted; outside training (loading data, the final
+        evaluation), and at a second signal, it raises Interrupted at once. Python takes
+        signals in the main thread only: a run started in another thread keeps the default
+        handling."""
         if threading.current_thread() is not threading.main_thread():
             return
 
         def ask_to_stop(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None or not self._training:
+                self._stop_signal = name
+                raise Interrupted(name, "outside a training step" if not self._training
+                                  else "at a second signal, without a checkpoint",
+                                  self._resume_hint())
+            self._stop_signal = name
             if self.is_chief:
-                print(f"{self._stop_signal}: stopping after the step in progress, once it is "
+                print(f"{name}: stopping after the step in progress, once it is "
                       "checkpointed", file=sys.stderr, flush=True)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -191,18 +210,19 @@ class Run:
         start = state.epochs_done if state is not None else first
         end = start if state is not None and state.stopped_early else first + config.epochs
         self.timer = StepTimer(config.batch_size)
-        history = None
+        histories = []
         try:
-            if resuming and state.batches_in_epoch:  # a step checkpoint: finish its epoch
-                history = self._fit_epochs(model, config, train_ds, test_ds, start, start + 1,
-                                           first_batch=state.batches_in_epoch,
-                                           metric_states=state.metric_states)
+            if resuming and state.batches_in_epoch and start < end:  # finish its epoch
+                check_epoch_length(state, train_ds.steps_per_epoch)
+                histories.append(self._fit_epochs(
+                    model, config, train_ds, test_ds, start, start + 1,
+                    first_batch=state.batches_in_epoch, metric_states=state.metric_states))
                 start += 1
             if start < end and not (state is not None and state.stopped_early):
-                history = self._fit_epochs(model, config, train_ds, test_ds, start, end)
+                histories.append(self._fit_epochs(model, config, train_ds, test_ds, start, end))
         except Interrupted as stop:
             raise Interrupted(stop.signal_name, stop.where, self._resume_hint()) from None
-        return history
+        return _joined(histories)
 
     def _fit_epochs(self, model, config, train_ds, test_ds, start, end, first_batch=0,
                     metric_states=()):
@@ -216,17 +236,21 @@ class Run:
             config.output_dir, state, steps, every=config.checkpoint_every,
             stop_requested=self._stop_requested, first_batch=first_batch,
             metric_states=metric_states, distribution=self.dist)
-        history = model.fit(
-            train_ds.dataset,
-            initial_epoch=start,
-            epochs=end,
-            steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
-            validation_data=test_ds.dataset if config.validate_every_epoch else None,
-            callbacks=[self.timer, *self.dist.callbacks(), *self.callbacks,
-                       *run_callbacks(config, steps, state), interrupt],
-            shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
-            verbose=config.verbose,
-        )
+        self._training = True
+        try:
+            history = model.fit(
+                train_ds.dataset,
+                initial_epoch=start,
+                epochs=end,
+                steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
+                validation_data=test_ds.dataset if config.validate_every_epoch else None,
+                callbacks=[self.timer, *self.dist.callbacks(), *self.callbacks,
+                           *run_callbacks(config, steps, state), interrupt],
+                shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
+                verbose=config.verbose,
+            )
+        finally:
+            self._training = False
         self._epochs_trained += len(history.epoch)
         for key, values in history.history.items():
             self.history.setdefault(key, []).extend(values)
@@ -238,8 +262,10 @@ class Run:
 
     def _resume_hint(self):
         state = self.state
-        if state is None or not self.config.output_dir:
+        if not self.config.output_dir:
             return "nothing is checkpointed without an --output-dir"
+        if state is None:  # before the checkpoint state was read: nothing new is lost
+            return "run the same command again"
         if not state.batches_done:
             return "nothing was trained yet; run the same command again"
         return (f"checkpoint in {self.config.output_dir}; continue with the same command "
@@ -258,6 +284,29 @@ class Run:
         return write_results(config, model, self.history, self.timer, test_metrics,
                              extra={**extra, **self.dist.describe()}, recipe=self.recipe,
                              state=self.state, announce=self.is_chief)
+
+
+def _joined(histories):
+    """One Keras History for a stage fit in parts (the rest of an interrupted epoch, then
+    whole epochs); None for none."""
+    if not histories:
+        return None
+    joined = histories[-1]
+    for earlier in reversed(histories[:-1]):
+        joined.epoch = earlier.epoch + joined.epoch
+        for key, values in earlier.history.items():
+            joined.history[key] = values + joined.history.get(key, [])
+    return joined
+
+
+def check_epoch_length(state, steps_per_epoch):
+    """A step checkpoint continues only with the epoch length it was written with: the data
+    stream's position and the rest of the epoch follow from it."""
+    if state.steps_per_epoch != steps_per_epoch:
+        raise KbenchError(f"the checkpoint stopped {state.batches_in_epoch} batches into an "
+                          f"epoch of {state.steps_per_epoch} batches; this run's epochs have "
+                          f"{steps_per_epoch}: resume with the same --batch-size, "
+                          "--steps-per-epoch and data")
 
 
 def train_and_evaluate(config, recipe, build_model, build_datasets, model=None, datasets=None,

@@ -9,6 +9,7 @@ import sys
 import time
 import typing
 
+import numpy as np
 import pytest
 
 import kbench  # noqa: F401
@@ -98,6 +99,9 @@ def test_messages_say_what_is_allowed(entry_point_error):
         check(cifar_resnet.Config(steps_per_epoch=0))
     check(cifar_resnet.Config(steps_per_epoch=None, decay_epochs=None))  # unset is fine
     check(imdb_transformer.Config(lr=1, dropout=0))  # an int where a float belongs is fine
+    # NumPy numbers (a loop over an array of settings) are numbers, made Python's.
+    config = check(cifar_resnet.Config(batch_size=np.int64(32), lr=np.float32(0.5)))
+    assert (config.batch_size, config.lr) == (32, 0.5) and type(config.batch_size) is int
     # Rules between fields: finetune may skip either stage, not both.
     check(finetune.Config(head_epochs=0, epochs=1))
     with pytest.raises(KbenchError, match="--head-epochs and --epochs are both 0"):

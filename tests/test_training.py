@@ -252,6 +252,10 @@ def test_sigterm_and_sigint_mid_epoch_checkpoint_and_resume_equals_an_uninterrup
     assert history_rows(run / "history.csv") == []
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0-5.weights.h5"]
 
+    # A step checkpoint continues only with the epoch length it counted in.
+    with pytest.raises(KbenchError, match="resume with the same --batch-size"):
+        cifar_resnet.main(tiny(tmp_path, resume=True, **{**settings, "steps_per_epoch": 8}))
+
     # Resumed: the last step of epoch 0 is one fit (its batches counted from 0), then
     # epochs 1 and 2.
     with pytest.raises(Interrupted) as stop:
@@ -268,6 +272,19 @@ def test_sigterm_and_sigint_mid_epoch_checkpoint_and_resume_equals_an_uninterrup
         for key in theirs:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
     assert metrics["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
+def test_a_signal_outside_training_stops_at_once(tmp_path):
+    """While data loads (or the final evaluation runs) there is no step to finish: SIGTERM
+    raises Interrupted at once, and the handlers are Python's again after the run."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM outside a training step: run "
+                                          "the same command again$") as stop:
+        with train.Run(tiny(tmp_path), "cifar_resnet"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the handler raises
+    assert stop.value.status == 143
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_an_interrupted_run_exits_143_or_130_with_one_line(capsys):
