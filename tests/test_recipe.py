@@ -58,7 +58,8 @@ def test_training_on_published_cifar_files_learns(tmp_path):
     train, test = data.load_synthetic(train_examples=1024, test_examples=256, seed=1)
     cifar_files.write_archive(tmp_path / "cifar", "cifar10", train, test, [512, 512])
     config = cifar_resnet.Config(dataset="cifar10", data_dir=str(tmp_path / "cifar"),
-                                 epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
+                                 model="convnet", epochs=3, batch_size=64, lr=0.05,
+                                 warmup_epochs=0.5,
                                  validate_every_epoch=False, output_dir=str(tmp_path / "out"),
                                  verbose=0)
     metrics = cifar_resnet.main(config)
