@@ -14,9 +14,10 @@ install_excepthook()
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries real output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from kbench.backend import requested_backend  # noqa: E402
+from kbench.backend import keep_tensorflow_off_the_gpus, requested_backend  # noqa: E402
 
 requested_backend()
+keep_tensorflow_off_the_gpus()  # before anything runs a TensorFlow op
 
 from kbench import models  # noqa: E402,F401  (registers custom layers)
 

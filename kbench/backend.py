@@ -26,6 +26,34 @@ def requested_backend():
     return name
 
 
+def keep_tensorflow_off_the_gpus():
+    """Under jax or torch, TensorFlow only runs the tf.data input pipelines, on the CPU: hide
+    the GPUs from it before its runtime starts, or it would reserve most of every GPU's
+    memory that JAX or PyTorch needs. (JAX's own preallocation stays as JAX sets it.)"""
+    import importlib.util
+
+    if (name() == "tensorflow" or not nvidia_gpu_present()
+            or importlib.util.find_spec("tensorflow") is None):
+        return  # without a GPU, importing TensorFlow here would only cost start-up time
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # its runtime already started: TensorFlow was used before kbench
+        import sys
+
+        print("note: TensorFlow was started before kbench could hide the GPUs from it; it "
+              "may hold GPU memory (import kbench first)", file=sys.stderr)
+
+
+def nvidia_gpu_present():
+    """Whether this machine has an NVIDIA GPU for its driver, asked without starting any
+    framework: the driver's device files."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
 def name():
     """The backend Keras is running on."""
     import keras

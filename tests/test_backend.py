@@ -56,3 +56,21 @@ def test_unknown_backend_is_one_line(run_python):
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert lines == ["error: unknown KERAS_BACKEND='mxnet'; use one of: jax, tensorflow, torch "
                      "(e.g. KERAS_BACKEND=jax)"]
+
+
+def test_tensorflow_is_kept_off_the_gpus_under_jax_and_torch(monkeypatch):
+    """Under jax or torch TensorFlow only feeds the input pipeline: where a GPU is present,
+    kbench hides it from TensorFlow (which would otherwise reserve its memory); under
+    tensorflow, TensorFlow trains on it."""
+    import tensorflow as tf
+
+    from kbench import backend
+
+    hidden = []
+    monkeypatch.setattr(backend, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(tf.config, "set_visible_devices",
+                        lambda devices, kind: hidden.append((devices, kind)))
+    backend.keep_tensorflow_off_the_gpus()
+    assert hidden == ([] if BACKEND == "tensorflow" else [([], "GPU")])
+    if BACKEND != "tensorflow":
+        assert tf.config.get_visible_devices("GPU") == []
