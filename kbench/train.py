@@ -192,7 +192,6 @@ class Run:
         if not config.epochs or (self._resume_stage is not None and stage < self._resume_stage):
             return None
         state = self.state
-        self._check_stop("before training")
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
             compile_model(model, config, train_ds.steps_per_epoch)
             if resuming:  # the checkpoint holds this stage's optimizer
@@ -256,10 +255,6 @@ class Run:
             self.history.setdefault(key, []).extend(values)
         return history
 
-    def _check_stop(self, where):
-        if self._stop_requested() is not None:
-            raise Interrupted(self._stop_signal, where, self._resume_hint())
-
     def _resume_hint(self):
         state = self.state
         if not self.config.output_dir:
@@ -278,7 +273,6 @@ class Run:
         test_ds = as_stream(test_ds, training=False) if test_ds is not None else self.test_ds
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
-        self._check_stop("after training, before the final evaluation")
         config = self.process_config
         test_metrics = final_evaluation(model, test_ds, config, self.dist)
         return write_results(config, model, self.history, self.timer, test_metrics,
