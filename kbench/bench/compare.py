@@ -96,6 +96,13 @@ def run_config(options):
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
+# Recipe settings kbench.bench.worker sets for every run, which --set would not change.
+COMPARE_SETS = {"epochs": "--epochs (or --steps)", "steps_per_epoch": "--steps",
+                "validate_every_epoch": "nothing: a compare run evaluates once, at its end",
+                "verbose": "nothing: each run's log is in logs/",
+                "output_dir": "--output (each run gets its own folder)"}
+
+
 def check_recipe_settings(options):
     """Build the recipe's Config as every run will and check it (kbench.config.check): an
     unknown recipe, an unknown `--set` field or a value out of range is one line before any
@@ -104,6 +111,10 @@ def check_recipe_settings(options):
     from kbench.config import check
     from kbench.recipe import load_recipe
 
+    ruled = sorted(set(options.extra_config) & set(COMPARE_SETS))
+    if ruled:
+        raise KbenchError(f"--set {ruled[0]} is compare's to set, per run: use "
+                          f"{COMPARE_SETS[ruled[0]]}")
     recipe = load_recipe(_recipe_for_worker(options.recipe))
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps}
