@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ test: $(VENV)/.installed
 	  KERAS_BACKEND=$$b $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) || exit 1; \
 	  echo "=== $$b pass: $$(( $$(date +%s) - start )) s ==="; \
 	done; echo "=== all backends passed: $(BACKENDS) ==="
+
+# The first look at an NVIDIA GPU (docs/compare.md, "On a GPU"): every backend and native twin
+# at float32 and mixed_bfloat16, with TFLOP/s and MFU. Installs nothing (the GPU machine's
+# interpreter runs it when there is no .venv); without a GPU it says so in one line, exit 0.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

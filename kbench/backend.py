@@ -104,6 +104,35 @@ def devices():
     return ["cpu:0"]
 
 
+def synchronize(model):
+    """Wait until the device has finished every training step queued for `model`: the clock
+    read next covers them. Under jax the freshest state is the one `fit` keeps on the model
+    between steps (`_jax_state`, what Keras' own `jax_state_sync` reads), else the variables;
+    under torch the CUDA stream; under tensorflow, reading the step counter waits for the
+    update that wrote it."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        state = getattr(model, "_jax_state", None)
+        # Keras wraps it in its TrackedDict/TrackedList, which jax's tree functions would
+        # take for one opaque leaf (and then wait for nothing): unwrap to plain lists.
+        arrays = ([list(group or ()) for group in state.values()] if state
+                  else [v.value for v in model.variables])
+        jax.block_until_ready(arrays)
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    else:
+        import keras
+
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None:
+            keras.ops.convert_to_numpy(optimizer.iterations)
+
+
 def simulate_cpu_devices(n):
     """Split the host CPU into `n` devices for the backend KERAS_BACKEND names (jax: XLA's
     `jax_num_cpu_devices`; tensorflow: n logical CPU devices), so data-parallel code can run

@@ -281,19 +281,20 @@ class EpochRecorder(keras.callbacks.Callback):
 
 class StepCheckpoint(keras.callbacks.Callback):
     """Checkpoints in the middle of an epoch: every `every` training batches (0: never), and
-    when `stop_requested()` names a signal, after the step in progress, followed by
-    `Interrupted`. Goes after EpochRecorder: a stop asked for in an epoch's last step or in
-    its validation is taken once that epoch's own checkpoint is written.
+    when `stop_requested()` names a signal, after the step in progress (checked before the
+    next one starts), followed by `Interrupted`. Goes after EpochRecorder: a stop asked for in
+    an epoch's last step or in its validation is taken once that epoch's own checkpoint is
+    written.
 
     `first_batch`: the batches of the first epoch trained before this fit (the resumed part
-    of an epoch a step checkpoint interrupted); `metric_states`: that epoch's metric
-    variables then, added back so its logs cover the whole epoch. With
+    of an epoch a step checkpoint interrupted; ResumedEpochSums adds that epoch's metric
+    sums back). With
     `output_dir` None (a data-parallel process other than the chief) it writes nothing and
     only stops when asked to.
     """
 
     def __init__(self, output_dir, state, steps_per_epoch, every=0, stop_requested=None,
-                 first_batch=0, metric_states=(), distribution=None):
+                 first_batch=0, distribution=None):
         super().__init__()
         self.distribution = distribution  # kbench.distribute's engine, None: one process
         self.output_dir = output_dir
@@ -302,18 +303,17 @@ class StepCheckpoint(keras.callbacks.Callback):
         self.every = every
         self.stop_requested = stop_requested or (lambda: None)
         self._offset = first_batch
-        self._metric_states = list(metric_states)
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self._metric_states:
-            self._add_interrupted_sums()
-        done = self._offset + batch + 1  # batches of this epoch trained so far
-        if done >= self.steps_per_epoch:
-            return  # the epoch's own checkpoint follows
+    # The checks run before each batch, not after: a callback with `on_train_batch_end` makes
+    # Keras sync every step (see kbench.train.StepTimer). Before batch k, k batches are done.
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            return  # nothing trained in this epoch since the last check
+        done = self._offset + batch  # batches of this epoch trained so far
         signal_name = self.stop_requested()  # the same answer in every process
         if signal_name or self._periodic(done):
             sync_model_variables(self.model)
@@ -337,22 +337,6 @@ class StepCheckpoint(keras.callbacks.Callback):
         signal_name = self.stop_requested()
         if signal_name:
             raise Interrupted(signal_name, f"after epoch {epoch}")
-
-    def _add_interrupted_sums(self):
-        """Add the interrupted epoch's metric sums to the resumed part's, after its first
-        step: the epoch's logs then average over all its batches, as if never interrupted.
-        (After the first step, not before: TensorFlow builds the compiled metrics' variables
-        in it.) kbench compiles a loss mean and accuracy, whose variables are running sums
-        (total, count), so adding is exact."""
-        sync_model_variables(self.model)
-        variables = self.model.metrics_variables
-        if len(variables) != len(self._metric_states):
-            raise KbenchError(f"the step checkpoint holds {len(self._metric_states)} metric "
-                              f"values, the model has {len(variables)}: resume with the same "
-                              "settings")
-        for variable, saved in zip(variables, self._metric_states):
-            variable.assign(variable + keras.ops.convert_to_tensor(saved, variable.dtype))
-        self._metric_states = []
 
     def _periodic(self, done):
         """Whether the run's batch count reached a multiple of `every`."""
@@ -378,6 +362,33 @@ class StepCheckpoint(keras.callbacks.Callback):
         return f"in epoch {self._epoch} after batch {done} of {self.steps_per_epoch}"
 
 
+class ResumedEpochSums(keras.callbacks.Callback):
+    """For the fit that finishes an epoch a step checkpoint interrupted: after its first step,
+    add that epoch's saved metric sums (`metric_states`) to the resumed part's, so the epoch's
+    logs average over all its batches, as if never interrupted. (After the first step, not
+    before: TensorFlow builds the compiled metrics' variables in it. And in
+    `on_train_batch_end`, which costs a sync per step, but only in this one partial epoch: a
+    later hook would come after Keras has read the epoch's logs.) kbench compiles a loss mean
+    and accuracy, whose variables are running sums (total, count), so adding is exact."""
+
+    def __init__(self, metric_states):
+        super().__init__()
+        self._metric_states = list(metric_states)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._metric_states:
+            return
+        sync_model_variables(self.model)
+        variables = self.model.metrics_variables
+        if len(variables) != len(self._metric_states):
+            raise KbenchError(f"the step checkpoint holds {len(self._metric_states)} metric "
+                              f"values, the model has {len(variables)}: resume with the same "
+                              "settings")
+        for variable, saved in zip(variables, self._metric_states):
+            variable.assign(variable + keras.ops.convert_to_tensor(saved, variable.dtype))
+        self._metric_states = []
+
+
 class StopOnNaN(keras.callbacks.Callback):
     """Fail the run, with a message that says what to try, as soon as the loss is NaN or inf.
 
@@ -392,6 +403,11 @@ class StopOnNaN(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+
+    # Keras may run this in its callback thread (backends whose callbacks can be dispatched
+    # asynchronously): the host queues the next steps meanwhile, and the error reaches fit at
+    # its next dispatch, a step or two later.
+    async_safe = True
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")

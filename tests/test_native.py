@@ -88,6 +88,34 @@ def test_schedule_is_keras_schedule(warmup_epochs, epochs):
 
 
 @pytest.mark.backend_independent
+@pytest.mark.parametrize("sync_every, windows", [(1, [1] * 5), (2, [2, 2, 1]), (10, [5])])
+def test_native_timing_reads_losses_only_at_window_edges(sync_every, windows):
+    import tensorflow as tf
+
+    class Stream:  # what timed_training reads of a kbench Stream
+        dataset = tf.data.Dataset.from_tensors((np.zeros((2, 2)), np.zeros((2,)))).repeat()
+
+    class Loss:  # a device value: reading it is the sync
+        newest = None  # the step queued last
+        synced_at = []  # the newest step queued at each read
+
+        def __init__(self, step):
+            self.step = Loss.newest = step
+
+        def __float__(self):
+            Loss.synced_at.append(Loss.newest)
+            return float(self.step)
+
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        Stream, lambda step, x, y: Loss(step), steps=5, warmup_steps=2, sync_every=sync_every)
+    assert losses == [float(s) for s in range(8)] and steps_timed == 5
+    assert len(step_times) == len(windows) and compile_s > 0
+    # Synced after step 0 (compile), after the warm-up (step 2), then at each window's end.
+    edges = [0, 2] + [2 + sum(windows[:i + 1]) for i in range(len(windows))]
+    assert sorted(set(Loss.synced_at)) == edges
+
+
+@pytest.mark.backend_independent
 def test_models_without_twin_are_one_line_errors():
     with pytest.raises(KbenchError, match="native reference has no model 'resnet9'"):
         common.check_config(small_config(model="resnet9"))

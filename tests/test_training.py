@@ -364,6 +364,79 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         cifar_resnet.main(tiny(tmp_path), datasets=(nan_ds, test_ds))
 
 
+# --------------------------------------------------------------------------- step timing
+
+
+def timed_fit(timer, epochs=2, steps=6, validation=False):
+    x = np.random.default_rng(0).normal(size=(96, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=epochs, steps_per_epoch=steps, verbose=0,
+              validation_data=(x[:32], y[:32]) if validation else None, callbacks=[timer])
+    return timer
+
+
+@pytest.mark.parametrize("sync_every, warmup, expected", [
+    (None, 0, [5, 5]),        # recipe runs: one window per epoch, its first step left out
+    (1, 0, [1] * 10),         # compare's default: every step on its own
+    (2, 0, [2, 2, 1] * 2),
+    (None, 2, [3, 5]),        # compare's warm-up: the first epoch's steps 1 and 2 untimed
+])
+def test_step_timer_windows_cover_the_steady_state(sync_every, warmup, expected):
+    timer = timed_fit(train.StepTimer(16, sync_every=sync_every, warmup_steps=warmup),
+                      validation=True)  # validation must not land in a window
+    assert [steps for steps, _ in timer.windows] == expected
+    assert timer.steps_timed == sum(expected) and len(timer.step_times) == len(expected)
+    assert timer.compile_s > 0 and all(seconds > 0 for _, seconds in timer.windows)
+    total = sum(seconds for _, seconds in timer.windows)
+    assert timer.examples_per_sec == pytest.approx(16 * sum(expected) / total)
+
+
+def test_one_step_epochs_still_report_compile_time():
+    timer = timed_fit(train.StepTimer(16), steps=1)
+    assert timer.compile_s > 0 and timer.windows == [] and timer.examples_per_sec is None
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the state fit keeps between steps is jax's")
+def test_synchronize_waits_for_every_array_of_the_jax_state(monkeypatch):
+    import jax
+
+    from kbench import backend
+
+    waited = []
+
+    class Check(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            state = getattr(self.model, "_jax_state", None)
+            if state:  # Keras keeps it in a TrackedDict, opaque to jax's tree functions
+                monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(x) or x)
+                backend.synchronize(self.model)
+                monkeypatch.undo()
+                leaves = jax.tree_util.tree_leaves(waited[-1])
+                expected = sum(len(group) for group in state.values())
+                assert len(leaves) == expected and all(isinstance(a, jax.Array) for a in leaves)
+
+    timed_fit(Check(), epochs=1, steps=3)
+    assert len(waited) == 2
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="Keras dispatches callbacks "
+                    "asynchronously only where its backend is thread-safe: jax and torch")
+def test_kbench_callbacks_leave_keras_async_dispatch_on(tmp_path):
+    """No per-step sync in real runs: a callback with on_train_batch_end (unless async_safe)
+    makes Keras convert every step's logs to numbers. Checks what a recipe run passes fit."""
+    config = tiny(tmp_path)
+    state = train.start_or_resume(config, "cifar_resnet", config.model)
+    callbacks = [train.StepTimer(16), *train.run_callbacks(config, 2, state),
+                 checkpoint.StepCheckpoint(config.output_dir, state, 2, every=4)]
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    assert keras.callbacks.CallbackList(callbacks, model=model)._async_train
+    # ... and the one that must sync (finishing an interrupted epoch) does turn it off.
+    resumed = [*callbacks, checkpoint.ResumedEpochSums([[1.0]])]
+    assert not keras.callbacks.CallbackList(resumed, model=model)._async_train
+
+
 # --------------------------------------------------------------------------- --config
 
 

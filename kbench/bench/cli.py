@@ -42,6 +42,12 @@ def cmd_compare(args):
 
     if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
+    if args.sync_every < 1:
+        raise KbenchError(f"--sync-every {args.sync_every} is not allowed: it takes an integer "
+                          ">= 1 (1: sync after every step)")
+    if args.warmup_steps < 0:
+        raise KbenchError(f"--warmup-steps {args.warmup_steps} is not allowed: it takes an "
+                          "integer >= 0")
     if args.simulate_devices is not None and args.distribute != "data_parallel":
         raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
     if args.simulate_devices is not None and args.simulate_devices < 1:
@@ -52,6 +58,7 @@ def cmd_compare(args):
         if args.backends else (),
         reference=args.reference, dataset=args.dataset, model=args.model,
         batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
+        sync_every=args.sync_every,
         epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
         output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
@@ -92,6 +99,10 @@ def add_verbs(verbs):
     compare.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
     compare.add_argument("--warmup-steps", type=int, default=3,
                          help="untimed steps after the first (compile) step")
+    compare.add_argument("--sync-every", type=int, default=1, metavar="K",
+                         help="wait for the device every K steps while timing: 1 gives exact "
+                              "per-step times (p10-p90); on a GPU a sync per step holds the "
+                              "host back, so K=10 measures throughput as training sees it")
     compare.add_argument("--epochs", type=int, default=None,
                          help="train full epochs instead (accuracy parity); times every step")
     compare.add_argument("--dtype-policy", default="float32",

@@ -42,6 +42,7 @@ class CompareOptions:
     batch_size: int | None = None
     steps: int = 20
     warmup_steps: int = 3
+    sync_every: int = 1  # steps between device syncs while timing (1: exact per-step times)
     epochs: int | None = None
     dtype_policy: str = "float32"
     jit_compile: str = "auto"
@@ -147,6 +148,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     label = f"{name}-dp" if distributed else name
     spec = {"recipe": _recipe_for_worker(options.recipe), "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
+            "sync_every": options.sync_every,
             "config": {**run_config(options),
                        **(distribute_config(framework, options) if distributed else {}),
                        "output_dir": os.path.join(out_dir, "runs", f"{label}-r{repeat}")}}

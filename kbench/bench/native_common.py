@@ -26,7 +26,7 @@ WIDTHS = (16, 32, 64)
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-RESULT_KEYS = ("compile_s", "step_times", "train_loss_history", "test_loss", "test_accuracy",
+RESULT_KEYS = ("compile_s", "step_times", "steps_timed", "train_loss_history", "test_loss", "test_accuracy",
                "peak_device_mb", "flops_per_step", "device", "jit", "params")
 
 
@@ -207,27 +207,50 @@ def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
     return steps
 
 
-def timed_training(train_ds, step_fn, steps, warmup_steps):
+def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
     """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
 
     `step_fn(step, images, labels)` takes a NumPy batch (NHWC float32 pixels, one-hot labels),
-    trains on it and returns the loss as a Python float, which forces the step's device work
-    to finish. The clock starts before the input iterator is made (Keras' on_train_begin comes
-    before its epoch iterator starts too), `compile_s` ends with the first step, the next
-    `warmup_steps` intervals are dropped and `steps` intervals are kept.
-    Returns (compile_s, step_times in seconds, losses of all steps).
+    queues a training step on it and returns the step's loss as a device value; reading it
+    (`float`) waits for the step's device work. The clock starts before the input iterator
+    is made (Keras' on_train_begin comes before its epoch iterator starts too), `compile_s`
+    ends with the first step, the next `warmup_steps` steps are untimed, and the `steps`
+    after them are timed in windows of `sync_every` steps: the losses are read (a sync) only
+    at window edges, so the host keeps queueing steps in between.
+    Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
-    if steps < 1 or warmup_steps < 0:
-        raise KbenchError(f"need steps >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
-    ends, losses = [], []
+    if steps < 1 or warmup_steps < 0 or sync_every < 1:
+        raise KbenchError(f"need steps >= 1, warmup_steps >= 0 and sync_every >= 1, got "
+                          f"{steps}, {warmup_steps} and {sync_every}")
+    losses, pending, windows = [], [], []
+
+    def synced_clock():
+        losses.extend(float(loss) for loss in pending)
+        pending.clear()
+        return time.perf_counter()
+
     start = time.perf_counter()
     batches = train_ds.dataset.as_numpy_iterator()
-    for step in range(1 + warmup_steps + steps):
+    total = 1 + warmup_steps + steps
+    compile_s = opened = None
+    in_window = 0
+    for step in range(total):
         images, labels = next(batches)
-        losses.append(float(step_fn(step, images, labels)))
-        ends.append(time.perf_counter())
-    intervals = np.diff(ends)[warmup_steps:]
-    return ends[0] - start, [float(t) for t in intervals], losses
+        pending.append(step_fn(step, images, labels))
+        if step == 0:
+            opened = synced_clock()
+            compile_s = opened - start
+        elif step == warmup_steps:
+            opened = synced_clock()
+        elif step > warmup_steps:
+            in_window += 1
+            if in_window == sync_every or step == total - 1:
+                now = synced_clock()
+                windows.append((in_window, now - opened))
+                opened, in_window = now, 0
+    synced_clock()
+    return (compile_s, [seconds / n for n, seconds in windows], sum(n for n, _ in windows),
+            losses)
 
 
 def evaluate(test_ds, eval_fn):

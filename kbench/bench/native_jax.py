@@ -183,7 +183,7 @@ def _describe(device):
 # --------------------------------------------------------------------------- entry points
 
 
-def run(config, steps, warmup_steps=2, epochs=None):
+def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
@@ -207,11 +207,12 @@ def run(config, steps, warmup_steps=2, epochs=None):
             compiled = jax.jit(train_step, donate_argnums=0).lower(
                 state, images, labels, lr).compile()
         state, loss = compiled(state, images, labels, lr)
-        # The host copy of the loss waits for the step's executable, which also produced the
-        # new state; the next step consumes that state, so no device work escapes the clock.
-        return float(loss)
+        # Reading the loss waits for the step's executable, which also produced the new
+        # state; the next step consumes that state, so no device work escapes the clock.
+        return loss
 
-    compile_s, step_times, losses = common.timed_training(train_ds, step_fn, steps, warmup_steps)
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        train_ds, step_fn, steps, warmup_steps, sync_every)
     params, stats, _ = state
     jitted_eval = jax.jit(eval_step)
     test = common.evaluate(test_ds, lambda x, y: jitted_eval(params, stats, x, y))
@@ -219,6 +220,7 @@ def run(config, steps, warmup_steps=2, epochs=None):
     return {
         "compile_s": compile_s,
         "step_times": step_times,
+        "steps_timed": steps_timed,
         "train_loss_history": losses,
         **test,
         "peak_device_mb": _peak_device_mb(device),

@@ -190,11 +190,6 @@ def images_to_device(images, device):
     return x.to(device, memory_format=_memory_format(device), non_blocking=True)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -217,7 +212,7 @@ def _prepare(config, device):
 # --------------------------------------------------------------------------- entry points
 
 
-def run(config, steps, warmup_steps=2, epochs=None):
+def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
@@ -238,11 +233,12 @@ def run(config, steps, warmup_steps=2, epochs=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(rates[step])
-        _sync(device)
-        return loss.item()
+        # Reading the loss (a copy queued on the stream after the update) waits for the step.
+        return loss.detach()
 
     model.train()
-    compile_s, step_times, losses = common.timed_training(train_ds, step_fn, steps, warmup_steps)
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        train_ds, step_fn, steps, warmup_steps, sync_every)
 
     @torch.inference_mode()
     def eval_fn(images, labels):
@@ -259,6 +255,7 @@ def run(config, steps, warmup_steps=2, epochs=None):
     return {
         "compile_s": compile_s,
         "step_times": step_times,
+        "steps_timed": steps_timed,
         "train_loss_history": losses,
         **test,
         "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20

@@ -21,7 +21,7 @@ FIELDS = (
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
     "versions", "device", "config", "command", "git_commit", "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
-    "python", "wall_s", "num_replicas", "distribution",
+    "python", "wall_s", "num_replicas", "distribution", "sync_every",
 )
 
 
@@ -34,12 +34,14 @@ def new_record(name, spec, options, command, python, repeat):
         python=python, repeat=repeat, git_commit=backend.git_commit(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
+        sync_every=spec.get("sync_every", 1),
     )
     return record
 
 
 def fill_measurements(record, result):
-    """Complete a record from a worker's result: medians and spread of the step times."""
+    """Complete a record from a worker's result: medians and spread of the step times (one
+    per step, or with --sync-every k one mean per window of k steps)."""
     times_ms = sorted(1000.0 * t for t in result.get("step_times") or [])
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
@@ -58,7 +60,7 @@ def fill_measurements(record, result):
         step_time_ms=median,
         step_time_p10_ms=percentile(times_ms, 10),
         step_time_p90_ms=percentile(times_ms, 90),
-        steps_timed=len(times_ms),
+        steps_timed=result.get("steps_timed") or len(times_ms),
         examples_per_sec=record["batch_size"] * 1000.0 / median,
     )
     if record["flops_per_step"]:

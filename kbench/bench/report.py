@@ -202,7 +202,9 @@ def describe(rows):
     return (f"{first.get('recipe', '?')}: {first.get('model', '?')} on {first.get('dataset', '?')}, "
             f"{'global ' if parallel else ''}batch {first.get('batch_size', '?')}, "
             f"{first.get('dtype_policy', '?')}"
-            + (f", {device}" if device else ""))
+            + (f", {device}" if device else "")
+            + (f", synced every {first['sync_every']} steps" if (first.get("sync_every") or 1) > 1
+               else ""))
 
 
 def make_console():

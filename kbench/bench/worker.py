@@ -2,12 +2,13 @@
 
 `kbench compare` starts one worker per backend with KERAS_BACKEND set (Keras reads it once, at
 import), so no run can inherit another's compiled functions, memory or thread pools. The worker
-trains the recipe for 1 + warmup + N steps, times every step with the device synchronized,
+trains the recipe for 1 + warmup + N steps, times them with the device synchronized after every
+step or, with `sync_every` k, every k steps (kbench.train.StepTimer),
 evaluates the trained model on the test split and writes its measurements as JSON.
 
 Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
 recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
-(null: time `steps` steps of one epoch). A data-parallel torch run starts one worker per rank
+(null: time `steps` steps of one epoch), sync_every (default 1). A data-parallel torch run starts one worker per rank
 under torchrun; rank 0 writes the result, with the global batch's throughput.
 """
 
@@ -75,14 +76,15 @@ def run_keras(recipe, config, spec):
     from kbench import backend, train
     from kbench.bench import flops
 
-    timer = train.StepTimer(config.batch_size)
+    # With --epochs every epoch's steps but its first are timed; else the steps after warm-up.
+    timer = train.StepTimer(config.batch_size, sync_every=spec.get("sync_every", 1),
+                            warmup_steps=0 if spec.get("epochs") else spec["warmup_steps"])
     metrics = recipe.main(config, callbacks=[timer])
     model = timer.model  # Keras hands every callback the model it trains
-    warmup = spec["warmup_steps"]
-    step_times = timer.step_times[warmup:] if not spec.get("epochs") else timer.step_times
     return {
         "compile_s": timer.compile_s,
-        "step_times": step_times,
+        "step_times": timer.step_times,
+        "steps_timed": timer.steps_timed,
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "flops_per_step": flops.training_flops(model, config.batch_size),
@@ -101,7 +103,7 @@ def run_native(framework, config, spec):
 
     module = importlib.import_module(f"kbench.bench.native_{framework}")
     result = module.run(config, steps=spec["steps"], warmup_steps=spec["warmup_steps"],
-                        epochs=spec.get("epochs"))
+                        epochs=spec.get("epochs"), sync_every=spec.get("sync_every", 1))
     result.setdefault("peak_device_mb", peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
