@@ -32,6 +32,7 @@ import math
 import os
 
 import keras
+import numpy as np
 
 from kbench.errors import Interrupted, KbenchError
 from kbench.files import save_weights_atomic, write_json_atomic, write_text_atomic
@@ -325,6 +326,11 @@ class StepCheckpoint(keras.callbacks.Callback):
                 # end averages the statistics anyway, and a moving average is linear).
                 self.distribution.sync_non_trainable(self.model)
                 sums = self.distribution.mean_over_processes(sums)
+            # StopOnNaN may run a step behind (asynchronously): never checkpoint a diverged
+            # model. The loss mean's running total is NaN from the first bad step on.
+            if not all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s in sums):
+                raise KbenchError(f"training diverged: the loss is not finite {self._where(done)}"
+                                  "; lower --lr, add --clip-norm, or train in float32")
             if self.state is not None:  # every process: its Interrupted says where it is
                 self._record(done)
             if self.output_dir is not None and self.state is not None:
@@ -396,18 +402,18 @@ class StopOnNaN(keras.callbacks.Callback):
     checkpoints of the epochs that finished stay where they are.
     """
 
-    def __init__(self, output_dir=None):
+    def __init__(self, output_dir=None, async_safe=True):
         super().__init__()
         self.output_dir = output_dir
         self.epoch = 0
+        # async_safe: Keras may run this in its callback thread (backends whose callbacks can
+        # be dispatched asynchronously): the host queues the next steps meanwhile, and the
+        # error reaches fit at its next dispatch, a step or two later. Not with several
+        # processes: each would stop at its own step and leave the others in a collective.
+        self.async_safe = async_safe
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-
-    # Keras may run this in its callback thread (backends whose callbacks can be dispatched
-    # asynchronously): the host queues the next steps meanwhile, and the error reaches fit at
-    # its next dispatch, a step or two later.
-    async_safe = True
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")

@@ -186,6 +186,10 @@ def test_baseline_marks_only_changes_beyond_noise():
     summary = report.compare_to_baseline(report.summarize(current), baseline)
     verdicts = {s["backend"]: s["vs_baseline"].split()[0] for s in summary}
     assert verdicts == {"jax": "same", "torch": "slower", "tensorflow": "faster"}
+    # Windows of 10 steps against a baseline synced every step: no verdict, and why.
+    windowed = [dict(record("jax", 70, 69, 71), sync_every=10)]
+    summary = report.compare_to_baseline(report.summarize(windowed), baseline)
+    assert summary[0]["vs_baseline"] == "not comparable: synced every 10 vs 1 steps"
 
 
 def test_repeats_are_aggregated_by_median():

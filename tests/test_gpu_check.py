@@ -41,6 +41,8 @@ def test_peaks_match_the_names_nvidia_smi_reports():
     assert gpu_check.peak_for("NVIDIA A100-SXM4-80GB")["bf16"] == 312.0
     assert gpu_check.peak_for("NVIDIA L4")["bf16"] == 121.0
     assert gpu_check.peak_for("NVIDIA L40S")["bf16"] == 362.1  # not taken for an L4
+    assert gpu_check.peak_for("NVIDIA L40")["bf16"] == 181.0  # nor an L40
+    assert gpu_check.peak_for("NVIDIA GH200 480GB")["source"].startswith("GH200")
     assert gpu_check.peak_for("Tesla T4")["bf16"] is None
     assert gpu_check.peak_for("Some Future GPU") is None
 
@@ -55,6 +57,9 @@ def test_plan_runs_twins_where_they_exist_and_torch_compile_last():
     assert all(label.endswith("jit on") for label in labels[4:]) and len(labels) == 8
     with_twins = [label for label, args in passes if "--reference" in args]
     assert with_twins == ["resnet20 float32 jit auto"]  # twins: float32 CIFAR ResNets only
+    # compare runs both twins: none when one framework does not see the GPU
+    alone = gpu_check.plan(["resnet20"], ["float32"], ["torch"], gpu_check.DEFAULT_BATCH)
+    assert not any("--reference" in args for _, args in alone)
     assert all("--sync-every" in args for _, args in passes)
     on = dict(passes)["resnet20 float32 jit on"]
     assert on[on.index("--backends") + 1] == "torch"

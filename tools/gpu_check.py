@@ -33,8 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("jax", "tensorflow", "torch")
 
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, keyed by a substring of the name
-# nvidia-smi reports; the first match wins, so specific names come before general ones.
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, keyed by a word sequence of the
+# name nvidia-smi reports; the longest key that matches wins ("H100 PCIe" over "H100").
 # Datasheet figures are boost-clock ceilings: real clocks, power and memory bound lower them.
 PEAKS = (
     # name substring, bf16, fp16, tf32, source
@@ -46,6 +46,7 @@ PEAKS = (
     ("B200", 2250.0, 2250.0, 1100.0, "B200 datasheet (HGX B200, per GPU)"),
     ("A100", 312.0, 312.0, 156.0, "A100 datasheet (SXM and PCIe)"),
     ("L40S", 362.1, 362.1, 183.0, "L40S datasheet"),
+    ("L40", 181.0, 181.0, 90.5, "L40 datasheet"),
     ("L4", 121.0, 121.0, 60.0, "L4 datasheet"),
     ("A10", 125.0, 125.0, 62.5, "A10 datasheet"),
     ("RTX 4090", 165.2, 165.2, 82.6, "GeForce RTX 4090 (Ada whitepaper, fp32 accumulate)"),
@@ -80,8 +81,12 @@ def gpus():
 
 def peak_for(gpu_name):
     """{"bf16", "fp16", "tf32", "source"} for the GPU, or None when PEAKS does not know it."""
-    for key, bf16, fp16, tf32, source in PEAKS:
-        if key.lower() in gpu_name.lower():
+    import re
+
+    for key, bf16, fp16, tf32, source in sorted(PEAKS, key=lambda p: -len(p[0])):
+        # Whole words only: "L4" is not the start of "L40", "H200" not the end of "GH200".
+        if re.search(r"(?<![A-Za-z0-9])" + re.escape(key) + r"(?![A-Za-z0-9])", gpu_name,
+                     re.IGNORECASE):
             return {"bf16": bf16, "fp16": fp16, "tf32": tf32, "source": source}
     return None
 
@@ -123,8 +128,8 @@ def plan(models, dtypes, backends, batch_sizes, sync_every=10):
                       "--batch-size", str(batch_sizes[model]), "--dtype-policy", dtype,
                       "--sync-every", str(sync_every)]
             args = common + ["--backends", ",".join(backends), "--jit-compile", "auto"]
-            if model in NATIVE_MODELS and dtype == "float32" and (
-                    "jax" in backends or "torch" in backends):
+            # compare runs both twins: only when both frameworks see the GPU
+            if model in NATIVE_MODELS and dtype == "float32" and {"jax", "torch"} <= set(backends):
                 args += ["--reference", "native"]
             passes.append((f"{model} {dtype} jit auto", args))
             if "torch" in backends:  # the only backend whose "on" differs from "auto" on a GPU
@@ -271,7 +276,8 @@ def main(argv=None):
         print("gpu-check: no framework here sees the GPU; nothing to measure.")
         return 1
 
-    out_dir = args.output or os.path.join("runs", "gpu-check", time.strftime("%Y%m%d-%H%M%S"))
+    out_dir = os.path.abspath(args.output or os.path.join("runs", "gpu-check",
+                                                          time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(out_dir, exist_ok=True)
     header = (f"kbench gpu-check on {gpu_name} ({memory_mib} MiB, driver {driver}), synthetic "
               f"CIFAR data, {args.steps} timed steps after {args.warmup_steps} warm-up, synced "

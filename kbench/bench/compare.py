@@ -68,6 +68,8 @@ def plan_runs(options):
     for name in backends:
         if name not in KERAS_BACKENDS:
             raise KbenchError(f"unknown backend {name!r}; use one of: {', '.join(KERAS_BACKENDS)}")
+    if options.sync_every < 1:
+        raise KbenchError(f"sync_every must be at least 1, not {options.sync_every}")
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
                           f"{options.distribute!r}")

@@ -66,6 +66,7 @@ def summarize(rows):
                     "test_accuracy", "test_loss", "num_replicas"):
             item[key] = _median(ok, key)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
+        item["sync_every"] = runs[0].get("sync_every") or 1
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
     for item in summary:
@@ -93,6 +94,10 @@ def compare_to_baseline(summary, baseline_rows):
         item["baseline_step_time_ms"] = ref["step_time_ms"] if ref else None
         if not ref or item["step_time_ms"] is None or ref["step_time_ms"] is None:
             item["vs_baseline"] = None
+            continue
+        if item["sync_every"] != ref["sync_every"]:  # a sync per step is slower by itself
+            item["vs_baseline"] = (f"not comparable: synced every {item['sync_every']} vs "
+                                   f"{ref['sync_every']} steps")
             continue
         delta = item["step_time_ms"] - ref["step_time_ms"]
         noise = max(noise_ms(item), noise_ms(ref))
