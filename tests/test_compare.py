@@ -61,7 +61,7 @@ def test_all_backends_and_native_twins(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = load(out)
     assert [r["backend"] for r in rows] == ["jax", "tensorflow", "torch", "native-jax",
-                                           "native-torch"]
+                                           "native-tensorflow", "native-torch"]
     for row in rows:
         assert set(records.FIELDS) <= set(row), set(records.FIELDS) - set(row)
         assert row["status"] == "ok", row["error"]

@@ -57,10 +57,12 @@ def test_plan_runs_twins_where_they_exist_and_torch_compile_last():
     assert all(label.endswith("jit on") for label in labels[4:]) and len(labels) == 8
     with_twins = [label for label, args in passes if "--reference" in args]
     assert with_twins == ["resnet20 float32 jit auto"]  # twins: float32 CIFAR ResNets only
-    # compare runs both twins: none when one framework does not see the GPU
+    # compare runs the twins of the backends given, so a framework left out has none
     alone = gpu_check.plan(["resnet20"], ["float32"], ["torch"], gpu_check.DEFAULT_BATCH)
-    assert not any("--reference" in args for _, args in alone)
+    assert alone[0][1][alone[0][1].index("--backends") + 1] == "torch,torch-stock"
     assert all("--sync-every" in args for _, args in passes)
+    auto = dict(passes)["resnet20 float32 jit auto"]
+    assert auto[auto.index("--backends") + 1] == "jax,torch,torch-stock"
     on = dict(passes)["resnet20 float32 jit on"]
     assert on[on.index("--backends") + 1] == "torch"
 

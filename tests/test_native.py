@@ -1,8 +1,8 @@
 """The native reference loops train what Keras trains: same network, initial weights, batches,
 schedule and optimizer, so that `kbench compare`'s Keras / native ratio is framework overhead.
 
-native_jax is checked in the jax pass and native_torch in the torch pass, each against Keras
-running on the same framework.
+native_jax is checked in the jax pass, native_tensorflow in the tensorflow pass and
+native_torch in the torch pass, each against Keras running on the same framework.
 """
 
 import importlib
@@ -20,9 +20,9 @@ from kbench.errors import KbenchError
 from recipes import cifar_resnet  # its Config: the settings compare hands the twins
 
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
-NATIVE = {"jax": "kbench.bench.native_jax", "torch": "kbench.bench.native_torch"}
-needs_twin = pytest.mark.skipif(BACKEND not in NATIVE,
-                                reason="native twins exist for the jax and torch backends")
+NATIVE = {"jax": "kbench.bench.native_jax", "tensorflow": "kbench.bench.native_tensorflow",
+          "torch": "kbench.bench.native_torch"}
+needs_twin = pytest.mark.skipif(BACKEND not in NATIVE, reason="no native twin")
 
 TRAIN_STEPS = 4  # all of them compared with Keras; the run() keeps 2 timed steps of these
 TIMED, WARMUP = 2, 1
@@ -212,7 +212,19 @@ def _torch_sgd(native, config, start, grads, rates):
     return {k: p.detach().numpy() for k, p in params.items()}
 
 
-NATIVE_SGD = {"jax": _jax_sgd, "torch": _torch_sgd}
+def _tensorflow_sgd(native, config, start, grads, rates):
+    import tensorflow as tf
+
+    variables = [tf.Variable(start[k]) for k in ("kernel", "bias")]
+    momenta = [tf.Variable(tf.zeros_like(v)) for v in variables]
+    for g, lr in zip(grads, rates):
+        native.keras_sgd_update(variables, [tf.constant(g[k]) for k in ("kernel", "bias")],
+                                momenta, tf.constant(lr, tf.float32), config.momentum,
+                                config.nesterov, config.weight_decay, [True, False])
+    return {k: v.numpy() for k, v in zip(("kernel", "bias"), variables)}
+
+
+NATIVE_SGD = {"jax": _jax_sgd, "tensorflow": _tensorflow_sgd, "torch": _torch_sgd}
 
 
 @needs_twin
@@ -239,12 +251,12 @@ def per_step(running_means):
 # Test loss after the same 4 steps. JAX: BN written as Keras writes it (measured 3e-5). torch:
 # nn.BatchNorm2d updates its moving variance with the unbiased batch variance (Keras: biased),
 # i.e. n/(n-1) times the batch's share, n = 16*8*8 in the last stage (measured 4e-4).
-EVAL_RTOL = {"jax": 2e-4, "torch": 2e-3}
+EVAL_RTOL = {"jax": 2e-4, "tensorflow": 2e-4, "torch": 2e-3}
 
 
 # Test accuracy: JAX identical; torch's moving-variance difference (above) can move one of the
 # 72 near-chance predictions across an argmax (measured once: the variant, 6 vs 7 right).
-EVAL_ACCURACY_ABS = {"jax": 1e-6, "torch": 1.01 / 72}
+EVAL_ACCURACY_ABS = {"jax": 1e-6, "tensorflow": 1e-6, "torch": 1.01 / 72}
 
 
 @needs_twin

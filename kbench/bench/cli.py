@@ -89,9 +89,11 @@ def add_verbs(verbs):
                          help="one of kbench's recipes by name, or the path of your own recipe "
                               "file (e.g. ./my_recipe.py)")
     compare.add_argument("--backends", default=None,
-                         help="comma-separated, e.g. jax,tensorflow,torch (default: installed)")
+                         help="comma-separated, e.g. jax,tensorflow,torch (default: installed); "
+                              "torch-stock: Keras-torch without kbench's torch fast path")
     compare.add_argument("--reference", choices=("none", "native"), default="none",
-                         help="native: also run the plain JAX+optax and PyTorch twins")
+                         help="native: also run the twins in plain JAX+optax, TensorFlow and "
+                              "PyTorch of the backends compared")
     compare.add_argument("--dataset", default="synthetic")
     compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
     compare.add_argument("--batch-size", type=int, default=None,

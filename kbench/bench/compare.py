@@ -27,8 +27,10 @@ from kbench.errors import KbenchError
 from kbench.recipe import recipe_path
 
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
+# Keras runs under another name: the backend, and the recipe settings that make them differ.
+KERAS_VARIANTS = {"torch-stock": ("torch", {"torch_fast_path": "off"})}  # stock Keras-torch
 # Native twin -> the framework it needs (and whose interpreter runs it).
-NATIVE = {"native-jax": "jax", "native-torch": "torch"}
+NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch"}
 ERROR_TAIL_LINES = 25
 
 
@@ -36,7 +38,7 @@ ERROR_TAIL_LINES = 25
 class CompareOptions:
     recipe: str = "cifar_resnet"
     backends: tuple = ()  # empty: every installed backend
-    reference: str = "none"  # "native": add native-jax / native-torch twins
+    reference: str = "none"  # "native": add the native twins of the frameworks compared
     dataset: str = "synthetic"
     model: str | None = None  # None: the recipe's default
     batch_size: int | None = None
@@ -66,8 +68,9 @@ def plan_runs(options):
     --distribute data_parallel, each Keras backend on one replica, then data-parallel."""
     backends = list(options.backends) or installed_backends()
     for name in backends:
-        if name not in KERAS_BACKENDS:
-            raise KbenchError(f"unknown backend {name!r}; use one of: {', '.join(KERAS_BACKENDS)}")
+        if name not in KERAS_BACKENDS and name not in KERAS_VARIANTS:
+            raise KbenchError(f"unknown backend {name!r}; use one of: "
+                              f"{', '.join(KERAS_BACKENDS + tuple(KERAS_VARIANTS))}")
     if options.sync_every < 1:
         raise KbenchError(f"sync_every must be at least 1, not {options.sync_every}")
     if options.distribute not in ("none", "data_parallel"):
@@ -78,11 +81,13 @@ def plan_runs(options):
         raise KbenchError("--simulate-devices N (N >= 1) goes with --distribute data_parallel")
     runs = []
     for b in backends:
-        runs.append((b, "keras", b, False))
+        framework = KERAS_VARIANTS[b][0] if b in KERAS_VARIANTS else b
+        runs.append((b, "keras", framework, False))
         if options.distribute == "data_parallel":
-            runs.append((b, "keras", b, True))
-    if options.reference == "native":
-        runs += [(n, n, fw, False) for n, fw in NATIVE.items()]
+            runs.append((b, "keras", framework, True))
+    if options.reference == "native":  # the twins of the frameworks compared
+        frameworks = {framework for _, _, framework, _ in runs}
+        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if fw in frameworks]
     elif options.reference != "none":
         raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
     for name in options.python:
@@ -152,6 +157,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
             "sync_every": options.sync_every,
             "config": {**run_config(options),
+                       **KERAS_VARIANTS.get(name, (None, {}))[1],
                        **(distribute_config(framework, options) if distributed else {}),
                        "output_dir": os.path.join(out_dir, "runs", f"{label}-r{repeat}")}}
     if runner != "keras":

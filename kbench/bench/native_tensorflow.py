@@ -1,0 +1,184 @@
+"""The CIFAR ResNet training loop in plain TensorFlow: the twin Keras-on-TensorFlow is timed
+against.
+
+Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
+native_common), written the way a TensorFlow user would without Keras: `tf.Variable`s, NHWC
+`tf.nn.conv2d`, the fused batch norm kernel (`tf.raw_ops.FusedBatchNormV3`), a
+`tf.GradientTape` train step inside one `tf.function` (with XLA where a GPU is present, as
+Keras' `jit_compile="auto"` decides; on this CPU oneDNN's convolutions beat XLA's).
+
+    run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
+    forward(config, images) -> logits            # inference from the initial weights
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from kbench.bench import native_common as common
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Network(tf.Module):
+    """The ResNet's variables and its forward pass; pixel normalization constants baked in."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.plan = common.stage_plan(weights.depth)
+        self.pixel_mean = tf.constant(weights.pixel_mean)
+        self.pixel_std = tf.constant(weights.pixel_std)
+        self.convs = [tf.Variable(k, name=f"conv{i}") for i, k in enumerate(weights.convs)]
+        self.gammas = [tf.Variable(bn["gamma"], name=f"gamma{i}")
+                       for i, bn in enumerate(weights.bns)]
+        self.betas = [tf.Variable(bn["beta"], name=f"beta{i}") for i, bn in enumerate(weights.bns)]
+        self.moving_means = [tf.Variable(bn["moving_mean"], trainable=False)
+                             for bn in weights.bns]
+        self.moving_vars = [tf.Variable(bn["moving_variance"], trainable=False)
+                            for bn in weights.bns]
+        self.kernel = tf.Variable(weights.dense_kernel, name="dense_kernel")
+        self.bias = tf.Variable(weights.dense_bias, name="dense_bias")
+
+    def trainables(self):
+        """(variables, decayed?) in one fixed order: weight decay on conv and dense kernels
+        only (Keras: exclude_from_weight_decay(var_names=["gamma", "beta", "bias"]))."""
+        variables = [*self.convs, *self.gammas, *self.betas, self.kernel, self.bias]
+        decayed = ([True] * len(self.convs) + [False] * (2 * len(self.gammas))
+                   + [True, False])
+        return variables, decayed
+
+    def batch_norm(self, x, i, training):
+        """keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5) through the fused
+        kernel. In training the kernel normalizes with the biased batch variance and returns
+        the unbiased one (Bessel-corrected, for TF1's moving average); Keras moves its moving
+        variance with the biased one, so it is scaled back by (n - 1) / n."""
+        if not training:
+            y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=self.gammas[i], offset=self.betas[i], mean=self.moving_means[i],
+                variance=self.moving_vars[i], epsilon=common.BN_EPSILON, data_format="NHWC",
+                is_training=False)
+            return y
+        empty = tf.constant([], tf.float32)
+        y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=self.gammas[i], offset=self.betas[i], mean=empty, variance=empty,
+            epsilon=common.BN_EPSILON, data_format="NHWC", is_training=True)
+        n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        var = unbiased_var * (n - 1.0) / n
+        momentum = common.BN_MOMENTUM
+        self.moving_means[i].assign(self.moving_means[i] * momentum + mean * (1.0 - momentum))
+        self.moving_vars[i].assign(self.moving_vars[i] * momentum + var * (1.0 - momentum))
+        return y
+
+    def __call__(self, images, training):
+        def conv_bn(x, i, stride):
+            # "SAME" pads stride-2 convs by (0, 1), as Keras does on every backend.
+            y = tf.nn.conv2d(x, self.convs[i], stride, "SAME", data_format="NHWC")
+            return self.batch_norm(y, i, training)
+
+        x = (images - self.pixel_mean) / self.pixel_std
+        x = tf.nn.relu(conv_bn(x, 0, 1))
+        for block, (filters, stride) in enumerate(self.plan):
+            shortcut = x if stride == 1 else shortcut_pad(x, filters)
+            y = tf.nn.relu(conv_bn(x, 1 + 2 * block, stride))
+            y = conv_bn(y, 2 + 2 * block, 1)
+            x = tf.nn.relu(shortcut + y)
+        x = tf.reduce_mean(x, axis=(1, 2))
+        return tf.matmul(x, self.kernel) + self.bias
+
+
+def shortcut_pad(x, filters):
+    """He et al.'s "option A" shortcut (kbench ShortcutPad): subsample by 2, zero-pad channels."""
+    x = x[:, ::2, ::2, :]
+    extra = filters - x.shape[-1]
+    return tf.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def keras_sgd_update(variables, grads, momenta, lr, momentum, nesterov, weight_decay, decayed):
+    """keras.optimizers.SGD with decoupled weight decay, op for op: the learning rate lives in
+    the momentum buffer (m = momentum * m - lr * g), decayed weights lose lr * wd * w first."""
+    for variable, grad, buffer, decay in zip(variables, grads, momenta, decayed):
+        if weight_decay and decay:
+            variable.assign_sub(variable * (weight_decay * lr))
+        if momentum:
+            buffer.assign(buffer * momentum - grad * lr)
+            step = buffer * momentum - grad * lr if nesterov else buffer
+        else:
+            step = -grad * lr
+        variable.assign_add(step)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _use_xla():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
+    """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
+    evaluate on the test split; see the module doc and native_common.timed_training for what
+    each number means."""
+    common.check_config(config)
+    weights = common.initial_weights(config)
+    train_ds, test_ds, steps_per_epoch = common.datasets(config)
+    steps = common.timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
+    rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
+    net = Network(weights)
+    variables, decayed = net.trainables()
+    momenta = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
+    smoothing = float(config.label_smoothing)
+    xla = _use_xla()
+
+    def smoothed(labels):
+        return labels * (1.0 - smoothing) + smoothing / tf.cast(tf.shape(labels)[-1], tf.float32)
+
+    @tf.function(jit_compile=xla)
+    def train_step(images, labels, lr):
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)
+            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(smoothed(labels),
+                                                                          logits))
+        grads = tape.gradient(loss, variables)
+        keras_sgd_update(variables, grads, momenta, lr, config.momentum, config.nesterov,
+                         config.weight_decay, decayed)
+        return loss
+
+    @tf.function(jit_compile=xla)
+    def eval_step(images, labels):
+        logits = net(images, training=False)
+        # Keras' model.evaluate reports the compiled loss, label smoothing included.
+        losses = tf.nn.softmax_cross_entropy_with_logits(smoothed(labels), logits)
+        hits = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.int32))
+        return tf.reduce_sum(losses), hits
+
+    def step_fn(step, images, labels):
+        # Reading the loss (a host copy) waits for the step, whose updates it depends on.
+        return train_step(tf.constant(images), tf.constant(labels), tf.constant(rates[step],
+                                                                                tf.float32))
+
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        train_ds, step_fn, steps, warmup_steps, sync_every)
+    test = common.evaluate(test_ds, lambda x, y: eval_step(tf.constant(x), tf.constant(y)))
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "compile_s": compile_s,
+        "step_times": step_times,
+        "steps_timed": steps_timed,
+        "train_loss_history": losses,
+        **test,
+        "peak_device_mb": (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+                           if gpus else None),
+        "flops_per_step": None,
+        "device": f"gpu:0 ({gpus[0].name})" if gpus else "cpu:0",
+        "jit": "tf.function (XLA)" if xla else "tf.function",
+        "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+    }
+
+
+def forward(config, images):
+    """Logits of the native network at its initial weights, BN in inference mode."""
+    net = Network(common.initial_weights(config))
+    return net(tf.constant(images, tf.float32), training=False).numpy()

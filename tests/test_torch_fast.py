@@ -1,0 +1,134 @@
+"""kbench's torch fast path (kbench/torch_fast.py): the same numbers as stock Keras, through
+PyTorch's fused BatchNorm and without layout copies; on/off switch and version gate."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import BACKEND
+
+torch_only = pytest.mark.skipif(BACKEND != "torch", reason="the fast path is torch's")
+
+
+@pytest.fixture
+def fast_path():
+    from kbench import torch_fast
+
+    yield torch_fast
+    torch_fast.set_enabled(True)  # kbench's default, as every Run sets it
+
+
+def batch_norm_run(torch_fast, on, policy, center, scale, shape=(8, 6, 6, 5)):
+    """Outputs (training and inference), gradients and moving statistics of one training
+    call, with the fast path on or off."""
+    import keras
+    import torch
+
+    torch_fast.set_enabled(on)
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = keras.layers.BatchNormalization(center=center, scale=scale, momentum=0.9)
+        layer.build(shape)
+        if scale:
+            layer.gamma.assign(np.linspace(0.5, 1.5, shape[-1]))
+        if center:
+            layer.beta.assign(np.linspace(-1, 1, shape[-1]))
+        x = torch.tensor(np.random.default_rng(0).normal(2.0, 3.0, shape).astype("float32"))
+        x = x.to(getattr(torch, layer.compute_dtype)).requires_grad_(True)
+        y = layer(x, training=True)
+        weights = torch.tensor(np.random.default_rng(1).normal(size=shape).astype("float32"))
+        grads = torch.autograd.grad((y.float() * weights).sum(),
+                                    [x] + [v.value for v in layer.trainable_variables])
+        inference = layer(x.detach(), training=False)
+        return [t.detach().float().numpy() for t in (y, *grads, layer.moving_mean.value,
+                                                     layer.moving_variance.value, inference)]
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+@torch_only
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False),
+                                           (False, False)])
+def test_batch_norm_equals_stock_keras(fast_path, policy, center, scale):
+    fast = batch_norm_run(fast_path, True, policy, center, scale)
+    stock = batch_norm_run(fast_path, False, policy, center, scale)
+    names = ["output", "input gradient"] + ["gamma gradient"] * scale + ["beta gradient"] * center
+    names += ["moving mean", "moving variance", "inference output"]
+    for name, a, b in zip(names, fast, stock):
+        # float32 round-off; a bfloat16 output is rounded from the same float32 numbers
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max(), err_msg=name)
+
+
+def conv_net():
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(keras.layers.ReLU()(x))
+    x = keras.layers.MaxPooling2D(2)(keras.layers.BatchNormalization(scale=False)(x))
+    x = keras.layers.AveragePooling2D(2, padding="same")(x)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same")(x)  # every user of
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)  # the layout transpose in Keras
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x))
+
+
+@torch_only
+def test_a_conv_net_trains_the_same_and_without_layout_copies(fast_path):
+    import keras
+    import torch
+    from keras.src.backend.torch import nn as torch_nn
+
+    x = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(16) % 4, 4)
+    results = {}
+    for on in (True, False):
+        fast_path.set_enabled(on)
+        keras.utils.set_random_seed(0)
+        model = conv_net()
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        results[on] = (history.history["loss"], model.predict(x, verbose=0),
+                       [v.numpy() for v in model.weights])
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[True][2], results[False][2]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    nhwc = torch.zeros(2, 5, 5, 3)
+    fast_path.set_enabled(True)
+    assert torch_nn._transpose_spatial_inputs(nhwc).data_ptr() == nhwc.data_ptr()  # a view
+    fast_path.set_enabled(False)
+    assert torch_nn._transpose_spatial_inputs(nhwc).is_contiguous()  # Keras' own copy
+
+
+def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
+    import keras
+
+    from kbench import train
+    from recipes import cifar_resnet
+
+    train.setup_run(cifar_resnet.Config(torch_fast_path="off"))
+    assert not fast_path.enabled()
+    train.setup_run(cifar_resnet.Config())
+    assert fast_path.enabled() == (BACKEND == "torch")  # a no-op under jax and tensorflow
+    if BACKEND != "torch":
+        return
+    monkeypatch.setattr(keras, "version", lambda: "3.99.0")
+    monkeypatch.setitem(fast_path._state, "warned", False)
+    assert fast_path.set_enabled(True) is False and not fast_path.enabled()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "this is keras 3.99.0" in err[0] and "stock Keras" in err[0]
+
+
+@pytest.mark.backend_independent
+def test_compare_runs_stock_keras_torch_as_its_own_row():
+    from kbench.bench.compare import CompareOptions, plan_runs
+    from kbench.errors import KbenchError
+
+    runs = plan_runs(CompareOptions(backends=("torch", "torch-stock"), reference="native"))
+    assert runs == [("torch", "keras", "torch", False), ("torch-stock", "keras", "torch", False),
+                    ("native-torch", "native-torch", "torch", False)]  # the twins compared
+    with pytest.raises(KbenchError, match="torch-stock"):
+        plan_runs(CompareOptions(backends=("pytorch",)))
