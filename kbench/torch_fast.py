@@ -17,9 +17,12 @@ This module replaces exactly those two things, and nothing else, while `enabled`
     momentum)` with the biased batch variance, in float32 under mixed precision. Anything
     else, inference included, is Keras' own code.
   - `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted view for 2D
-    inputs (convolution, pooling), without `.contiguous()`.
-Both compute the same function as stock Keras (to float32 round-off: the tests compare
-outputs, gradients and moving statistics), and neither touches what is saved: a model.keras
+    inputs (2D convolution, transposed convolution and pooling), without `.contiguous()`;
+    1D and 3D ones are Keras' own.
+Both compute the same function as stock Keras, to float32 round-off (the tests compare
+outputs, gradients and moving statistics); where a channel's mean is far larger than its
+spread, PyTorch's kernel is the more accurate of the two (Keras' torch moments compute
+E[x^2] - E[x]^2, which cancels). Neither touches what is saved: a model.keras
 written with the fast path loads and predicts the same under stock Keras on every backend.
 
 It is on by default under torch (`--torch-fast-path off` runs stock Keras; `kbench compare
@@ -76,9 +79,11 @@ def _install():
         return stock_transpose(inputs)
 
     stock_call = BatchNormalization.call
+    stock_moments = BatchNormalization._moments
 
     def call(self, inputs, training=None, mask=None):
         if (_state["enabled"] and training and self.trainable and mask is None
+                and type(self)._moments is stock_moments  # a subclass's own moments: Keras'
                 and not getattr(self, "renorm", False)
                 and not getattr(self, "synchronized", False)
                 and self.axis in (-1, len(inputs.shape) - 1) and 2 <= len(inputs.shape) <= 5):
@@ -108,8 +113,10 @@ def _batch_norm_training(layer, inputs):
     out, batch_mean, batch_invstd = torch.native_batch_norm(
         x.permute(to_channels_first), weight, bias, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
-        # The biased batch variance, as Keras' moments give it: invstd = 1 / sqrt(var + eps).
-        variance = (batch_invstd.double().pow(-2) - layer.epsilon).clamp_(min=0)
+        # The biased batch variance, as Keras' moments give it: invstd = 1 / sqrt(var + eps);
+        # in float64 where the device has it (not Apple's MPS), so little is lost to eps.
+        wide = batch_invstd.double() if batch_invstd.device.type != "mps" else batch_invstd
+        variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0)
         momentum = layer.momentum
         moving_mean = layer.moving_mean.value.to(compute)
         moving_variance = layer.moving_variance.value.to(compute)

@@ -73,6 +73,7 @@ class Run:
         try:
             self._lock_output_dir()
             setup_run(config)
+            torch_fast.set_enabled(getattr(config, "torch_fast_path", "on") == "on")
             self._catch_stop_signals()
         except BaseException:
             self.__exit__()
@@ -332,7 +333,6 @@ def setup_run(config):
                           f"use one of: {', '.join(DTYPE_POLICIES)}")
     backend.set_seed(config.seed)
     keras.config.set_dtype_policy(config.dtype_policy)
-    torch_fast.set_enabled(getattr(config, "torch_fast_path", "on") == "on")
 
 
 def resolve_jit_compile(setting):

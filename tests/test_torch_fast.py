@@ -13,8 +13,9 @@ torch_only = pytest.mark.skipif(BACKEND != "torch", reason="the fast path is tor
 def fast_path():
     from kbench import torch_fast
 
+    before = torch_fast.enabled()
     yield torch_fast
-    torch_fast.set_enabled(True)  # kbench's default, as every Run sets it
+    torch_fast.set_enabled(before)
 
 
 def batch_norm_run(torch_fast, on, policy, center, scale, shape=(8, 6, 6, 5)):
@@ -109,10 +110,12 @@ def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
     from kbench import train
     from recipes import cifar_resnet
 
-    train.setup_run(cifar_resnet.Config(torch_fast_path="off"))
-    assert not fast_path.enabled()
-    train.setup_run(cifar_resnet.Config())
-    assert fast_path.enabled() == (BACKEND == "torch")  # a no-op under jax and tensorflow
+    fast_path.set_enabled(False)
+    with train.Run(cifar_resnet.Config(torch_fast_path="off", output_dir=None), "cifar_resnet"):
+        assert not fast_path.enabled()
+    with train.Run(cifar_resnet.Config(output_dir=None), "cifar_resnet"):
+        assert fast_path.enabled() == (BACKEND == "torch")  # a no-op under jax, tensorflow
+    assert not fast_path.enabled()  # a run's setting ends with it
     if BACKEND != "torch":
         return
     monkeypatch.setattr(keras, "version", lambda: "3.99.0")

@@ -1,4 +1,4 @@
-"""What the native reference loops (plain JAX + optax, plain PyTorch) share with each other and
+"""What the native reference loops (plain JAX + optax, plain TensorFlow, plain PyTorch) share with each other and
 with the Keras runs they are compared against.
 
 A native twin must train the very same thing as the Keras run, so everything that defines

@@ -4,8 +4,8 @@ against.
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
 native_common), written the way a TensorFlow user would without Keras: `tf.Variable`s, NHWC
 `tf.nn.conv2d`, the fused batch norm kernel (`tf.raw_ops.FusedBatchNormV3`), a
-`tf.GradientTape` train step inside one `tf.function` (with XLA where a GPU is present, as
-Keras' `jit_compile="auto"` decides; on this CPU oneDNN's convolutions beat XLA's).
+`tf.GradientTape` train step inside one `tf.function`, with XLA as `--jit-compile` resolves
+for Keras (auto: where a GPU is present; on this CPU oneDNN's convolutions beat XLA's).
 
     run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
     forward(config, images) -> logits            # inference from the initial weights
@@ -113,6 +113,13 @@ def keras_sgd_update(variables, grads, momenta, lr, momentum, nesterov, weight_d
 # --------------------------------------------------------------------------- entry points
 
 
+def _describe(gpus):
+    if not gpus:
+        return "cpu:0"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"gpu:0 ({details.get('device_name', gpus[0].name)})"
+
+
 def _use_xla():
     return bool(tf.config.list_physical_devices("GPU"))
 
@@ -130,7 +137,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     variables, decayed = net.trainables()
     momenta = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
     smoothing = float(config.label_smoothing)
-    xla = _use_xla()
+    # XLA as the Keras run resolves --jit-compile: auto is XLA where a GPU is present.
+    xla = {"on": True, "off": False}.get(config.jit_compile, _use_xla())
 
     def smoothed(labels):
         return labels * (1.0 - smoothing) + smoothing / tf.cast(tf.shape(labels)[-1], tf.float32)
@@ -155,7 +163,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         return tf.reduce_sum(losses), hits
 
     def step_fn(step, images, labels):
-        # Reading the loss (a host copy) waits for the step, whose updates it depends on.
+        # Reading the loss (a host copy) waits for the step: the device runs the step's ops,
+        # updates included, in order.
         return train_step(tf.constant(images), tf.constant(labels), tf.constant(rates[step],
                                                                                 tf.float32))
 
@@ -172,7 +181,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "peak_device_mb": (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
                            if gpus else None),
         "flops_per_step": None,
-        "device": f"gpu:0 ({gpus[0].name})" if gpus else "cpu:0",
+        "device": _describe(gpus),
         "jit": "tf.function (XLA)" if xla else "tf.function",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
     }

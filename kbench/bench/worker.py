@@ -6,7 +6,7 @@ trains the recipe for 1 + warmup + N steps, times them with the device synchroni
 step or, with `sync_every` k, every k steps (kbench.train.StepTimer),
 evaluates the trained model on the test split and writes its measurements as JSON.
 
-Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-torch"), config (overrides of the
+Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-tensorflow" | "native-torch"), config (overrides of the
 recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
 (null: time `steps` steps of one epoch), sync_every (default 1). A data-parallel torch run starts one worker per rank
 under torchrun; rank 0 writes the result, with the global batch's throughput.
@@ -91,6 +91,8 @@ def run_keras(recipe, config, spec):
         "flops_source": "analytic: 3 x forward conv/dense multiply-adds x 2",
         "peak_device_mb": peak_device_mb(backend.name()),
         "jit": str(metrics["jit_compile"]),
+        # Whether it ran (a Keras other than the tested one runs stock): torch runs only.
+        "torch_fast_path": metrics.get("torch_fast_path") if backend.name() == "torch" else None,
         "params": metrics["params"],
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),
