@@ -89,3 +89,17 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     assert rows[3]["mfu"] == pytest.approx(2 * 4.947 / 989.4)  # against the bf16 peak
     table = gpu_check.markdown(rows, "title")
     assert "| resnet20 | float32 | jax |" in table and "1.0%" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtypes", "float64"], "unknown dtype policy 'float64'"),
+    (["--batch-size", "resnet20=abc"], "--batch-size takes MODEL=N"),
+    (["--backends", "jx"], "unknown backend 'jx'"),
+    (["--sync-every", "0"], "--sync-every 0 is not allowed"),
+])
+def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -209,16 +209,22 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
+def _fail(message):
+    """A bad argument: one line on stderr, exit status 2 (as argparse and kbench do)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_batch_sizes(text, models):
     sizes = dict(DEFAULT_BATCH)
     for item in filter(None, (text or "").split(",")):
         model, _, value = item.partition("=")
         if not value.isdigit() or int(value) < 1:
-            raise SystemExit(f"gpu-check: --batch-size takes MODEL=N with N >= 1, not {item!r}")
+            _fail(f"gpu-check: --batch-size takes MODEL=N with N >= 1, not {item!r}")
         sizes[model.strip()] = int(value)
     missing = [m for m in models if m not in sizes]
     if missing:
-        raise SystemExit(f"gpu-check: no batch size for {', '.join(missing)}; add "
+        _fail(f"gpu-check: no batch size for {', '.join(missing)}; add "
                          f"--batch-size {missing[0]}=N")
     return sizes
 
@@ -242,18 +248,27 @@ def main(argv=None):
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run")
     args = parser.parse_args(argv)
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in PEAK_KEY]
+    if bad:
+        _fail(f"gpu-check: unknown dtype policy {bad[0]!r}; use "
+                         f"{', '.join(PEAK_KEY)}")
+    batch_sizes = parse_batch_sizes(args.batch_size, models)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        _fail(f"gpu-check: unknown backend {unknown[0]!r}; use {', '.join(BACKENDS)}")
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup-steps", args.warmup_steps, 0),
+                               ("--sync-every", args.sync_every, 1)):
+        if value < least:
+            _fail(f"gpu-check: {flag} {value} is not allowed: it takes an integer "
+                             f">= {least}")
     found = gpus()
     if not found:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to "
               "measure.")
         return 0
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in PEAK_KEY]
-    if bad:
-        raise SystemExit(f"gpu-check: unknown dtype policy {bad[0]!r}; use "
-                         f"{', '.join(PEAK_KEY)}")
-    batch_sizes = parse_batch_sizes(args.batch_size, models)
     gpu_name, memory_mib, driver = found[0]
     peak = peak_for(gpu_name)
     print(f"gpu-check: {len(found)} GPU(s), using the first: {gpu_name}, {memory_mib} MiB, "
@@ -266,9 +281,7 @@ def main(argv=None):
               "tools/gpu_check.py")
 
     backends = []
-    for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        if name not in BACKENDS:
-            raise SystemExit(f"gpu-check: unknown backend {name!r}; use {', '.join(BACKENDS)}")
+    for name in names:
         sees, said = backend_sees_gpu(name, args.python)
         print(f"gpu-check: {name}: {'sees ' + said if sees else said + '; left out'}")
         if sees:
