@@ -106,11 +106,11 @@ class TrainConfig:
                                       "jax, and under tensorflow where a GPU is present; torch "
                                       "eager), which matches what we measured best",
                               choices=("auto", "on", "off"))
-    torch_fast_path: str = option("on", "under torch: BatchNormalization and convolutions "
-                                        "through PyTorch's fused kernels without layout copies "
-                                        "(kbench/torch_fast.py; same numbers as stock Keras); "
-                                        "off: stock Keras. Ignored by jax and tensorflow",
-                                  choices=("on", "off"))
+    fast_path: str = option("on", "under torch and tensorflow: BatchNormalization in training "
+                                  "through the framework's fused kernel, and under torch 2D "
+                                  "convolutions without layout copies (kbench/fast_path.py; "
+                                  "same numbers as stock Keras); off: stock Keras. Ignored by "
+                                  "jax", choices=("on", "off"))
     validate_every_epoch: bool = option(True, "evaluate on the test split after every epoch")
     train_examples: int | None = option(None, "use the first N training examples "
                                               "(synthetic: generate N; default 10000)",

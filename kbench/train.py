@@ -24,7 +24,7 @@ import time
 
 import keras
 
-from kbench import backend, checkpoint, torch_fast
+from kbench import backend, checkpoint, fast_path
 from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
 from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
@@ -69,11 +69,11 @@ class Run:
             distribute.simulate_devices(config.simulate_devices)
         self.dist = distribute.setup(config.distribute, config.simulate_devices,
                                      config.batch_size)
-        self._fast_path_before = torch_fast.enabled()  # the run's setting ends with it
+        self._fast_path_before = fast_path.enabled()  # the run's setting ends with it
         try:
             self._lock_output_dir()
             setup_run(config)
-            torch_fast.set_enabled(getattr(config, "torch_fast_path", "on") == "on")
+            fast_path.set_enabled(getattr(config, "fast_path", "on") == "on")
             self._catch_stop_signals()
         except BaseException:
             self.__exit__()
@@ -88,7 +88,7 @@ class Run:
             self._lock.release()
             self._lock = None
         self.dist.shutdown()
-        torch_fast.set_enabled(getattr(self, "_fast_path_before", False))
+        fast_path.set_enabled(getattr(self, "_fast_path_before", False))
         return False
 
     def _lock_output_dir(self):
@@ -584,7 +584,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "num_replicas": 1,
         "params": model.count_params(),
         "jit_compile": bool(model.jit_compile),  # what Keras resolved --jit-compile to
-        "torch_fast_path": torch_fast.enabled(),
+        "fast_path": fast_path.enabled(),
         "dtype_policy": config.dtype_policy,
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "config": dataclasses.asdict(config),

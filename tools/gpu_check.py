@@ -6,8 +6,8 @@
 On a machine with an NVIDIA GPU it installs nothing: it asks each framework whether it sees
 the GPU (a framework that does not is named and left out, never timed on the CPU instead),
 then runs `kbench compare` on synthetic CIFAR data for every model x dtype policy:
-  - every Keras backend with `--jit-compile auto` (torch also as torch-stock, without kbench's
-    fast path), plus the native twins where they exist (float32 CIFAR ResNets);
+  - every Keras backend with `--jit-compile auto` (torch and tensorflow also as torch-stock
+    and tensorflow-stock, without kbench's fast path), plus the native twins where they exist (float32 CIFAR ResNets);
   - `--jit-compile on` for the backends where that is not what auto already runs (torch:
     torch.compile; under jax auto is XLA, under tensorflow on a GPU auto is XLA too).
 It prints one table with achieved TFLOP/s and MFU (model FLOPs utilisation) against the GPU's
@@ -127,8 +127,8 @@ def plan(models, dtypes, backends, batch_sizes, sync_every=10):
             common = ["--recipe", "cifar_resnet", "--dataset", "synthetic", "--model", model,
                       "--batch-size", str(batch_sizes[model]), "--dtype-policy", dtype,
                       "--sync-every", str(sync_every)]
-            # torch-stock: Keras-torch without kbench's fast path, beside it
-            names = [n for b in backends for n in ((b, "torch-stock") if b == "torch" else (b,))]
+            # torch-stock, tensorflow-stock: without kbench's fast path, beside it
+            names = [n for b in backends for n in ((b, f"{b}-stock") if b != "jax" else (b,))]
             args = common + ["--backends", ",".join(names), "--jit-compile", "auto"]
             if model in NATIVE_MODELS and dtype == "float32":  # twins of these backends
                 args += ["--reference", "native"]

@@ -19,13 +19,13 @@ import time
 
 def fit_step_ms(batch_size, steps, model_name):
     import kbench  # noqa: F401
-    from kbench import torch_fast, train
+    from kbench import fast_path, train
     from recipes import cifar_resnet
 
     config = cifar_resnet.Config(dataset="synthetic", model=model_name, batch_size=batch_size,
                                  epochs=1, steps_per_epoch=steps, verbose=0, output_dir=None)
     train.setup_run(config)
-    torch_fast.set_enabled(True)  # as a kbench run under torch has it (a no-op elsewhere)
+    fast_path.set_enabled(True)  # as a kbench run has it (a no-op under jax)
     train_ds, _ = cifar_resnet.build_datasets(config)
     model = cifar_resnet.build_model(config)
     train.compile_model(model, config, steps)

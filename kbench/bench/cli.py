@@ -90,7 +90,7 @@ def add_verbs(verbs):
                               "file (e.g. ./my_recipe.py)")
     compare.add_argument("--backends", default=None,
                          help="comma-separated, e.g. jax,tensorflow,torch (default: installed); "
-                              "torch-stock: Keras-torch without kbench's torch fast path")
+                              "torch-stock, tensorflow-stock: without kbench's fast path")
     compare.add_argument("--reference", choices=("none", "native"), default="none",
                          help="native: also run the twins in plain JAX+optax, TensorFlow and "
                               "PyTorch of the backends compared")

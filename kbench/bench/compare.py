@@ -28,7 +28,8 @@ from kbench.recipe import recipe_path
 
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 # Keras runs under another name: the backend, and the recipe settings that make them differ.
-KERAS_VARIANTS = {"torch-stock": ("torch", {"torch_fast_path": "off"})}  # stock Keras-torch
+KERAS_VARIANTS = {"tensorflow-stock": ("tensorflow", {"fast_path": "off"}),  # stock Keras
+                  "torch-stock": ("torch", {"fast_path": "off"})}
 # Native twin -> the framework it needs (and whose interpreter runs it).
 NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch"}
 ERROR_TAIL_LINES = 25

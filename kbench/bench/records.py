@@ -21,7 +21,7 @@ FIELDS = (
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
     "versions", "device", "config", "command", "git_commit", "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
-    "python", "wall_s", "num_replicas", "distribution", "sync_every", "torch_fast_path",
+    "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path",
 )
 
 
@@ -46,7 +46,7 @@ def fill_measurements(record, result):
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
                 "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
-                "params", "num_replicas", "distribution", "torch_fast_path"):
+                "params", "num_replicas", "distribution", "fast_path"):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]

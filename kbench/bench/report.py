@@ -15,7 +15,7 @@ import statistics
 from kbench.bench.records import read_jsonl
 
 NATIVE_TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native-torch",
-               "torch-stock": "native-torch"}
+               "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch"}
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",

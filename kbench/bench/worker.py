@@ -91,8 +91,8 @@ def run_keras(recipe, config, spec):
         "flops_source": "analytic: 3 x forward conv/dense multiply-adds x 2",
         "peak_device_mb": peak_device_mb(backend.name()),
         "jit": str(metrics["jit_compile"]),
-        # Whether it ran (a Keras other than the tested one runs stock): torch runs only.
-        "torch_fast_path": metrics.get("torch_fast_path") if backend.name() == "torch" else None,
+        # Whether it ran (a Keras other than the tested one runs stock); None under jax.
+        "fast_path": metrics.get("fast_path") if backend.name() != "jax" else None,
         "params": metrics["params"],
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),

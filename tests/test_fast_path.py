@@ -1,30 +1,31 @@
-"""kbench's torch fast path (kbench/torch_fast.py): the same numbers as stock Keras, through
-PyTorch's fused BatchNorm and without layout copies; on/off switch and version gate."""
+"""kbench's fast path (kbench/fast_path.py): the same numbers as stock Keras, through the
+framework's fused BatchNorm (torch, tensorflow) and without layout copies (torch); on/off
+switch and version gate."""
 
 import numpy as np
 import pytest
 
 from tests.conftest import BACKEND
 
-torch_only = pytest.mark.skipif(BACKEND != "torch", reason="the fast path is torch's")
+torch_only = pytest.mark.skipif(BACKEND != "torch", reason="layout copies are torch's")
+fused_backends = pytest.mark.skipif(BACKEND == "jax", reason="jax has no fast path")
 
 
 @pytest.fixture
 def fast_path():
-    from kbench import torch_fast
+    from kbench import fast_path
 
-    before = torch_fast.enabled()
-    yield torch_fast
-    torch_fast.set_enabled(before)
+    before = fast_path.enabled()
+    yield fast_path
+    fast_path.set_enabled(before)
 
 
-def batch_norm_run(torch_fast, on, policy, center, scale, shape=(8, 6, 6, 5)):
+def batch_norm_run(fast_path, on, policy, center, scale, shape=(8, 6, 6, 5)):
     """Outputs (training and inference), gradients and moving statistics of one training
     call, with the fast path on or off."""
     import keras
-    import torch
 
-    torch_fast.set_enabled(on)
+    fast_path.set_enabled(on)
     keras.config.set_dtype_policy(policy)
     try:
         layer = keras.layers.BatchNormalization(center=center, scale=scale, momentum=0.9)
@@ -33,20 +34,43 @@ def batch_norm_run(torch_fast, on, policy, center, scale, shape=(8, 6, 6, 5)):
             layer.gamma.assign(np.linspace(0.5, 1.5, shape[-1]))
         if center:
             layer.beta.assign(np.linspace(-1, 1, shape[-1]))
-        x = torch.tensor(np.random.default_rng(0).normal(2.0, 3.0, shape).astype("float32"))
-        x = x.to(getattr(torch, layer.compute_dtype)).requires_grad_(True)
-        y = layer(x, training=True)
-        weights = torch.tensor(np.random.default_rng(1).normal(size=shape).astype("float32"))
-        grads = torch.autograd.grad((y.float() * weights).sum(),
-                                    [x] + [v.value for v in layer.trainable_variables])
-        inference = layer(x.detach(), training=False)
-        return [t.detach().float().numpy() for t in (y, *grads, layer.moving_mean.value,
-                                                     layer.moving_variance.value, inference)]
+        x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype("float32")
+        weights = np.random.default_rng(1).normal(size=shape).astype("float32")
+        y, grads = GRADIENTS[BACKEND](layer, x, weights)
+        inference = keras.ops.convert_to_numpy(layer(x, training=False))
+        return [np.asarray(t, np.float32) for t in (
+            y, *grads, keras.ops.convert_to_numpy(layer.moving_mean),
+            keras.ops.convert_to_numpy(layer.moving_variance), inference)]
     finally:
         keras.config.set_dtype_policy("float32")
 
 
-@torch_only
+def _torch_gradients(layer, x, weights):
+    import torch
+
+    x = torch.tensor(x).to(getattr(torch, layer.compute_dtype)).requires_grad_(True)
+    y = layer(x, training=True)
+    grads = torch.autograd.grad((y.float() * torch.tensor(weights)).sum(),
+                                [x] + [v.value for v in layer.trainable_variables])
+    return y.detach().float().numpy(), [g.float().numpy() for g in grads]
+
+
+def _tensorflow_gradients(layer, x, weights):
+    import tensorflow as tf
+
+    x = tf.cast(tf.constant(x), layer.compute_dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+    grads = tape.gradient(loss, [x] + [v.value for v in layer.trainable_variables])
+    return tf.cast(y, tf.float32).numpy(), [tf.cast(g, tf.float32).numpy() for g in grads]
+
+
+GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients}
+
+
+@fused_backends
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 @pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False),
                                            (False, False)])
@@ -75,11 +99,9 @@ def conv_net():
     return keras.Model(inputs, keras.layers.Dense(4)(x))
 
 
-@torch_only
+@fused_backends
 def test_a_conv_net_trains_the_same_and_without_layout_copies(fast_path):
     import keras
-    import torch
-    from keras.src.backend.torch import nn as torch_nn
 
     x = np.random.default_rng(0).normal(size=(16, 16, 16, 3)).astype("float32")
     y = keras.utils.to_categorical(np.arange(16) % 4, 4)
@@ -97,6 +119,11 @@ def test_a_conv_net_trains_the_same_and_without_layout_copies(fast_path):
     np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-4, atol=1e-5)
     for a, b in zip(results[True][2], results[False][2]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if BACKEND != "torch":
+        return
+    import torch
+    from keras.src.backend.torch import nn as torch_nn
+
     nhwc = torch.zeros(2, 5, 5, 3)
     fast_path.set_enabled(True)
     assert torch_nn._transpose_spatial_inputs(nhwc).data_ptr() == nhwc.data_ptr()  # a view
@@ -111,12 +138,12 @@ def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
     from recipes import cifar_resnet
 
     fast_path.set_enabled(False)
-    with train.Run(cifar_resnet.Config(torch_fast_path="off", output_dir=None), "cifar_resnet"):
+    with train.Run(cifar_resnet.Config(fast_path="off", output_dir=None), "cifar_resnet"):
         assert not fast_path.enabled()
     with train.Run(cifar_resnet.Config(output_dir=None), "cifar_resnet"):
-        assert fast_path.enabled() == (BACKEND == "torch")  # a no-op under jax, tensorflow
+        assert fast_path.enabled() == (BACKEND != "jax")  # a no-op under jax
     assert not fast_path.enabled()  # a run's setting ends with it
-    if BACKEND != "torch":
+    if BACKEND == "jax":
         return
     monkeypatch.setattr(keras, "version", lambda: "3.99.0")
     monkeypatch.setitem(fast_path._state, "warned", False)
@@ -126,12 +153,15 @@ def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
 
 
 @pytest.mark.backend_independent
-def test_compare_runs_stock_keras_torch_as_its_own_row():
+def test_compare_runs_stock_keras_as_its_own_row():
     from kbench.bench.compare import CompareOptions, plan_runs
     from kbench.errors import KbenchError
 
-    runs = plan_runs(CompareOptions(backends=("torch", "torch-stock"), reference="native"))
+    runs = plan_runs(CompareOptions(backends=("torch", "torch-stock", "tensorflow-stock"),
+                                    reference="native"))
     assert runs == [("torch", "keras", "torch", False), ("torch-stock", "keras", "torch", False),
+                    ("tensorflow-stock", "keras", "tensorflow", False),
+                    ("native-tensorflow", "native-tensorflow", "tensorflow", False),
                     ("native-torch", "native-torch", "torch", False)]  # the twins compared
     with pytest.raises(KbenchError, match="torch-stock"):
         plan_runs(CompareOptions(backends=("pytorch",)))

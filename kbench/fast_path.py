@@ -1,0 +1,157 @@
+"""kbench's fast path: Keras training on torch and TensorFlow at their own frameworks' speed.
+
+Keras builds BatchNormalization in training from generic ops (moments, then subtract, rsqrt,
+multiply...: a pass over the activation each, forward and backward) where PyTorch and
+TensorFlow each have one fused kernel (keras-team/keras PR 18793). Its torch backend also
+copies every NHWC input of a 2D convolution or pooling to contiguous NCHW, and a convolution
+then copies it back to channels_last memory (`_transpose_spatial_inputs`, then
+`_maybe_convert_to_channels_last`; PR 22324, PR 23199, issue 23649), although an NHWC tensor
+permuted to NCHW already is channels_last memory.
+
+This module replaces exactly those things, and nothing else, while `enabled`:
+  - `BatchNormalization.call` in training (`training and trainable`, no mask, no renorm, not
+    synchronized, the class's own moments, channels on the last axis) runs the framework's
+    fused kernel: under torch `torch.native_batch_norm` on the NHWC->NCHW permuted view (any
+    rank), under tensorflow `FusedBatchNormV3` (4D NHWC inputs; others stay Keras'). The
+    moving statistics move as Keras moves them: `moving * momentum + batch * (1 - momentum)`
+    with the biased batch variance, in float32 under mixed precision. Inference is Keras'.
+  - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
+    view for 2D inputs (2D convolution, transposed convolution and pooling), without
+    `.contiguous()`; 1D and 3D ones are Keras' own.
+Both compute the same function as stock Keras, to float32 round-off (the tests compare
+outputs, gradients and moving statistics); where a channel's mean is far larger than its
+spread, the fused kernels are the more accurate (Keras' torch moments compute
+E[x^2] - E[x]^2, which cancels). Neither touches what is saved: a model.keras written with the
+fast path loads and predicts the same under stock Keras on every backend.
+
+A kbench Run turns it on for its lifetime (`--fast-path off` runs stock Keras; `kbench compare
+--backends torch,torch-stock,tensorflow,tensorflow-stock` shows both), only for the Keras
+versions it was tested with (kbench.keras_fixes.TESTED_KERAS); with another, one line says so
+and Keras runs as it is. JAX has nothing to replace: XLA fuses Keras' ops itself.
+"""
+
+import sys
+
+from kbench.keras_fixes import TESTED_KERAS
+
+BACKENDS = ("tensorflow", "torch")  # where it changes anything
+
+_state = {"installed": False, "enabled": False, "warned": False}
+
+
+def enabled():
+    return _state["enabled"]
+
+
+def set_enabled(on):
+    """Turn the fast path on or off for this process (torch and tensorflow; a no-op under
+    jax). Returns whether it is on."""
+    import keras
+
+    if keras.backend.backend() not in BACKENDS:
+        _state["enabled"] = False
+        return False
+    if on and not _tested(keras.version()):
+        if not _state["warned"]:
+            print(f"note: kbench's fast path is written for keras {', '.join(TESTED_KERAS)}; "
+                  f"this is keras {keras.version()}: training runs stock Keras (as "
+                  "--fast-path off)", file=sys.stderr)
+            _state["warned"] = True
+        on = False
+    if on and not _state["installed"]:
+        _install(keras.backend.backend())
+    _state["enabled"] = bool(on)
+    return _state["enabled"]
+
+
+def _tested(version):
+    return ".".join(version.split(".")[:2]) in TESTED_KERAS
+
+
+def _install(backend):
+    """Wrap the Keras functions once; the wrappers defer to Keras when not enabled."""
+    from keras.src.layers.normalization.batch_normalization import BatchNormalization
+
+    stock_call = BatchNormalization.call
+    stock_moments = BatchNormalization._moments
+    fused = _torch_batch_norm if backend == "torch" else _tensorflow_batch_norm
+    ranks = (2, 3, 4, 5) if backend == "torch" else (4,)  # FusedBatchNormV3 takes NHWC only
+
+    def call(self, inputs, training=None, mask=None):
+        if (_state["enabled"] and training and self.trainable and mask is None
+                and type(self)._moments is stock_moments  # a subclass's own moments: Keras'
+                and not getattr(self, "renorm", False)
+                and not getattr(self, "synchronized", False)
+                and len(inputs.shape) in ranks and self.axis in (-1, len(inputs.shape) - 1)):
+            return fused(self, inputs)
+        return stock_call(self, inputs, training=training, mask=mask)
+
+    BatchNormalization.call = call
+    if backend == "torch":
+        from keras.src.backend.torch import nn as torch_nn
+
+        stock_transpose = torch_nn._transpose_spatial_inputs
+
+        def transpose_spatial_inputs(inputs):
+            if _state["enabled"] and inputs.ndim == 4:
+                return inputs.permute(0, 3, 1, 2)  # channels_last memory already: no copy
+            return stock_transpose(inputs)
+
+        torch_nn._transpose_spatial_inputs = transpose_spatial_inputs
+    _state["installed"] = True
+
+
+def _torch_batch_norm(layer, inputs):
+    """Keras' BatchNormalization.call in training, through PyTorch's fused kernel."""
+    import keras
+    import torch
+
+    x = keras.ops.convert_to_tensor(inputs)
+    # Keras computes BatchNormalization in float32 when its inputs are float16/bfloat16.
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(compute)
+    ndim = x.ndim
+    # Channels from the last axis to axis 1 as a view: NHWC -> NCHW is channels_last memory.
+    to_channels_first = (0, ndim - 1, *range(1, ndim - 1))
+    to_channels_last = (0, *range(2, ndim), 1)
+    weight = layer.gamma.value.to(compute) if layer.scale else None
+    bias = layer.beta.value.to(compute) if layer.center else None
+    out, batch_mean, batch_invstd = torch.native_batch_norm(
+        x.permute(to_channels_first), weight, bias, None, None, True, 0.0, layer.epsilon)
+    with torch.no_grad():
+        # The biased batch variance, as Keras' moments give it: invstd = 1 / sqrt(var + eps);
+        # in float64 where the device has it (not Apple's MPS), so little is lost to eps.
+        wide = batch_invstd.double() if batch_invstd.device.type != "mps" else batch_invstd
+        variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
+        _move(layer, batch_mean, variance, str(compute).replace("torch.", ""))
+    return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
+
+
+def _tensorflow_batch_norm(layer, inputs):
+    """Keras' BatchNormalization.call in training, through TensorFlow's fused kernel. In
+    training it normalizes with the biased batch variance and returns the unbiased one
+    (Bessel-corrected, for TF1's moving average); Keras moves with the biased one."""
+    import tensorflow as tf
+
+    x = tf.cast(inputs, tf.float32)  # Keras computes BatchNormalization in float32
+    channels = x.shape[-1]
+    scale = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels])
+    offset = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels])
+    empty = tf.constant([], tf.float32)
+    y, batch_mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=layer.epsilon,
+        data_format="NHWC", is_training=True)
+    n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+    _move(layer, batch_mean, unbiased * ((n - 1.0) / n), "float32")
+    return tf.cast(y, layer.compute_dtype)
+
+
+def _move(layer, batch_mean, batch_variance, dtype):
+    """The moving statistics, as Keras' BatchNormalization moves them."""
+    import keras
+
+    momentum = layer.momentum
+    moving_mean = keras.ops.cast(layer.moving_mean, dtype)
+    moving_variance = keras.ops.cast(layer.moving_variance, dtype)
+    layer.moving_mean.assign(moving_mean * momentum + batch_mean * (1.0 - momentum))
+    layer.moving_variance.assign(moving_variance * momentum + batch_variance * (1.0 - momentum))
