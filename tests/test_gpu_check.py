@@ -1,5 +1,5 @@
 """`make gpu-check` (tools/gpu_check.py): what can be checked without a GPU. Its real run is
-on a GPU machine (README, "On a GPU"); here: the one-line answer without one, the peak table,
+on a GPU machine (docs/compare.md, "GPU"); here: the one-line answer without one, the peak table,
 the plan of compare passes and the MFU arithmetic."""
 
 import importlib.util
