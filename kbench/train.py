@@ -238,7 +238,9 @@ class Run:
             stop_requested=self._stop_requested, first_batch=first_batch,
             distribution=self.dist)
         resumed_sums = [checkpoint.ResumedEpochSums(metric_states)] if metric_states else []
-        timers = [c for c in self.callbacks if isinstance(c, StepTimer)]  # compare's worker
+        # Timers first (compare's worker passes one): the work other callbacks do at a
+        # window's edge (collectives, checkpoints) is not the training steps' time.
+        timers = [c for c in self.callbacks if isinstance(c, StepTimer)]
         others = [c for c in self.callbacks if not isinstance(c, StepTimer)]
         self._training = True
         try:
@@ -248,8 +250,6 @@ class Run:
                 epochs=end,
                 steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
                 validation_data=test_ds.dataset if config.validate_every_epoch else None,
-                # Timers first: the work other callbacks do at a window's edge (collectives,
-                # checkpoints) is not the training steps' time.
                 callbacks=[self.timer, *timers, *self.dist.callbacks(), *others,
                            *run_callbacks(config, steps, state, self.dist.num_processes),
                            *resumed_sums, interrupt],
@@ -458,9 +458,15 @@ class StepTimer(keras.callbacks.Callback):
         return sum(steps for steps, _ in self.windows)
 
     @property
+    def seconds_per_step(self):
+        """The steady state's mean: every timed second over every timed step."""
+        steps = self.steps_timed
+        return sum(seconds for _, seconds in self.windows) / steps if steps else None
+
+    @property
     def examples_per_sec(self):
-        seconds = sum(seconds for _, seconds in self.windows)
-        return self.batch_size * self.steps_timed / seconds if seconds else None
+        mean = self.seconds_per_step
+        return self.batch_size / mean if mean else None
 
 
 def run_callbacks(config, steps_per_epoch, state, processes=1):
@@ -579,8 +585,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "train_examples_per_sec": timer.examples_per_sec,
         "compile_s": timer.compile_s,
         # The steady state's mean, as the examples/s: the timer syncs at window edges only.
-        "step_time_ms": (1000 * sum(t for _, t in timer.windows) / timer.steps_timed
-                         if timer.steps_timed else None),
+        "step_time_ms": 1000 * timer.seconds_per_step if timer.seconds_per_step else None,
         "num_replicas": 1,
         "params": model.count_params(),
         "jit_compile": bool(model.jit_compile),  # what Keras resolved --jit-compile to

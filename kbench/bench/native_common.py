@@ -199,6 +199,17 @@ def datasets(config):
     return train_ds, test_ds, train_ds.steps_per_epoch
 
 
+def training_plan(config, steps, warmup_steps, epochs):
+    """What every twin's `run` starts with: the config checked against what the twins
+    implement, the Keras run's (train, test) Streams, how many steps to time, and the learning
+    rate of every step. Returns (train_ds, test_ds, steps, rates)."""
+    check_config(config)
+    train_ds, test_ds, steps_per_epoch = datasets(config)
+    steps = timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
+    return train_ds, test_ds, steps, learning_rates(config, steps_per_epoch,
+                                                    1 + warmup_steps + steps)
+
+
 def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
     """How many steps to time: `steps`, or with `epochs` as many as make epochs x
     steps_per_epoch steps in all, as long as the Keras runs train."""

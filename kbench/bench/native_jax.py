@@ -187,11 +187,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
-    common.check_config(config)
+    train_ds, test_ds, steps, rates = common.training_plan(config, steps, warmup_steps, epochs)
     weights = common.initial_weights(config)
-    train_ds, test_ds, steps_per_epoch = common.datasets(config)
-    steps = common.timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
-    rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
 
     params, stats = init_state(weights)
     optimizer = keras_sgd(config.momentum, config.nesterov, config.weight_decay,

@@ -216,12 +216,9 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
-    common.check_config(config)
+    train_ds, test_ds, steps, rates = common.training_plan(config, steps, warmup_steps, epochs)
     device = _device()
-    train_ds, test_ds, steps_per_epoch = common.datasets(config)
-    steps = common.timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
     weights, model, net, jit = _prepare(config, device)
-    rates = common.learning_rates(config, steps_per_epoch, 1 + warmup_steps + steps)
     optimizer = KerasSGD(*decayed_and_plain(model), config.momentum, config.nesterov,
                          config.weight_decay)
     if device.type == "cuda":
