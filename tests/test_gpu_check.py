@@ -96,6 +96,9 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     (["--batch-size", "resnet20=abc"], "--batch-size takes MODEL=N"),
     (["--backends", "jx"], "unknown backend 'jx'"),
     (["--sync-every", "0"], "--sync-every 0 is not allowed"),
+    (["--timeout", "nan"], "--timeout nan is not allowed"),
+    (["--steps", "many"], "invalid int value: 'many'"),
+    (["--models", "resnet50"], "no batch size for resnet50"),
 ])
 def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

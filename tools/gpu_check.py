@@ -224,13 +224,19 @@ def parse_batch_sizes(text, models):
         sizes[model.strip()] = int(value)
     missing = [m for m in models if m not in sizes]
     if missing:
-        _fail(f"gpu-check: no batch size for {', '.join(missing)}; add "
-                         f"--batch-size {missing[0]}=N")
+        _fail(f"gpu-check: no batch size for {', '.join(missing)} (it has defaults for "
+              f"{', '.join(DEFAULT_BATCH)}); for another kbench model add "
+              f"--batch-size {missing[0]}=N")
     return sizes
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as kbench's own commands answer
+        _fail(f"gpu-check: {message} (see tools/gpu_check.py --help)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=None,
                         help="results folder (default runs/gpu-check/<timestamp>)")
     parser.add_argument("--models", default="resnet20,preact_resnet18")
@@ -259,11 +265,12 @@ def main(argv=None):
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         _fail(f"gpu-check: unknown backend {unknown[0]!r}; use {', '.join(BACKENDS)}")
-    for flag, value, least in (("--steps", args.steps, 1), ("--warmup-steps", args.warmup_steps, 0),
-                               ("--sync-every", args.sync_every, 1)):
-        if value < least:
-            _fail(f"gpu-check: {flag} {value} is not allowed: it takes an integer "
-                             f">= {least}")
+    for flag, value, least, kind in (("--steps", args.steps, 1, "an integer"),
+                                     ("--warmup-steps", args.warmup_steps, 0, "an integer"),
+                                     ("--sync-every", args.sync_every, 1, "an integer"),
+                                     ("--timeout", args.timeout, 1, "a number of seconds")):
+        if not value >= least:  # NaN too
+            _fail(f"gpu-check: {flag} {value} is not allowed: it takes {kind} >= {least}")
     found = gpus()
     if not found:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to "
