@@ -112,6 +112,13 @@ class TrainConfig:
                                   "same numbers as stock Keras); off: stock Keras. Ignored by "
                                   "jax", choices=("on", "off"))
     validate_every_epoch: bool = option(True, "evaluate on the test split after every epoch")
+    target_accuracy: float | None = option(
+        None, "train until test accuracy reaches this (0 < A <= 1) or the epochs run out, "
+              "evaluating on the test split during training; metrics.json's time_to_target "
+              "says when (clock from the start of training, compile and evaluations on it)",
+        allowed=Range(0, 1, low_open=True))
+    eval_every_steps: int = option(0, "with --target-accuracy: evaluate every N optimizer "
+                                      "steps (0: after every epoch)", allowed=NON_NEGATIVE)
     train_examples: int | None = option(None, "use the first N training examples "
                                               "(synthetic: generate N; default 10000)",
                                        allowed=Range(1))
@@ -142,7 +149,12 @@ class TrainConfig:
 
     def check_combination(self):
         """Rules between fields, after each field passed its own check (`check`): raise
-        KbenchError, one line. A recipe's Config overrides it for its own fields."""
+        KbenchError, one line. A recipe's Config extends it for its own fields."""
+        if self.eval_every_steps and self.target_accuracy is None:
+            raise KbenchError("--eval-every-steps goes with --target-accuracy A")
+        if self.target_accuracy is not None and self.resume:
+            raise KbenchError("--target-accuracy times one uninterrupted run, from its first "
+                              "step: it cannot --resume; start the run again")
 
 
 FREE_TEXT = ("data_dir", "output_dir", "init_from")  # paths: any string (checked where opened)

@@ -24,7 +24,7 @@ import time
 
 import keras
 
-from kbench import backend, checkpoint, fast_path
+from kbench import backend, checkpoint, fast_path, target
 from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
 from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
@@ -51,6 +51,7 @@ class Run:
         self.timer = StepTimer(self.config.batch_size)  # the last stage's step times
         self.history = {}  # metric -> value per epoch this process trained, every stage
         self.test_ds = None  # what `finish` evaluates on: the last test stream seen
+        self.target = None  # kbench.target.TargetProbe with --target-accuracy, from `fit` on
         self._stages = 0  # `fit` calls so far: the next stage's index
         self._epochs_trained = 0
         self._resume_stage = None  # the stage the checkpoint is from, when resuming
@@ -193,6 +194,8 @@ class Run:
         resuming = stage == self._resume_stage
         if not config.epochs or (self._resume_stage is not None and stage < self._resume_stage):
             return None
+        if self.target is not None and self.target.reached:
+            return None  # an earlier stage reached --target-accuracy: the run is done
         state = self.state
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
             compile_model(model, config, train_ds.steps_per_epoch)
@@ -242,6 +245,8 @@ class Run:
         # window's edge (collectives, checkpoints) is not the training steps' time.
         timers = [c for c in self.callbacks if isinstance(c, StepTimer)]
         others = [c for c in self.callbacks if not isinstance(c, StepTimer)]
+        # Before the timers: an evaluation pauses them, so it is not in the step times.
+        evaluations = self._target_callbacks(config, test_ds, steps, [self.timer, *timers])
         self._training = True
         try:
             history = model.fit(
@@ -250,7 +255,7 @@ class Run:
                 epochs=end,
                 steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
                 validation_data=test_ds.dataset if config.validate_every_epoch else None,
-                callbacks=[self.timer, *timers, *self.dist.callbacks(), *others,
+                callbacks=[*evaluations, self.timer, *timers, *self.dist.callbacks(), *others,
                            *run_callbacks(config, steps, state, self.dist.num_processes),
                            *resumed_sums, interrupt],
                 shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
@@ -262,6 +267,25 @@ class Run:
         for key, values in history.history.items():
             self.history.setdefault(key, []).extend(values)
         return history
+
+    def _target_callbacks(self, config, test_ds, steps_per_epoch, timers):
+        """[kbench.target.TargetAccuracy] with --target-accuracy, else []. One probe for the
+        whole run: its clock and step count go on across stages."""
+        if getattr(config, "target_accuracy", None) is None:
+            return []
+        if self.target is None:
+            if self.dist.num_processes > 1 and backend.name() == "jax":
+                raise KbenchError("--target-accuracy evaluates with model.predict, which "
+                                  "cannot gather arrays across JAX processes; run it in one "
+                                  "process")
+            self.target = target.TargetProbe(config.target_accuracy, config.eval_every_steps,
+                                             steps_per_epoch)
+            self._target_callback = target.TargetAccuracy(
+                self.target, test_ds, timers,
+                # Data-parallel processes stop together, at the chief's decision.
+                agree=lambda reached: self.dist.any_process(reached and self.is_chief))
+        self._target_callback.test_ds, self._target_callback.timers = test_ds, timers
+        return [self._target_callback]
 
     def _resume_hint(self):
         state = self.state
@@ -283,6 +307,10 @@ class Run:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
         config = self.process_config
         test_metrics = final_evaluation(model, test_ds, config, self.dist)
+        if self.target is not None:
+            extra = {"time_to_target": self.target.summary(), **extra}
+            if self.is_chief:
+                print(self.target.describe())
         return write_results(config, model, self.history, self.timer, test_metrics,
                              extra={**extra, **self.dist.describe()}, recipe=self.recipe,
                              state=self.state, announce=self.is_chief)
@@ -420,6 +448,11 @@ class StepTimer(keras.callbacks.Callback):
             self._close(batch)
 
     def on_test_begin(self, logs=None):
+        self._end_of_training()
+
+    def pause(self):
+        """Close the open window at the steps run so far: what comes next is not a training
+        step (kbench.target evaluates); the next step opens a new window."""
         self._end_of_training()
 
     def on_epoch_end(self, epoch, logs=None):

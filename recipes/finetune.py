@@ -62,6 +62,7 @@ class Config(TrainConfig):
     cutout: int = option(0, "cutout square size in pixels (0: off)", allowed=NON_NEGATIVE)
 
     def check_combination(self):
+        super().check_combination()
         if self.head_epochs + self.epochs == 0:
             raise KbenchError("--head-epochs and --epochs are both 0: nothing to train")
 

@@ -190,6 +190,11 @@ def test_baseline_marks_only_changes_beyond_noise():
     windowed = [dict(record("jax", 70, 69, 71), sync_every=10)]
     summary = report.compare_to_baseline(report.summarize(windowed), baseline)
     assert summary[0]["vs_baseline"] == "not comparable: synced every 10 vs 1 steps"
+    # A time-to-target baseline (whole epochs, no warm-up) says nothing of step times.
+    to_target = [dict(r, target_accuracy=0.9) for r in baseline]
+    summary = report.compare_to_baseline(report.summarize(current), to_target)
+    assert {s["vs_baseline"] for s in summary} == {
+        "not comparable: the baseline measured time to target"}
 
 
 def test_repeats_are_aggregated_by_median():

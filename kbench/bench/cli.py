@@ -40,6 +40,12 @@ def cmd_compare(args):
     from kbench.bench.compare import CompareOptions, compare
     from kbench.bench.report import make_console
 
+    if args.target_accuracy is not None and args.steps is not None:
+        raise KbenchError("--steps times a fixed number of steps; --target-accuracy trains "
+                          "until the target (cap it with --max-epochs)")
+    if args.eval_every_epoch and args.target_accuracy is None:
+        raise KbenchError("--eval-every-epoch goes with --target-accuracy A")
+    args.steps = 20 if args.steps is None else args.steps
     if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
     if args.sync_every < 1:
@@ -63,6 +69,8 @@ def cmd_compare(args):
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
         output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
         distribute=args.distribute, simulate_devices=args.simulate_devices,
+        target_accuracy=args.target_accuracy, eval_every=args.eval_every,
+        max_epochs=args.max_epochs,
     )
     if options.baseline and not os.path.isfile(options.baseline):
         raise KbenchError(f"--baseline {options.baseline}: no such file")
@@ -98,7 +106,8 @@ def add_verbs(verbs):
     compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
     compare.add_argument("--batch-size", type=int, default=None,
                          help="global batch size (default: the recipe's)")
-    compare.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
+    compare.add_argument("--steps", type=int, default=None,
+                         help="timed steady-state steps (default 20)")
     compare.add_argument("--warmup-steps", type=int, default=3,
                          help="untimed steps after the first (compile) step")
     compare.add_argument("--sync-every", type=int, default=1, metavar="K",
@@ -117,7 +126,22 @@ def add_verbs(verbs):
                          help="with --distribute data_parallel on CPU: N devices for jax and "
                               "tensorflow, N torchrun processes for torch (default: every "
                               "device / one process per GPU)")
-    compare.add_argument("--repeats", type=int, default=1, help="runs per backend")
+    target = compare.add_argument_group(
+        "time to accuracy", "train each run until its test accuracy reaches a target, as "
+                            "MLPerf Training measures (clock from the start of training, "
+                            "compile and evaluations on it)")
+    target.add_argument("--target-accuracy", type=float, default=None, metavar="A",
+                        help="test accuracy to reach, 0 < A <= 1")
+    when = target.add_mutually_exclusive_group()
+    when.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                      help="evaluate every STEPS optimizer steps")
+    when.add_argument("--eval-every-epoch", action="store_true",
+                      help="evaluate after every epoch (the default)")
+    target.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                        help="give up after N epochs (default: the recipe's epochs)")
+    compare.add_argument("--repeats", type=int, default=1,
+                         help="runs per backend (with --target-accuracy: seeds seed, "
+                              "seed + 1, ...)")
     compare.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     compare.add_argument("--python", action="append", metavar="BACKEND=PATH",
                          help="interpreter (virtualenv) for a backend; repeatable")

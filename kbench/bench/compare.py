@@ -8,7 +8,9 @@ Keras backend runs twice, on one replica and on N (JAX / TensorFlow: every visib
 batch, and the report shows the scaling efficiency. A run that fails to import, crashes,
 runs out of memory or passes the timeout is recorded with its status and the tail of its
 error; the other runs go on. Each record is written to DIR/results.jsonl as soon as its run
-ends (atomically), so Ctrl-C or a crash never loses a finished run.
+ends (atomically), so Ctrl-C or a crash never loses a finished run. With a target accuracy
+(`--target-accuracy`, kbench.target) each run trains until it reaches it instead, and the
+report is kbench.bench.report_target's time to target.
 """
 
 import dataclasses
@@ -57,6 +59,12 @@ class CompareOptions:
     extra_config: dict = dataclasses.field(default_factory=dict)
     distribute: str = "none"  # "data_parallel": also run each Keras backend data-parallel
     simulate_devices: int | None = None  # CPU devices (jax, tensorflow) / processes (torch)
+    # Time to a target accuracy (kbench.target): each run trains until its test accuracy
+    # reaches target_accuracy, evaluating every eval_every steps (None: every epoch), for at
+    # most max_epochs epochs (None: the recipe's); repeat r uses the recipe's seed + r.
+    target_accuracy: float | None = None
+    eval_every: int | None = None
+    max_epochs: int | None = None
 
 
 def installed_backends():
@@ -94,7 +102,37 @@ def plan_runs(options):
     for name in options.python:
         if name not in KERAS_BACKENDS:
             raise KbenchError(f"--python {name}=... names no backend; use jax, tensorflow or torch")
+    check_target_options(options)
     return runs
+
+
+def check_target_options(options):
+    """The time-to-target settings: each in its range, and only with --target-accuracy."""
+    target = options.target_accuracy
+    if target is None:
+        if options.eval_every is not None or options.max_epochs is not None:
+            raise KbenchError("--eval-every and --max-epochs go with --target-accuracy A")
+        return
+    if not 0 < target <= 1:  # NaN fails this too
+        raise KbenchError(f"--target-accuracy {target} is not allowed: it takes a test "
+                          "accuracy > 0 and <= 1 (e.g. 0.95)")
+    if options.eval_every is not None and options.eval_every < 1:
+        raise KbenchError(f"--eval-every {options.eval_every} is not allowed: it takes a number "
+                          "of steps >= 1 (or --eval-every-epoch, the default)")
+    if options.max_epochs is not None and options.max_epochs < 1:
+        raise KbenchError(f"--max-epochs {options.max_epochs} is not allowed: it takes an "
+                          "integer >= 1")
+    if options.epochs is not None:
+        raise KbenchError("--epochs times whole epochs; with --target-accuracy, cap the "
+                          "training with --max-epochs N instead")
+
+
+def target_spec(options):
+    """The worker's `target` setting; None outside time-to-target mode."""
+    if options.target_accuracy is None:
+        return None
+    return {"accuracy": options.target_accuracy, "eval_every_steps": options.eval_every or 0,
+            "max_epochs": options.max_epochs}
 
 
 def run_config(options):
@@ -106,7 +144,9 @@ def run_config(options):
 
 
 # Recipe settings kbench.bench.worker sets for every run, which --set would not change.
-COMPARE_SETS = {"epochs": "--epochs (or --steps)", "steps_per_epoch": "--steps",
+COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
+                "steps_per_epoch": "--steps",
+                "target_accuracy": "--target-accuracy", "eval_every_steps": "--eval-every",
                 "validate_every_epoch": "nothing: a compare run evaluates once, at its end",
                 "verbose": "nothing: each run's log is in logs/",
                 "output_dir": "--output (each run gets its own folder)"}
@@ -126,7 +166,8 @@ def check_recipe_settings(options):
                           f"{COMPARE_SETS[ruled[0]]}")
     recipe = load_recipe(_recipe_for_worker(options.recipe))
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
-            "steps": options.steps, "warmup_steps": options.warmup_steps}
+            "steps": options.steps, "warmup_steps": options.warmup_steps,
+            "target": target_spec(options)}
     check(worker.run_config(recipe, spec))
 
 
@@ -156,7 +197,9 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     label = f"{name}-dp" if distributed else name
     spec = {"recipe": _recipe_for_worker(options.recipe), "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
-            "sync_every": options.sync_every,
+            "sync_every": options.sync_every, "target": target_spec(options),
+            # Time to target is a random variable: its repeats sample it with other seeds.
+            "seed_offset": repeat if options.target_accuracy is not None else 0,
             "config": {**run_config(options),
                        **KERAS_VARIANTS.get(name, (None, {}))[1],
                        **(distribute_config(framework, options) if distributed else {}),

@@ -201,13 +201,21 @@ def datasets(config):
 
 def training_plan(config, steps, warmup_steps, epochs):
     """What every twin's `run` starts with: the config checked against what the twins
-    implement, the Keras run's (train, test) Streams, how many steps to time, and the learning
-    rate of every step. Returns (train_ds, test_ds, steps, rates)."""
+    implement, the Keras run's (train, test) Streams, how many steps to time, the learning
+    rate of every step, and with --target-accuracy (config.target_accuracy) the
+    kbench.target.TargetProbe the Keras run would use, over at most config.epochs epochs.
+    Returns (train_ds, test_ds, steps, rates, probe or None)."""
+    from kbench.target import TargetProbe
+
     check_config(config)
     train_ds, test_ds, steps_per_epoch = datasets(config)
+    probe = None
+    if getattr(config, "target_accuracy", None) is not None:
+        epochs = config.epochs
+        probe = TargetProbe(config.target_accuracy, config.eval_every_steps, steps_per_epoch)
     steps = timed_steps(steps, warmup_steps, epochs, steps_per_epoch)
     return train_ds, test_ds, steps, learning_rates(config, steps_per_epoch,
-                                                    1 + warmup_steps + steps)
+                                                    1 + warmup_steps + steps), probe
 
 
 def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
@@ -218,7 +226,8 @@ def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
     return steps
 
 
-def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
+def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=None,
+                   accuracy_fn=None):
     """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
 
     `step_fn(step, images, labels)` takes a NumPy batch (NHWC float32 pixels, one-hot labels),
@@ -228,6 +237,11 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
     ends with the first step, the next `warmup_steps` steps are untimed, and the `steps`
     after them are timed in windows of `sync_every` steps: the losses are read (a sync) only
     at window edges, so the host keeps queueing steps in between.
+    With a kbench.target.TargetProbe, `accuracy_fn()` (the test accuracy of the current
+    weights, as a Python float) runs whenever the probe says so, as the Keras runs' evaluation
+    does (kbench.target.TargetAccuracy): the clock started with the probe's, the open window
+    closed before it and a new one opened after it, training stopping once it reached the
+    target, and a last evaluation after the last step when none fell there.
     Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
     if steps < 1 or warmup_steps < 0 or sync_every < 1:
@@ -241,6 +255,8 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
         return time.perf_counter()
 
     start = time.perf_counter()
+    if probe is not None:
+        probe.start()
     batches = train_ds.dataset.as_numpy_iterator()
     total = 1 + warmup_steps + steps
     compile_s = opened = None
@@ -248,6 +264,10 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
     for step in range(total):
         images, labels = next(batches)
         pending.append(step_fn(step, images, labels))
+        done = step + 1
+        evaluate = probe is not None and (
+            probe.due(done, epoch_end=done % probe.steps_per_epoch == 0)
+            or (step == total - 1 and probe.due_at_end(done)))
         if step == 0:
             opened = synced_clock()
             compile_s = opened - start
@@ -255,10 +275,15 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1):
             opened = synced_clock()
         elif step > warmup_steps:
             in_window += 1
-            if in_window == sync_every or step == total - 1:
+            if in_window == sync_every or step == total - 1 or evaluate:
                 now = synced_clock()
                 windows.append((in_window, now - opened))
                 opened, in_window = now, 0
+        if evaluate:
+            synced_clock()
+            if probe.evaluate(done, accuracy_fn):
+                break
+            opened = synced_clock()  # the next window starts after the evaluation
     synced_clock()
     return (compile_s, [seconds / n for n, seconds in windows], sum(n for n, _ in windows),
             losses)

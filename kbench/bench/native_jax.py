@@ -187,7 +187,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
-    train_ds, test_ds, steps, rates = common.training_plan(config, steps, warmup_steps, epochs)
+    train_ds, test_ds, steps, rates, probe = common.training_plan(config, steps,
+                                                                  warmup_steps, epochs)
     weights = common.initial_weights(config)
 
     params, stats = init_state(weights)
@@ -208,11 +209,16 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         # state; the next step consumes that state, so no device work escapes the clock.
         return loss
 
-    compile_s, step_times, steps_timed, losses = common.timed_training(
-        train_ds, step_fn, steps, warmup_steps, sync_every)
-    params, stats, _ = state
     jitted_eval = jax.jit(eval_step)
-    test = common.evaluate(test_ds, lambda x, y: jitted_eval(params, stats, x, y))
+
+    def test_metrics():  # of the weights trained so far
+        params, stats, _ = state
+        return common.evaluate(test_ds, lambda x, y: jitted_eval(params, stats, x, y))
+
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        train_ds, step_fn, steps, warmup_steps, sync_every, probe,
+        accuracy_fn=lambda: test_metrics()["test_accuracy"])
+    test = test_metrics()
     device = jax.devices()[0]
     return {
         "compile_s": compile_s,
@@ -225,6 +231,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "device": _describe(device),
         "jit": "jax.jit (XLA), train state donated",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        **(probe.summary() if probe else {}),
     }
 
 

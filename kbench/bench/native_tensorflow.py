@@ -128,7 +128,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
-    train_ds, test_ds, steps, rates = common.training_plan(config, steps, warmup_steps, epochs)
+    train_ds, test_ds, steps, rates, probe = common.training_plan(config, steps,
+                                                                  warmup_steps, epochs)
     weights = common.initial_weights(config)
     net = Network(weights)
     variables, decayed = net.trainables()
@@ -165,9 +166,13 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         return train_step(tf.constant(images), tf.constant(labels), tf.constant(rates[step],
                                                                                 tf.float32))
 
+    def test_metrics():  # of the weights trained so far
+        return common.evaluate(test_ds, lambda x, y: eval_step(tf.constant(x), tf.constant(y)))
+
     compile_s, step_times, steps_timed, losses = common.timed_training(
-        train_ds, step_fn, steps, warmup_steps, sync_every)
-    test = common.evaluate(test_ds, lambda x, y: eval_step(tf.constant(x), tf.constant(y)))
+        train_ds, step_fn, steps, warmup_steps, sync_every, probe,
+        accuracy_fn=lambda: test_metrics()["test_accuracy"])
+    test = test_metrics()
     gpus = tf.config.list_physical_devices("GPU")
     return {
         "compile_s": compile_s,
@@ -181,6 +186,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "device": _describe(gpus),
         "jit": "tf.function (XLA)" if xla else "tf.function",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        **(probe.summary() if probe else {}),
     }
 
 

@@ -216,7 +216,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
     evaluate on the test split; see the module doc and native_common.timed_training for what
     each number means."""
-    train_ds, test_ds, steps, rates = common.training_plan(config, steps, warmup_steps, epochs)
+    train_ds, test_ds, steps, rates, probe = common.training_plan(config, steps,
+                                                                  warmup_steps, epochs)
     device = _device()
     weights, model, net, jit = _prepare(config, device)
     optimizer = KerasSGD(*decayed_and_plain(model), config.momentum, config.nesterov,
@@ -233,10 +234,6 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         # Reading the loss (a copy queued on the stream after the update) waits for the step.
         return loss.detach()
 
-    model.train()
-    compile_s, step_times, steps_timed, losses = common.timed_training(
-        train_ds, step_fn, steps, warmup_steps, sync_every)
-
     @torch.inference_mode()
     def eval_fn(images, labels):
         x, y = to_device(images, labels, device)
@@ -247,6 +244,15 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         hits = (logits.argmax(-1) == y.argmax(-1)).sum()
         return loss.item(), hits.item()
 
+    def test_accuracy():  # of the weights trained so far, BN in inference mode; then train on
+        model.eval()
+        accuracy = common.evaluate(test_ds, eval_fn)["test_accuracy"]
+        model.train()
+        return accuracy
+
+    model.train()
+    compile_s, step_times, steps_timed, losses = common.timed_training(
+        train_ds, step_fn, steps, warmup_steps, sync_every, probe, accuracy_fn=test_accuracy)
     model.eval()
     test = common.evaluate(test_ds, eval_fn)
     return {
@@ -261,6 +267,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "device": _describe(device),
         "jit": jit,
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        **(probe.summary() if probe else {}),
     }
 
 

@@ -14,6 +14,9 @@ from kbench import backend
 from kbench.files import write_text_atomic
 
 STATUSES = ("ok", "failed", "timeout")
+TARGET_FIELDS = ("target_accuracy", "reached", "time_to_target_s", "steps_to_target",
+                 "epochs_to_target", "eval_every_steps", "eval_every", "eval_points",
+                 "eval_seconds", "best_eval_accuracy")
 # Every record has these keys (None where unknown or not applicable).
 FIELDS = (
     "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
@@ -21,7 +24,9 @@ FIELDS = (
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
     "versions", "device", "config", "command", "git_commit", "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
-    "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path",
+    "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
+    # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
+    *TARGET_FIELDS,
 )
 
 
@@ -35,6 +40,7 @@ def new_record(name, spec, options, command, python, repeat):
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
         sync_every=spec.get("sync_every", 1),
+        target_accuracy=(spec.get("target") or {}).get("accuracy"),
     )
     return record
 
@@ -50,8 +56,16 @@ def fill_measurements(record, result):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]
-    for key in ("model", "dataset", "batch_size", "dtype_policy"):  # as the recipe resolved them
+    for key in ("model", "dataset", "batch_size", "dtype_policy", "seed"):  # as resolved
         record[key] = record["config"].get(key, record[key])
+    if record.get("target_accuracy") is not None:
+        for key in TARGET_FIELDS:
+            record[key] = result.get(key)
+        if result.get("target_accuracy") is None:
+            record.update(status="failed", error="the run recorded no time to target")
+            return record
+    if not times_ms and record.get("target_accuracy") is not None:
+        return record  # reached before a steady-state step was timed: no step time
     if not times_ms:
         record.update(status="failed", error="no steady-state steps were timed; raise --steps")
         return record
@@ -72,6 +86,8 @@ def one_line(record):
     if record["status"] != "ok":
         first = (record.get("error") or "").strip().splitlines()
         return f"{record['status']}: {first[-1] if first else 'no error text'}"
+    if record.get("target_accuracy") is not None:
+        return target_line(record)
     replicas = record.get("num_replicas") or 1
     return (f"{record['step_time_ms']:.1f} ms/step (p10 {record['step_time_p10_ms']:.1f}, "
             f"p90 {record['step_time_p90_ms']:.1f}), {record['examples_per_sec']:.0f} ex/s"
@@ -108,3 +124,15 @@ def percentile(values, q):
     pos = (len(ordered) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def target_line(record):
+    """A time-to-target run in one line."""
+    points = record.get("eval_points") or []
+    if record["reached"]:
+        return (f"reached {record['target_accuracy']:g} in {record['time_to_target_s']:.1f} s "
+                f"(step {record['steps_to_target']}, epoch {record['epochs_to_target']:.2f}, "
+                + (f"compile {record['compile_s']:.1f} s, " if record.get("compile_s") else "")
+                + f"{len(points)} evaluations)")
+    return (f"did not reach {record['target_accuracy']:g}: best {record['best_eval_accuracy']:.4f} "
+            f"in {len(points)} evaluations, {points[-1]['steps'] if points else 0} steps")

@@ -1,6 +1,7 @@
 """Tables, CSV and charts from benchmark records (`kbench compare`'s output, `kbench report`).
 
-One summary row per backend: medians over repeats, the p10-p90 spread of step times, the
+Runs that trained to a target accuracy (`kbench compare --target-accuracy`) are reported by
+kbench.bench.report_target instead. Otherwise: one summary row per backend: medians over repeats, the p10-p90 spread of step times, the
 overhead ratio of each Keras backend against its native twin, and, with a baseline, whether a
 run is slower or faster than the baseline by more than the measured noise. Data-parallel runs
 (`kbench compare --distribute data_parallel`) get their own row, "<backend> dp", with their
@@ -43,23 +44,27 @@ def scaling_efficiency(parallel, single):
     return parallel["examples_per_sec"] / (n * single["examples_per_sec"])
 
 
-def summarize(rows):
-    """One dict per backend (in first-seen order), aggregated over its repeats."""
-    order, groups = [], {}
+def group_runs(rows):
+    """[(summary row label, its runs)] in first-seen order, with the runs that finished ok
+    and the row's status: "ok", "ok K/N" when some failed, else the last run's status."""
+    groups = {}
     for row in rows:
-        label = run_label(row)
-        if label not in groups:
-            order.append(label)
-            groups[label] = []
-        groups[label].append(row)
-    summary = []
-    for name in order:
-        runs = groups[name]
+        groups.setdefault(run_label(row), []).append(row)
+    grouped = []
+    for name, runs in groups.items():
         ok = [r for r in runs if r["status"] == "ok"]
         if ok:
             status = "ok" if len(ok) == len(runs) else f"ok {len(ok)}/{len(runs)}"
         else:
             status = runs[-1]["status"]
+        grouped.append((name, runs, ok, status))
+    return grouped
+
+
+def summarize(rows):
+    """One dict per backend (in first-seen order), aggregated over its repeats."""
+    summary = []
+    for name, runs, ok, status in group_runs(rows):
         item = {"backend": name, "status": status, "runs": len(runs),
                 "error": None if ok else runs[-1].get("error")}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
@@ -89,10 +94,14 @@ def noise_ms(item):
 def compare_to_baseline(summary, baseline_rows):
     """Mark each backend 'slower' / 'faster' / 'same' against the baseline's step time: slower
     when the median moved by more than the larger of the two runs' noise."""
-    base = {s["backend"]: s for s in summarize(baseline_rows)}
+    to_target = any(r.get("target_accuracy") is not None for r in baseline_rows)
+    base = {} if to_target else {s["backend"]: s for s in summarize(baseline_rows)}
     for item in summary:
         ref = base.get(item["backend"])
         item["baseline_step_time_ms"] = ref["step_time_ms"] if ref else None
+        if to_target:  # its step times include no warm-up and whole epochs
+            item["vs_baseline"] = "not comparable: the baseline measured time to target"
+            continue
         if not ref or item["step_time_ms"] is None or ref["step_time_ms"] is None:
             item["vs_baseline"] = None
             continue
@@ -152,13 +161,31 @@ def table(summary, title):
     return t
 
 
-def write_csv(summary, path):
+def write_csv(summary, path, fields=CSV_FIELDS):
     with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for s in summary:
-            writer.writerow({k: s.get(k) for k in CSV_FIELDS})
+            writer.writerow({k: s.get(k) for k in fields})
     os.replace(path + ".tmp", path)
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def print_errors(summary, console):
+    """Why each backend whose runs all failed did, under the table."""
+    for s in summary:
+        if s["error"]:
+            console.print(f"[red]{s['backend']} {s['status']}:[/red] {s['error'].strip()}",
+                          markup=True, highlight=False)
 
 
 def write_chart(summary, path, title):
@@ -195,10 +222,7 @@ def write_chart(summary, path, title):
             if bad:
                 ax.text(0, i, "  " + summary[i]["status"], va="center", color="tab:red")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path)
 
 
 def describe(rows):
@@ -227,15 +251,16 @@ def render(rows, out_dir, baseline=None, console=None):
     if not rows:
         console.print("no runs finished")
         return []
+    if any(r.get("target_accuracy") is not None for r in rows):
+        from kbench.bench import report_target
+
+        return report_target.render(rows, out_dir, baseline=baseline, console=console)
     summary = summarize(rows)
     if baseline:
         compare_to_baseline(summary, read_jsonl(baseline))
     title = describe(rows)
     console.print(table(summary, title))
-    for s in summary:
-        if s["error"]:
-            console.print(f"[red]{s['backend']} {s['status']}:[/red] {s['error'].strip()}",
-                          markup=True, highlight=False)
+    print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)
     write_csv(summary, os.path.join(out_dir, "results.csv"))
     write_chart(summary, os.path.join(out_dir, "results.png"), title)

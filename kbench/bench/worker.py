@@ -2,13 +2,16 @@
 
 `kbench compare` starts one worker per backend with KERAS_BACKEND set (Keras reads it once, at
 import), so no run can inherit another's compiled functions, memory or thread pools. The worker
-trains the recipe for 1 + warmup + N steps, times them with the device synchronized after every
+trains the recipe for 1 + warmup + N steps (with a `target`: until the target accuracy,
+kbench.target), times them with the device synchronized after every
 step or, with `sync_every` k, every k steps (kbench.train.StepTimer),
 evaluates the trained model on the test split and writes its measurements as JSON.
 
 Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-tensorflow" | "native-torch"), config (overrides of the
 recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
-(null: time `steps` steps of one epoch), sync_every (default 1). A data-parallel torch run starts one worker per rank
+(null: time `steps` steps of one epoch), sync_every (default 1), target ({accuracy,
+eval_every_steps, max_epochs}: train to a target accuracy, kbench.target; the result gains
+its time-to-target fields), seed_offset (added to the recipe's seed). A data-parallel torch run starts one worker per rank
 under torchrun; rank 0 writes the result, with the global batch's throughput.
 """
 
@@ -31,12 +34,21 @@ def run_config(recipe, spec):
         raise KbenchError(f"recipe {spec['recipe']} has no setting(s) {', '.join(sorted(unknown))}")
     overrides["validate_every_epoch"] = False  # one evaluation at the end is enough
     overrides["verbose"] = 0
-    if spec.get("epochs"):
+    target = spec.get("target")
+    if target:  # train until the target, at most max_epochs (default: the recipe's epochs)
+        overrides["target_accuracy"] = target["accuracy"]
+        overrides["eval_every_steps"] = target.get("eval_every_steps") or 0
+        if target.get("max_epochs"):
+            overrides["epochs"] = target["max_epochs"]
+    elif spec.get("epochs"):
         overrides["epochs"] = spec["epochs"]
     else:
         overrides["epochs"] = 1
         overrides["steps_per_epoch"] = 1 + spec["warmup_steps"] + spec["steps"]
-    return recipe.Config(**overrides)
+    config = recipe.Config(**overrides)
+    if spec.get("seed_offset"):  # repeats of a time-to-target run: seed, seed + 1, ...
+        config = dataclasses.replace(config, seed=config.seed + spec["seed_offset"])
+    return config
 
 
 def peak_rss_mb():
@@ -76,9 +88,11 @@ def run_keras(recipe, config, spec):
     from kbench import backend, train
     from kbench.bench import flops
 
-    # With --epochs every epoch's steps but its first are timed; else the steps after warm-up.
+    # With --epochs or a target every epoch's steps but its first are timed; else the steps
+    # after warm-up.
+    whole_epochs = spec.get("epochs") or spec.get("target")
     timer = train.StepTimer(config.batch_size, sync_every=spec.get("sync_every", 1),
-                            warmup_steps=0 if spec.get("epochs") else spec["warmup_steps"])
+                            warmup_steps=0 if whole_epochs else spec["warmup_steps"])
     metrics = recipe.main(config, callbacks=[timer])
     model = timer.model  # Keras hands every callback the model it trains
     return {
@@ -97,6 +111,7 @@ def run_keras(recipe, config, spec):
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),
         "distribution": metrics.get("distribution", "none"),
+        **(metrics.get("time_to_target") or {}),
     }
 
 
