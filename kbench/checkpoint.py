@@ -224,9 +224,11 @@ class EpochRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, output_dir, state, steps_per_epoch, save_model, monitor="val_accuracy",
-                 mode="auto", patience=0, keep_best=True):
+                 mode="auto", patience=0, keep_best=True, write_checkpoints=True):
         super().__init__()
         self.output_dir = output_dir
+        # False (--no-epoch-checkpoints): history.csv and best.keras only, nothing to resume.
+        self.write_checkpoints = write_checkpoints
         self.state = state
         self.steps_per_epoch = steps_per_epoch
         self.save_model = save_model
@@ -246,8 +248,10 @@ class EpochRecorder(keras.callbacks.Callback):
         # gradients overflow, but their batches were consumed all the same.
         state.reached(epoch, self.steps_per_epoch, self.steps_per_epoch)
         self._track_best(epoch, logs)
-        if self.output_dir is not None:
+        if self.output_dir is not None and self.write_checkpoints:
             self._write_checkpoint(epoch)
+        elif self.output_dir is not None:
+            write_history_csv(os.path.join(self.output_dir, HISTORY_FILE), state.rows)
         if state.stopped_early:
             self.model.stop_training = True
             if self.output_dir is not None:

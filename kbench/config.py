@@ -132,6 +132,9 @@ class TrainConfig:
                                                 "CPU into N devices for --distribute",
                                          allowed=Range(1))
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
+    epoch_checkpoints: bool = option(True, "checkpoint (weights, optimizer, RNG state) at "
+                                           "every epoch's end, for --resume; off: only "
+                                           "history.csv is written per epoch")
     checkpoint_every: int = option(0, "also checkpoint every N training steps, in the middle "
                                       "of epochs (0: at epoch ends only; a run with an "
                                       "--output-dir stopped by SIGTERM / SIGINT in training "
@@ -152,6 +155,9 @@ class TrainConfig:
         KbenchError, one line. A recipe's Config extends it for its own fields."""
         if self.eval_every_steps and self.target_accuracy is None:
             raise KbenchError("--eval-every-steps goes with --target-accuracy A")
+        if self.checkpoint_every and not self.epoch_checkpoints:
+            raise KbenchError("--checkpoint-every N checkpoints mid-epoch, which "
+                              "--no-epoch-checkpoints turns off at epoch ends: drop one")
         if self.target_accuracy is not None and self.resume:
             raise KbenchError("--target-accuracy times one uninterrupted run, from its first "
                               "step: it cannot --resume; start the run again")

@@ -112,64 +112,78 @@ def test_accuracy(model, test_ds):
 
 class TargetAccuracy(keras.callbacks.Callback):
     """Evaluates the model on `test_ds` when `probe` says so and stops training once it
-    reached its target. kbench.train.Run puts it first among fit's callbacks.
+    reached its target. kbench.train.Run puts it first among fit's callbacks, and calls
+    `evaluate_last_step` once the run's last stage has trained.
 
     `timers` (kbench.train.StepTimer) close their window before an evaluation and open a
-    new one after it, so step times stay training steps only. `agree(flag)` turns this
-    process's decision into the job's (data-parallel processes must stop at the same step).
+    new one after it, so step times stay training steps only. `prepare(model)` runs on every
+    process before each evaluation (data-parallel replicas average their BatchNorm
+    statistics, as before fit's own validation). `agree(flag)` turns this process's decision
+    into the job's: data-parallel processes must stop at the same step, so once they agreed
+    (`stopped`) none evaluates again.
     Evaluations in an epoch happen before a step begins (`on_train_batch_begin`, with no
-    per-step sync); Keras checks `stop_training` after a step, so training stops one step
-    after the evaluation that reached the target (a step that is not on the clock).
+    per-step sync); Keras checks `stop_training` after a step, so a run that reaches the
+    target in the middle of an epoch trains one step more (a step that is not on the
+    clock); at an epoch's end it stops at once.
     """
 
-    def __init__(self, probe, test_ds, timers=(), agree=bool):
+    def __init__(self, probe, test_ds, timers=(), agree=bool, prepare=None):
         super().__init__()
         self.probe = probe
         self.test_ds = test_ds
         self.timers = list(timers)
         self.agree = agree
+        self.prepare = prepare
         self.steps = 0  # steps begun (= done, at the next batch's begin) in this run
+        self.stopped = False  # the job agreed the target is reached: training is over
         self._validation_began = None  # when fit's own validation of this epoch began
 
     def on_train_begin(self, logs=None):
         self.probe.start()
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.probe.due(self.steps):
+        if not self.stopped and self.probe.due(self.steps):
             self._evaluate(mid_epoch=True)
         self.steps += 1
 
     def on_test_begin(self, logs=None):
+        self._pause_timers()  # the training steps queued before it are not validation
         self._validation_began = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.probe.due(self.steps, epoch_end=True):
+        began, self._validation_began = self._validation_began, None
+        if self.stopped or not self.probe.due(self.steps, epoch_end=True):
             return
-        if "val_accuracy" in (logs or {}) and self._validation_began is not None:
+        if "val_accuracy" in (logs or {}) and began is not None:
             # fit's own validation (--validate-every-epoch) just measured this on the same
             # test split: the same number, already paid for on the clock.
-            reached = self.probe.record(self.steps, float(logs["val_accuracy"]),
-                                        time.perf_counter() - self._validation_began)
-            self._validation_began = None
-            if self.agree(reached):
-                self.model.stop_training = True
+            self._decide(self.probe.record(self.steps, float(logs["val_accuracy"]),
+                                           time.perf_counter() - began))
             return
         self._evaluate()
 
-    def on_train_end(self, logs=None):
-        # The last step of the run is evaluated too, so a run that misses the target still
-        # ends with its final accuracy (unless it stopped because it reached it).
-        if not self.probe.reached and self.probe.due_at_end(self.steps):
+    def evaluate_last_step(self):
+        """The run's last step is evaluated too (still on the clock), so a run that misses
+        the target ends with its final accuracy; a run that stopped at the target is done."""
+        if not self.stopped and self.probe.due_at_end(self.steps):
             self._evaluate()
+
+    def _pause_timers(self):
+        for timer in self.timers:
+            timer.pause()
 
     def _evaluate(self, mid_epoch=False):
         from kbench.checkpoint import sync_model_variables
 
-        for timer in self.timers:
-            timer.pause()
+        self._pause_timers()
         if mid_epoch:  # Keras' JAX trainer keeps the training state outside the variables
             sync_model_variables(self.model)
-        reached = self.probe.evaluate(self.steps,
-                                      lambda: test_accuracy(self.model, self.test_ds))
+        if self.prepare is not None:
+            self.prepare(self.model)
+        self._decide(self.probe.evaluate(self.steps,
+                                         lambda: test_accuracy(self.model, self.test_ds)))
+
+    def _decide(self, reached):
         if self.agree(reached):
+            self.stopped = True
             self.model.stop_training = True

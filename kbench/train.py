@@ -194,7 +194,7 @@ class Run:
         resuming = stage == self._resume_stage
         if not config.epochs or (self._resume_stage is not None and stage < self._resume_stage):
             return None
-        if self.target is not None and self.target.reached:
+        if self.target is not None and self._target_callback.stopped:
             return None  # an earlier stage reached --target-accuracy: the run is done
         state = self.state
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
@@ -283,7 +283,8 @@ class Run:
             self._target_callback = target.TargetAccuracy(
                 self.target, test_ds, timers,
                 # Data-parallel processes stop together, at the chief's decision.
-                agree=lambda reached: self.dist.any_process(reached and self.is_chief))
+                agree=lambda reached: self.dist.any_process(reached and self.is_chief),
+                prepare=self.dist.sync_non_trainable)
         self._target_callback.test_ds, self._target_callback.timers = test_ds, timers
         return [self._target_callback]
 
@@ -306,6 +307,8 @@ class Run:
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
         config = self.process_config
+        if self.target is not None:  # before the final evaluation, which is off the clock
+            self._target_callback.evaluate_last_step()
         test_metrics = final_evaluation(model, test_ds, config, self.dist)
         if self.target is not None:
             extra = {"time_to_target": self.target.summary(), **extra}
@@ -510,7 +513,8 @@ def run_callbacks(config, steps_per_epoch, state, processes=1):
         found.append(checkpoint.EpochRecorder(
             config.output_dir, state, steps_per_epoch,
             save_model=save_model_float32, monitor=config.monitor,
-            mode=getattr(config, "monitor_mode", "auto"), patience=config.early_stopping))
+            mode=getattr(config, "monitor_mode", "auto"), patience=config.early_stopping,
+            write_checkpoints=getattr(config, "epoch_checkpoints", True)))
     elif config.early_stopping:
         raise KbenchError("--early-stopping needs an --output-dir to keep its state in")
     # TensorBoard last: it reads the logs the recorder and the distribution's sync settled.

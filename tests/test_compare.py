@@ -136,7 +136,8 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                             "number >= 0 and < 1"),
                              ("cutout=-4", "--cutout -4 is not allowed"),
                              ("epochs=0", "--set epochs is compare's to set, per run: use "
-                                          "--epochs (or --steps)")]:
+                                          "--epochs (or --steps; with a target, "
+                                          "--max-epochs)")]:
         out = tmp_path / "c"
         status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *TINY,
                                                    "--set", setting, "--output", str(out)])

@@ -2,6 +2,7 @@
 the clock rules (compile and evaluations on it, evaluations out of the step times), stopping at
 the target, the records and reports of `kbench compare --target-accuracy`."""
 
+import dataclasses
 import json
 import os
 import time
@@ -59,6 +60,48 @@ def test_probe_record_fields_reached_and_not():
     assert "did not reach" in missed.describe()
 
 
+class FakeModel:  # what TargetAccuracy touches of a Keras model
+    stop_training = False
+
+
+@backend_independent
+def test_callback_schedule_stops_once_agreed_and_evaluates_the_last_step(monkeypatch):
+    """Driven as Keras' fit drives it: evaluations before a step begins and at epoch ends;
+    once the job agreed to stop, nothing evaluates again (the step Keras still trains can end
+    an epoch on an evaluation point)."""
+    accuracies = iter([0.5, 0.96, 0.99])
+    monkeypatch.setattr(target, "test_accuracy", lambda model, test_ds: next(accuracies))
+    prepared, votes = [], []
+
+    def agree(reached):
+        votes.append(reached)
+        return reached
+
+    probe = TargetProbe(0.95, 1, steps_per_epoch=2)
+    callback = target.TargetAccuracy(probe, test_ds=None, agree=agree,
+                                     prepare=lambda model: prepared.append(model))
+    callback.set_model(FakeModel())
+    callback.on_train_begin()
+    callback.on_train_batch_begin(0)  # nothing done yet
+    callback.on_train_batch_begin(1)  # after step 1: 0.5
+    callback.on_epoch_end(0)  # after step 2: 0.96, reached: stop
+    assert callback.stopped and callback.model.stop_training
+    callback.on_epoch_end(1)  # (had Keras run on) no evaluation after the stop
+    callback.evaluate_last_step()
+    assert [p["steps"] for p in probe.points] == [1, 2] and votes == [False, True]
+    assert len(prepared) == 2  # replicas sync BatchNorm statistics before each evaluation
+    # A run that never reaches the target: its last step is evaluated once.
+    missed = target.TargetAccuracy(TargetProbe(0.999, 2, steps_per_epoch=4), test_ds=None)
+    accuracies = iter([0.5, 0.6])
+    missed.set_model(FakeModel())
+    missed.on_train_begin()
+    for batch in range(3):
+        missed.on_train_batch_begin(batch)  # evaluates after step 2
+    missed.evaluate_last_step()  # after step 3
+    missed.evaluate_last_step()  # not twice
+    assert [p["steps"] for p in missed.probe.points] == [2, 3] and not missed.stopped
+
+
 # --------------------------------------------------------------------------- the clock
 
 
@@ -84,10 +127,11 @@ def slow_first_step(step, images, labels):
 
 
 @backend_independent
-def test_twin_clock_has_compile_and_evaluations_but_step_times_do_not():
+@pytest.mark.parametrize("sync_every, windows", [(1, 5), (None, 3)])
+def test_twin_clock_has_compile_and_evaluations_but_step_times_do_not(sync_every, windows):
     probe = TargetProbe(0.8, 2, steps_per_epoch=4)
     compile_s, step_times, steps_timed, losses = common.timed_training(
-        Stream, slow_first_step, steps=11, warmup_steps=0, probe=probe,
+        Stream, slow_first_step, steps=11, warmup_steps=0, sync_every=sync_every, probe=probe,
         accuracy_fn=slow_evaluations([0.2, 0.5, 0.9, 0.95], 0.1))
     got = probe.summary()
     assert got["reached"] and got["steps_to_target"] == 6
@@ -97,6 +141,7 @@ def test_twin_clock_has_compile_and_evaluations_but_step_times_do_not():
     assert [p["steps"] for p in got["eval_points"]] == [2, 4, 6]
     assert all(p["eval_s"] >= 0.1 for p in got["eval_points"])
     assert steps_timed == 5 and max(step_times) < 0.05  # evaluations are not steps
+    assert len(step_times) == windows  # None: windows end at evaluations only
 
 
 @backend_independent
@@ -164,6 +209,9 @@ def test_flags_without_a_target_or_with_resume_are_refused(tmp_path):
     _, config = digits_config(tmp_path, resume=True)
     with pytest.raises(KbenchError, match="cannot --resume"):
         check(config)
+    _, config = digits_config(tmp_path, epoch_checkpoints=False, checkpoint_every=5)
+    with pytest.raises(KbenchError, match="--no-epoch-checkpoints"):
+        check(config)
     _, config = digits_config(tmp_path, target_accuracy=1.5)
     with pytest.raises(KbenchError, match="--target-accuracy 1.5 is not allowed"):
         check(config)
@@ -173,7 +221,7 @@ def test_flags_without_a_target_or_with_resume_are_refused(tmp_path):
 
 
 @pytest.mark.skipif(BACKEND not in ("jax", "tensorflow", "torch"), reason="no native twin")
-def test_native_twin_records_its_evaluations(monkeypatch):
+def test_native_twin_records_its_evaluations_where_keras_does(tmp_path):
     import importlib
 
     from recipes import cifar_resnet
@@ -182,12 +230,17 @@ def test_native_twin_records_its_evaluations(monkeypatch):
     config = cifar_resnet.Config(dataset="synthetic", train_examples=64, test_examples=24,
                                  batch_size=16, epochs=2, lr=0.01, output_dir=None, verbose=0,
                                  target_accuracy=1.0, eval_every_steps=3)
-    result = native.run(config, steps=20, warmup_steps=1)  # the target sets the length
+    result = native.run(config, steps=20, warmup_steps=0)  # the target sets the length
     assert not result["reached"] and result["time_to_target_s"] is None
     # 2 epochs of 4 steps: every 3 steps, and the last step.
     assert [p["steps"] for p in result["eval_points"]] == [3, 6, 8]
     assert result["eval_points"][-1]["accuracy"] == pytest.approx(result["test_accuracy"])
     assert len(result["train_loss_history"]) == 8
+    # The Keras run of the same settings evaluates at the same steps.
+    keras_run = cifar_resnet.main(dataclasses.replace(
+        config, output_dir=str(tmp_path / "keras"), validate_every_epoch=False))
+    assert ([p["steps"] for p in keras_run["time_to_target"]["eval_points"]]
+            == [p["steps"] for p in result["eval_points"]])
 
 
 # --------------------------------------------------------------------------- reports
@@ -222,6 +275,12 @@ def test_summary_counts_reached_runs_and_never_averages_the_others():
     assert report_target.not_reached_lines([jax, torch]) == [
         "jax: 1 of 3 run(s) did not reach 0.95 within 2 epoch(s); median best test accuracy "
         "0.9700"]
+    # A crashed run is failed, not "did not reach", and its error is shown.
+    crashed = dict(record("torch", 2, 0.0, reached=None), status="failed", error="boom",
+                   eval_points=None)
+    (torch,) = report_target.summarize([record("torch", 0, 1.0), crashed])
+    assert torch["status"] == "ok 1/2" and torch["reached_text"] == "1/2"
+    assert report_target.not_reached_lines([torch]) == [] and torch["error"] == "boom"
 
 
 @backend_independent
@@ -285,6 +344,10 @@ def test_compare_target_no_run_reaches_is_reported_with_exit_0(tmp_path):
         assert [p["steps"] for p in row["eval_points"]] == [21]  # one epoch of 1347 / 64
         assert row["eval_points"][0]["accuracy"] == pytest.approx(row["test_accuracy"])
         assert row["compile_s"] > 0 and row["config"]["epochs"] == 1
+        assert row["sync_every"] is None  # no syncs that training alone would not do
+    run_dir = out / "runs" / "torch-r0"  # metrics and model kept; no checkpoint on the clock
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "history.csv").is_file()
+    assert not (run_dir / "checkpoint.json").exists()
     assert "0/2" in result.stdout
     assert "torch: 2 of 2 run(s) did not reach 0.999 within 1 epoch(s)" in result.stdout
     assert (out / "results.png").stat().st_size > 1000

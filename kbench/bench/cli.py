@@ -48,7 +48,7 @@ def cmd_compare(args):
     args.steps = 20 if args.steps is None else args.steps
     if args.steps < 1 or args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise KbenchError("--steps, --repeats and --batch-size must be at least 1")
-    if args.sync_every < 1:
+    if args.sync_every is not None and args.sync_every < 1:
         raise KbenchError(f"--sync-every {args.sync_every} is not allowed: it takes an integer "
                           ">= 1 (1: sync after every step)")
     if args.warmup_steps < 0:
@@ -110,10 +110,12 @@ def add_verbs(verbs):
                          help="timed steady-state steps (default 20)")
     compare.add_argument("--warmup-steps", type=int, default=3,
                          help="untimed steps after the first (compile) step")
-    compare.add_argument("--sync-every", type=int, default=1, metavar="K",
-                         help="wait for the device every K steps while timing: 1 gives exact "
-                              "per-step times (p10-p90); on a GPU a sync per step holds the "
-                              "host back, so K=10 measures throughput as training sees it")
+    compare.add_argument("--sync-every", type=int, default=None, metavar="K",
+                         help="wait for the device every K steps while timing: 1 (the "
+                              "default) gives exact per-step times (p10-p90); on a GPU a sync "
+                              "per step holds the host back, so K=10 measures throughput as "
+                              "training sees it. With --target-accuracy the default is no "
+                              "sync but at evaluations and epoch ends, as training alone")
     compare.add_argument("--epochs", type=int, default=None,
                          help="train full epochs instead (accuracy parity); times every step")
     compare.add_argument("--dtype-policy", default="float32",

@@ -47,7 +47,10 @@ class CompareOptions:
     batch_size: int | None = None
     steps: int = 20
     warmup_steps: int = 3
-    sync_every: int = 1  # steps between device syncs while timing (1: exact per-step times)
+    # Steps between device syncs while timing (1: exact per-step times). None: 1, except
+    # with a target, where the time to target must not pay for syncs training would not do
+    # (the step timer then syncs at evaluations and epoch ends only).
+    sync_every: int | None = None
     epochs: int | None = None
     dtype_policy: str = "float32"
     jit_compile: str = "auto"
@@ -80,7 +83,7 @@ def plan_runs(options):
         if name not in KERAS_BACKENDS and name not in KERAS_VARIANTS:
             raise KbenchError(f"unknown backend {name!r}; use one of: "
                               f"{', '.join(KERAS_BACKENDS + tuple(KERAS_VARIANTS))}")
-    if options.sync_every < 1:
+    if options.sync_every is not None and options.sync_every < 1:
         raise KbenchError(f"sync_every must be at least 1, not {options.sync_every}")
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
@@ -127,6 +130,14 @@ def check_target_options(options):
                           "training with --max-epochs N instead")
 
 
+def sync_every(options):
+    """Steps between the step timer's syncs: --sync-every, by default 1 (exact per-step
+    times), or with a target None (windows end at evaluations and epoch ends only)."""
+    if options.sync_every is not None:
+        return options.sync_every
+    return None if options.target_accuracy is not None else 1
+
+
 def target_spec(options):
     """The worker's `target` setting; None outside time-to-target mode."""
     if options.target_accuracy is None:
@@ -147,6 +158,8 @@ def run_config(options):
 COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
                 "steps_per_epoch": "--steps",
                 "target_accuracy": "--target-accuracy", "eval_every_steps": "--eval-every",
+                "epoch_checkpoints": "nothing: runs to a target write none (the twins "
+                                     "do not either), the others checkpoint off the clock",
                 "validate_every_epoch": "nothing: a compare run evaluates once, at its end",
                 "verbose": "nothing: each run's log is in logs/",
                 "output_dir": "--output (each run gets its own folder)"}
@@ -197,7 +210,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     label = f"{name}-dp" if distributed else name
     spec = {"recipe": _recipe_for_worker(options.recipe), "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
-            "sync_every": options.sync_every, "target": target_spec(options),
+            "sync_every": sync_every(options), "target": target_spec(options),
             # Time to target is a random variable: its repeats sample it with other seeds.
             "seed_offset": repeat if options.target_accuracy is not None else 0,
             "config": {**run_config(options),

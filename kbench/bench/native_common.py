@@ -235,8 +235,9 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     (`float`) waits for the step's device work. The clock starts before the input iterator
     is made (Keras' on_train_begin comes before its epoch iterator starts too), `compile_s`
     ends with the first step, the next `warmup_steps` steps are untimed, and the `steps`
-    after them are timed in windows of `sync_every` steps: the losses are read (a sync) only
-    at window edges, so the host keeps queueing steps in between.
+    after them are timed in windows of `sync_every` steps (None: one window to the end, or
+    to each evaluation): the losses are read (a sync) only at window edges, so the host keeps
+    queueing steps in between.
     With a kbench.target.TargetProbe, `accuracy_fn()` (the test accuracy of the current
     weights, as a Python float) runs whenever the probe says so, as the Keras runs' evaluation
     does (kbench.target.TargetAccuracy): the clock started with the probe's, the open window
@@ -244,7 +245,7 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     target, and a last evaluation after the last step when none fell there.
     Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
-    if steps < 1 or warmup_steps < 0 or sync_every < 1:
+    if steps < 1 or warmup_steps < 0 or (sync_every is not None and sync_every < 1):
         raise KbenchError(f"need steps >= 1, warmup_steps >= 0 and sync_every >= 1, got "
                           f"{steps}, {warmup_steps} and {sync_every}")
     losses, pending, windows = [], [], []
@@ -275,7 +276,7 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
             opened = synced_clock()
         elif step > warmup_steps:
             in_window += 1
-            if in_window == sync_every or step == total - 1 or evaluate:
+            if in_window == sync_every or step == total - 1 or evaluate:  # None: never
                 now = synced_clock()
                 windows.append((in_window, now - opened))
                 opened, in_window = now, 0

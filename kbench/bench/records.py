@@ -40,8 +40,11 @@ def new_record(name, spec, options, command, python, repeat):
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
         sync_every=spec.get("sync_every", 1),
-        target_accuracy=(spec.get("target") or {}).get("accuracy"),
     )
+    if spec.get("target"):  # what was asked; the run fills in the epoch length
+        every = spec["target"].get("eval_every_steps")
+        record.update(target_accuracy=spec["target"]["accuracy"],
+                      eval_every="steps" if every else "epoch", eval_every_steps=every or None)
     return record
 
 

@@ -61,12 +61,18 @@ def group_runs(rows):
     return grouped
 
 
+def last_error(runs):
+    """The error of the group's last run that did not finish ok (None when all did): shown
+    under the table even when other repeats of the backend finished."""
+    return next((r.get("error") for r in reversed(runs) if r["status"] != "ok"), None)
+
+
 def summarize(rows):
     """One dict per backend (in first-seen order), aggregated over its repeats."""
     summary = []
     for name, runs, ok, status in group_runs(rows):
         item = {"backend": name, "status": status, "runs": len(runs),
-                "error": None if ok else runs[-1].get("error")}
+                "error": last_error(runs)}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "test_loss", "num_replicas"):

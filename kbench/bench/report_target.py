@@ -49,9 +49,11 @@ def summarize(rows):
             "eval_seconds": report._median(ok, "eval_seconds"),
             "step_time_ms": report._median(ok, "step_time_ms"),
             "best_eval_accuracy": report._median(ok, "best_eval_accuracy"),
-            "max_epochs": max((r["config"].get("epochs") or 0 for r in ok if r.get("config")),
-                              default=None),
-            "error": None if ok else runs[-1].get("error"),
+            "ok_runs": len(ok),
+            # How far the runs trained: their last evaluation (every stage of the recipe).
+            "trained_epochs": max((r["eval_points"][-1]["epochs"] for r in ok
+                                   if r.get("eval_points")), default=None),
+            "error": report.last_error(runs),
         })
     fastest = min((s["time_to_target_s"] for s in summary if s["time_to_target_s"]),
                   default=None)
@@ -134,10 +136,10 @@ def not_reached_lines(summary):
     """What the table's dashes mean, for each backend with ok runs that missed the target."""
     lines = []
     for s in summary:
-        missed = s["runs"] - s["reached"]
-        if s["status"].startswith("ok") and missed:
+        missed = s["ok_runs"] - s["reached"]  # failed runs are reported as failed
+        if missed:
             lines.append(f"{s['backend']}: {missed} of {s['runs']} run(s) did not reach "
-                         f"{s['target_accuracy']:g} within {s['max_epochs']} epoch(s); "
+                         f"{s['target_accuracy']:g} within {s['trained_epochs']:g} epoch(s); "
                          f"median best test accuracy {report._fmt(s['best_eval_accuracy'], '.4f')}")
     return lines
 
@@ -168,8 +170,9 @@ def write_chart(rows, path, title):
         by_time.plot(seconds, accuracy, **style)
         by_steps.plot(steps, accuracy, **style)
         if row.get("reached"):
-            by_time.plot(row["time_to_target_s"], accuracy[-1], "o", color=colors[label])
-            by_steps.plot(row["steps_to_target"], accuracy[-1], "o", color=colors[label])
+            hit = next(p["accuracy"] for p in points if p["steps"] == row["steps_to_target"])
+            by_time.plot(row["time_to_target_s"], hit, "o", color=colors[label])
+            by_steps.plot(row["steps_to_target"], hit, "o", color=colors[label])
     target = rows[0]["target_accuracy"]
     for ax in (by_time, by_steps):
         ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.2)
