@@ -179,7 +179,7 @@ def write_chart(rows, path, title):
         ax.grid(alpha=0.3)
     by_time.set_xlabel("seconds since training began (compile and evaluations included)")
     by_time.set_ylabel("test accuracy")
-    by_steps.set_xlabel("optimizer steps")
+    by_steps.set_xlabel("optimizer steps (runs that learn alike lie on top of each other)")
     handles = [plt.Line2D([], [], color=colors[label], linestyle=_line_style(label),
                           label=label) for label in labels]
     handles.append(plt.Line2D([], [], color="tab:red", linestyle=":",
