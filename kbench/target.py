@@ -90,14 +90,23 @@ class TargetProbe:
 
     def describe(self):
         """One line for the end of a run."""
-        if self.reached:
-            hit = self.points[self.reached_at]
-            return (f"reached test accuracy {self.target:g} at step {hit['steps']} (epoch "
-                    f"{hit['epochs']:.2f}), {hit['seconds']:.1f} s after training began "
-                    f"({hit['accuracy']:.4f})")
-        best = max((p["accuracy"] for p in self.points), default=float("nan"))
-        return (f"did not reach test accuracy {self.target:g} in {len(self.points)} "
-                f"evaluation(s) (best {best:.4f})")
+        return describe(self.summary())
+
+
+def describe(summary, compile_s=None):
+    """A run to a target in one line, from `TargetProbe.summary()`'s fields (which a compare
+    record holds too)."""
+    points = summary.get("eval_points") or []
+    if summary["reached"]:
+        return (f"reached test accuracy {summary['target_accuracy']:g} in "
+                f"{summary['time_to_target_s']:.1f} s after training began (step "
+                f"{summary['steps_to_target']}, epoch {summary['epochs_to_target']:.2f}"
+                + (f", compile {compile_s:.1f} s" if compile_s else "")
+                + f", {len(points)} evaluation(s))")
+    best = summary.get("best_eval_accuracy")
+    return (f"did not reach test accuracy {summary['target_accuracy']:g} in {len(points)} "
+            f"evaluation(s) over {points[-1]['steps'] if points else 0} steps (best "
+            f"{'-' if best is None else format(best, '.4f')})")
 
 
 def test_accuracy(model, test_ds):

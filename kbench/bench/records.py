@@ -90,7 +90,9 @@ def one_line(record):
         first = (record.get("error") or "").strip().splitlines()
         return f"{record['status']}: {first[-1] if first else 'no error text'}"
     if record.get("target_accuracy") is not None:
-        return target_line(record)
+        from kbench.target import describe
+
+        return describe(record, compile_s=record.get("compile_s"))
     replicas = record.get("num_replicas") or 1
     return (f"{record['step_time_ms']:.1f} ms/step (p10 {record['step_time_p10_ms']:.1f}, "
             f"p90 {record['step_time_p90_ms']:.1f}), {record['examples_per_sec']:.0f} ex/s"
@@ -127,15 +129,3 @@ def percentile(values, q):
     pos = (len(ordered) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def target_line(record):
-    """A time-to-target run in one line."""
-    points = record.get("eval_points") or []
-    if record["reached"]:
-        return (f"reached {record['target_accuracy']:g} in {record['time_to_target_s']:.1f} s "
-                f"(step {record['steps_to_target']}, epoch {record['epochs_to_target']:.2f}, "
-                + (f"compile {record['compile_s']:.1f} s, " if record.get("compile_s") else "")
-                + f"{len(points)} evaluations)")
-    return (f"did not reach {record['target_accuracy']:g}: best {record['best_eval_accuracy']:.4f} "
-            f"in {len(points)} evaluations, {points[-1]['steps'] if points else 0} steps")
