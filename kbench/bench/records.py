@@ -17,6 +17,12 @@ STATUSES = ("ok", "failed", "timeout")
 TARGET_FIELDS = ("target_accuracy", "reached", "time_to_target_s", "steps_to_target",
                  "epochs_to_target", "eval_every_steps", "eval_every", "eval_points",
                  "eval_seconds", "best_eval_accuracy")
+# How the run executed, as the worker reports it (None where it does not apply):
+# compiler: "xla" | "torch.compile" | "tf.function" | "eager"; memory_format: "channels_last" |
+# "channels_first" (the layout the convolutions ran in); cudnn_benchmark: bool on CUDA;
+# autocast_dtype: the compute dtype under a mixed policy; float32_precision: "tf32" | "highest".
+SETTING_FIELDS = ("compiler", "memory_format", "cudnn_benchmark", "autocast_dtype",
+                  "float32_precision")
 # Every record has these keys (None where unknown or not applicable).
 FIELDS = (
     "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
@@ -25,6 +31,7 @@ FIELDS = (
     "versions", "device", "config", "command", "git_commit", "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
     "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
+    *SETTING_FIELDS, "input_wait_fraction",
     # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
     *TARGET_FIELDS,
 )
@@ -55,7 +62,8 @@ def fill_measurements(record, result):
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
                 "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
-                "params", "num_replicas", "distribution", "fast_path"):
+                "params", "num_replicas", "distribution", "fast_path", *SETTING_FIELDS,
+                "input_wait_fraction"):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]
