@@ -133,6 +133,67 @@ def synchronize(model):
             keras.ops.convert_to_numpy(optimizer.iterations)
 
 
+FLOAT32_PRECISIONS = ("tf32", "highest")
+_settings = {}  # what apply_execution_settings set last in this process
+
+
+def apply_execution_settings(float32_precision="tf32", cudnn_benchmark="on"):
+    """Set how the active backend computes, the same way for every backend, once per run
+    (kbench.train.setup_run: every Keras run and every native twin). Returns, and keeps for
+    `execution_settings`, what each record says about it.
+
+    float32_precision: on GPUs with TensorFloat-32 units, JAX and TensorFlow run float32
+    convolutions and matmuls in TF32 by default while PyTorch does so for convolutions only,
+    so the same model was not computed alike. "tf32" allows TF32 for both op kinds on every
+    backend; "highest" asks each for full float32 (JAX "highest", TensorFlow's TF32 off,
+    torch "ieee"). On a CPU no backend has TF32: nothing changes, the setting is recorded.
+    cudnn_benchmark: under torch on CUDA, "on" lets cuDNN time its algorithms per input
+    shape (what PyTorch practitioners turn on for CNNs with fixed shapes); recorded as a bool
+    there, None where it does not apply (no cuDNN in use).
+    """
+    if float32_precision not in FLOAT32_PRECISIONS:
+        raise KbenchError(f"--float32-precision must be one of {', '.join(FLOAT32_PRECISIONS)}, "
+                          f"not {float32_precision!r}")
+    if cudnn_benchmark not in ("on", "off"):
+        raise KbenchError(f"--cudnn-benchmark must be on or off, not {cudnn_benchmark!r}")
+    tf32 = float32_precision == "tf32"
+    backend = name()
+    benchmark = None
+    if backend == "jax":
+        import jax
+
+        # The default for float32 operands of dots and convolutions without a precision of
+        # their own (Keras passes none): "tensorfloat32" or "highest".
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(tf32)
+    else:
+        import torch
+
+        mode = "tf32" if tf32 else "ieee"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+            # The new API only: torch refuses to read a precision set through both.
+            torch.backends.cuda.matmul.fp32_precision = mode
+            torch.backends.cudnn.conv.fp32_precision = mode
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+        if torch.cuda.is_available() and torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = benchmark = cudnn_benchmark == "on"
+    _settings.clear()
+    _settings.update(float32_precision=float32_precision, cudnn_benchmark=benchmark)
+    return dict(_settings)
+
+
+def execution_settings():
+    """{"float32_precision", "cudnn_benchmark"} as apply_execution_settings set them in this
+    process (None each before it ran)."""
+    return {"float32_precision": _settings.get("float32_precision"),
+            "cudnn_benchmark": _settings.get("cudnn_benchmark")}
+
+
 def simulate_cpu_devices(n):
     """Split the host CPU into `n` devices for the backend KERAS_BACKEND names (jax: XLA's
     `jax_num_cpu_devices`; tensorflow: n logical CPU devices), so data-parallel code can run

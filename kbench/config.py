@@ -15,6 +15,7 @@ import types
 import typing
 
 from kbench import backend
+from kbench.backend import FLOAT32_PRECISIONS
 from kbench.errors import KbenchError
 from kbench.optim import OPTIMIZERS, SCHEDULES
 
@@ -111,6 +112,17 @@ class TrainConfig:
                                   "convolutions without layout copies (kbench/fast_path.py; "
                                   "same numbers as stock Keras); off: stock Keras. Ignored by "
                                   "jax", choices=("on", "off"))
+    float32_precision: str = option(
+        "tf32", "float32 convolutions and matmuls on a GPU with TensorFloat-32 units: tf32 "
+                "(what JAX and TensorFlow do by default; kbench makes torch do it too) or "
+                "highest (full float32 on every backend). Set once per run "
+                "(kbench.backend.apply_execution_settings) and recorded; changes nothing on "
+                "a CPU", choices=FLOAT32_PRECISIONS)
+    cudnn_benchmark: str = option("on", "under torch on CUDA: torch.backends.cudnn.benchmark "
+                                        "(cuDNN times its convolution algorithms for each new "
+                                        "shape and keeps the fastest); off: cuDNN's "
+                                        "heuristics. Recorded; no effect elsewhere",
+                                  choices=("on", "off"))
     validate_every_epoch: bool = option(True, "evaluate on the test split after every epoch")
     target_accuracy: float | None = option(
         None, "train until test accuracy reaches this (0 < A <= 1) or the epochs run out, "

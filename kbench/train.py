@@ -247,10 +247,13 @@ class Run:
         others = [c for c in self.callbacks if not isinstance(c, StepTimer)]
         # Before the timers: an evaluation pauses them, so it is not in the step times.
         evaluations = self._target_callbacks(config, test_ds, steps, [self.timer, *timers])
+        clock = InputClock()  # the timers' input wait (None under tensorflow: see InputClock)
+        for timer in [self.timer, *timers]:
+            timer.input_clock = clock
         self._training = True
         try:
             history = model.fit(
-                train_ds.dataset,
+                clock.watch(train_ds.dataset),
                 initial_epoch=start,
                 epochs=end,
                 steps_per_epoch=steps - first_batch,  # first_batch > 0 only for one epoch
@@ -364,6 +367,14 @@ def setup_run(config):
                           f"use one of: {', '.join(DTYPE_POLICIES)}")
     backend.set_seed(config.seed)
     keras.config.set_dtype_policy(config.dtype_policy)
+    apply_execution_settings(config)
+
+
+def apply_execution_settings(config):
+    """The run's float32 precision and cudnn.benchmark (kbench.backend), from its config
+    (a recipe Config older than these fields runs with their defaults)."""
+    return backend.apply_execution_settings(getattr(config, "float32_precision", "tf32"),
+                                            getattr(config, "cudnn_benchmark", "on"))
 
 
 def resolve_jit_compile(setting):
@@ -395,6 +406,61 @@ def compile_model(model, config, steps_per_epoch):
 # --------------------------------------------------------------------------- callbacks
 
 
+class InputClock:
+    """Seconds the training loop spent waiting for its next batch, for StepTimer's
+    `input_wait_fraction`.
+
+    Under jax and torch Keras pulls each batch in Python, from `iter(dataset)` of the tf.data
+    pipeline fit was given, between one step and the next: `watch(dataset)` returns the same
+    pipeline (one pass-through stage added, `take(-1)`) whose iterator times each `next`.
+    That is the wait for tf.data (its prefetch buffer empty: the pipeline is slower than
+    training) plus the copy of the batch out of TensorFlow; Keras' conversion to the
+    backend's tensors comes after it and is not counted. On an asynchronous device the host
+    may wait there while the device still computes queued steps, so on a GPU the figure is
+    an upper bound of the time the device starved. Under tensorflow the batch is fetched
+    inside the compiled step (`iterator.get_next()` in a tf.function), where no Python clock
+    sees it: `watch` leaves the pipeline as it is and the figure is None, as it is when
+    Keras re-wraps the pipeline (a data-parallel jax run) and no batch passes the clock.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.batches = 0
+
+    def watch(self, dataset):
+        if backend.name() == "tensorflow" or not hasattr(dataset, "take"):
+            return dataset
+        watched = dataset.take(-1)  # a new pipeline object: the caller's stays untouched
+        clock, base = self, type(watched)
+
+        def timed_iter(self):
+            return _TimedIterator(base.__iter__(self), clock)
+
+        watched.__class__ = type(f"Timed{base.__name__}", (base,), {"__iter__": timed_iter})
+        return watched
+
+    @property
+    def active(self):
+        return self.batches > 0
+
+
+class _TimedIterator:
+    def __init__(self, iterator, clock):
+        self._iterator, self._clock = iterator, clock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._iterator)
+        finally:
+            self._clock.seconds += time.perf_counter() - start
+            self._clock.batches += 1
+
+
+
 class StepTimer(keras.callbacks.Callback):
     """Training throughput and compile time, measured without slowing training down.
 
@@ -407,7 +473,9 @@ class StepTimer(keras.callbacks.Callback):
         or in the first epoch after `1 + warmup_steps` steps;
       - every `sync_every` steps when that is set (1: every step, exact per-step times);
       - where the epoch's training ends, before any validation.
-    `windows` holds (steps, seconds) per window, `step_times` each window's seconds per step.
+    `windows` holds (steps, seconds) per window, `step_times` each window's seconds per step;
+    with an `input_clock` (an InputClock, which Run gives every timer), `input_waits` holds
+    the seconds of each window spent waiting for the input pipeline.
     It defines no `on_train_batch_end`: a callback that does makes Keras convert every step's
     logs to Python numbers, a sync per step. (Keras' tensorflow backend does that anyway: its
     callbacks are never dispatched asynchronously. An epoch's last window also holds Keras'
@@ -421,7 +489,9 @@ class StepTimer(keras.callbacks.Callback):
         self.warmup_steps = warmup_steps
         self.compile_s = None
         self.windows = []  # (steps, seconds) of the steady state
-        self._open = None  # (batch, time) where the current window started
+        self.input_clock = None  # an InputClock: seconds waited for batches so far
+        self.input_waits = []  # seconds of each window spent in the input iterator
+        self._open = None  # (batch, time, input wait so far) where the current window started
         self._first_batch = None  # the epoch's first batch index (a resumed epoch's is 0 too)
         self._last_batch = None
         self._steps_run = 0
@@ -446,7 +516,7 @@ class StepTimer(keras.callbacks.Callback):
             if self.compile_s is None:
                 self.compile_s = now - self._train_begin
             if not warming_up:
-                self._open = (batch, now)
+                self._open = (batch, now, self._waited())
         elif self.sync_every and batch - self._open[0] >= self.sync_every:
             self._close(batch)
 
@@ -475,10 +545,24 @@ class StepTimer(keras.callbacks.Callback):
 
     def _close(self, batch):
         now = self._now()
-        start_batch, start = self._open
+        waited = self._waited()
+        start_batch, start, start_waited = self._open
         if batch > start_batch:
             self.windows.append((batch - start_batch, now - start))
-        self._open = (batch, now)
+            self.input_waits.append(waited - start_waited)
+        self._open = (batch, now, waited)
+
+    def _waited(self):
+        return self.input_clock.seconds if self.input_clock is not None else 0.0
+
+    @property
+    def input_wait_fraction(self):
+        """The share of the timed windows' time spent waiting for batches (InputClock says
+        what it includes); None where no clock saw the batches (under tensorflow)."""
+        timed = sum(seconds for _, seconds in self.windows)
+        if self.input_clock is None or not self.input_clock.active or not timed:
+            return None
+        return sum(self.input_waits) / timed
 
     def _now(self):
         backend.synchronize(self.model)
@@ -623,11 +707,13 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "compile_s": timer.compile_s,
         # The steady state's mean, as the examples/s: the timer syncs at window edges only.
         "step_time_ms": 1000 * timer.seconds_per_step if timer.seconds_per_step else None,
+        "input_wait_fraction": timer.input_wait_fraction,
         "num_replicas": 1,
         "params": model.count_params(),
         "jit_compile": bool(model.jit_compile),  # what Keras resolved --jit-compile to
         "fast_path": fast_path.enabled(),
         "dtype_policy": config.dtype_policy,
+        **backend.execution_settings(),  # float32_precision, cudnn_benchmark
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
         "config": dataclasses.asdict(config),
         "versions": backend.versions(),

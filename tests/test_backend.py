@@ -74,3 +74,39 @@ def test_tensorflow_is_kept_off_the_gpus_under_jax_and_torch(monkeypatch):
     assert hidden == ([] if BACKEND == "tensorflow" else [([], "GPU")])
     if BACKEND != "tensorflow":
         assert tf.config.get_visible_devices("GPU") == []
+
+
+def framework_precision():
+    """The active framework's own float32 setting: True for TF32 allowed, False for full."""
+    if BACKEND == "jax":
+        import jax
+
+        return {"tensorfloat32": True, "highest": False}[jax.config.jax_default_matmul_precision]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.experimental.tensor_float_32_execution_enabled()
+    import torch
+
+    modes = {torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision}
+    assert len(modes) == 1, modes  # matmuls and convolutions alike
+    return {"tf32": True, "ieee": False}[modes.pop()]
+
+
+def test_one_float32_precision_is_set_on_the_framework_and_recorded():
+    from kbench import backend
+    from kbench.errors import KbenchError
+
+    try:
+        assert backend.apply_execution_settings("highest", "off")["float32_precision"] == "highest"
+        assert framework_precision() is False
+        settings = backend.apply_execution_settings("tf32", "on")
+        assert framework_precision() is True
+        assert backend.execution_settings() == settings
+        # cudnn.benchmark exists only under torch on CUDA: None elsewhere, never a guess.
+        gpu_torch = BACKEND == "torch" and backend.accelerator() == "gpu"
+        assert settings["cudnn_benchmark"] is (True if gpu_torch else None)
+        with pytest.raises(KbenchError, match="--float32-precision must be one of tf32, highest"):
+            backend.apply_execution_settings("fp32")
+    finally:
+        backend.apply_execution_settings()  # kbench's default, as every run sets it

@@ -66,6 +66,7 @@ def cmd_compare(args):
         batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
         sync_every=args.sync_every,
         epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
+        float32_precision=args.float32_precision,
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
         output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
         distribute=args.distribute, simulate_devices=args.simulate_devices,
@@ -121,6 +122,11 @@ def add_verbs(verbs):
     compare.add_argument("--dtype-policy", default="float32",
                          choices=("float32", "mixed_float16", "mixed_bfloat16"))
     compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"))
+    compare.add_argument("--float32-precision", default="tf32", choices=("tf32", "highest"),
+                         help="float32 convolutions and matmuls on GPUs with TF32 units, the "
+                              "same for every run: tf32 (JAX's and TensorFlow's default; "
+                              "kbench sets torch alike) or highest (full float32). No effect "
+                              "on a CPU; recorded either way")
     compare.add_argument("--distribute", choices=("none", "data_parallel"), default="none",
                          help="data_parallel: run each Keras backend on one replica and on N, "
                               "same global batch, and report the scaling efficiency")

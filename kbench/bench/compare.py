@@ -54,6 +54,7 @@ class CompareOptions:
     epochs: int | None = None
     dtype_policy: str = "float32"
     jit_compile: str = "auto"
+    float32_precision: str = "tf32"  # one precision for every run: kbench.backend
     repeats: int = 1
     timeout: float = 900.0
     python: dict = dataclasses.field(default_factory=dict)  # backend -> interpreter
@@ -150,7 +151,8 @@ def run_config(options):
     """Overrides of the recipe's Config shared by every run (same model, batch, data, dtype)."""
     overrides = {"dataset": options.dataset, "model": options.model,
                  "batch_size": options.batch_size, "dtype_policy": options.dtype_policy,
-                 "jit_compile": options.jit_compile}
+                 "jit_compile": options.jit_compile,
+                 "float32_precision": options.float32_precision}
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 

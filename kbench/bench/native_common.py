@@ -208,6 +208,9 @@ def training_plan(config, steps, warmup_steps, epochs):
     from kbench.target import TargetProbe
 
     check_config(config)
+    # The float32 precision and cudnn.benchmark every Keras run of the comparison sets too
+    # (kbench.backend.apply_execution_settings): the twin computes as they do.
+    train.apply_execution_settings(config)
     train_ds, test_ds, steps_per_epoch = datasets(config)
     probe = None
     if getattr(config, "target_accuracy", None) is not None:
@@ -243,12 +246,16 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     does (kbench.target.TargetAccuracy): the clock started with the probe's, the open window
     closed before it and a new one opened after it, training stopping once it reached the
     target, and a last evaluation after the last step when none fell there.
+    The time spent in the input iterator's `next` inside the timed windows, over the windows'
+    time, is kept for `input_wait_fraction()` (what kbench.train.InputClock measures for the
+    Keras runs: the wait for tf.data plus the copy of the batch out of it).
     Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
     if steps < 1 or warmup_steps < 0 or (sync_every is not None and sync_every < 1):
         raise KbenchError(f"need steps >= 1, warmup_steps >= 0 and sync_every >= 1, got "
                           f"{steps}, {warmup_steps} and {sync_every}")
     losses, pending, windows = [], [], []
+    waited = [0.0, 0.0]  # input wait in the open window, in all closed windows
 
     def synced_clock():
         losses.extend(float(loss) for loss in pending)
@@ -263,7 +270,9 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     compile_s = opened = None
     in_window = 0
     for step in range(total):
+        fetch = time.perf_counter()
         images, labels = next(batches)
+        waited[0] += time.perf_counter() - fetch
         pending.append(step_fn(step, images, labels))
         done = step + 1
         evaluate = probe is not None and (
@@ -272,22 +281,39 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
         if step == 0:
             opened = synced_clock()
             compile_s = opened - start
+            waited[0] = 0.0
         elif step == warmup_steps:
             opened = synced_clock()
+            waited[0] = 0.0
         elif step > warmup_steps:
             in_window += 1
             if in_window == sync_every or step == total - 1 or evaluate:  # None: never
                 now = synced_clock()
                 windows.append((in_window, now - opened))
                 opened, in_window = now, 0
+                waited[1] += waited[0]
+                waited[0] = 0.0
         if evaluate:
             synced_clock()
             if probe.evaluate(done, accuracy_fn):
                 break
             opened = synced_clock()  # the next window starts after the evaluation
     synced_clock()
+    timed = sum(seconds for _, seconds in windows)
+    _measured["input_wait_fraction"] = waited[1] / timed if timed else None
     return (compile_s, [seconds / n for n, seconds in windows], sum(n for n, _ in windows),
             losses)
+
+
+# What the last timed_training measured beside its return value; kbench.bench.worker adds it
+# to the twin's result (kept here so that every twin reports it without code of its own).
+_measured = {}
+
+
+def input_wait_fraction():
+    """The share of the last timed_training's timed windows spent waiting for batches (None
+    before any)."""
+    return _measured.get("input_wait_fraction")
 
 
 def evaluate(test_ds, eval_fn):

@@ -21,7 +21,10 @@ CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
               "vs_native", "vs_baseline", "baseline_step_time_ms", "num_replicas",
-              "scaling_efficiency", "error")
+              "scaling_efficiency", "input_wait_fraction", "error")
+# A row whose timed steps waited longer than this share of their time for the input
+# pipeline measured the pipeline as much as the framework: the table flags it.
+INPUT_WAIT_FLAG = 0.05
 
 
 def _median(rows, key):
@@ -75,7 +78,7 @@ def summarize(rows):
                 "error": last_error(runs)}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
-                    "test_accuracy", "test_loss", "num_replicas"):
+                    "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["sync_every"] = runs[0].get("sync_every") or 1
@@ -142,6 +145,9 @@ def table(summary, title):
     with_baseline = any(s.get("vs_baseline") for s in summary)
     if with_baseline:
         columns.append(("vs baseline", "left"))
+    with_input_wait = any(s.get("input_wait_fraction") is not None for s in summary)
+    if with_input_wait:
+        columns.append(("input wait", "right"))
     with_replicas = any((s.get("num_replicas") or 1) > 1 or s["backend"].endswith(" dp")
                         for s in summary)
     if with_replicas:
@@ -159,12 +165,32 @@ def table(summary, title):
                "-" if s["vs_native"] is None else f"{s['vs_native']:.2f}x"]
         if with_baseline:
             row.append(s.get("vs_baseline") or "-")
+        if with_input_wait:
+            row.append(input_wait_cell(s.get("input_wait_fraction")))
         if with_replicas:
             row[2:2] = [_fmt(s.get("num_replicas"), ".0f"),
                         "-" if s.get("scaling_efficiency") is None
                         else f"{100 * s['scaling_efficiency']:.0f}%"]
         t.add_row(*row)
     return t
+
+
+def input_wait_cell(fraction):
+    """'1.2%', or '35.0% !' past INPUT_WAIT_FLAG; '-' where not measured (Keras-TensorFlow
+    fetches its batches inside the compiled step)."""
+    if fraction is None:
+        return "-"
+    return f"{100 * fraction:.1f}%" + (" !" if fraction > INPUT_WAIT_FLAG else "")
+
+
+def print_input_wait_warnings(summary, console):
+    """One line under the table per row that waited for its input past INPUT_WAIT_FLAG."""
+    slow = [s for s in summary if (s.get("input_wait_fraction") or 0) > INPUT_WAIT_FLAG]
+    for s in slow:
+        console.print(f"[yellow]{s['backend']}: {100 * s['input_wait_fraction']:.0f}% of its "
+                      "timed steps' time went waiting for the input pipeline (over "
+                      f"{100 * INPUT_WAIT_FLAG:.0f}%): its step time measures the pipeline "
+                      "too: speed the pipeline up (parallel map calls, cache, prefetch)[/yellow]", markup=True, highlight=False)
 
 
 def write_csv(summary, path, fields=CSV_FIELDS):
@@ -266,6 +292,7 @@ def render(rows, out_dir, baseline=None, console=None):
         compare_to_baseline(summary, read_jsonl(baseline))
     title = describe(rows)
     console.print(table(summary, title))
+    print_input_wait_warnings(summary, console)
     print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)
     write_csv(summary, os.path.join(out_dir, "results.csv"))

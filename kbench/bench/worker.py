@@ -103,6 +103,7 @@ def run_keras(recipe, config, spec):
         "compile_s": timer.compile_s,
         "step_times": timer.step_times,
         "steps_timed": timer.steps_timed,
+        "input_wait_fraction": timer.input_wait_fraction,
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "flops_per_step": flops.training_flops(model, config.batch_size),
@@ -115,6 +116,7 @@ def run_keras(recipe, config, spec):
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),
         "distribution": metrics.get("distribution", "none"),
+        **backend.execution_settings(),  # float32_precision, cudnn_benchmark as set
         **(metrics.get("time_to_target") or {}),
     }
 
@@ -127,6 +129,11 @@ def run_native(framework, config, spec):
     warmup_steps = 0 if spec.get("target") else spec["warmup_steps"]
     result = module.run(config, steps=spec["steps"], warmup_steps=warmup_steps,
                         epochs=spec.get("epochs"), sync_every=spec.get("sync_every", 1))
+    from kbench.bench import native_common
+
+    for key, value in backend.execution_settings().items():  # as the prologue set them
+        result.setdefault(key, value)
+    result.setdefault("input_wait_fraction", native_common.input_wait_fraction())
     result.setdefault("peak_device_mb", peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
