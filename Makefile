@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: install demo test gpu-check clean
+.PHONY: install demo test gpu-check overhead clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_ARGS ?=
 gpu-check:
 	@$(GPU_PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Host overhead per step (docs/compare.md, "Host overhead"): every backend and twin at
+# ResNet-20, batch 2, compiled and not, and a layer profile of Keras-torch. CPU is enough.
+OVERHEAD_ARGS ?=
+overhead: $(VENV)/.installed
+	$(PY) tools/overhead.py $(OVERHEAD_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

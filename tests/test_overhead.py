@@ -1,0 +1,90 @@
+"""`make overhead` (kbench.bench.overhead): its plan of compare passes whichever compiled
+variants compare knows, the naming of its rows, its table and its argument errors. Its real
+run takes minutes (docs/compare.md, "Host overhead")."""
+
+import pytest
+
+from kbench.bench import overhead
+
+pytestmark = pytest.mark.backend_independent
+
+
+def backends_of(args):
+    return args[args.index("--backends") + 1], args[args.index("--jit-compile") + 1]
+
+
+def test_plan_uses_compares_compiled_variants_when_it_has_them():
+    (eager, eager_args, eager_renames), (compiled, args, renames) = overhead.plan(
+        {"torch-compiled": ("torch", {"jit_compile": "on"})},
+        {"native-torch": "torch", "native-torch-compiled": "torch"})
+    assert backends_of(eager_args) == ("jax,tensorflow,torch", "auto") and not eager_renames
+    assert "--reference" in eager_args and eager_args[eager_args.index("--reference") + 1] == \
+        "native"
+    assert backends_of(args) == ("torch-compiled", "auto") and renames == {}
+    assert args[args.index("--reference") + 1] == "none"  # the eager pass ran the twin
+    assert args[args.index("--batch-size") + 1] == "2"
+
+
+def test_plan_without_the_compiled_names_runs_torch_under_jit_on():
+    _, (_, args, renames) = overhead.plan({}, {"native-torch": "torch"}, steps=7)
+    assert backends_of(args) == ("torch", "on")
+    assert args[args.index("--reference") + 1] == "native" and args[
+        args.index("--steps") + 1] == "7"
+    assert renames == {"torch": "torch-compiled", "native-torch": "native-torch-compiled"}
+    # A twin is named compiled only when its record says it compiled.
+    compiled = {"backend": "native-torch", "status": "ok",
+                "jit": "torch.compile (inductor, default mode)"}
+    eager = {"backend": "native-torch", "status": "ok", "jit": "eager"}
+    assert overhead.row_name(compiled, renames) == "native-torch-compiled"
+    assert overhead.row_name(eager, renames) is None
+    assert overhead.row_name({"backend": "torch", "status": "ok", "jit": "True"},
+                             renames) == "torch-compiled"
+
+
+def rec(backend, ms, status="ok"):
+    return {"backend": backend, "status": status, "step_time_ms": ms, "step_time_p10_ms": ms - 1,
+            "step_time_p90_ms": ms + 1, "compile_s": 2.0,
+            "error": None if status == "ok" else "boom\nTypeError: dynamo"}
+
+
+def test_table_has_every_row_and_each_keras_row_over_its_own_twin():
+    summary = overhead.summarize([("torch", rec("torch", 60.0)),
+                                  ("native-torch", rec("native-torch", 30.0)),
+                                  ("torch-compiled", rec("torch", 0, status="failed")),
+                                  ("native-torch-compiled", rec("native-torch", 20.0))])
+    table = overhead.host_table(summary)
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert list(lines) == list(overhead.ROWS)
+    assert "| 60.0 | 59.0-61.0 | 2.00x |" in lines["torch"]
+    assert "failed: TypeError: dynamo" in lines["torch-compiled"]
+    assert "not run" in lines["jax"]
+
+
+def test_profile_table_says_where_keras_spends_its_time():
+    profile = {"backend": "torch", "model": "resnet20", "batch_size": 2, "steps": 10,
+               "step_ms": 60.0, "forward_ms": 35.0,
+               "layers": [{"layer": "Conv2D", "calls": 19, "call_ms": 19.0, "inner_ms": 9.5}],
+               "functions": [{"function": "keras/src/layers/layer.py:872 __call__",
+                              "own_ms": 3.0, "calls": 72}]}
+    text = overhead.profile_tables(profile)
+    assert "the rest (25.0 ms)" in text
+    assert "| Conv2D | 19 | 19.00 | 9.50 | 500 |" in text  # 9.5 ms over 19 calls around
+    assert "layer.py:872 __call__" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0 is not allowed"),
+    (["--timeout", "nan"], "--timeout nan is not allowed"),
+])
+def test_bad_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_plan_flag_prints_the_commands(capsys):
+    assert overhead.main(["--plan"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("eager: kbench compare ") and lines[1].startswith("compiled: ")
