@@ -47,24 +47,73 @@ def test_peaks_match_the_names_nvidia_smi_reports():
     assert gpu_check.peak_for("Some Future GPU") is None
 
 
-def test_plan_runs_twins_where_they_exist_and_torch_compile_last():
-    passes = gpu_check.plan(["resnet20", "preact_resnet18"], ["float32", "mixed_bfloat16"],
-                            ["jax", "torch"], gpu_check.DEFAULT_BATCH)
-    labels = [label for label, _ in passes]
-    assert labels[:4] == ["resnet20 float32 jit auto", "preact_resnet18 float32 jit auto",
-                          "resnet20 mixed_bfloat16 jit auto",
-                          "preact_resnet18 mixed_bfloat16 jit auto"]
-    assert all(label.endswith("jit on") for label in labels[4:]) and len(labels) == 8
-    with_twins = [label for label, args in passes if "--reference" in args]
-    assert with_twins == ["resnet20 float32 jit auto"]  # twins: float32 CIFAR ResNets only
-    # compare runs the twins of the backends given, so a framework left out has none
-    alone = gpu_check.plan(["resnet20"], ["float32"], ["torch"], gpu_check.DEFAULT_BATCH)
-    assert alone[0][1][alone[0][1].index("--backends") + 1] == "torch,torch-stock"
-    assert all("--sync-every" in args for _, args in passes)
-    auto = dict(passes)["resnet20 float32 jit auto"]
-    assert auto[auto.index("--backends") + 1] == "jax,torch,torch-stock"
-    on = dict(passes)["resnet20 float32 jit on"]
-    assert on[on.index("--backends") + 1] == "torch"
+CASES = gpu_check.DEFAULT_CASES
+TODAY = ({"torch-stock": ("torch", {"fast_path": "off"})},
+         {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch"})
+COMPILED = ({**TODAY[0], "torch-compiled": ("torch", {"jit_compile": "on"})},
+            {**TODAY[1], "native-torch-compiled": "torch"})
+
+
+def arg(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def test_plan_measures_the_issues_cases_with_twins_and_compiled_torch():
+    passes = gpu_check.plan(CASES, ["jax", "torch"], gpu_check.DEFAULT_BATCH, 10, *COMPILED)
+    assert [p.label for p in passes] == [
+        "resnet20 float32", "resnet20 float32 torch-compiled",
+        "preact_resnet18 mixed_bfloat16", "preact_resnet18 mixed_bfloat16 torch-compiled",
+        "resnet20 mixed_bfloat16", "resnet20 mixed_bfloat16 torch-compiled"]
+    first, compiled = passes[0], passes[1]
+    assert arg(first.args, "--backends") == "jax,torch,torch-stock"
+    assert arg(first.args, "--reference") == "native"  # the CIFAR ResNets have twins
+    assert first.runs == ["jax", "torch", "torch-stock", "native-jax", "native-torch",
+                          "native-torch-compiled"]
+    assert arg(compiled.args, "--backends") == "torch-compiled" and compiled.runs == [
+        "torch-compiled"]
+    assert "--reference" not in passes[2].args  # PreAct ResNet-18 has no twin
+    assert all(arg(p.args, "--sync-every") == "10" for p in passes)
+    assert arg(passes[2].args, "--dtype-policy") == "mixed_bfloat16"
+    assert arg(passes[2].args, "--batch-size") == "512"
+
+
+def test_plan_without_compiled_variants_runs_torch_under_jit_on_with_its_twin():
+    passes = gpu_check.plan(CASES[:1], ["torch"], gpu_check.DEFAULT_BATCH, 10, *TODAY)
+    auto, jit_on = passes
+    assert arg(auto.args, "--backends") == "torch,torch-stock"  # no twin of a framework left out
+    assert auto.runs == ["torch", "torch-stock", "native-torch"]
+    assert arg(jit_on.args, "--jit-compile") == "on" and arg(jit_on.args, "--reference") == \
+        "native"
+    assert jit_on.runs == ["torch-compiled", "native-torch-compiled"]
+    assert gpu_check.plan(CASES[:1], ["jax"], gpu_check.DEFAULT_BATCH, 10, *TODAY)[0].runs \
+        == ["jax", "native-jax"]
+
+
+def test_the_budget_skips_what_would_end_past_it_rescaled_by_what_passes_took():
+    now = [0.0]
+    budget = gpu_check.Budget(100, clock=lambda: now[0])
+    assert budget.allows(100) and not budget.allows(101)
+    now[0] = 30.0
+    budget.spent(15, 30)  # took twice its estimate: later estimates count double
+    assert budget.scale == 2.0
+    assert budget.allows(35) and not budget.allows(36)
+
+
+def test_dry_run_lists_the_plan_within_the_budget_on_any_machine(capsys):
+    assert gpu_check.main(["--dry-run", "--backends", "jax,torch", "--budget-s", "200"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("gpu-check plan (budget 200 s")
+    steps = out[1:-1]
+    assert steps[0].lstrip().startswith("run") and "probe frameworks: jax, torch" in steps[0]
+    assert "input pipeline rate at batch 512, 1024" in steps[1]
+    assert any(line.lstrip().startswith("skip") for line in steps)  # 200 s is not enough
+    planned = sum(float(line.split("~")[1].split()[0]) for line in steps
+                  if line.lstrip().startswith("run"))
+    assert planned <= 200 and out[-1].strip() == f"total ~{planned:.0f} s of 200 s"
+    # The default budget keeps the check under 8 minutes of GPU time.
+    assert gpu_check.main(["--dry-run"]) == 0
+    total = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(total.split("~")[1].split()[0]) <= 8 * 60
 
 
 def record(backend, device, ms, dtype="float32", status="ok", flops=None):
@@ -73,6 +122,25 @@ def record(backend, device, ms, dtype="float32", status="ok", flops=None):
             "flops_source": "analytic: 3 x forward" if flops else None,
             "flops_per_step": flops, "examples_per_sec": None, "compile_s": 1.0,
             "peak_device_mb": 100.0, "error": None}
+
+
+def test_rows_name_compiled_torch_runs_and_divide_each_keras_row_by_its_twin():
+    rows = gpu_check.rows_with_mfu([
+        {**record("torch", "cuda:0", 40.0), "jit": "False", "input_wait_fraction": 0.02},
+        {**record("native-torch", "cuda:0", 10.0), "jit": "eager"},
+        {**record("torch", "cuda:0", 9.0), "jit": "True"},  # --jit-compile on
+        {**record("native-torch", "cuda:0", 8.0), "jit": "torch.compile (inductor)"},
+        {**record("torch-stock", "cuda:0", 50.0), "jit": "False"},
+    ], gpu_check.peak_for("NVIDIA H200"))
+    assert [r["backend"] for r in rows] == ["torch", "native-torch", "torch-compiled",
+                                           "native-torch-compiled", "torch-stock"]
+    assert [r["vs_native"] for r in rows] == [4.0, None, 9.0 / 8.0, None, 5.0]
+    table = gpu_check.markdown(rows, "t", input_rates=[
+        {"batch_size": 1024, "ms_per_batch": 12.5, "ms_per_batch_p90": 14.0,
+         "batches_per_sec": 80.0, "examples_per_sec": 81920.0}],
+        skipped=["resnet20 mixed_bfloat16 torch-compiled (torch-compiled)"])
+    assert "| 4.00x | 2.0% |" in table and "| 1024 | 12.50 | 14.00 | 80.0 | 81920 |" in table
+    assert "Left out to stay within the GPU-time budget" in table
 
 
 def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
@@ -92,13 +160,15 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dtypes", "float64"], "unknown dtype policy 'float64'"),
+    (["--cases", "resnet20:float64"], "unknown dtype policy 'float64'"),
+    (["--cases", "resnet20"], "--cases takes MODEL:DTYPE_POLICY"),
+    (["--budget-s", "0"], "--budget-s 0.0 is not allowed"),
     (["--batch-size", "resnet20=abc"], "--batch-size takes MODEL=N"),
     (["--backends", "jx"], "unknown backend 'jx'"),
     (["--sync-every", "0"], "--sync-every 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--steps", "many"], "invalid int value: 'many'"),
-    (["--models", "resnet50"], "no batch size for resnet50"),
+    (["--cases", "resnet50:float32"], "no batch size for resnet50"),
 ])
 def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

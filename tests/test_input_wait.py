@@ -162,3 +162,17 @@ def test_compare_records_and_flags_a_slow_pipeline(tmp_path):
     assert row["status"] == "ok" and 0.5 < row["input_wait_fraction"] < 1.0
     assert row["float32_precision"] == "tf32"  # recorded with every run
     assert " !" in result.stdout and "waiting for the input pipeline" in result.stdout
+
+
+@pytest.mark.backend_independent
+def test_the_input_pipelines_own_rate(capsys):
+    from kbench.bench import input_rate
+
+    rate = input_rate.pipeline_rate(batch_size=16, steps=3, warmup_steps=1)
+    assert rate["batch_size"] == 16 and rate["steps"] == 3
+    assert rate["examples_per_sec"] == pytest.approx(16 * rate["batches_per_sec"])
+    assert 0 < rate["ms_per_batch"] <= rate["ms_per_batch_p90"]
+    with pytest.raises(SystemExit) as stop:
+        input_rate.main(["--batch-sizes", "16,x"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --batch-sizes takes integers >= 1, not '16,x'"

@@ -1,28 +1,41 @@
-"""`make gpu-check`: kbench's first look at an NVIDIA GPU, in one command.
+"""`make gpu-check`: kbench's look at an NVIDIA GPU, in one command, in under 8 minutes.
 
-    .venv/bin/python tools/gpu_check.py [--output DIR] [--models resnet20,preact_resnet18]
-        [--dtypes float32,mixed_bfloat16] [--batch-size resnet20=1024,preact_resnet18=512]
+    .venv/bin/python tools/gpu_check.py [--output DIR]
+        [--cases resnet20:float32,preact_resnet18:mixed_bfloat16,resnet20:mixed_bfloat16]
+        [--batch-size resnet20=1024,preact_resnet18=512] [--budget-s 450] [--dry-run]
 
 On a machine with an NVIDIA GPU it installs nothing: it asks each framework whether it sees
 the GPU (a framework that does not is named and left out, never timed on the CPU instead),
-then runs `kbench compare` on synthetic CIFAR data for every model x dtype policy:
-  - every Keras backend with `--jit-compile auto` (torch and tensorflow also as torch-stock
-    and tensorflow-stock, without kbench's fast path), plus the native twins where they exist (float32 CIFAR ResNets);
-  - `--jit-compile on` for the backends where that is not what auto already runs (torch:
-    torch.compile; under jax auto is XLA, under tensorflow on a GPU auto is XLA too).
-It prints one table with achieved TFLOP/s and MFU (model FLOPs utilisation) against the GPU's
-dense peak from PEAKS below, and writes gpu-check.jsonl (every compare record) and
-gpu-check.md (the table) into the output folder. Without a GPU it says so in one line and
+measures the input pipeline's own rate at each batch size (kbench.bench.input_rate), then
+runs `kbench compare` on synthetic CIFAR data for every case (model:dtype policy), most
+telling first, each case in two passes:
+  - every Keras backend as it runs by default (`--jit-compile auto`): jax, torch (eager, with
+    kbench's fast path), torch-stock (without it), and tensorflow / tensorflow-stock where
+    TensorFlow sees the GPU, plus the native twins of those frameworks for the CIFAR ResNets
+    (native-torch-compiled among them where compare has it);
+  - Keras-torch compiled: compare's `torch-compiled` variant where it has one, else torch
+    under `--jit-compile on` (with the twins, whose native-torch then compiles too).
+Each pass has an estimate of its seconds (PASS_ESTIMATE below); a pass that would end past
+`--budget-s` (counted from the start, framework probes included, and rescaled by how long
+the passes so far took against their estimates) is skipped and named in the table, so the
+check stays within its GPU time. `--dry-run` prints the plan with its estimates and exits,
+on any machine.
+It prints one table with achieved TFLOP/s, MFU (model FLOPs utilisation) against the GPU's
+dense peak from PEAKS below, each Keras row over its native twin and the share of time spent
+waiting for input, and writes gpu-check.jsonl (every compare record) and gpu-check.md (the
+tables) into the output folder after every pass. Without a GPU it says so in one line and
 exits 0.
 
 FLOPs are kbench's analytic count of one model (convolutions and dense layers, training step
 = 3x forward; kbench/bench/flops.py), the same number for every row of a model and batch, so
 MFU compares like with like. The peak is the tensor-core dense rate for the policy's compute
-dtype: bf16 for mixed_bfloat16, fp16 for mixed_float16, and TF32 for float32, because cuDNN
-and XLA run float32 convolutions on the TF32 tensor cores by default on Ampere and later.
+dtype: bf16 for mixed_bfloat16, fp16 for mixed_float16, and TF32 for float32, because kbench
+runs float32 convolutions and matmuls in TF32 on every backend (compare's
+--float32-precision, default tf32).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -119,24 +132,118 @@ def backend_sees_gpu(name, python):
     return True, said[0]
 
 
-def plan(models, dtypes, backends, batch_sizes, sync_every=10):
-    """The `kbench compare` passes to run, most telling first: (label, arguments)."""
-    passes, jit_on = [], []
-    for dtype in dtypes:
-        for model in models:
-            common = ["--recipe", "cifar_resnet", "--dataset", "synthetic", "--model", model,
-                      "--batch-size", str(batch_sizes[model]), "--dtype-policy", dtype,
-                      "--sync-every", str(sync_every)]
-            # torch-stock, tensorflow-stock: without kbench's fast path, beside it
-            names = [n for b in backends for n in ((b, f"{b}-stock") if b != "jax" else (b,))]
-            args = common + ["--backends", ",".join(names), "--jit-compile", "auto"]
-            if model in NATIVE_MODELS and dtype == "float32":  # twins of these backends
-                args += ["--reference", "native"]
-            passes.append((f"{model} {dtype} jit auto", args))
-            if "torch" in backends:  # the only backend whose "on" differs from "auto" on a GPU
-                jit_on.append((f"{model} {dtype} jit on",
-                               common + ["--backends", "torch", "--jit-compile", "on"]))
-    return passes + jit_on  # torch.compile's minutes of compiling last
+DEFAULT_CASES = (("resnet20", "float32"), ("preact_resnet18", "mixed_bfloat16"),
+                 ("resnet20", "mixed_bfloat16"))  # most telling first
+# Seconds a compare run takes on a GPU, start to record (interpreter, data, compile, 60
+# steps, evaluation; an H200 took 1-16 s to compile under JAX), and what torch.compile adds.
+# Guesses to be replaced by what the next GPU run's wall_s fields say; the budget rescales
+# them by what the passes before took anyway.
+RUN_ESTIMATE_S = 15
+COMPILE_ESTIMATE_S = {"torch-compiled": 60, "native-torch-compiled": 35}  # 34 s: native, H200
+INPUT_RATE_ESTIMATE_S = 15  # per batch size
+PROBE_ESTIMATE_S = 8  # per framework asked whether it sees the GPU
+
+
+@dataclasses.dataclass
+class Pass:
+    """One `kbench compare` call: its label, arguments and the runs it will make (names as
+    gpu-check's table shows them), with the seconds they are expected to take."""
+
+    label: str
+    args: list
+    runs: list
+
+    @property
+    def estimate_s(self):
+        return sum(RUN_ESTIMATE_S + COMPILE_ESTIMATE_S.get(run, 0) for run in self.runs)
+
+
+def plan(cases, backends, batch_sizes, sync_every=10, keras_variants=(), natives=None):
+    """The compare passes to run, in order: per case (model, dtype policy), the default pass
+    with the twins, then Keras-torch compiled. `keras_variants` / `natives`: the names
+    compare knows (its KERAS_VARIANTS and NATIVE), so that the plan uses `torch-compiled`
+    and `native-torch-compiled` where they exist and `--jit-compile on` where not."""
+    natives = dict(natives if natives is not None else
+                   {"native-jax": "jax", "native-tensorflow": "tensorflow",
+                    "native-torch": "torch"})
+    passes = []
+    for model, dtype in cases:
+        common = ["--recipe", "cifar_resnet", "--dataset", "synthetic", "--model", model,
+                  "--batch-size", str(batch_sizes[model]), "--dtype-policy", dtype,
+                  "--sync-every", str(sync_every)]
+        # torch-stock, tensorflow-stock: without kbench's fast path, beside it
+        names = [n for b in backends for n in ((b, f"{b}-stock") if b != "jax" else (b,))]
+        args = common + ["--backends", ",".join(names), "--jit-compile", "auto"]
+        runs = list(names)
+        twins = model in NATIVE_MODELS
+        if twins:  # compare runs the twins of the frameworks compared
+            args += ["--reference", "native"]
+            runs += [n for n, fw in natives.items() if fw in backends]
+        passes.append(Pass(f"{model} {dtype}", args, runs))
+        if "torch" not in backends:
+            continue
+        if "torch-compiled" in keras_variants:
+            passes.append(Pass(f"{model} {dtype} torch-compiled",
+                               common + ["--backends", "torch-compiled", "--jit-compile",
+                                         "auto"], ["torch-compiled"]))
+            continue
+        # This checkout's compare has no torch-compiled: torch under --jit-compile on, with
+        # the twin compiled the same way when compare has no native-torch-compiled.
+        args = common + ["--backends", "torch", "--jit-compile", "on"]
+        runs = ["torch-compiled"]
+        if twins and "native-torch-compiled" not in natives:
+            args += ["--reference", "native"]
+            runs.append("native-torch-compiled")
+        passes.append(Pass(f"{model} {dtype} jit on", args, runs))
+    return passes
+
+
+class Budget:
+    """Seconds of GPU time for the whole check: `allows(estimate)` says whether a step
+    estimated at `estimate` seconds would still end within it, with the estimate rescaled by
+    how long the steps so far took against theirs (`spent(estimate, actual)`)."""
+
+    def __init__(self, seconds, clock=time.monotonic):
+        self.seconds = seconds
+        self.clock = clock
+        self.started = clock()
+        self.estimated = self.actual = 0.0
+
+    @property
+    def elapsed(self):
+        return self.clock() - self.started
+
+    @property
+    def scale(self):
+        return self.actual / self.estimated if self.estimated else 1.0
+
+    def allows(self, estimate):
+        return self.elapsed + estimate * self.scale <= self.seconds
+
+    def spent(self, estimate, actual):
+        self.estimated += estimate
+        self.actual += actual
+
+
+def dry_run(passes, budget_s, backends, batch_sizes):
+    """The plan as text: each step with its estimate and whether it fits the budget."""
+    budget = Budget(budget_s, clock=lambda: 0.0)
+    lines = [f"gpu-check plan (budget {budget_s:g} s of GPU time; estimates, not measurements):"]
+    steps = [("probe frameworks: " + ", ".join(backends), PROBE_ESTIMATE_S * len(backends),
+              None),
+             ("input pipeline rate at batch " + ", ".join(map(str, sorted(set(
+                 batch_sizes.values())))), INPUT_RATE_ESTIMATE_S * len(set(batch_sizes.values())),
+              None)]
+    steps += [(f"{p.label}: kbench compare {' '.join(p.args)}", p.estimate_s, p)
+              for p in passes]
+    total = 0.0
+    for text, estimate, _ in steps:
+        fits = total + estimate <= budget_s
+        if fits:
+            total += estimate
+        lines.append(f"  {'run ' if fits else 'skip'} ~{estimate:4.0f} s  {text}")
+    lines.append(f"  total ~{total:.0f} s of {budget_s:g} s")
+    return "\n".join(lines)
 
 
 def rows_with_mfu(records, peak):
@@ -157,14 +264,43 @@ def rows_with_mfu(records, peak):
             status = f"ok, but on {device or 'an unknown device'}"  # never pass it off as GPU
             dense = None  # and no utilisation of a GPU it did not use
         rows.append({
-            "model": r.get("model"), "dtype": r.get("dtype_policy"), "backend": r["backend"],
+            "model": r.get("model"), "dtype": r.get("dtype_policy"), "backend": row_name(r),
             "jit": r.get("jit"), "batch": r.get("batch_size"), "status": status,
             "step_time_ms": ms, "examples_per_sec": r.get("examples_per_sec"),
             "compile_s": r.get("compile_s"), "peak_device_mb": r.get("peak_device_mb"),
             "tflops": tflops, "mfu": tflops / dense if tflops and dense else None,
-            "error": r.get("error"),
+            "input_wait": r.get("input_wait_fraction"), "error": r.get("error"),
         })
+    for row in rows:  # each Keras row over its twin of the same case and compile mode
+        twin = next((t for t in rows if t["backend"] == TWIN.get(row["backend"])
+                     and (t["model"], t["dtype"]) == (row["model"], row["dtype"])
+                     and t["step_time_ms"] and t["status"] == "ok"), None)
+        row["vs_native"] = (row["step_time_ms"] / twin["step_time_ms"]
+                            if twin and row["step_time_ms"] and row["status"] == "ok" else None)
     return rows
+
+
+# The native twin each Keras row is divided by (same compile mode: compiled over compiled).
+TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow",
+        "tensorflow-stock": "native-tensorflow", "torch": "native-torch",
+        "torch-stock": "native-torch", "torch-compiled": "native-torch-compiled"}
+
+
+def compiled_by_torch(record):
+    """Whether a torch record's step ran under torch.compile: its compiler setting or jit
+    description says so (a Keras-torch run under --jit-compile on reports jit "True")."""
+    text = f"{record.get('compiler')} {record.get('jit')}"
+    return "torch.compile" in text or (record["backend"] == "torch"
+                                       and str(record.get("jit")) == "True")
+
+
+def row_name(record):
+    """The record's backend, with `-compiled` where torch compiled a run that compare names
+    without it (this checkout's --jit-compile on pass)."""
+    name = record["backend"]
+    if name in ("torch", "native-torch") and compiled_by_torch(record):
+        return f"{name}-compiled"
+    return name
 
 
 def _fmt(value, spec):
@@ -172,7 +308,7 @@ def _fmt(value, spec):
 
 
 COLUMNS = ("model", "dtype", "backend", "jit", "batch", "status", "ms/step", "examples/s",
-           "compile s", "device MB", "TFLOP/s", "MFU")
+           "compile s", "device MB", "TFLOP/s", "MFU", "vs native", "input wait")
 
 
 def cells(row):
@@ -180,13 +316,28 @@ def cells(row):
             _fmt(row["batch"], "d"), row["status"], _fmt(row["step_time_ms"], ".2f"),
             _fmt(row["examples_per_sec"], ".0f"), _fmt(row["compile_s"], ".1f"),
             _fmt(row["peak_device_mb"], ".0f"), _fmt(row["tflops"], ".1f"),
-            "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"]
+            "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
+            "-" if row.get("vs_native") is None else f"{row['vs_native']:.2f}x",
+            "-" if row.get("input_wait") is None else f"{100 * row['input_wait']:.1f}%"]
 
 
-def markdown(rows, header):
+def markdown(rows, header, input_rates=(), skipped=()):
+    """The tables: every run; the input pipeline's own rate per batch size; what the
+    budget left out."""
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    if input_rates:
+        lines += ["", "Input pipeline alone (kbench.bench.input_rate: the cifar_resnet "
+                      "training pipeline read as NumPy batches on the host CPU, nothing "
+                      "training):", "", "| batch | ms/batch | p90 ms | batches/s | examples/s |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch_size']} | {r['ms_per_batch']:.2f} | {r['ms_per_batch_p90']:.2f} "
+                  f"| {r['batches_per_sec']:.1f} | {r['examples_per_sec']:.0f} |"
+                  for r in input_rates]
+    if skipped:
+        lines += ["", "Left out to stay within the GPU-time budget (--budget-s): "
+                  + "; ".join(skipped) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,12 +386,54 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"gpu-check: {message} (see tools/gpu_check.py --help)")
 
 
+def parse_cases(text):
+    """'resnet20:float32,...' -> [(model, dtype policy)]."""
+    cases = []
+    for item in filter(None, (c.strip() for c in text.split(","))):
+        model, sep, dtype = item.partition(":")
+        if not sep or not model:
+            _fail(f"gpu-check: --cases takes MODEL:DTYPE_POLICY,... (e.g. resnet20:float32), "
+                  f"not {item!r}")
+        if dtype not in PEAK_KEY:
+            _fail(f"gpu-check: unknown dtype policy {dtype!r} in --cases; use "
+                  f"{', '.join(PEAK_KEY)}")
+        cases.append((model, dtype))
+    if not cases:
+        _fail("gpu-check: --cases names no case")
+    return cases
+
+
+def compare_names():
+    """(KERAS_VARIANTS, NATIVE) of this checkout's `kbench compare`."""
+    sys.path.insert(0, ROOT)
+    from kbench.bench import compare
+
+    return compare.KERAS_VARIANTS, compare.NATIVE
+
+
+def input_rates(python, batch_sizes, steps, budget):
+    """kbench.bench.input_rate's records, one per batch size; [] (with the reason printed)
+    when it fails."""
+    command = [python, "-m", "kbench.bench.input_rate", "--batch-sizes",
+               ",".join(map(str, batch_sizes)), "--steps", str(steps)]
+    print(f"\ngpu-check: input pipeline: {' '.join(command[1:])}", flush=True)
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    budget.spent(INPUT_RATE_ESTIMATE_S * len(batch_sizes), time.monotonic() - start)
+    if done.returncode != 0:
+        print("gpu-check: the input pipeline's rate was not measured: "
+              + (done.stderr.strip().splitlines() or ["?"])[-1])
+        return []
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
 def main(argv=None):
     parser = _Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default=None,
                         help="results folder (default runs/gpu-check/<timestamp>)")
-    parser.add_argument("--models", default="resnet20,preact_resnet18")
-    parser.add_argument("--dtypes", default="float32,mixed_bfloat16")
+    parser.add_argument("--cases", default=",".join(f"{m}:{d}" for m, d in DEFAULT_CASES),
+                        metavar="MODEL:DTYPE,...", help="what to measure, most telling first")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="backends to try (each is asked first whether it sees the GPU)")
     parser.add_argument("--batch-size", default=None, metavar="MODEL=N,...",
@@ -250,17 +443,17 @@ def main(argv=None):
     parser.add_argument("--sync-every", type=int, default=10, metavar="K",
                         help="compare --sync-every: a device sync every K steps (a sync per "
                              "step holds a GPU's host back)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    parser.add_argument("--budget-s", type=float, default=450.0, metavar="S",
+                        help="GPU seconds for the whole check: a pass that would end past "
+                             "it is skipped and named (default 450: under 8 minutes)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan with its time estimates and exit (any machine)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run")
     args = parser.parse_args(argv)
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in PEAK_KEY]
-    if bad:
-        _fail(f"gpu-check: unknown dtype policy {bad[0]!r}; use "
-                         f"{', '.join(PEAK_KEY)}")
-    batch_sizes = parse_batch_sizes(args.batch_size, models)
+    cases = parse_cases(args.cases)
+    batch_sizes = parse_batch_sizes(args.batch_size, [m for m, _ in cases])
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
@@ -268,14 +461,22 @@ def main(argv=None):
     for flag, value, least, kind in (("--steps", args.steps, 1, "an integer"),
                                      ("--warmup-steps", args.warmup_steps, 0, "an integer"),
                                      ("--sync-every", args.sync_every, 1, "an integer"),
-                                     ("--timeout", args.timeout, 1, "a number of seconds")):
+                                     ("--timeout", args.timeout, 1, "a number of seconds"),
+                                     ("--budget-s", args.budget_s, 1, "a number of seconds")):
         if not value >= least:  # NaN too
             _fail(f"gpu-check: {flag} {value} is not allowed: it takes {kind} >= {least}")
+    used_sizes = {m: batch_sizes[m] for m, _ in cases}
+    if args.dry_run:  # as if every framework named saw the GPU
+        keras_variants, natives = compare_names()
+        passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives)
+        print(dry_run(passes, args.budget_s, names, used_sizes))
+        return 0
     found = gpus()
     if not found:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to "
               "measure.")
         return 0
+    budget = Budget(args.budget_s)
     gpu_name, memory_mib, driver = found[0]
     peak = peak_for(gpu_name)
     print(f"gpu-check: {len(found)} GPU(s), using the first: {gpu_name}, {memory_mib} MiB, "
@@ -302,30 +503,51 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     header = (f"kbench gpu-check on {gpu_name} ({memory_mib} MiB, driver {driver}), synthetic "
               f"CIFAR data, {args.steps} timed steps after {args.warmup_steps} warm-up, synced "
-              f"every {args.sync_every}; MFU "
+              f"every {args.sync_every}, float32 in TF32 on every backend; MFU "
               "against the dense peak of the policy's compute dtype (TF32 for float32)")
-    records = []
-    passes = plan(models, dtypes, backends, batch_sizes, args.sync_every)
-    for index, (label, compare_args) in enumerate(passes):
-        pass_dir = os.path.join(out_dir, f"{index:02d}-{label.replace(' ', '-')}")
-        command = [args.python, "-m", "kbench.cli", "compare", *compare_args,
+    records, skipped = [], []
+    keras_variants, natives = compare_names()
+    rates = input_rates(args.python, sorted(set(used_sizes.values())), 30, budget)
+
+    def write():  # after every pass: a stopped check still leaves what it measured
+        write_atomic(os.path.join(out_dir, "gpu-check.jsonl"),
+                     "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(os.path.join(out_dir, "gpu-check.md"),
+                     markdown(rows_with_mfu(records, peak), header, rates, skipped))
+
+    write()
+    passes = plan(cases, backends, batch_sizes, args.sync_every, keras_variants, natives)
+    for index, step in enumerate(passes):
+        if not budget.allows(step.estimate_s):
+            print(f"\ngpu-check: {step.label}: skipped, ~{step.estimate_s * budget.scale:.0f} s "
+                  f"would pass the budget ({budget.elapsed:.0f} of {args.budget_s:g} s spent)")
+            skipped.append(f"{step.label} ({', '.join(step.runs)})")
+            write()
+            continue
+        pass_dir = os.path.join(out_dir, f"{index:02d}-{step.label.replace(' ', '-')}")
+        command = [args.python, "-m", "kbench.cli", "compare", *step.args,
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                    "--timeout", str(args.timeout), "--output", pass_dir]
-        print(f"\ngpu-check: {label}: {' '.join(command[1:])}", flush=True)
+        print(f"\ngpu-check: {step.label} (~{step.estimate_s} s): {' '.join(command[1:])}",
+              flush=True)
+        start = time.monotonic()
         subprocess.run(command, cwd=ROOT)  # a failed pass is in its records; go on
+        budget.spent(step.estimate_s, time.monotonic() - start)
         path = os.path.join(pass_dir, "results.jsonl")
         if os.path.exists(path):
             with open(path) as f:
                 records += [json.loads(line) for line in f if line.strip()]
-        # After every pass: a stopped check still leaves what it measured.
-        write_atomic(os.path.join(out_dir, "gpu-check.jsonl"),
-                     "".join(json.dumps(r) + "\n" for r in records))
-        write_atomic(os.path.join(out_dir, "gpu-check.md"),
-                     markdown(rows_with_mfu(records, peak), header))
+        write()
     rows = rows_with_mfu(records, peak)
     print()
     print_table(rows, header)
-    print(f"gpu-check: wrote {out_dir}/gpu-check.md and gpu-check.jsonl")
+    for rate in rates:
+        print(f"gpu-check: input pipeline alone at batch {rate['batch_size']}: "
+              f"{rate['ms_per_batch']:.2f} ms/batch, {rate['examples_per_sec']:.0f} examples/s")
+    if skipped:
+        print("gpu-check: left out for the budget: " + "; ".join(skipped))
+    print(f"gpu-check: {budget.elapsed:.0f} s in all; wrote {out_dir}/gpu-check.md and "
+          "gpu-check.jsonl")
     return 0
 
 
