@@ -176,3 +176,26 @@ def test_the_input_pipelines_own_rate(capsys):
         input_rate.main(["--batch-sizes", "16,x"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --batch-sizes takes integers >= 1, not '16,x'"
+
+
+@pytest.mark.slow
+@pytest.mark.backend_independent
+def test_every_record_says_its_precision_and_input_wait_twins_included(tmp_path):
+    out = tmp_path / "cmp"
+    result = subprocess.run(
+        [sys.executable, "-m", "kbench.cli", "compare", "--backends", "torch", "--reference",
+         "native", "--model", "resnet20", "--batch-size", "8", "--steps", "3",
+         "--warmup-steps", "1", "--set", "train_examples=64", "--set", "test_examples=32",
+         "--float32-precision", "highest", "--output", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["backend"] for r in rows] == ["torch", "native-torch"]
+    for row in rows:  # the flag reached every run, the twin's too
+        assert row["float32_precision"] == "highest" and row["config"]["float32_precision"] \
+            == "highest"
+        assert row["cudnn_benchmark"] is None  # no cuDNN on this CPU
+        assert 0 <= row["input_wait_fraction"] < 1
+    metrics = json.loads((out / "runs" / "torch-r0" / "metrics.json").read_text())
+    assert metrics["float32_precision"] == "highest" and "input_wait_fraction" in metrics

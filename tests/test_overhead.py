@@ -75,6 +75,7 @@ def test_profile_table_says_where_keras_spends_its_time():
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
+    (["--threads", "-1"], "--threads -1 is not allowed"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -88,3 +89,10 @@ def test_plan_flag_prints_the_commands(capsys):
     assert overhead.main(["--plan"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("eager: kbench compare ") and lines[1].startswith("compiled: ")
+
+
+def test_one_intra_op_thread_unless_asked_otherwise(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = overhead.thread_env(1)
+    assert env["OMP_NUM_THREADS"] == "1" and env["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in overhead.thread_env(0)

@@ -15,7 +15,7 @@ telling first, each case in two passes:
     (native-torch-compiled among them where compare has it);
   - Keras-torch compiled: compare's `torch-compiled` variant where it has one, else torch
     under `--jit-compile on` (with the twins, whose native-torch then compiles too).
-Each pass has an estimate of its seconds (PASS_ESTIMATE below); a pass that would end past
+Each pass has an estimate of its seconds (RUN_ESTIMATE_S, COMPILE_ESTIMATE_S below); a pass that would end past
 `--budget-s` (counted from the start, framework probes included, and rescaled by how long
 the passes so far took against their estimates) is skipped and named in the table, so the
 check stays within its GPU time. `--dry-run` prints the plan with its estimates and exits,

@@ -17,7 +17,13 @@ runs `kbench compare` twice, as plain commands one can rerun:
      `--backends torch --jit-compile on`, whose rows are named torch-compiled here), with the
      `native-torch-compiled` twin (compare's own, else native-torch under --jit-compile on,
      which wraps its network in torch.compile);
-then profiles Keras-torch eager in-process, layer by layer (`profile_layers`: which layers'
+with one intra-op thread for torch and TensorFlow (`--threads 1`, the default: OMP_NUM_THREADS
+and TF_NUM_INTRAOP_THREADS for every process it starts; `--threads 0` leaves each framework's
+default). At batch 2 there is nothing to split across threads, and on a loaded machine
+torch's two OpenMP threads made Keras-torch's step 20x slower (4052 vs 198 ms median here,
+2 cores shared with other work): that is contention, not host overhead, and a GPU's host
+launches kernels from one thread anyway. It then profiles Keras-torch eager in-process,
+layer by layer (`profile_layers`: which layers'
 Python costs most, and how much of it is Keras' Layer.__call__ around the layer's own call),
 and the step's hottest Python functions (cProfile). It writes overhead.md (tables),
 overhead.jsonl (every compare record) and profile.json into the output folder after each
@@ -273,11 +279,20 @@ def _function_name(key):
 # --------------------------------------------------------------------------- the command
 
 
-def run_compare(python, args, out_dir, timeout):
+def thread_env(threads):
+    """The environment of every process the tool starts: `threads` intra-op threads for
+    torch (OpenMP) and TensorFlow; 0 leaves them as they are."""
+    if not threads:
+        return dict(os.environ)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads),
+            "TF_NUM_INTRAOP_THREADS": str(threads)}
+
+
+def run_compare(python, args, out_dir, timeout, env=None):
     command = [python, "-m", "kbench.cli", "compare", *args, "--timeout", str(timeout),
                "--output", out_dir]
     print("overhead: " + " ".join(command[1:]), flush=True)
-    subprocess.run(command)  # a failed run is in its records; go on
+    subprocess.run(command, env=env)  # a failed run is in its records; go on
     path = os.path.join(out_dir, "results.jsonl")
     if not os.path.exists(path):
         return []
@@ -291,7 +306,7 @@ def run_profile(python, args, timeout):
     command = [python, "-m", "kbench.bench.overhead", "--profile-only", "--model", args.model,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     print("overhead: KERAS_BACKEND=torch " + " ".join(command[1:]), flush=True)
-    env = {**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**thread_env(args.threads), "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         print("overhead: the layer profile failed:\n" + done.stderr[-2000:], file=sys.stderr)
@@ -315,6 +330,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of torch and TensorFlow in every run "
+                             "(OMP_NUM_THREADS, TF_NUM_INTRAOP_THREADS); 0: their defaults")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run")
     parser.add_argument("--plan", action="store_true",
                         help="print the compare commands and exit")
@@ -324,6 +342,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                                ("--warmup-steps", args.warmup_steps, 0),
+                               ("--threads", args.threads, 0),
                                ("--timeout", args.timeout, 1)):
         if not value >= least:  # NaN too
             _fail(f"{flag} {value} is not allowed: it takes a number >= {least}")
@@ -351,8 +370,10 @@ def main(argv=None):
                                                           time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(out_dir, exist_ok=True)
     header = (f"Host overhead: {args.model} at batch {args.batch_size}, synthetic data, "
-              f"{args.steps} timed steps after {args.warmup_steps} warm-up, synced every step "
-              "(`python tools/overhead.py`)")
+              f"{args.steps} timed steps after {args.warmup_steps} warm-up, synced every step, "
+              + (f"{args.threads} intra-op thread(s) for torch and TensorFlow"
+                 if args.threads else "each framework's default threads")
+              + f" (`python tools/overhead.py{' --threads 0' if not args.threads else ''}`)")
     named, records, profile = [], [], None
 
     def write():
@@ -365,7 +386,7 @@ def main(argv=None):
 
     for label, compare_args, renames in passes:
         found = run_compare(args.python, compare_args, os.path.join(out_dir, label),
-                            args.timeout)
+                            args.timeout, env=thread_env(args.threads))
         records += found
         seen = {name for name, _ in named}
         for record in found:
