@@ -44,7 +44,7 @@ def test_plan_without_the_compiled_names_runs_torch_under_jit_on():
 def rec(backend, ms, status="ok"):
     return {"backend": backend, "status": status, "step_time_ms": ms, "step_time_p10_ms": ms - 1,
             "step_time_p90_ms": ms + 1, "compile_s": 2.0,
-            "error": None if status == "ok" else "boom\nTypeError: dynamo"}
+            "error": None if status == "ok" else "boom\nTypeError: dynamo\n  • mask=None"}
 
 
 def test_table_has_every_row_and_each_keras_row_over_its_own_twin():
@@ -96,3 +96,20 @@ def test_one_intra_op_thread_unless_asked_otherwise(monkeypatch):
     env = overhead.thread_env(1)
     assert env["OMP_NUM_THREADS"] == "1" and env["TF_NUM_INTRAOP_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in overhead.thread_env(0)
+
+
+def test_report_renders_a_folder_again(tmp_path, capsys):
+    import json
+
+    rows = [{"overhead_row": "torch", **rec("torch", 60.0)},
+            {"overhead_row": "native-torch", **rec("native-torch", 30.0)},
+            {"overhead_row": None, **rec("native-torch", 29.0)}]  # not a row of the table
+    (tmp_path / "overhead.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "overhead.md").write_text("Host overhead: title\n\nold table\n")
+    assert overhead.main(["--report", str(tmp_path)]) == 0
+    text = (tmp_path / "overhead.md").read_text()
+    assert text.startswith("Host overhead: title\n\n| run |") and "| 2.00x |" in text
+    assert text in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(["--report", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2

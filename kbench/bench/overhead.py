@@ -105,9 +105,17 @@ def summarize(named_records):
             "status": "ok" if ok else found[-1]["status"],
             "step_time_ms": median("step_time_ms"), "p10": median("step_time_p10_ms"),
             "p90": median("step_time_p90_ms"), "compile_s": median("compile_s"),
-            "error": None if ok else (found[-1].get("error") or "").strip().splitlines()[-1:],
+            "error": None if ok else error_line(found[-1].get("error")),
         }
     return summary
+
+
+def error_line(text):
+    """[the line that names the exception] of a failed run's log tail (Keras prints its
+    call arguments after it), else [its last line]; [] without text."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    named = [line for line in lines if "Error:" in line or line.startswith("error:")]
+    return (named or lines)[-1:]
 
 
 def _fmt(value, spec):
@@ -338,6 +346,9 @@ def parse_args(argv):
                         help="print the compare commands and exit")
     parser.add_argument("--no-profile", action="store_true",
                         help="leave out the layer-by-layer profile of Keras-torch")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="print the tables of an earlier run's folder again (and rewrite "
+                             "its overhead.md) without running anything")
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
@@ -349,6 +360,29 @@ def parse_args(argv):
     return args
 
 
+def report(out_dir):
+    """Render DIR/overhead.md again from DIR/overhead.jsonl (and profile.json)."""
+    path = os.path.join(out_dir, "overhead.jsonl")
+    if not os.path.isfile(path):
+        _fail(f"{path} does not exist; pass the folder tools/overhead.py wrote")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    named = [(r["overhead_row"], r) for r in records if r.get("overhead_row")]
+    text = host_table(summarize(named))
+    profile_path = os.path.join(out_dir, "profile.json")
+    if os.path.isfile(profile_path):
+        with open(profile_path) as f:
+            text += "\n" + profile_tables(json.load(f))
+    old = os.path.join(out_dir, "overhead.md")
+    header = ""
+    if os.path.isfile(old):
+        with open(old) as f:
+            header = f.readline().strip() + "\n\n"
+    write_text_atomic(old, header + text)
+    print(header + text)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.profile_only:  # the child of run_profile: one JSON line
@@ -357,6 +391,8 @@ def main(argv=None):
         print(json.dumps(profile_layers(args.model, args.batch_size, args.steps,
                                         args.warmup_steps)))
         return 0
+    if args.report:
+        return report(args.report)
     from kbench.bench import compare
 
     passes = plan(compare.KERAS_VARIANTS, compare.NATIVE, args.model, args.batch_size,
@@ -375,14 +411,16 @@ def main(argv=None):
                  if args.threads else "each framework's default threads")
               + f" (`python tools/overhead.py{' --threads 0' if not args.threads else ''}`)")
     named, records, profile = [], [], None
+    row_of = {}  # id(record) -> its row in the table (None: not shown)
 
     def write():
         text = header + "\n\n" + host_table(summarize(named))
         if profile:
             text += "\n" + profile_tables(profile)
         write_text_atomic(os.path.join(out_dir, "overhead.md"), text)
-        write_text_atomic(os.path.join(out_dir, "overhead.jsonl"),
-                          "".join(json.dumps(r, default=str) + "\n" for r in records))
+        write_text_atomic(os.path.join(out_dir, "overhead.jsonl"), "".join(
+            json.dumps({"overhead_row": row_of.get(id(r)), **r}, default=str) + "\n"
+            for r in records))
 
     for label, compare_args, renames in passes:
         found = run_compare(args.python, compare_args, os.path.join(out_dir, label),
@@ -393,6 +431,7 @@ def main(argv=None):
             name = row_name(record, renames)
             if name is not None and name not in seen:  # each row from its first pass
                 named.append((name, record))
+                row_of[id(record)] = name
         write()
     if not args.no_profile:
         profile = run_profile(args.python, args, args.timeout)
