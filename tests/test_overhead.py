@@ -44,7 +44,7 @@ def test_plan_without_the_compiled_names_runs_torch_under_jit_on():
 def rec(backend, ms, status="ok"):
     return {"backend": backend, "status": status, "step_time_ms": ms, "step_time_p10_ms": ms - 1,
             "step_time_p90_ms": ms + 1, "compile_s": 2.0,
-            "error": None if status == "ok" else "boom\nTypeError: dynamo\n  • mask=None"}
+            "error": None if status == "ok" else "boom\n\x1b[1mTypeError: dynamo\n  • mask=None"}
 
 
 def test_table_has_every_row_and_each_keras_row_over_its_own_twin():

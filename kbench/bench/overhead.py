@@ -113,7 +113,10 @@ def summarize(named_records):
 def error_line(text):
     """[the line that names the exception] of a failed run's log tail (Keras prints its
     call arguments after it), else [its last line]; [] without text."""
-    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text or "")  # Keras' bold around the message
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     named = [line for line in lines if "Error:" in line or line.startswith("error:")]
     return (named or lines)[-1:]
 
