@@ -199,6 +199,16 @@ def test_loss_scaling_is_keras_loss_scale_optimizer():
     assert common.loss_scale(small_config()) is None
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="native-jax's own loss-scale update")
+def test_jax_loss_scale_follows_keras_rules(native):
+    update = lambda scale, count, finite: tuple(  # noqa: E731
+        float(v) for v in native.update_loss_scale((np.float32(scale), np.int32(count)),
+                                                   np.bool_(finite), 2000))
+    assert update(8.0, 5, True) == (8.0, 6.0)  # finite: count on
+    assert update(8.0, 1999, True) == (16.0, 0.0)  # the 2000th finite step in a row: grow
+    assert update(8.0, 1999, False) == (4.0, 0.0)  # not finite: halve, count from 0
+
+
 @needs_twin
 def test_optimizer_is_keras_sgd(native):
     """Three updates of one kernel and one bias: weight decay on the kernel only, Nesterov
