@@ -1,4 +1,4 @@
-"""The CIFAR ResNet training loop in plain PyTorch: the twins that Keras-on-PyTorch is timed against.
+"""The CIFAR ResNet training loop in plain PyTorch: the twins Keras-on-PyTorch is timed against.
 
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
 native_common), written the way PyTorch practitioners train a CNN: an nn.Module with nn.Conv2d

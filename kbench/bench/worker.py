@@ -7,8 +7,9 @@ kbench.target), times them with the device synchronized after every
 step or, with `sync_every` k, every k steps (kbench.train.StepTimer),
 evaluates the trained model on the test split and writes its measurements as JSON.
 
-Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-tensorflow" | "native-torch" | "native-torch-compiled"), config (overrides of the
-recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
+Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" |
+"native-jax" | "native-tensorflow" | "native-torch" | "native-torch-compiled"), config
+(overrides of the recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
 (null: time `steps` steps of one epoch), sync_every (default 1; null: at epoch ends and
 evaluations only), target ({accuracy,
 eval_every_steps, max_epochs}: train to a target accuracy, kbench.target; the result gains
