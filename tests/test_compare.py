@@ -282,3 +282,27 @@ def test_simulate_devices_needs_distribute(tmp_path, entry_point_error):
                                                str(tmp_path / "x")])
     assert status == 2
     assert err == "error: --simulate-devices N goes with --distribute data_parallel\n"
+
+
+def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():
+    from kbench.bench import compare, worker
+
+    eager = compare.plan_runs(compare.CompareOptions(backends=("torch",), reference="native"))
+    assert [name for name, *_ in eager] == ["torch", "native-torch"]
+    compiled = compare.plan_runs(compare.CompareOptions(backends=("torch", "jax"),
+                                                        reference="native", jit_compile="on"))
+    assert compiled[2:] == [("native-jax", "native-jax", "jax", False),
+                            ("native-torch", "native-torch", "torch", False),
+                            ("native-torch-compiled", "native-torch-compiled", "torch", False)]
+    assert worker.NATIVE_RUNNERS["native-torch-compiled"] == ("native_torch", {"compiled": True})
+    assert set(worker.NATIVE_RUNNERS) == set(compare.NATIVE)
+    # Keras-torch compiled is measured against the compiled twin, eager against the eager one.
+    rows = [record("torch", 120, 118, 122), record("native-torch", 100, 98, 102),
+            record("native-torch-compiled", 60, 59, 61), record("jax", 90, 89, 91),
+            record("native-jax", 90, 89, 91)]
+    for row in rows:
+        row["config"] = {"jit_compile": "on"}
+    ratios = {s["backend"]: s["vs_native"] for s in report.summarize(rows)}
+    assert ratios["torch"] == pytest.approx(2.0) and ratios["jax"] == pytest.approx(1.0)
+    rows[0]["config"] = {"jit_compile": "auto"}
+    assert report.summarize(rows)[0]["vs_native"] == pytest.approx(1.2)

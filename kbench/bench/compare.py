@@ -33,7 +33,12 @@ KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 KERAS_VARIANTS = {"tensorflow-stock": ("tensorflow", {"fast_path": "off"}),  # stock Keras
                   "torch-stock": ("torch", {"fast_path": "off"})}
 # Native twin -> the framework it needs (and whose interpreter runs it).
-NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch"}
+NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch",
+          "native-torch-compiled": "torch"}
+# Twins that run only with --jit-compile on: the reference of Keras-torch under torch.compile
+# (on this CPU it compiles for ~20 s and then steps slower than eager, so it is not in every
+# --reference native run).
+COMPILED_TWINS = ("native-torch-compiled",)
 ERROR_TAIL_LINES = 25
 
 
@@ -100,7 +105,8 @@ def plan_runs(options):
             runs.append((b, "keras", framework, True))
     if options.reference == "native":  # the twins of the frameworks compared
         frameworks = {framework for _, _, framework, _ in runs}
-        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if fw in frameworks]
+        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if fw in frameworks
+                 and (n not in COMPILED_TWINS or options.jit_compile == "on")]
     elif options.reference != "none":
         raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
     for name in options.python:

@@ -26,8 +26,15 @@ WIDTHS = (16, 32, 64)
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
+# The compute dtype of each dtype policy the twins implement. As Keras runs a mixed policy, so
+# do they: float32 variables (master weights) and optimizer, convolutions and activations in the
+# compute dtype, BatchNorm in float32 (its statistics too), the logits and loss in float32.
+COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+# What each twin's result reports (records.SETTING_FIELDS says what the settings mean).
+SETTING_KEYS = ("compiler", "memory_format", "cudnn_benchmark", "autocast_dtype")
 RESULT_KEYS = ("compile_s", "step_times", "steps_timed", "train_loss_history", "test_loss", "test_accuracy",
-               "peak_device_mb", "flops_per_step", "device", "jit", "params")
+               "peak_device_mb", "flops_per_step", "device", "jit", "params", *SETTING_KEYS)
 
 
 # --------------------------------------------------------------------------- config
@@ -44,8 +51,8 @@ def resnet_depth(model_name):
 def check_config(config):
     """Refuse what the native loops do not implement, instead of timing something else: they
     train a CIFAR ResNet with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
-    on Keras' cosine schedule with linear warmup, in float32, without gradient clipping, on one
-    device."""
+    on Keras' cosine schedule with linear warmup, under the float32, mixed_bfloat16 or
+    mixed_float16 policy, without gradient clipping, on one device."""
     resnet_depth(config.model)
     refusals = (
         (getattr(config, "optimizer", "sgd") != "sgd",
@@ -56,7 +63,8 @@ def check_config(config):
         (bool(getattr(config, "clip_norm", 0.0)),
          f"no gradient clipping (clip_norm {getattr(config, 'clip_norm', None)})",
          "--set clip_norm=0"),
-        (config.dtype_policy != "float32", f"float32 only, not {config.dtype_policy!r}",
+        (config.dtype_policy not in COMPUTE_DTYPES,
+         f"the dtype policies {', '.join(COMPUTE_DTYPES)} only, not {config.dtype_policy!r}",
          "--dtype-policy float32"),
         (getattr(config, "distribute", "none") != "none", "one device only",
          "--distribute none"),
@@ -68,6 +76,46 @@ def check_config(config):
         if refused:
             raise KbenchError(f"native reference implements {what}; use {fix} to compare "
                               "against it")
+
+
+def compute_dtype(config):
+    """The dtype the network computes in under the config's policy ("float32", "bfloat16",
+    "float16")."""
+    return COMPUTE_DTYPES[config.dtype_policy]
+
+
+def autocast_dtype(config):
+    """The record's autocast_dtype: the compute dtype under a mixed policy, None in float32."""
+    dtype = compute_dtype(config)
+    return None if dtype == "float32" else dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScale:
+    """Dynamic loss scaling as Keras runs it under mixed_float16 (model.compile wraps the
+    optimizer in a keras.optimizers.LossScaleOptimizer with its defaults): the loss is
+    multiplied by `scale`, the gradients divided by it; a step whose gradients are not all
+    finite is skipped and halves the scale, `growth_steps` finite steps in a row double it."""
+
+    initial_scale: float
+    growth_steps: int
+
+
+def loss_scale(config):
+    """Keras' LossScaleOptimizer defaults (read from Keras) under mixed_float16, else None.
+    One difference is kept: on a skipped step Keras' learning-rate schedule holds (its
+    optimizer's step counter does not move), the twins' moves on with the step, as a PyTorch
+    scheduler does with torch.amp.GradScaler. Skips are rare: the first steps of a run
+    (until the scale fits) and one per 2000 steps after."""
+    if config.dtype_policy != "mixed_float16":
+        return None
+    import inspect
+
+    import keras
+
+    defaults = inspect.signature(keras.optimizers.LossScaleOptimizer).parameters
+    return LossScale(float(defaults["initial_scale"].default),
+                     int(defaults["dynamic_growth_steps"].default))
 
 
 def stage_plan(depth):

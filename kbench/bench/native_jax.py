@@ -3,6 +3,9 @@
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
 native_common), written the way a JAX user would: parameters as pytrees, NHWC convolutions with
 `jax.lax.conv_general_dilated`, BatchNorm written out, one jitted train step with donated state.
+Under a mixed policy it computes as Keras (and Flax's `dtype`/`param_dtype`) does: float32
+parameters cast to the compute dtype where used, activations in it, BatchNorm and the logits in
+float32; under mixed_float16 with Keras' dynamic loss scaling (native_common.loss_scale).
 
     run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
     forward(config, images) -> logits            # inference from the initial weights
@@ -51,7 +54,10 @@ def conv(x, kernel, stride):
 
 def batch_norm(x, scale, stats, training):
     """keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5) on NHWC, op for op: biased
-    batch variance in training, moving = moving * 0.9 + batch * 0.1."""
+    batch variance in training, moving = moving * 0.9 + batch * 0.1; computed in float32 and
+    returned in the input's dtype, as Keras does under a mixed policy."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
     if training:
         mean, var = jnp.mean(x, axis=(0, 1, 2)), jnp.var(x, axis=(0, 1, 2))
         momentum = common.BN_MOMENTUM
@@ -60,7 +66,7 @@ def batch_norm(x, scale, stats, training):
     else:
         mean, var = stats["mean"], stats["var"]
     inv = jax.lax.rsqrt(var + common.BN_EPSILON) * scale["gamma"]
-    return x * inv + (-mean * inv + scale["beta"]), stats
+    return (x * inv + (-mean * inv + scale["beta"])).astype(dtype), stats
 
 
 def shortcut_pad(x, filters):
@@ -70,29 +76,33 @@ def shortcut_pad(x, filters):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
-def network(weights):
-    """`apply(params, stats, images, training) -> (logits, new_stats)` for this ResNet; the
-    pixel normalization constants are baked in, as they are constants in the Keras model."""
+def network(weights, dtype="float32"):
+    """`apply(params, stats, images, training) -> (logits, new_stats)` for this ResNet,
+    computing in `dtype` (see the module doc); the pixel normalization constants are baked
+    in, as they are constants in the Keras model."""
     plan = common.stage_plan(weights.depth)
-    pixel_mean, pixel_std = weights.pixel_mean, weights.pixel_std
+    dtype = jnp.dtype(dtype)
+    pixel_mean, pixel_std = (jnp.asarray(weights.pixel_mean, dtype),
+                             jnp.asarray(weights.pixel_std, dtype))
 
     def apply(params, stats, images, training):
         new_stats = []
 
         def conv_bn(x, i, stride):
-            y = conv(x, params["conv"][i], stride)
+            y = conv(x, params["conv"][i].astype(dtype), stride)
             y, s = batch_norm(y, params["bn"][i], stats[i], training)
             new_stats.append(s)
             return y
 
-        x = (images - pixel_mean) / pixel_std
+        x = (images.astype(dtype) - pixel_mean) / pixel_std
         x = jax.nn.relu(conv_bn(x, 0, 1))
         for block, (filters, stride) in enumerate(plan):
             shortcut = x if stride == 1 else shortcut_pad(x, filters)
             y = jax.nn.relu(conv_bn(x, 1 + 2 * block, stride))
             y = conv_bn(y, 2 + 2 * block, 1)
             x = jax.nn.relu(shortcut + y)
-        x = jnp.mean(x, axis=(1, 2))
+        # Keras' mean accumulates in float32; the logits layer computes in float32.
+        x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(dtype).astype(jnp.float32)
         logits = x @ params["dense"]["kernel"] + params["dense"]["bias"]
         return logits, new_stats
 
@@ -134,21 +144,47 @@ def keras_sgd(momentum, nesterov, weight_decay, mask):
 # --------------------------------------------------------------------------- steps
 
 
-def make_steps(apply, optimizer, label_smoothing):
-    """(train_step, eval_step) pure functions of the training state."""
+def init_loss_scale(scaling):
+    """The dynamic loss scale's state (native_common.LossScale): (scale, finite steps in a
+    row); None without loss scaling."""
+    if scaling is None:
+        return None
+    return (jnp.asarray(scaling.initial_scale, jnp.float32), jnp.asarray(0, jnp.int32))
 
-    def loss_fn(params, stats, images, labels):
+
+def make_steps(apply, optimizer, label_smoothing, scaling=None):
+    """(train_step, eval_step) pure functions of the training state (params, stats, optimizer
+    state, loss scale state). With `scaling` (native_common.LossScale) the step scales the
+    loss and unscales the gradients, and applies the update only where they are all finite,
+    as Keras' LossScaleOptimizer does."""
+
+    def loss_fn(params, stats, images, labels, scale):
         logits, stats = apply(params, stats, images, training=True)
         targets = optax.smooth_labels(labels, label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets).mean(), stats
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return (loss if scale is None else loss * scale), (loss, stats)
 
     def train_step(state, images, labels, learning_rate):
-        params, stats, opt_state = state
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, stats, images, labels)
-        updates, opt_state = optimizer.update(grads, opt_state, params,
-                                              learning_rate=learning_rate)
-        return (optax.apply_updates(params, updates), stats, opt_state), loss
+        params, stats, opt_state, loss_scale = state
+        scale = None if loss_scale is None else loss_scale[0]
+        (_, (loss, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, stats, images, labels, scale)
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params,
+                                                  learning_rate=learning_rate)
+        new_params = optax.apply_updates(params, updates)
+        if loss_scale is None:
+            return (new_params, new_stats, new_opt_state, None), loss
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
+                                      for g in jax.tree.leaves(grads)]))
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(finite, a, b), new, old)
+        loss_scale = update_loss_scale(loss_scale, finite, scaling.growth_steps)
+        # A skipped step changes nothing but the scale (Keras: the BN statistics the
+        # forward pass moved are kept; they are not gradients).
+        return (keep(new_params, params), new_stats, keep(new_opt_state, opt_state),
+                loss_scale), loss
 
     def eval_step(params, stats, images, labels):
         # Keras' model.evaluate reports the compiled loss, label smoothing included.
@@ -158,6 +194,16 @@ def make_steps(apply, optimizer, label_smoothing):
         return losses.sum(), hits
 
     return train_step, eval_step
+
+
+def update_loss_scale(loss_scale, finite, growth_steps):
+    """Keras' LossScaleOptimizer: finite -> count, doubling the scale (count reset) when the
+    count reaches growth_steps; not finite -> halve the scale, reset the count."""
+    scale, count = loss_scale
+    grow = finite & (count == growth_steps - 1)
+    new_scale = jnp.where(finite, jnp.where(grow, scale * 2.0, scale), scale * 0.5)
+    new_count = jnp.where(finite & ~grow, count + 1, 0)
+    return new_scale, new_count.astype(jnp.int32)
 
 
 def _flops(compiled):
@@ -194,8 +240,10 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     params, stats = init_state(weights)
     optimizer = keras_sgd(config.momentum, config.nesterov, config.weight_decay,
                           decay_mask(params))
-    train_step, eval_step = make_steps(network(weights), optimizer, config.label_smoothing)
-    state = (params, stats, optimizer.init(params))
+    scaling = common.loss_scale(config)
+    train_step, eval_step = make_steps(network(weights, common.compute_dtype(config)),
+                                       optimizer, config.label_smoothing, scaling)
+    state = (params, stats, optimizer.init(params), init_loss_scale(scaling))
     compiled = None
 
     def step_fn(step, images, labels):
@@ -212,7 +260,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     jitted_eval = jax.jit(eval_step)
 
     def test_metrics():  # of the weights trained so far
-        params, stats, _ = state
+        params, stats, _, _ = state
         return common.evaluate(test_ds, lambda x, y: jitted_eval(params, stats, x, y))
 
     compile_s, step_times, steps_timed, losses = common.timed_training(
@@ -231,6 +279,10 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "device": _describe(device),
         "jit": "jax.jit (XLA), train state donated",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        "compiler": "xla",
+        "memory_format": "channels_last",  # NHWC; XLA picks the device's layout inside
+        "cudnn_benchmark": None,  # XLA autotunes its convolutions on GPUs itself
+        "autocast_dtype": common.autocast_dtype(config),
         **(probe.summary() if probe else {}),
     }
 
@@ -239,7 +291,7 @@ def forward(config, images):
     """Logits of the native network at its initial weights, BN in inference mode."""
     weights = common.initial_weights(config)
     params, stats = init_state(weights)
-    apply = network(weights)
+    apply = network(weights, common.compute_dtype(config))
     logits, _ = jax.jit(lambda p, s, x: apply(p, s, x, training=False))(
         params, stats, jnp.asarray(images, jnp.float32))
     return np.asarray(logits)

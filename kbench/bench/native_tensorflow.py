@@ -6,6 +6,10 @@ native_common), written the way a TensorFlow user would without Keras: `tf.Varia
 `tf.nn.conv2d`, the fused batch norm kernel (`tf.raw_ops.FusedBatchNormV3`), a
 `tf.GradientTape` train step inside one `tf.function`, with XLA as `--jit-compile` resolves
 for Keras (auto: where a GPU is present; on this CPU oneDNN's convolutions beat XLA's).
+Under a mixed policy it computes as Keras does: float32 variables cast to the compute dtype
+where used, activations in it, BatchNorm and the logits in float32 (the casts around the
+fused batch norm are what Keras' fast path does; XLA fuses them on a GPU); under
+mixed_float16 with Keras' dynamic loss scaling (native_common.loss_scale).
 
     run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
     forward(config, images) -> logits            # inference from the initial weights
@@ -23,11 +27,12 @@ from kbench.bench import native_common as common
 class Network(tf.Module):
     """The ResNet's variables and its forward pass; pixel normalization constants baked in."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, dtype="float32"):
         super().__init__()
         self.plan = common.stage_plan(weights.depth)
-        self.pixel_mean = tf.constant(weights.pixel_mean)
-        self.pixel_std = tf.constant(weights.pixel_std)
+        self.dtype = tf.as_dtype(dtype)
+        self.pixel_mean = tf.constant(weights.pixel_mean, self.dtype)
+        self.pixel_std = tf.constant(weights.pixel_std, self.dtype)
         self.convs = [tf.Variable(k, name=f"conv{i}") for i, k in enumerate(weights.convs)]
         self.gammas = [tf.Variable(bn["gamma"], name=f"gamma{i}")
                        for i, bn in enumerate(weights.bns)]
@@ -57,7 +62,7 @@ class Network(tf.Module):
                 x=x, scale=self.gammas[i], offset=self.betas[i], mean=self.moving_means[i],
                 variance=self.moving_vars[i], epsilon=common.BN_EPSILON, data_format="NHWC",
                 is_training=False)
-            return y
+            return tf.cast(y, self.dtype)
         empty = tf.constant([], tf.float32)
         y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=self.gammas[i], offset=self.betas[i], mean=empty, variance=empty,
@@ -67,22 +72,25 @@ class Network(tf.Module):
         momentum = common.BN_MOMENTUM
         self.moving_means[i].assign(self.moving_means[i] * momentum + mean * (1.0 - momentum))
         self.moving_vars[i].assign(self.moving_vars[i] * momentum + var * (1.0 - momentum))
-        return y
+        return tf.cast(y, self.dtype)
 
     def __call__(self, images, training):
         def conv_bn(x, i, stride):
             # "SAME" pads stride-2 convs by (0, 1), as Keras does on every backend.
-            y = tf.nn.conv2d(x, self.convs[i], stride, "SAME", data_format="NHWC")
+            kernel = tf.cast(self.convs[i], self.dtype)
+            y = tf.nn.conv2d(x, kernel, stride, "SAME", data_format="NHWC")
             return self.batch_norm(y, i, training)
 
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = (tf.cast(images, self.dtype) - self.pixel_mean) / self.pixel_std
         x = tf.nn.relu(conv_bn(x, 0, 1))
         for block, (filters, stride) in enumerate(self.plan):
             shortcut = x if stride == 1 else shortcut_pad(x, filters)
             y = tf.nn.relu(conv_bn(x, 1 + 2 * block, stride))
             y = conv_bn(y, 2 + 2 * block, 1)
             x = tf.nn.relu(shortcut + y)
-        x = tf.reduce_mean(x, axis=(1, 2))
+        # Keras' mean accumulates in float32; the logits layer computes in float32.
+        x = tf.cast(tf.cast(tf.reduce_mean(tf.cast(x, tf.float32), axis=(1, 2)), self.dtype),
+                    tf.float32)
         return tf.matmul(x, self.kernel) + self.bias
 
 
@@ -131,7 +139,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     train_ds, test_ds, steps, rates, probe = common.training_plan(config, steps,
                                                                   warmup_steps, epochs)
     weights = common.initial_weights(config)
-    net = Network(weights)
+    net = Network(weights, common.compute_dtype(config))
     variables, decayed = net.trainables()
     momenta = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
     smoothing = float(config.label_smoothing)
@@ -141,15 +149,46 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
     def smoothed(labels):
         return labels * (1.0 - smoothing) + smoothing / tf.cast(tf.shape(labels)[-1], tf.float32)
 
+    scaling = common.loss_scale(config)
+    if scaling is not None:  # Keras' LossScaleOptimizer state: scale, finite steps in a row
+        scale = tf.Variable(scaling.initial_scale, trainable=False, dtype=tf.float32)
+        finite_steps = tf.Variable(0, trainable=False, dtype=tf.int32)
+
+    def update(grads, lr):
+        keras_sgd_update(variables, grads, momenta, lr, config.momentum, config.nesterov,
+                         config.weight_decay, decayed)
+
+    def update_if_finite(scaled_grads, lr):
+        """Keras' LossScaleOptimizer: unscale and apply finite gradients (doubling the
+        scale after growth_steps of them in a row); skip the rest and halve the scale."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in scaled_grads])
+
+        def apply():
+            update([g / scale for g in scaled_grads], lr)
+            grow = finite_steps == scaling.growth_steps - 1
+            scale.assign(tf.where(grow, scale * 2.0, scale))
+            finite_steps.assign(tf.where(grow, 0, finite_steps + 1))
+            return tf.constant(True)
+
+        def skip():
+            scale.assign(scale * 0.5)
+            finite_steps.assign(0)
+            return tf.constant(False)
+
+        tf.cond(finite, apply, skip)
+
     @tf.function(jit_compile=xla)
     def train_step(images, labels, lr):
         with tf.GradientTape() as tape:
             logits = net(images, training=True)
             loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(smoothed(labels),
                                                                           logits))
-        grads = tape.gradient(loss, variables)
-        keras_sgd_update(variables, grads, momenta, lr, config.momentum, config.nesterov,
-                         config.weight_decay, decayed)
+            scaled = loss if scaling is None else loss * scale
+        grads = tape.gradient(scaled, variables)
+        if scaling is None:
+            update(grads, lr)
+        else:
+            update_if_finite(grads, lr)
         return loss
 
     @tf.function(jit_compile=xla)
@@ -186,11 +225,15 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "device": _describe(gpus),
         "jit": "tf.function (XLA)" if xla else "tf.function",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        "compiler": "xla" if xla else "tf.function",
+        "memory_format": "channels_last",  # NHWC, as Keras' default data_format
+        "cudnn_benchmark": None,  # TensorFlow autotunes cuDNN convolutions by default
+        "autocast_dtype": common.autocast_dtype(config),
         **(probe.summary() if probe else {}),
     }
 
 
 def forward(config, images):
     """Logits of the native network at its initial weights, BN in inference mode."""
-    net = Network(common.initial_weights(config))
+    net = Network(common.initial_weights(config), common.compute_dtype(config))
     return net(tf.constant(images, tf.float32), training=False).numpy()

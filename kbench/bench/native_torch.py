@@ -1,24 +1,40 @@
-"""The CIFAR ResNet training loop in plain PyTorch: the twin that Keras-on-PyTorch is timed against.
+"""The CIFAR ResNet training loop in plain PyTorch: the twins Keras-on-PyTorch is timed against.
 
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
-native_common), written the way a PyTorch user would: an nn.Module with nn.Conv2d and
-nn.BatchNorm2d, autograd, and the optimizer update as fused `torch._foreach_*` ops. Eager by
-default; `config.jit_compile == "on"` wraps the model in torch.compile (on the CPU below it
-took 21 s to compile and then ran slower than eager: 151 ms per step).
+native_common), written the way PyTorch practitioners train a CNN: an nn.Module with nn.Conv2d
+and nn.BatchNorm2d, model and inputs in `channels_last` memory, autograd, the optimizer update
+as `torch._foreach_*` ops, and under a mixed dtype policy `torch.autocast` to its compute dtype
+over float32 master weights (a `torch.amp.GradScaler` with Keras' LossScaleOptimizer settings
+under mixed_float16). Two twins:
 
-    run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
-    forward(config, images) -> logits            # inference from the initial weights
+- `native-torch` (run(config, ...)): eager; on CUDA with `torch.backends.cudnn.benchmark = True`.
+- `native-torch-compiled` (run(config, ..., compiled=True)): the same step under torch.compile
+  (inductor, default mode), in the two regions PyTorch's own tutorials compile: the forward
+  pass with the loss (dynamo cannot trace `loss.backward()`, so AOTAutograd compiles the
+  backward with it and autograd runs that), and the optimizer step (lr passed as a tensor so a
+  new learning rate does not recompile it). Compiling is on the clock of the first step
+  (compile_s); evaluation runs the same module eagerly, off the clock.
 
-Measured on a 2-core AMD EPYC (AVX-512) with torch 2.13, ResNet-20, batch 128, eager, median
-of 20 steps of run(): channels_last 127-130 ms, contiguous NCHW 165 ms (both oneDNN), so the
-CPU model and its inputs are channels_last (the NCHW view of a NHWC batch already is). Torch's
-default 2 threads beat torch.set_num_threads(1) (223 ms), so threads are left alone. On CUDA
-the model stays NCHW, cuDNN's native float32 layout; that choice is not measured here.
+    run(config, steps, warmup_steps=2, compiled=False) -> dict   # timed training + evaluation
+    forward(config, images) -> logits                            # inference, initial weights
 
-One difference from Keras' maths is kept because it is what nn.BatchNorm2d does: its moving
-variance takes the unbiased batch variance, n/(n-1) times Keras' biased one (n = batch * H * W,
-at least 8192 at batch 128). It changes inference-mode results only: ResNet-20, batch 128,
-25 steps: test loss 1.69163 instead of 1.69182 with Keras' update, the same test accuracy.
+Why not torch.optim.SGD(fused=True): its momentum buffer does not hold the learning rate
+(Keras': m = momentum * m - lr * g) and its weight decay is L2 on the gradient, not Keras'
+decoupled w -= lr * wd * w, so under a changing learning rate it trains something else.
+
+Measured on a 2-core AMD EPYC (AVX-512) with torch 2.13, ResNet-20, batch 128, eager, float32,
+median of 20 steps of run(): channels_last 127-130 ms, contiguous NCHW 165 ms (both oneDNN), so
+the model and its inputs are channels_last (the NCHW view of a NHWC batch already is). Torch's
+default 2 threads beat torch.set_num_threads(1) (223 ms), so threads are left alone. On an H200,
+plain PyTorch ResNet-20 at batch 1024 took 36.7 ms/step eager NCHW float32, 9.6 with
+channels_last + cudnn.benchmark + bf16 autocast, 7.7 compiled (issue 20): the CUDA settings
+here are those.
+
+Two differences from Keras' maths are kept because they are what PyTorch does: nn.BatchNorm2d's
+moving variance takes the unbiased batch variance, n/(n-1) times Keras' biased one (n = batch * H
+* W, at least 8192 at batch 128; ResNet-20, batch 128, 25 steps: test loss 1.69163 instead of
+1.69182 with Keras' update, the same test accuracy); and autocast computes the pixel
+normalization in float32 where Keras computes it in the compute dtype (one rounding less).
 """
 
 import torch
@@ -28,8 +44,8 @@ from torch import nn
 from kbench.bench import native_common as common
 
 
-def _memory_format(device):
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+MEMORY_FORMAT = torch.channels_last  # on CPU (measured, above) and on CUDA (cuDNN's fast NHWC)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------- model
@@ -102,7 +118,9 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         x = F.relu(self.bn(self.conv(self.normalize(x))))
         x = self.blocks(x)
-        return self.fc(x.mean(dim=(2, 3)))
+        # Keras' logits layer computes in float32 under a mixed policy: so does this head.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.fc(x.mean(dim=(2, 3)).float())
 
     def convs_and_bns(self):
         """(conv, bn) pairs in the order the network applies them (= ResNetWeights order)."""
@@ -144,11 +162,14 @@ class KerasSGD:
 
     Keras keeps the learning rate inside the momentum buffer (m = momentum * m - lr * g), which
     torch.optim.SGD does not, and decays kernels by w *= 1 - lr * wd before the gradient step.
+    `step(lr)` takes lr as a float or a 0-d tensor (what a compiled step needs); `param_groups`
+    is what torch.amp.GradScaler reads to unscale and check the gradients.
     """
 
     def __init__(self, decayed, plain, momentum, nesterov, weight_decay):
         self.decayed = decayed
         self.params = decayed + plain
+        self.param_groups = [{"params": self.params}]
         self.momentum = momentum
         self.nesterov = nesterov
         self.weight_decay = weight_decay
@@ -159,13 +180,14 @@ class KerasSGD:
         grads = [p.grad for p in self.params]
         if self.weight_decay:  # w -= lr * wd * w, written as Keras' torch backend writes it
             torch._foreach_mul_(self.decayed, 1 - self.weight_decay * lr)
+        scaled = torch._foreach_mul(grads, lr)  # lr * g
         if not self.momentum:
-            torch._foreach_add_(self.params, grads, alpha=-lr)
+            torch._foreach_sub_(self.params, scaled)
             return
         torch._foreach_mul_(self.momenta, self.momentum)
-        torch._foreach_add_(self.momenta, grads, alpha=-lr)
-        if self.nesterov:
-            torch._foreach_add_(self.params, grads, alpha=-lr)
+        torch._foreach_sub_(self.momenta, scaled)
+        if self.nesterov:  # w += momentum * m - lr * g
+            torch._foreach_sub_(self.params, scaled)
             torch._foreach_add_(self.params, self.momenta, alpha=self.momentum)
         else:
             torch._foreach_add_(self.params, self.momenta)
@@ -187,7 +209,7 @@ def to_device(images, labels, device):
 def images_to_device(images, device):
     # The NCHW view of NHWC memory already is channels_last: on CPU no second copy is made.
     x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2)
-    return x.to(device, memory_format=_memory_format(device), non_blocking=True)
+    return x.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
 
 
 def _device():
@@ -201,43 +223,84 @@ def _describe(device):
 
 
 def _prepare(config, device):
-    """(ResNetWeights, model on device, the module to call, jit description)."""
+    """(ResNetWeights, model on device in channels_last, autocast context factory). On CUDA,
+    cuDNN benchmarks its convolution algorithms for each new shape first (cudnn.benchmark)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     weights = common.initial_weights(config)
-    model = build_model(weights).to(device, memory_format=_memory_format(device))
-    if config.jit_compile == "on":
-        return weights, model, torch.compile(model), "torch.compile (inductor, default mode)"
-    return weights, model, model, "eager"
+    model = build_model(weights).to(device, memory_format=MEMORY_FORMAT)
+    dtype = common.autocast_dtype(config)
+
+    def autocast():
+        # Under float32 a disabled autocast: the step is the same code for every policy.
+        return torch.autocast(device.type, dtype=TORCH_DTYPES[dtype or "bfloat16"],
+                              enabled=dtype is not None)
+
+    return weights, model, autocast
+
+
+def settings(config, device, compiled):
+    """The record's execution settings (records.SETTING_FIELDS) of this twin's run."""
+    return {"compiler": "torch.compile" if compiled else "eager",
+            "memory_format": "channels_last",
+            "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
+            "autocast_dtype": common.autocast_dtype(config)}
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
+def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False):
     """Train `1 + warmup_steps + steps` steps (with `epochs`: that many epochs in all),
-    evaluate on the test split; see the module doc and native_common.timed_training for what
-    each number means."""
+    evaluate on the test split; eager, or with `compiled` under torch.compile (see the module
+    doc and native_common.timed_training for what each number means)."""
     train_ds, test_ds, steps, rates, probe = common.training_plan(config, steps,
                                                                   warmup_steps, epochs)
     device = _device()
-    weights, model, net, jit = _prepare(config, device)
+    weights, model, autocast = _prepare(config, device)
     optimizer = KerasSGD(*decayed_and_plain(model), config.momentum, config.nesterov,
                          config.weight_decay)
+    scaling = common.loss_scale(config)
+    # Under mixed_float16: Keras' LossScaleOptimizer, as GradScaler (same rules; it reads
+    # one flag per step from the device to decide whether to skip the update).
+    scaler = None if scaling is None else torch.amp.GradScaler(
+        device.type, init_scale=scaling.initial_scale, growth_interval=scaling.growth_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def forward_loss(x, y):
+        with autocast():
+            return F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+
+    update = optimizer.step
+    if compiled:
+        forward_loss = torch.compile(forward_loss)
+        update = torch.compile(update)
+        # The compiled update takes the learning rate as a device tensor: a Python float
+        # would be a constant of the graph, recompiled at every new value.
+        rates = torch.tensor(rates, dtype=torch.float32, device=device)
+        optimizer.step = update  # what GradScaler.step calls under mixed_float16
+
     def step_fn(step, images, labels):
         x, y = to_device(images, labels, device)
-        loss = F.cross_entropy(net(x), y, label_smoothing=config.label_smoothing)
+        loss = forward_loss(x, y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step(rates[step])
+        if scaler is None:
+            loss.backward()
+            update(rates[step])
+        else:
+            scaler.scale(loss).backward()
+            # GradScaler.step unscales and checks the gradients, then calls optimizer.step.
+            scaler.step(optimizer, rates[step])
+            scaler.update()
         # Reading the loss (a copy queued on the stream after the update) waits for the step.
         return loss.detach()
 
     @torch.inference_mode()
     def eval_fn(images, labels):
         x, y = to_device(images, labels, device)
-        logits = net(x)
+        with autocast():
+            logits = model(x)
         # Keras' model.evaluate reports the compiled loss, label smoothing included.
         loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing,
                                reduction="sum")
@@ -265,8 +328,10 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
                            if device.type == "cuda" else None),
         "flops_per_step": None,
         "device": _describe(device),
-        "jit": jit,
+        "jit": ("torch.compile (inductor, default mode): forward + loss, optimizer step"
+                if compiled else "eager"),
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()
+        **settings(config, device, compiled),
         **(probe.summary() if probe else {}),
     }
 
@@ -274,7 +339,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
 def forward(config, images):
     """Logits of the native network at its initial weights, BN in inference mode."""
     device = _device()
-    _, model, net, _ = _prepare(config, device)
+    _, model, autocast = _prepare(config, device)
     model.eval()
-    with torch.inference_mode():
-        return net(images_to_device(images, device)).float().cpu().numpy()
+    with torch.inference_mode(), autocast():
+        return model(images_to_device(images, device)).float().cpu().numpy()

@@ -17,6 +17,8 @@ from kbench.bench.records import read_jsonl
 
 NATIVE_TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native-torch",
                "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch"}
+# Keras-torch under --jit-compile on is measured against the twin under torch.compile.
+COMPILED_TWIN = {"native-torch": "native-torch-compiled"}
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
@@ -81,11 +83,15 @@ def summarize(rows):
                     "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
+        item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
         item["sync_every"] = runs[0].get("sync_every") or 1
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
     for item in summary:
-        twin = by_name.get(NATIVE_TWIN.get(item["backend"], ""))
+        twin_name = NATIVE_TWIN.get(item["backend"], "")
+        if item.pop("jit_compile") == "on" and COMPILED_TWIN.get(twin_name) in by_name:
+            twin_name = COMPILED_TWIN[twin_name]
+        twin = by_name.get(twin_name)
         item["vs_native"] = (item["step_time_ms"] / twin["step_time_ms"]
                              if twin and item["step_time_ms"] and twin["step_time_ms"] else None)
         single = by_name.get(item.pop("parallel_of") or "")

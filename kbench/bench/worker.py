@@ -7,8 +7,9 @@ kbench.target), times them with the device synchronized after every
 step or, with `sync_every` k, every k steps (kbench.train.StepTimer),
 evaluates the trained model on the test split and writes its measurements as JSON.
 
-Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" | "native-jax" | "native-tensorflow" | "native-torch"), config (overrides of the
-recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
+Spec keys: recipe (a kbench recipe's name or a recipe file's path), runner ("keras" |
+"native-jax" | "native-tensorflow" | "native-torch" | "native-torch-compiled"), config
+(overrides of the recipe's Config, `distribute` and `simulate_devices` included), steps, warmup_steps, epochs
 (null: time `steps` steps of one epoch), sync_every (default 1; null: at epoch ends and
 evaluations only), target ({accuracy,
 eval_every_steps, max_epochs}: train to a target accuracy, kbench.target; the result gains
@@ -121,14 +122,24 @@ def run_keras(recipe, config, spec):
     }
 
 
-def run_native(framework, config, spec):
+# Native runner -> (the twin's module in kbench.bench, extra arguments of its run()).
+NATIVE_RUNNERS = {"native-jax": ("native_jax", {}),
+                  "native-tensorflow": ("native_tensorflow", {}),
+                  "native-torch": ("native_torch", {}),
+                  "native-torch-compiled": ("native_torch", {"compiled": True})}
+
+
+def run_native(runner, config, spec):
     from kbench import backend
 
-    module = importlib.import_module(f"kbench.bench.native_{framework}")
+    name, extra = NATIVE_RUNNERS[runner]
+    module = importlib.import_module(f"kbench.bench.{name}")
     # With a target every step but the first is timed, as in the Keras runs (run_keras).
     warmup_steps = 0 if spec.get("target") else spec["warmup_steps"]
     result = module.run(config, steps=spec["steps"], warmup_steps=warmup_steps,
-                        epochs=spec.get("epochs"), sync_every=spec.get("sync_every", 1))
+                        epochs=spec.get("epochs"), sync_every=spec.get("sync_every", 1),
+                        **extra)
+    framework = name.removeprefix("native_")
     from kbench.bench import native_common
 
     for key, value in backend.execution_settings().items():  # as the prologue set them
@@ -157,7 +168,7 @@ def main(argv=None):
         if spec["runner"] == "keras":
             result = run_keras(recipe, config, spec)
         else:
-            result = run_native(spec["runner"].split("-", 1)[1], config, spec)
+            result = run_native(spec["runner"], config, spec)
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
