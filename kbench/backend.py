@@ -29,10 +29,13 @@ def requested_backend():
 def keep_tensorflow_off_the_gpus():
     """Under jax or torch, TensorFlow only runs the tf.data input pipelines, on the CPU: hide
     the GPUs from it before its runtime starts, or it would reserve most of every GPU's
-    memory that JAX or PyTorch needs. (JAX's own preallocation stays as JAX sets it.)"""
+    memory that JAX or PyTorch needs. (JAX's own preallocation stays as JAX sets it.)
+    kbench.imports calls it as TensorFlow is imported; it imports no Keras."""
     import importlib.util
 
-    if (name() == "tensorflow" or not nvidia_gpu_present()
+    from kbench.imports import configured_backend
+
+    if (configured_backend() == "tensorflow" or not nvidia_gpu_present()
             or importlib.util.find_spec("tensorflow") is None):
         return  # without a GPU, importing TensorFlow here would only cost start-up time
     import tensorflow as tf

@@ -168,15 +168,17 @@ COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
 def check_recipe_settings(options):
     """Build the recipe's Config as every run will and check it (kbench.config.check): an
     unknown recipe, an unknown `--set` field or a value out of range is one line before any
-    run starts, not the same failure once per run."""
-    from kbench.bench import worker
-    from kbench.config import check
-    from kbench.recipe import load_recipe
-
+    run starts, not the same failure once per run. An unknown recipe is answered before
+    Keras loads; the Config's checks need the recipe file, which imports Keras."""
     ruled = sorted(set(options.extra_config) & set(COMPARE_SETS))
     if ruled:
         raise KbenchError(f"--set {ruled[0]} is compare's to set, per run: use "
                           f"{COMPARE_SETS[ruled[0]]}")
+    recipe_path(options.recipe)
+    from kbench.bench import worker
+    from kbench.config import check
+    from kbench.recipe import load_recipe
+
     recipe = load_recipe(_recipe_for_worker(options.recipe))
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps,
