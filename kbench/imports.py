@@ -87,8 +87,6 @@ class ImportHooks(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.around and fullname not in self.after:
             return None
-        around = self.around.pop(fullname, contextlib.nullcontext)
-        after = self.after.pop(fullname, lambda: None)
         spec = None
         for finder in sys.meta_path:
             if finder is not self and hasattr(finder, "find_spec"):
@@ -100,7 +98,11 @@ class ImportHooks(importlib.abc.MetaPathFinder):
         loader, exec_module = spec.loader, spec.loader.exec_module
 
         def exec_hooked(module):
-            del loader.exec_module  # once: the loader's own method again
+            # Once, at the import that runs the module (importlib.util.find_spec also asks
+            # finders, for specs it never executes).
+            del loader.exec_module  # the loader's own method again
+            around = self.around.pop(fullname, contextlib.nullcontext)
+            after = self.after.pop(fullname, lambda: None)
             with around():
                 exec_module(module)
             after()
