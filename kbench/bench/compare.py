@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -35,6 +36,7 @@ KERAS_VARIANTS = {"tensorflow-stock": ("tensorflow", {"fast_path": "off"}),  # s
 # Native twin -> the framework it needs (and whose interpreter runs it).
 NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch"}
 ERROR_TAIL_LINES = 25
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 @dataclasses.dataclass
@@ -248,15 +250,16 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
                 _kill_group(proc)
                 raise
         record["wall_s"] = time.monotonic() - start
+        result = _read_result(result_path)
         if returncode is None:
             record.update(status="timeout",
-                          error=f"no result after {options.timeout:g} s (--timeout); "
+                          error=f"no result after {options.timeout:g} s (--timeout)\n"
                                 + _tail(log_path, 5))
-        elif returncode != 0 or not os.path.exists(result_path):
-            record.update(status="failed", error=_explain(returncode, _tail(log_path)))
+        elif returncode != 0 or result is None or "error" in result:
+            record.update(status="failed",
+                          error=_explain(returncode, _tail(log_path), (result or {}).get("error")))
         else:
-            with open(result_path) as f:
-                records.fill_measurements(record, json.load(f))
+            records.fill_measurements(record, result)
     record["log"] = os.path.relpath(log_path, out_dir)
     return record
 
@@ -284,12 +287,27 @@ def _tail(path, lines=ERROR_TAIL_LINES):
     return "\n".join(text[-lines:])
 
 
-def _explain(returncode, tail):
+def _read_result(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _explain(returncode, tail, failure=None):
+    """A failed run's error: its first line says why (the worker's exception, type and
+    message, or how the process ended), the log's tail follows."""
+    if failure:
+        return f"{failure}\n{tail}"
     if returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode).name
         hint = " (killed: out of memory?)" if sig == "SIGKILL" else ""
         return f"worker died with {sig}{hint}\n{tail}"
-    return f"worker exited with status {returncode}\n{tail}"
+    # No word from the worker (it never got that far: e.g. a broken interpreter): the
+    # log's last exception line, when there is one.
+    raised = [line.strip() for line in tail.splitlines() if EXCEPTION_LINE.match(line)]
+    return (f"worker exited with status {returncode}"
+            + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 
 
 def _user_command():
@@ -320,7 +338,7 @@ def compare(options, console=None):
                                  distributed=distributed)
                 done.append(record)
                 records.write_jsonl_atomic(results_path, done)
-                say(f"[compare] {label}: {records.one_line(record)}")
+                say(f"[compare] {label}: {records.one_line(record, folder=out_dir)}")
     except KeyboardInterrupt:
         say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
         report.render(done, out_dir, baseline=options.baseline, console=console)

@@ -61,6 +61,8 @@ def fill_measurements(record, result):
     record["config"] = result.get("config") or record["config"]
     for key in ("model", "dataset", "batch_size", "dtype_policy", "seed"):  # as resolved
         record[key] = record["config"].get(key, record[key])
+    # The model built, by its Keras name: a recipe's build_model may not follow config.model.
+    record["model"] = result.get("model") or record["model"]
     if record.get("target_accuracy") is not None:
         for key in TARGET_FIELDS:
             record[key] = result.get(key)
@@ -85,10 +87,20 @@ def fill_measurements(record, result):
     return record
 
 
-def one_line(record):
+def error_line(record, folder=None):
+    """A failed run in one line: the first line of its error (the exception's type and
+    message), and its log (in `folder`, the results folder, when given)."""
+    lines = (record.get("error") or "").strip().splitlines()
+    text = lines[0] if lines else "no error text"
+    log = record.get("log")
+    if log:
+        text += f" (log: {os.path.join(folder, log) if folder else log})"
+    return text
+
+
+def one_line(record, folder=None):
     if record["status"] != "ok":
-        first = (record.get("error") or "").strip().splitlines()
-        return f"{record['status']}: {first[-1] if first else 'no error text'}"
+        return f"{record['status']}: {error_line(record, folder)}"
     if record.get("target_accuracy") is not None:
         from kbench.target import describe
 
