@@ -220,7 +220,8 @@ class Run:
                 check_epoch_length(state, train_ds.steps_per_epoch)
                 histories.append(self._fit_epochs(
                     model, config, train_ds, test_ds, start, start + 1,
-                    first_batch=state.batches_in_epoch, metric_states=state.metric_states))
+                    first_batch=state.batches_in_epoch, metric_states=state.metric_states,
+                    total_epochs=end))
                 start += 1
             if start < end and not (state is not None and state.stopped_early):
                 histories.append(self._fit_epochs(model, config, train_ds, test_ds, start, end))
@@ -229,9 +230,10 @@ class Run:
         return _joined(histories)
 
     def _fit_epochs(self, model, config, train_ds, test_ds, start, end, first_batch=0,
-                    metric_states=()):
+                    metric_states=(), total_epochs=None):
         """model.fit over epochs [start, end) of the stage; the first of them from its batch
-        `first_batch` on (the rest of an epoch a step checkpoint interrupted)."""
+        `first_batch` on (the rest of an epoch a step checkpoint interrupted). The progress
+        bar counts epochs of `total_epochs` (default `end`)."""
         state = self.state
         if state is not None:
             train_ds = train_ds.starting_at(state.stage_batches_done)
@@ -257,7 +259,7 @@ class Run:
                 validation_data=test_ds.dataset if config.validate_every_epoch else None,
                 callbacks=[*evaluations, self.timer, *timers, *self.dist.callbacks(), *others,
                            *run_callbacks(config, steps, state, self.dist.num_processes),
-                           *resumed_sums, interrupt],
+                           *resumed_sums, interrupt, EpochProgress(total_epochs or end)],
                 shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
                 verbose=config.verbose,
             )
@@ -393,6 +395,20 @@ def compile_model(model, config, steps_per_epoch):
 
 
 # --------------------------------------------------------------------------- callbacks
+
+
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (fit uses this one instead of adding its own), counting epochs of
+    the whole run: resuming mid-epoch, fit runs the rest of that epoch alone, and Keras' own
+    bar would print `Epoch 3/3` before `Epoch 4/6`."""
+
+    def __init__(self, total_epochs):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
 
 class StepTimer(keras.callbacks.Callback):
