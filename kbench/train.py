@@ -648,7 +648,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "config": dataclasses.asdict(config),
         "versions": backend.versions(),
         "devices": backend.devices(),
-        "git_commit": backend.git_commit(),
+        **backend.provenance(),  # kbench_version; git_commit, git_dirty in its checkout
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }

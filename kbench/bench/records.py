@@ -22,7 +22,8 @@ FIELDS = (
     "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
     "steps_timed", "examples_per_sec", "compile_s", "peak_rss_mb", "peak_device_mb",
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
-    "versions", "device", "config", "command", "git_commit", "timestamp",
+    "versions", "device", "config", "command", "git_commit", "git_dirty", "kbench_version",
+    "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
     "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
     # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
@@ -36,7 +37,7 @@ def new_record(name, spec, options, command, python, repeat):
         backend=name, status="failed", recipe=spec["recipe"], model=spec["config"].get("model"),
         dataset=spec["config"].get("dataset"), batch_size=spec["config"].get("batch_size"),
         dtype_policy=spec["config"].get("dtype_policy"), config=spec["config"], command=command,
-        python=python, repeat=repeat, git_commit=backend.git_commit(),
+        python=python, repeat=repeat, **backend.provenance(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
         sync_every=spec.get("sync_every", 1),
@@ -54,7 +55,8 @@ def fill_measurements(record, result):
     times_ms = sorted(1000.0 * t for t in result.get("step_times") or [])
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
-                "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
+                "flops_per_step", "flops_source", "versions", "device", "git_commit",
+                "git_dirty", "kbench_version", "jit",
                 "params", "num_replicas", "distribution", "fast_path"):
         if result.get(key) is not None:
             record[key] = result[key]

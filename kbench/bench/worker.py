@@ -185,7 +185,7 @@ def main(argv=None):
         wall_s=time.perf_counter() - start,
         versions=backend.versions(),
         config=dataclasses.asdict(config),
-        git_commit=backend.git_commit(),
+        **backend.provenance(),
     )
     from kbench.files import write_json_atomic
 
