@@ -60,8 +60,12 @@ def filter_startup_lines(text, level):
 def stderr_filtered(level):
     """Catch what is written to file descriptor 2 (C++ libraries write there directly) and
     pass on what filter_startup_lines keeps, once the block ends."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no file descriptor 2 (or no stderr) here
+        yield
+        return
     with tempfile.TemporaryFile(mode="w+b") as caught:
         os.dup2(caught.fileno(), 2)
         try:

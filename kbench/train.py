@@ -233,7 +233,7 @@ class Run:
                     metric_states=(), total_epochs=None):
         """model.fit over epochs [start, end) of the stage; the first of them from its batch
         `first_batch` on (the rest of an epoch a step checkpoint interrupted). The progress
-        bar counts epochs of `total_epochs` (default `end`)."""
+        bar counts epochs of `total_epochs` when it is given (the stage's end)."""
         state = self.state
         if state is not None:
             train_ds = train_ds.starting_at(state.stage_batches_done)
@@ -259,7 +259,8 @@ class Run:
                 validation_data=test_ds.dataset if config.validate_every_epoch else None,
                 callbacks=[*evaluations, self.timer, *timers, *self.dist.callbacks(), *others,
                            *run_callbacks(config, steps, state, self.dist.num_processes),
-                           *resumed_sums, interrupt, EpochProgress(total_epochs or end)],
+                           *resumed_sums, interrupt,
+                           *EpochProgress.when_needed(config.verbose, end, total_epochs)],
                 shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
                 verbose=config.verbose,
             )
@@ -402,9 +403,19 @@ class EpochProgress(keras.callbacks.ProgbarLogger):
     the whole run: resuming mid-epoch, fit runs the rest of that epoch alone, and Keras' own
     bar would print `Epoch 3/3` before `Epoch 4/6`."""
 
+    # As Keras' own bar (which fit adds after deciding this): it must not turn off the
+    # asynchronous dispatch of batch callbacks.
+    async_safe = True
+
     def __init__(self, total_epochs):
         super().__init__()
         self.total_epochs = total_epochs
+
+    @classmethod
+    def when_needed(cls, verbose, end, total_epochs):
+        """[EpochProgress] for a fit that ends before the stage does, with a bar to show;
+        else [] (Keras' own bar is right)."""
+        return [cls(total_epochs)] if verbose and total_epochs and total_epochs != end else []
 
     def set_params(self, params):
         super().set_params(params)
