@@ -323,12 +323,14 @@ def test_a_failed_run_says_its_exception_and_log_and_the_title_stays_true(tmp_pa
                     "--output", str(out))
     assert result.returncode == 1
     log = out / "logs" / "torch-r0.log"
-    line = f"[compare] torch: failed: ValueError: the layer got a bad shape (log: {out}/logs/torch-r0.log)"
+    line = ("[compare] torch: failed: ValueError: the layer got a bad shape "
+            f"(log: {out}/logs/torch-r0.log)")
     assert line in result.stdout, result.stdout
     row = load(out)[0]
     assert row["error"].startswith("ValueError: the layer got a bad shape\n")
     assert "Traceback (most recent call last)" in log.read_text()  # the whole story stays
-    title = "failing.py: no model built (the recipe's model asked) on synthetic, the recipe's batch size, float32"
+    title = ("failing.py: no model built (the recipe's model asked) on synthetic, the recipe's "
+             "batch size, float32")
     assert title in " ".join(result.stdout.split()), result.stdout
 
 

@@ -61,8 +61,8 @@ def user_project(tmp_path):
     edited = edited.replace('option(3e-3, "peak learning rate")', 'option(2e-3, "peak rate")')
     assert edited.count("my_digits") == 1 and "2e-3" in edited
     # Its own network, whatever config.model says (the Config's default stays "convnet").
-    built = ("    return get_model(config.model, num_classes=num_classes, input_shape=image_shape,\n"
-             "                     seed=config.seed)\n")
+    built = ("    return get_model(config.model, num_classes=num_classes, "
+             "input_shape=image_shape,\n                     seed=config.seed)\n")
     assert built in edited
     edited = edited.replace(built, (
         "    import keras\n\n"
