@@ -81,13 +81,24 @@ def _positive_int(text):
     return value
 
 
+def _existing_file(text):
+    """A path argument checked before any framework loads (what a file holds is checked when
+    it is read)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
+
+
 def add_model_verbs(verbs):
     evaluate = verbs.add_parser(
         "evaluate", help="accuracy, top-5, per-class metrics and confusion matrix of a model",
         description="Evaluate a saved model.keras on its dataset's test split. The settings of "
                     "the run (dataset, data dir, sizes, seed) come from the metrics.json next "
                     "to the model when there is one; flags override them.")
-    evaluate.add_argument("model", metavar="MODEL.keras", help="a model saved by Keras")
+    evaluate.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                          help="a model saved by Keras")
     evaluate.add_argument("--output-dir", default=None,
                           help="where eval.json and confusion_matrix.png go (default: the "
                                "model's folder)")
@@ -111,7 +122,8 @@ def add_model_verbs(verbs):
         "export", help="export a model to ONNX or a TensorFlow SavedModel, checked",
         description="Export a saved model.keras with Keras' model.export, run the artifact "
                     "(onnxruntime / TensorFlow) on a test batch and compare with Keras.")
-    export.add_argument("model", metavar="MODEL.keras", help="a model saved by Keras")
+    export.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                        help="a model saved by Keras")
     export.add_argument("--format", required=True, choices=("onnx", "savedmodel"),
                         help="onnx: one .onnx file; savedmodel: TensorFlow's SavedModel folder")
     export.add_argument("--output", required=True,
@@ -129,8 +141,9 @@ def add_model_verbs(verbs):
         "predict", help="top classes of image files or .npy arrays",
         description="Classify images (PNG, JPEG: resized to the model's input, raw 0..255 "
                     "pixels) or .npy arrays (one input or a batch) with a saved model.")
-    predict.add_argument("model", metavar="MODEL.keras", help="a model saved by Keras")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+    predict.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                         help="a model saved by Keras")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", type=_existing_file,
                          help="image files and/or .npy arrays")
     predict.add_argument("--top", type=_positive_int, default=5, help="classes to show")
     predict.add_argument("--json", action="store_true", help="print JSON")

@@ -55,6 +55,9 @@ def kbench_probe(*argv, env=None):
     (["compare", "--set", "epochs=3"], 2),
     (["report", "/no/such/results.jsonl"], 2),
     (["evaluate", "--test-examples", "0", "m.keras"], 2),
+    (["evaluate", "/no/such/model.keras"], 2),
+    (["export", "/no/such/model.keras", "--format", "onnx", "--output", "/tmp/x.onnx"], 2),
+    (["predict", "/no/such/model.keras", "digit.png"], 2),
 ])
 def test_help_version_and_usage_errors_load_no_framework(argv, status):
     got, loaded, out = kbench_probe(*argv)
