@@ -1,24 +1,30 @@
 """kbench: train Keras 3 models on JAX, TensorFlow and PyTorch, and compare the three honestly.
 
-Importing kbench validates KERAS_BACKEND (one clear line instead of Keras' traceback) and
-registers kbench's custom layers so `keras.saving.load_model` can read kbench models.
+Importing kbench is instant: it validates KERAS_BACKEND (one clear line instead of Keras'
+traceback) and loads no framework. Whenever Keras is imported (before or after kbench), kbench's
+custom layers are registered so `keras.saving.load_model` can read kbench models; whenever
+TensorFlow is, its C++ start-up lines are filtered out (kbench.imports).
 """
-
-import os
 
 __version__ = "0.1.0"
 
-from kbench.errors import KbenchError, install_excepthook
+from kbench.errors import KbenchError, install_excepthook  # noqa: E402
 
 install_excepthook()
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries real output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from kbench.backend import keep_tensorflow_off_the_gpus, requested_backend  # noqa: E402
+from kbench import imports as _imports  # noqa: E402
+from kbench.backend import requested_backend  # noqa: E402
 
 requested_backend()
-keep_tensorflow_off_the_gpus()  # before anything runs a TensorFlow op
+_imports.install(_imports.quiet_tensorflow_logs())
 
-from kbench import models  # noqa: E402,F401  (registers custom layers)
+
+def __getattr__(name):
+    if name == "models":  # `import kbench; kbench.models.get_model(...)` loads Keras here
+        import kbench.models
+
+        return kbench.models
+    raise AttributeError(f"module 'kbench' has no attribute {name!r}")
+
 
 __all__ = ["KbenchError", "__version__", "models"]

@@ -29,10 +29,13 @@ def requested_backend():
 def keep_tensorflow_off_the_gpus():
     """Under jax or torch, TensorFlow only runs the tf.data input pipelines, on the CPU: hide
     the GPUs from it before its runtime starts, or it would reserve most of every GPU's
-    memory that JAX or PyTorch needs. (JAX's own preallocation stays as JAX sets it.)"""
+    memory that JAX or PyTorch needs. (JAX's own preallocation stays as JAX sets it.)
+    kbench.imports calls it as TensorFlow is imported; it imports no Keras."""
     import importlib.util
 
-    if (name() == "tensorflow" or not nvidia_gpu_present()
+    from kbench.imports import configured_backend
+
+    if (configured_backend() == "tensorflow" or not nvidia_gpu_present()
             or importlib.util.find_spec("tensorflow") is None):
         return  # without a GPU, importing TensorFlow here would only cost start-up time
     import tensorflow as tf
@@ -243,16 +246,54 @@ def accelerator():
     return "gpu" if any(not d.startswith("cpu") for d in devices()) else "cpu"
 
 
-def git_commit():
-    """The kbench checkout's commit, or None outside a git checkout."""
+def provenance(package_dir=None):
+    """What ran, for records and metrics.json: `kbench_version` always; `git_commit` and
+    `git_dirty` (uncommitted changes to tracked files) only when kbench runs from its own git
+    checkout: its package folder `kbench/` at the top of a git work tree whose pyproject.toml
+    names the project kbench. kbench copied or installed inside another repository gets None
+    for both, not that repository's commit."""
+    from kbench import __version__
+
+    found = {"kbench_version": __version__, "git_commit": None, "git_dirty": None}
+    top = kbench_checkout(package_dir or os.path.dirname(os.path.abspath(__file__)))
+    if top is not None:
+        found["git_commit"] = _git(top, "rev-parse", "HEAD")
+        status = _git(top, "status", "--porcelain", "--untracked-files=no")
+        found["git_dirty"] = None if status is None else bool(status)
+    return found
+
+
+def kbench_checkout(package_dir):
+    """The top folder of kbench's own git checkout that `package_dir` is the package of, or
+    None (no git, not a work tree, or another project's)."""
+    import tomllib
+
+    top = _git(package_dir, "rev-parse", "--show-toplevel")
+    if not top or os.path.realpath(os.path.dirname(package_dir)) != os.path.realpath(top):
+        return None
+    try:
+        with open(os.path.join(top, "pyproject.toml"), "rb") as f:
+            name = tomllib.load(f).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return top if name == "kbench" else None
+
+
+def _git(folder, *args):
+    """`git ARGS` in `folder`: its output, stripped, or None when git fails or is missing."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=folder)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit():
+    """The commit of kbench's own checkout, or None (see provenance)."""
+    return provenance()["git_commit"]
 
 
 def set_seed(seed):

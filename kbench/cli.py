@@ -5,11 +5,13 @@ Each verb is a small function; bad input ends as one `error: ...` line and exit 
 
 import argparse
 import json
+import os
 import sys
 
+from kbench import __version__
 from kbench.bench import cli as bench_cli
 from kbench.errors import exit_on_error
-from kbench.flags import OneLineErrorParser
+from kbench.flags import DefaultsHelpFormatter, OneLineErrorParser
 
 
 def cmd_env(args):
@@ -38,6 +40,8 @@ def cmd_evaluate(args):
     """Evaluate a saved model on its dataset's test split; write eval.json and the PNG."""
     from kbench.evaluation import evaluate_saved_model, summary_line
 
+    if args.output_dir is None:  # beside the model, as its metrics.json is
+        args.output_dir = os.path.dirname(os.path.abspath(args.model))
     result = evaluate_saved_model(args.model, args.output_dir, dataset=args.dataset,
                                   data_dir=args.data_dir, test_examples=args.test_examples,
                                   batch_size=args.batch_size, recipe=args.recipe,
@@ -77,22 +81,37 @@ def _positive_int(text):
     return value
 
 
+def _existing_file(text):
+    """A path argument checked before any framework loads (what a file holds is checked when
+    it is read)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
+
+
 def add_model_verbs(verbs):
     evaluate = verbs.add_parser(
         "evaluate", help="accuracy, top-5, per-class metrics and confusion matrix of a model",
         description="Evaluate a saved model.keras on its dataset's test split. The settings of "
                     "the run (dataset, data dir, sizes, seed) come from the metrics.json next "
                     "to the model when there is one; flags override them.")
-    evaluate.add_argument("model", metavar="MODEL.keras")
-    evaluate.add_argument("--output-dir", required=True,
-                          help="where eval.json and confusion_matrix.png go")
+    evaluate.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                          help="a model saved by Keras")
+    evaluate.add_argument("--output-dir", default=None,
+                          help="where eval.json and confusion_matrix.png go (default: the "
+                               "model's folder)")
     evaluate.add_argument("--dataset", help="dataset name (default: the one that trained it)")
-    evaluate.add_argument("--data-dir", help="where the dataset lies")
+    evaluate.add_argument("--data-dir", help="where the dataset lies (default: the run's, "
+                                             "else the dataset's usual place)")
     evaluate.add_argument("--download", action="store_true",
                           help="download the dataset when it is missing and the network answers")
     evaluate.add_argument("--test-examples", type=_positive_int,
-                          help="evaluate on the first N test examples")
-    evaluate.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
+                          help="evaluate on the first N test examples (default: the run's, "
+                               "from its metrics.json)")
+    evaluate.add_argument("--batch-size", type=_positive_int,
+                          help="evaluation batch size (default: the run's)")
     evaluate.add_argument("--recipe", metavar="NAME_OR_FILE",
                           help="build the test split with this recipe's build_datasets: a "
                                "kbench recipe's name or your own recipe file (default: "
@@ -103,8 +122,10 @@ def add_model_verbs(verbs):
         "export", help="export a model to ONNX or a TensorFlow SavedModel, checked",
         description="Export a saved model.keras with Keras' model.export, run the artifact "
                     "(onnxruntime / TensorFlow) on a test batch and compare with Keras.")
-    export.add_argument("model", metavar="MODEL.keras")
-    export.add_argument("--format", required=True, choices=("onnx", "savedmodel"))
+    export.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                        help="a model saved by Keras")
+    export.add_argument("--format", required=True, choices=("onnx", "savedmodel"),
+                        help="onnx: one .onnx file; savedmodel: TensorFlow's SavedModel folder")
     export.add_argument("--output", required=True,
                         help="file (onnx) or folder (savedmodel) to write")
     export.add_argument("--tolerance", type=float, default=None,
@@ -120,8 +141,9 @@ def add_model_verbs(verbs):
         "predict", help="top classes of image files or .npy arrays",
         description="Classify images (PNG, JPEG: resized to the model's input, raw 0..255 "
                     "pixels) or .npy arrays (one input or a batch) with a saved model.")
-    predict.add_argument("model", metavar="MODEL.keras")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+    predict.add_argument("model", metavar="MODEL.keras", type=_existing_file,
+                         help="a model saved by Keras")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", type=_existing_file,
                          help="image files and/or .npy arrays")
     predict.add_argument("--top", type=_positive_int, default=5, help="classes to show")
     predict.add_argument("--json", action="store_true", help="print JSON")
@@ -129,20 +151,35 @@ def add_model_verbs(verbs):
 
 
 def build_parser():
-    parser = OneLineErrorParser(prog="kbench", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    """The whole command line. Building and parsing it loads no framework, so help, version
+    and usage errors answer at once (tests/test_cli.py holds it to that)."""
+    parser = OneLineErrorParser(prog="kbench", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kbench {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the frameworks' start-up logs (TensorFlow's C++ lines), "
+                             "as KBENCH_VERBOSE=1 does")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
-    env = verbs.add_parser("env", help="backend, devices and versions")
+    env = verbs.add_parser("env", help="backend, devices and versions",
+                           description="The active backend (KERAS_BACKEND), its devices and "
+                                       "the versions of everything that matters.")
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(func=cmd_env)
 
     bench_cli.add_verbs(verbs)
     add_model_verbs(verbs)
+    for verb in verbs.choices.values():  # every command's help shows its defaults
+        verb.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from kbench import imports
+
+        imports.show_startup_logs()
     sys.exit(exit_on_error(args.func, args) or 0)
 
 

@@ -24,7 +24,10 @@ class Interrupted(Exception):
 
 
 def install_excepthook():
-    """Render an uncaught KbenchError as `error: <message>` (e.g. a bad KERAS_BACKEND at import)."""
+    """Render an uncaught KbenchError as `error: <message>` (e.g. a bad KERAS_BACKEND at import)
+    and end a script with exit status 2, as the `kbench` command and the recipes do: Python
+    would exit 1 after any uncaught exception, so the hook ends the process itself, once the
+    exit handlers have run. An interactive session only gets the line."""
     previous = sys.excepthook
     if getattr(previous, "_kbench", False):
         return
@@ -32,6 +35,14 @@ def install_excepthook():
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, KbenchError):
             print(f"error: {exc}", file=sys.stderr)
+            if not (sys.flags.interactive or hasattr(sys, "ps1")):
+                import atexit
+                import os
+
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             return
         previous(exc_type, exc, tb)
 

@@ -9,8 +9,6 @@ import dataclasses
 import types
 import typing
 
-from kbench.config import check, field_setting
-
 
 def _flag_type(annotation):
     """(argparse type, is_bool) for int, float, str, bool and `X | None`."""
@@ -30,7 +28,21 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default, unless there is none to show (None, a switch off)
+    or the help text already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(config_cls, description=None):
+    from kbench.config import field_setting  # (kbench.config loads Keras: not at import)
+
     parser = OneLineErrorParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
@@ -58,6 +70,8 @@ def parse_config(config_cls, argv=None, description=None):
     supplies the defaults; flags given beside it override them. So
     `python recipes/x.py --config runs/x/jax/metrics.json` re-runs a run exactly.
     """
+    from kbench.config import check
+
     parser = build_parser(config_cls, description)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="take every setting from a saved config.json / metrics.json; "

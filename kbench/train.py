@@ -220,7 +220,8 @@ class Run:
                 check_epoch_length(state, train_ds.steps_per_epoch)
                 histories.append(self._fit_epochs(
                     model, config, train_ds, test_ds, start, start + 1,
-                    first_batch=state.batches_in_epoch, metric_states=state.metric_states))
+                    first_batch=state.batches_in_epoch, metric_states=state.metric_states,
+                    total_epochs=end))
                 start += 1
             if start < end and not (state is not None and state.stopped_early):
                 histories.append(self._fit_epochs(model, config, train_ds, test_ds, start, end))
@@ -229,9 +230,10 @@ class Run:
         return _joined(histories)
 
     def _fit_epochs(self, model, config, train_ds, test_ds, start, end, first_batch=0,
-                    metric_states=()):
+                    metric_states=(), total_epochs=None):
         """model.fit over epochs [start, end) of the stage; the first of them from its batch
-        `first_batch` on (the rest of an epoch a step checkpoint interrupted)."""
+        `first_batch` on (the rest of an epoch a step checkpoint interrupted). The progress
+        bar counts epochs of `total_epochs` when it is given (the stage's end)."""
         state = self.state
         if state is not None:
             train_ds = train_ds.starting_at(state.stage_batches_done)
@@ -260,7 +262,8 @@ class Run:
                 validation_data=test_ds.dataset if config.validate_every_epoch else None,
                 callbacks=[*evaluations, self.timer, *timers, *self.dist.callbacks(), *others,
                            *run_callbacks(config, steps, state, self.dist.num_processes),
-                           *resumed_sums, interrupt],
+                           *resumed_sums, interrupt,
+                           *EpochProgress.when_needed(config.verbose, end, total_epochs)],
                 shuffle=False,  # tf.data shuffles; Keras would only warn that it cannot
                 verbose=config.verbose,
             )
@@ -459,6 +462,28 @@ class _TimedIterator:
             self._clock.seconds += time.perf_counter() - start
             self._clock.batches += 1
 
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (fit uses this one instead of adding its own), counting epochs of
+    the whole run: resuming mid-epoch, fit runs the rest of that epoch alone, and Keras' own
+    bar would print `Epoch 3/3` before `Epoch 4/6`."""
+
+    # As Keras' own bar (which fit adds after deciding this): it must not turn off the
+    # asynchronous dispatch of batch callbacks.
+    async_safe = True
+
+    def __init__(self, total_epochs):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    @classmethod
+    def when_needed(cls, verbose, end, total_epochs):
+        """[EpochProgress] for a fit that ends before the stage does, with a bar to show;
+        else [] (Keras' own bar is right)."""
+        return [cls(total_epochs)] if verbose and total_epochs and total_epochs != end else []
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -718,7 +743,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "config": dataclasses.asdict(config),
         "versions": backend.versions(),
         "devices": backend.devices(),
-        "git_commit": backend.git_commit(),
+        **backend.provenance(),  # kbench_version; git_commit, git_dirty in its checkout
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }

@@ -110,3 +110,47 @@ def test_one_float32_precision_is_set_on_the_framework_and_recorded():
             backend.apply_execution_settings("fp32")
     finally:
         backend.apply_execution_settings()  # kbench's default, as every run sets it
+
+def _git_repo(folder, project_name):
+    """A git work tree holding a kbench package folder and a pyproject.toml naming
+    `project_name`, committed; returns its HEAD."""
+    import subprocess
+
+    (folder / "kbench").mkdir(parents=True)
+    (folder / "kbench" / "__init__.py").write_text("")
+    (folder / "pyproject.toml").write_text(f'[project]\nname = "{project_name}"\n')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(folder)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.backend_independent
+def test_provenance_names_kbench_s_own_checkout_only(tmp_path):
+    """kbench's version always; a commit and the dirty flag only from kbench's own checkout,
+    never from another repository kbench was copied or installed into."""
+    from kbench import __version__, backend
+
+    foreign = tmp_path / "their_project"
+    _git_repo(foreign, "their-app")
+    assert backend.provenance(str(foreign / "kbench")) == {
+        "kbench_version": __version__, "git_commit": None, "git_dirty": None}
+    nested = tmp_path / "their_app2"  # kbench vendored one folder down in their repository
+    _git_repo(nested, "their-app")
+    (nested / "vendor").mkdir()
+    (nested / "vendor" / "pyproject.toml").write_text('[project]\nname = "kbench"\n')
+    (nested / "vendor" / "kbench").mkdir()
+    assert backend.provenance(str(nested / "vendor" / "kbench"))["git_commit"] is None
+    assert backend.provenance(str(tmp_path / "nowhere" / "kbench"))["git_commit"] is None
+
+    ours = tmp_path / "kbench_checkout"
+    head = _git_repo(ours, "kbench")
+    assert backend.provenance(str(ours / "kbench")) == {
+        "kbench_version": __version__, "git_commit": head, "git_dirty": False}
+    (ours / "kbench" / "__init__.py").write_text("# edited\n")
+    assert backend.provenance(str(ours / "kbench"))["git_dirty"] is True
+    (ours / "kbench" / "__init__.py").write_text("")
+    (ours / "scratch.txt").write_text("untracked files are not changes to kbench")
+    assert backend.provenance(str(ours / "kbench"))["git_dirty"] is False

@@ -166,12 +166,15 @@ def test_report_rerenders_saved_results(tmp_path, entry_point):
     rows = [record("jax", 100, 95, 105), record("native-jax", 80, 78, 82),
             record("torch", 60, 58, 62)]
     failed = dict.fromkeys(records.FIELDS)
-    failed.update(backend="tensorflow", status="failed", error="boom\nImportError: no tf")
+    failed.update(backend="tensorflow", status="failed",
+                  error="ImportError: no tf\nTraceback (most recent call last): ...",
+                  log="logs/tensorflow-r0.log")
     records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), rows + [failed])
     status, out = report_here(entry_point, tmp_path / "results.jsonl")
     assert status == 0
     assert "1.25x" in out  # jax vs native-jax: 100 / 80
-    assert "ImportError: no tf" in out
+    assert "ImportError: no tf (log: logs/tensorflow-r0.log)" in out  # the first line only
+    assert "Traceback" not in out
     assert (tmp_path / "results.png").stat().st_size > 1000
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.startswith("backend,status,runs,step_time_ms")
@@ -306,3 +309,75 @@ def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():
     assert ratios["torch"] == pytest.approx(2.0) and ratios["jax"] == pytest.approx(1.0)
     rows[0]["config"] = {"jit_compile": "auto"}
     assert report.summarize(rows)[0]["vs_native"] == pytest.approx(1.2)
+
+FAILING_RECIPE = '''
+import dataclasses
+
+from kbench.config import TrainConfig
+
+
+@dataclasses.dataclass
+class Config(TrainConfig):
+    dataset: str = "synthetic"
+    model: str = "convnet"
+
+
+def build_model(config):
+    raise NotImplementedError
+
+
+def build_datasets(config):
+    raise NotImplementedError
+
+
+def main(config, model=None, datasets=None, callbacks=()):
+    # As Keras words a layer's error: the message, then the call's arguments below it.
+    raise ValueError("the layer got a bad shape\\n\\nArguments received by Dense.call():\\n"
+                     "  \\u2022 kwargs=<class 'inspect._empty'>")
+'''
+
+
+@pytest.mark.slow
+def test_a_failed_run_says_its_exception_and_log_and_the_title_stays_true(tmp_path):
+    recipe = tmp_path / "failing.py"
+    recipe.write_text(FAILING_RECIPE)
+    out = tmp_path / "cmp"
+    result = kbench("compare", "--recipe", str(recipe), "--backends", "torch", "--steps", "2",
+                    "--output", str(out))
+    assert result.returncode == 1
+    log = out / "logs" / "torch-r0.log"
+    line = ("[compare] torch: failed: ValueError: the layer got a bad shape "
+            f"(log: {out}/logs/torch-r0.log)")
+    assert line in result.stdout, result.stdout
+    row = load(out)[0]
+    assert row["error"].startswith("ValueError: the layer got a bad shape\n")
+    assert "Traceback (most recent call last)" in log.read_text()  # the whole story stays
+    title = ("failing.py: no model built (the recipe's model asked) on synthetic, the recipe's "
+             "batch size, float32")
+    assert title in " ".join(result.stdout.split()), result.stdout
+
+
+def test_titles_name_the_model_built_or_what_was_asked():
+    built = record("jax", 100, 95, 105)
+    built.update(model="my_tiny", params=650, recipe="/home/me/my_recipe.py")
+    twin = record("native-jax", 80, 78, 82)
+    twin.update(model="resnet20", params=None)
+    assert report.describe([twin, built]).startswith(
+        "my_recipe.py: my_tiny (650 params) on synthetic, batch 128, float32")
+    failed = dict.fromkeys(records.FIELDS)
+    failed.update(backend="torch", status="failed", recipe="mnist_convnet", model=None,
+                  dataset="digits", batch_size=None, dtype_policy="float32")
+    assert report.describe([failed]) == ("mnist_convnet: no model built (the recipe's model "
+                                         "asked) on digits, the recipe's batch size, float32")
+    failed.update(model="convnet", batch_size=32)
+    assert report.describe([failed]) == ("mnist_convnet: no model built (convnet asked) on "
+                                         "digits, batch 32, float32")
+
+
+def test_a_record_names_the_model_its_run_built():
+    row = dict.fromkeys(records.FIELDS)
+    row.update(backend="jax", batch_size=16, config={"model": "convnet", "batch_size": 16})
+    records.fill_measurements(row, {"model": "my_tiny", "params": 650, "step_times": [0.01] * 3,
+                                    "config": {"model": "convnet", "batch_size": 16}})
+    assert row["model"] == "my_tiny" and row["params"] == 650
+    assert row["config"]["model"] == "convnet"

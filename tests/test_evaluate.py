@@ -238,6 +238,17 @@ def test_evaluate_command_takes_settings_from_metrics_json(tmp_path, capsys):
     assert result["num_examples"] == 60 and result["accuracy"] == expected["accuracy"]
 
 
+def test_evaluate_writes_beside_the_model_without_output_dir(tmp_path, capsys):
+    model_path = save_run(tmp_path, digits_model(), {
+        "dataset": "digits", "data_dir": None, "seed": 0, "train_examples": None,
+        "test_examples": 40, "batch_size": 20})
+    assert run_cli("evaluate", model_path) == 0
+    folder = os.path.dirname(os.path.abspath(model_path))
+    assert json.loads(open(os.path.join(folder, "eval.json")).read())["num_examples"] == 40
+    assert os.path.isfile(os.path.join(folder, "confusion_matrix.png"))
+    assert f"wrote {folder}/eval.json" in capsys.readouterr().out
+
+
 def test_evaluate_reads_config_json_of_an_unfinished_run(tmp_path):
     """A run killed mid-way has best.keras and config.json (flat settings) but no metrics.json."""
     run = tmp_path / "run"

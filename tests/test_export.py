@@ -91,6 +91,20 @@ def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
+@pytest.mark.slow
+def test_savedmodel_export_says_only_what_the_user_can_act_on(saved_digits_model, tmp_path,
+                                                                run_python):
+    """Under jax the SavedModel holds jax2tf's custom gradients; TensorFlow's warning about
+    them on loading (our check runs it forward only) is not shown. Nor is TensorFlow's C++
+    start-up noise."""
+    model_path, _ = saved_digits_model
+    out = run_python("-m", "kbench.cli", "export", str(model_path), "--format", "savedmodel",
+                     "--output", str(tmp_path / "sm"), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "custom gradients" not in out.stderr and "WARNING:absl" not in out.stderr
+    assert "I0000" not in out.stderr, out.stderr
+
+
 @pytest.mark.backend_independent
 def test_a_backend_that_cannot_export_names_those_that_can(saved_digits_model, tmp_path):
     model_path, _ = saved_digits_model

@@ -60,6 +60,15 @@ def user_project(tmp_path):
     edited = source.replace('Run(config, "mnist_convnet"', 'Run(config, "my_digits"')
     edited = edited.replace('option(3e-3, "peak learning rate")', 'option(2e-3, "peak rate")')
     assert edited.count("my_digits") == 1 and "2e-3" in edited
+    # Its own network, whatever config.model says (the Config's default stays "convnet").
+    built = ("    return get_model(config.model, num_classes=num_classes, "
+             "input_shape=image_shape,\n                     seed=config.seed)\n")
+    assert built in edited
+    edited = edited.replace(built, (
+        "    import keras\n\n"
+        "    inputs = keras.Input(image_shape)\n"
+        "    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255.0)(inputs))\n"
+        "    return keras.Model(inputs, keras.layers.Dense(num_classes)(x), name='my_tiny')\n"))
     (project / "my_digits.py").write_text(edited)
     return project
 
@@ -82,6 +91,10 @@ def test_compare_and_evaluate_run_a_users_own_recipe_file(user_project):
     assert [r["backend"] for r in rows] == ["jax", "torch"]
     assert all(r["status"] == "ok" and r["dataset"] == "digits" for r in rows)
     assert "jax" in result.stdout and "torch" in result.stdout  # the table reports both
+    # The records and the table's title name the model that was built: 8x8 pixels -> 10.
+    assert all(r["model"] == "my_tiny" and r["params"] == 64 * 10 + 10 for r in rows)
+    assert all(r["config"]["model"] == "convnet" for r in rows)  # the Config's, unused
+    assert "my_digits.py: my_tiny (650 params) on digits, batch 16" in result.stdout
     metrics = json.loads((out / "runs" / "torch-r0" / "metrics.json").read_text())
     assert metrics["recipe"] == "my_digits"  # the user's file ran, under its own name
     assert metrics["config"]["lr"] == 2e-3

@@ -299,6 +299,34 @@ def test_baseline_compares_time_to_target_beyond_its_spread():
 
 
 @backend_independent
+def test_chart_draws_evaluations_as_steps_crossing_where_the_table_says(tmp_path):
+    """Accuracy holds between evaluations (steps, not slopes), the ring sits at the table's
+    time to target, and time starts at 0."""
+    import matplotlib.pyplot as plt
+
+    jax = record("jax", 0, 4.0)
+    jax["eval_points"].insert(1, {"steps": 30, "epochs": 1.5, "seconds": 3.0, "accuracy": 0.9,
+                                  "eval_s": 0.1})
+    rows = [jax, record("torch", 0, 1.0, reached=False, best=0.6)]
+    drawn = report_target.chart_runs(rows)
+    assert [d["label"] for d in drawn] == ["jax", "torch"]
+    assert drawn[0]["seconds"] == [2.0, 3.0, 4.0] and drawn[0]["accuracy"] == [0.5, 0.9, 0.97]
+    assert drawn[0]["hit"] == (4.0, 40, 0.97) and drawn[1]["hit"] is None
+    fig = report_target.chart_figure(rows, "title")
+    by_time, by_steps = fig.axes
+    lines = [line for line in by_time.get_lines() if line.get_drawstyle() == "steps-post"]
+    # Each drawn as 'post' steps: 0.9 holds from 3 s to 4 s, under the target, until the
+    # evaluation at 4 s reached it.
+    assert len(lines) == 2 and list(lines[0].get_xdata()) == [2.0, 3.0, 4.0]
+    rings = [line for line in by_time.get_lines() if line.get_marker() == "o"]
+    assert [(list(r.get_xdata()), list(r.get_ydata())) for r in rings] == [([4.0], [0.97])]
+    assert by_time.get_xlim()[0] == 0 and by_steps.get_xlim()[0] == 0
+    report_target.write_chart(rows, str(tmp_path / "chart.png"), "title")
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+    plt.close("all")
+
+
+@backend_independent
 def test_report_rerenders_a_time_to_target_run(tmp_path, entry_point):
     from kbench import cli
 

@@ -274,6 +274,19 @@ def test_sigterm_and_sigint_mid_epoch_checkpoint_and_resume_equals_an_uninterrup
     assert metrics["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
 
 
+def test_a_run_resumed_mid_epoch_counts_its_epochs_of_the_whole_run(tmp_path, capsys):
+    """Keras' progress bar after a mid-epoch resume: `Epoch 2/3`, `Epoch 3/3` (Keras' own
+    would say `Epoch 2/2` for the rest of epoch 1, a fit of its own)."""
+    settings = dict(epochs=3, steps_per_epoch=4)
+    with pytest.raises(Interrupted):
+        cifar_resnet.main(tiny(tmp_path, **settings), callbacks=[SignalAt(1, 1, signal.SIGTERM)])
+    capsys.readouterr()
+    cifar_resnet.main(tiny(tmp_path, resume=True, verbose=2, **settings))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("Epoch ")] == [
+        "Epoch 2/3", "Epoch 3/3"], out
+
+
 def test_a_signal_outside_training_stops_at_once(tmp_path):
     """While data loads (or the final evaluation runs) there is no step to finish: SIGTERM
     raises Interrupted at once, and the handlers are Python's again after the run."""

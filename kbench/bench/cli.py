@@ -103,7 +103,9 @@ def add_verbs(verbs):
     compare.add_argument("--reference", choices=("none", "native"), default="none",
                          help="native: also run the twins in plain JAX+optax, TensorFlow and "
                               "PyTorch of the backends compared")
-    compare.add_argument("--dataset", default="synthetic")
+    compare.add_argument("--dataset", default="synthetic",
+                         help="the recipe's dataset: synthetic, digits, cifar10, ... (see "
+                              "docs/recipes.md)")
     compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
     compare.add_argument("--batch-size", type=int, default=None,
                          help="global batch size (default: the recipe's)")
@@ -120,8 +122,12 @@ def add_verbs(verbs):
     compare.add_argument("--epochs", type=int, default=None,
                          help="train full epochs instead (accuracy parity); times every step")
     compare.add_argument("--dtype-policy", default="float32",
-                         choices=("float32", "mixed_float16", "mixed_bfloat16"))
-    compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"))
+                         choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                         help="Keras dtype policy of every run (the twins follow it)")
+    compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"),
+                         help="Keras' jit_compile: auto lets Keras decide (XLA under jax, "
+                              "and under tensorflow on a GPU; torch eager); on: XLA, or "
+                              "torch.compile under torch")
     compare.add_argument("--float32-precision", default="tf32", choices=("tf32", "highest"),
                          help="float32 convolutions and matmuls on GPUs with TF32 units, the "
                               "same for every run: tf32 (JAX's and TensorFlow's default; "

@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -40,6 +41,7 @@ NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch"
 # --reference native run).
 COMPILED_TWINS = ("native-torch-compiled",)
 ERROR_TAIL_LINES = 25
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 @dataclasses.dataclass
@@ -176,15 +178,17 @@ COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
 def check_recipe_settings(options):
     """Build the recipe's Config as every run will and check it (kbench.config.check): an
     unknown recipe, an unknown `--set` field or a value out of range is one line before any
-    run starts, not the same failure once per run."""
-    from kbench.bench import worker
-    from kbench.config import check
-    from kbench.recipe import load_recipe
-
+    run starts, not the same failure once per run. An unknown recipe is answered before
+    Keras loads; the Config's checks need the recipe file, which imports Keras."""
     ruled = sorted(set(options.extra_config) & set(COMPARE_SETS))
     if ruled:
         raise KbenchError(f"--set {ruled[0]} is compare's to set, per run: use "
                           f"{COMPARE_SETS[ruled[0]]}")
+    recipe_path(options.recipe)
+    from kbench.bench import worker
+    from kbench.config import check
+    from kbench.recipe import load_recipe
+
     recipe = load_recipe(_recipe_for_worker(options.recipe))
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps,
@@ -254,15 +258,16 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
                 _kill_group(proc)
                 raise
         record["wall_s"] = time.monotonic() - start
+        result = _read_result(result_path)
         if returncode is None:
             record.update(status="timeout",
-                          error=f"no result after {options.timeout:g} s (--timeout); "
+                          error=f"no result after {options.timeout:g} s (--timeout)\n"
                                 + _tail(log_path, 5))
-        elif returncode != 0 or not os.path.exists(result_path):
-            record.update(status="failed", error=_explain(returncode, _tail(log_path)))
+        elif returncode != 0 or result is None or "error" in result:
+            record.update(status="failed",
+                          error=_explain(returncode, _tail(log_path), (result or {}).get("error")))
         else:
-            with open(result_path) as f:
-                records.fill_measurements(record, json.load(f))
+            records.fill_measurements(record, result)
     record["log"] = os.path.relpath(log_path, out_dir)
     return record
 
@@ -290,12 +295,27 @@ def _tail(path, lines=ERROR_TAIL_LINES):
     return "\n".join(text[-lines:])
 
 
-def _explain(returncode, tail):
+def _read_result(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _explain(returncode, tail, failure=None):
+    """A failed run's error: its first line says why (the worker's exception, type and
+    message, or how the process ended), the log's tail follows."""
+    if failure:
+        return f"{failure}\n{tail}"
     if returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode).name
         hint = " (killed: out of memory?)" if sig == "SIGKILL" else ""
         return f"worker died with {sig}{hint}\n{tail}"
-    return f"worker exited with status {returncode}\n{tail}"
+    # No word from the worker (it never got that far: e.g. a broken interpreter): the
+    # log's last exception line, when there is one.
+    raised = [line.strip() for line in tail.splitlines() if EXCEPTION_LINE.match(line)]
+    return (f"worker exited with status {returncode}"
+            + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 
 
 def _user_command():
@@ -326,7 +346,7 @@ def compare(options, console=None):
                                  distributed=distributed)
                 done.append(record)
                 records.write_jsonl_atomic(results_path, done)
-                say(f"[compare] {label}: {records.one_line(record)}")
+                say(f"[compare] {label}: {records.one_line(record, folder=out_dir)}")
     except KeyboardInterrupt:
         say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
         report.render(done, out_dir, baseline=options.baseline, console=console)

@@ -28,7 +28,8 @@ FIELDS = (
     "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
     "steps_timed", "examples_per_sec", "compile_s", "peak_rss_mb", "peak_device_mb",
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
-    "versions", "device", "config", "command", "git_commit", "timestamp",
+    "versions", "device", "config", "command", "git_commit", "git_dirty", "kbench_version",
+    "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
     "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
     *SETTING_FIELDS, "input_wait_fraction",
@@ -43,7 +44,7 @@ def new_record(name, spec, options, command, python, repeat):
         backend=name, status="failed", recipe=spec["recipe"], model=spec["config"].get("model"),
         dataset=spec["config"].get("dataset"), batch_size=spec["config"].get("batch_size"),
         dtype_policy=spec["config"].get("dtype_policy"), config=spec["config"], command=command,
-        python=python, repeat=repeat, git_commit=backend.git_commit(),
+        python=python, repeat=repeat, **backend.provenance(),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         distribution=spec["config"].get("distribute", "none"), num_replicas=1,
         sync_every=spec.get("sync_every", 1),
@@ -61,7 +62,8 @@ def fill_measurements(record, result):
     times_ms = sorted(1000.0 * t for t in result.get("step_times") or [])
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
-                "flops_per_step", "flops_source", "versions", "device", "git_commit", "jit",
+                "flops_per_step", "flops_source", "versions", "device", "git_commit",
+                "git_dirty", "kbench_version", "jit",
                 "params", "num_replicas", "distribution", "fast_path", *SETTING_FIELDS,
                 "input_wait_fraction"):
         if result.get(key) is not None:
@@ -69,6 +71,8 @@ def fill_measurements(record, result):
     record["config"] = result.get("config") or record["config"]
     for key in ("model", "dataset", "batch_size", "dtype_policy", "seed"):  # as resolved
         record[key] = record["config"].get(key, record[key])
+    # The model built, by its Keras name: a recipe's build_model may not follow config.model.
+    record["model"] = result.get("model") or record["model"]
     if record.get("target_accuracy") is not None:
         for key in TARGET_FIELDS:
             record[key] = result.get(key)
@@ -93,10 +97,20 @@ def fill_measurements(record, result):
     return record
 
 
-def one_line(record):
+def error_line(record, folder=None):
+    """A failed run in one line: the first line of its error (the exception's type and
+    message), and its log (in `folder`, the results folder, when given)."""
+    lines = (record.get("error") or "").strip().splitlines()
+    text = lines[0] if lines else "no error text"
+    log = record.get("log")
+    if log:
+        text += f" (log: {os.path.join(folder, log) if folder else log})"
+    return text
+
+
+def one_line(record, folder=None):
     if record["status"] != "ok":
-        first = (record.get("error") or "").strip().splitlines()
-        return f"{record['status']}: {first[-1] if first else 'no error text'}"
+        return f"{record['status']}: {error_line(record, folder)}"
     if record.get("target_accuracy") is not None:
         from kbench.target import describe
 

@@ -13,7 +13,7 @@ import csv
 import os
 import statistics
 
-from kbench.bench.records import read_jsonl
+from kbench.bench.records import error_line, read_jsonl
 
 NATIVE_TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native-torch",
                "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch"}
@@ -67,9 +67,11 @@ def group_runs(rows):
 
 
 def last_error(runs):
-    """The error of the group's last run that did not finish ok (None when all did): shown
-    under the table even when other repeats of the backend finished."""
-    return next((r.get("error") for r in reversed(runs) if r["status"] != "ok"), None)
+    """The error of the group's last run that did not finish ok, in one line with its log
+    (None when all did): shown under the table even when other repeats of the backend
+    finished; the whole error stays in results.jsonl."""
+    failed = next((r for r in reversed(runs) if r["status"] != "ok"), None)
+    return None if failed is None else error_line(failed)
 
 
 def summarize(rows):
@@ -264,12 +266,25 @@ def write_chart(summary, path, title):
 
 
 def describe(rows):
-    first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
+    """The table's title: the model a Keras run built (its name and parameter count); when
+    every run failed, what was asked."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    first = next((r for r in ok if not r["backend"].startswith("native")),
+                 ok[0] if ok else rows[0] if rows else {})
     device = (first.get("device") or "").split(",")[0]
     parallel = any(r.get("distribution") not in (None, "none") for r in rows)
-    return (f"{first.get('recipe', '?')}: {first.get('model', '?')} on {first.get('dataset', '?')}, "
-            f"{'global ' if parallel else ''}batch {first.get('batch_size', '?')}, "
-            f"{first.get('dtype_policy', '?')}"
+    if ok:
+        model = first.get("model") or "?"
+        if first.get("params"):
+            model += f" ({first['params']:,} params)"
+    else:  # nothing was built: the settings asked for, defaults named as such
+        asked = first.get("model") or "the recipe's model"
+        model = f"no model built ({asked} asked)"
+    recipe = first.get("recipe") or "?"
+    batch = (f"{'global ' if parallel else ''}batch {first['batch_size']}"
+             if first.get("batch_size") else "the recipe's batch size")
+    return (f"{os.path.basename(recipe)}: {model} on {first.get('dataset') or '?'}, {batch}, "
+            f"{first.get('dtype_policy') or '?'}"
             + (f", {device}" if device else "")
             + (f", synced every {first['sync_every']} steps" if (first.get("sync_every") or 1) > 1
                else ""))

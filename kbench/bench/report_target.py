@@ -144,49 +144,75 @@ def not_reached_lines(summary):
     return lines
 
 
-def write_chart(rows, path, title):
-    """Test accuracy against wall-clock seconds and against steps: one line per run, one
-    colour per backend, a dot where a run reached the target, the target as a dashed line."""
+def chart_runs(rows):
+    """What the chart draws for each run that finished ok: its label, its evaluations
+    (seconds since training began, steps, accuracy) and, when it reached the target, the
+    crossing: the evaluation the table's time to target is, (seconds, steps, accuracy)."""
+    drawn = []
+    for row in rows:
+        points = row.get("eval_points") or []
+        if row["status"] != "ok" or not points:
+            continue
+        hit = None
+        if row.get("reached"):
+            point = next(p for p in points if p["steps"] == row["steps_to_target"])
+            hit = (row["time_to_target_s"], row["steps_to_target"], point["accuracy"])
+        drawn.append({"label": report.run_label(row),
+                      "seconds": [p["seconds"] for p in points],
+                      "steps": [p["steps"] for p in points],
+                      "accuracy": [p["accuracy"] for p in points], "hit": hit})
+    return drawn
+
+
+def chart_figure(rows, title):
+    """Test accuracy against wall-clock seconds and against steps, one colour per backend.
+    Each evaluation is a marker; the accuracy holds until the next one (a step, not a slope:
+    the target only counts at an evaluation), so a line crosses the target where the table
+    says, at the ringed marker. Both axes start at 0, the start of training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in rows if r["status"] == "ok" and r.get("eval_points")]
     labels = list(dict.fromkeys(report.run_label(r) for r in rows))
     colors, spare = {}, iter(plt.get_cmap("tab10").colors[3:] * 10)
     for label in labels:  # a framework's colour for its Keras runs, variants and twin
         framework = label.removeprefix("native-").removesuffix(" dp").removesuffix("-stock")
         colors[label] = FRAMEWORK_COLORS.get(framework) or next(spare)
     fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for row in runs:
-        label = report.run_label(row)
-        points = row["eval_points"]
-        style = dict(color=colors[label], alpha=0.85, linewidth=1.4, marker=".",
-                     linestyle=_line_style(label))
-        seconds = [p["seconds"] for p in points]
-        steps = [p["steps"] for p in points]
-        accuracy = [p["accuracy"] for p in points]
-        by_time.plot(seconds, accuracy, **style)
-        by_steps.plot(steps, accuracy, **style)
-        if row.get("reached"):
-            hit = next(p["accuracy"] for p in points if p["steps"] == row["steps_to_target"])
-            by_time.plot(row["time_to_target_s"], hit, "o", color=colors[label])
-            by_steps.plot(row["steps_to_target"], hit, "o", color=colors[label])
+    for run in chart_runs(rows):
+        color = colors[run["label"]]
+        style = dict(color=color, alpha=0.85, linewidth=1.4, marker=".",
+                     linestyle=_line_style(run["label"]), where="post")
+        by_time.step(run["seconds"], run["accuracy"], **style)
+        by_steps.step(run["steps"], run["accuracy"], **style)
+        if run["hit"]:
+            seconds, steps, accuracy = run["hit"]
+            ring = dict(marker="o", markersize=9, markerfacecolor="none", color=color,
+                        linestyle="none")
+            by_time.plot([seconds], [accuracy], **ring)
+            by_steps.plot([steps], [accuracy], **ring)
     target = rows[0]["target_accuracy"]
     for ax in (by_time, by_steps):
         ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.2)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     by_time.set_xlabel("seconds since training began (compile and evaluations included)")
-    by_time.set_ylabel("test accuracy")
+    by_time.set_ylabel("test accuracy at each evaluation (held until the next)")
     by_steps.set_xlabel("optimizer steps (runs that learn alike lie on top of each other)")
     handles = [plt.Line2D([], [], color=colors[label], linestyle=_line_style(label),
                           label=label) for label in labels]
     handles.append(plt.Line2D([], [], color="tab:red", linestyle=":",
                               label=f"target {target:g}"))
-    by_steps.legend(handles=handles, loc="lower right", fontsize="small")
+    handles.append(plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none",
+                              linestyle="none", label="reached (time to target)"))
+    by_steps.legend(handles=handles, loc="upper left", fontsize="small")
     fig.suptitle(title)
-    report.save_figure(fig, path)
+    return fig
+
+
+def write_chart(rows, path, title):
+    report.save_figure(chart_figure(rows, title), path)
 
 
 def _line_style(label):

@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 
 
 def run_config(recipe, spec):
@@ -113,6 +114,8 @@ def run_keras(recipe, config, spec):
         "jit": str(metrics["jit_compile"]),
         # Whether it ran (a Keras other than the tested one runs stock); None under jax.
         "fast_path": metrics.get("fast_path") if backend.name() != "jax" else None,
+        # What was built: a recipe's build_model may ignore config.model.
+        "model": metrics["model"],
         "params": metrics["params"],
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),
@@ -150,6 +153,22 @@ def run_native(runner, config, spec):
     return result
 
 
+def failure_line(exc):
+    """`ValueError: message`: the exception's type and its message's first line (Keras
+    appends its layer's arguments below it; the log keeps everything)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def write_failure(result_path, exc):
+    """Tell compare why the run failed: a result with only `error` (rank 0 of torchrun)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from kbench.files import write_json_atomic
+
+    write_json_atomic(result_path, {"error": failure_line(exc)})
+
+
 def main(argv=None):
     from kbench.errors import KbenchError
 
@@ -171,7 +190,12 @@ def main(argv=None):
             result = run_native(spec["runner"], config, spec)
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        write_failure(result_path, exc)
         return 2
+    except Exception as exc:  # the traceback goes to the run's log, the one line to compare
+        traceback.print_exc()
+        write_failure(result_path, exc)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # torchrun started this rank too; rank 0 reports for the job
     result.update(
@@ -179,7 +203,7 @@ def main(argv=None):
         wall_s=time.perf_counter() - start,
         versions=backend.versions(),
         config=dataclasses.asdict(config),
-        git_commit=backend.git_commit(),
+        **backend.provenance(),
     )
     from kbench.files import write_json_atomic
 
@@ -188,5 +212,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

@@ -1,0 +1,163 @@
+"""The `kbench` command and `import kbench` as a newcomer meets them: instant help, version and
+usage errors (no framework loaded), exit statuses, help with defaults, quiet TensorFlow."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BACKEND, REPO
+
+FRAMEWORKS = ("keras", "tensorflow", "jax", "torch")
+
+# Runs `kbench ARGV` through kbench.cli.main in a fresh interpreter and reports, on stdout's
+# last line, the exit status and which frameworks were imported by then.
+PROBE = """
+import json, sys
+from kbench import cli
+try:
+    cli.main(sys.argv[1:])
+    status = 0
+except SystemExit as exc:
+    status = exc.code
+sys.stdout.flush()
+print(json.dumps({"status": status, "loaded": [m for m in %r if m in sys.modules]}))
+""" % (FRAMEWORKS,)
+
+
+def kbench_probe(*argv, env=None):
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, env=full_env,
+                         capture_output=True, text=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["status"], result["loaded"], out
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("argv, status", [
+    ([], 2),
+    (["--help"], 0),
+    (["--version"], 0),
+    (["compare", "--help"], 0),
+    (["report", "--help"], 0),
+    (["evaluate", "--help"], 0),
+    (["export", "--help"], 0),
+    (["predict", "--help"], 0),
+    (["env", "--help"], 0),
+    (["compare", "--backends", "nope"], 2),
+    (["compare", "--steps", "0"], 2),
+    (["compare", "--steps", "x"], 2),
+    (["compare", "--target-accuracy", "1.5", "--backends", "jax"], 2),
+    (["compare", "--recipe", "no_such_recipe"], 2),
+    (["compare", "--set", "epochs=3"], 2),
+    (["report", "/no/such/results.jsonl"], 2),
+    (["evaluate", "--test-examples", "0", "m.keras"], 2),
+    (["evaluate", "/no/such/model.keras"], 2),
+    (["export", "/no/such/model.keras", "--format", "onnx", "--output", "/tmp/x.onnx"], 2),
+    (["predict", "/no/such/model.keras", "digit.png"], 2),
+])
+def test_help_version_and_usage_errors_load_no_framework(argv, status):
+    got, loaded, out = kbench_probe(*argv)
+    assert got == status, out.stderr
+    assert loaded == [], f"kbench {' '.join(argv)} imported {loaded}"
+    if status == 2:
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+
+
+@pytest.mark.backend_independent
+def test_version():
+    _, _, out = kbench_probe("--version")
+    from kbench import __version__
+
+    assert out.stdout.splitlines()[0] == f"kbench {__version__}"
+
+
+@pytest.mark.backend_independent
+def test_bad_keras_backend_is_one_line_and_status_2(run_python):
+    for args in (["-m", "kbench.cli", "env"], ["-c", "import kbench"],
+                 ["recipes/mnist_convnet.py", "--epochs", "1"]):
+        out = run_python(*args, backend="mxnet", timeout=60)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.strip().splitlines() == [
+            "error: unknown KERAS_BACKEND='mxnet'; use one of: jax, tensorflow, torch "
+            "(e.g. KERAS_BACKEND=jax)"], args
+
+
+@pytest.mark.backend_independent
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    from kbench.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in verbs.choices.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"kbench {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where} has no help text"
+            shown = formatter._get_help_string(action)
+            if action.option_strings and action.default not in (None, False):
+                assert "default" in shown, f"{where} hides its default {action.default!r}"
+    compare_help = verbs.choices["compare"].format_help()
+    for flag, default in (("--repeats", "1"), ("--timeout", "900.0"), ("--warmup-steps", "3"),
+                          ("--jit-compile", "auto"), ("--dtype-policy", "float32")):
+        text = compare_help.split(flag, 2)[2] if compare_help.count(flag) > 1 else compare_help
+        assert f"(default: {default})" in " ".join(text.split()), flag
+
+
+@pytest.mark.slow
+def test_import_kbench_is_light_and_keras_gets_kbench_layers(run_python):
+    """`import kbench` loads no framework; importing Keras (after or before kbench) registers
+    kbench's layers, so load_model reads kbench models."""
+    check = ("import keras, sys; "
+             "assert keras.saving.get_registered_object('kbench>ShortcutPad') is not None")
+    out = run_python("-c", "import kbench, sys; "
+                     f"assert not [m for m in {FRAMEWORKS!r} if m in sys.modules]; " + check,
+                     timeout=120)
+    assert out.returncode == 0, out.stderr
+    out = run_python("-c", "import keras; import kbench; " + check, timeout=120)
+    assert out.returncode == 0, out.stderr
+    out = run_python("-c", "import kbench; assert kbench.models.get_model", timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_lines_are_filtered_unless_asked_for(run_python):
+    """TensorFlow's absl start-up lines ('I0000 ... port.cc:153] oneDNN ...') go, unless
+    the user set TF_CPP_MIN_LOG_LEVEL or KBENCH_VERBOSE; warnings from Python stay."""
+    code = ("import importlib.util, warnings, kbench; "
+            "importlib.util.find_spec('tensorflow'); "  # asks the finders, imports nothing
+            "import keras, tensorflow; warnings.warn('a warning the user can act on')")
+    clean = {"TF_CPP_MIN_LOG_LEVEL": "", "KBENCH_SET_TF_CPP_MIN_LOG_LEVEL": "",
+             "KBENCH_VERBOSE": ""}
+    env = {k: v for k, v in os.environ.items() if k not in clean}
+    run = lambda **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**env, "PYTHONPATH": REPO, "KERAS_BACKEND": BACKEND, **extra})
+    quiet = run()
+    assert quiet.returncode == 0, quiet.stderr
+    assert "a warning the user can act on" in quiet.stderr
+    assert "I0000" not in quiet.stderr and "absl::InitializeLog" not in quiet.stderr
+    for extra in ({"KBENCH_VERBOSE": "1"}, {"TF_CPP_MIN_LOG_LEVEL": "0"}):
+        loud = run(**extra)
+        assert "absl::InitializeLog" in loud.stderr, extra  # TensorFlow's own start-up lines
+
+
+@pytest.mark.backend_independent
+def test_filter_keeps_errors_and_unknown_lines():
+    from kbench.imports import filter_startup_lines
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to "
+            "STDERR\n"
+            "I0000 00:00:1796399522.044379    2654 port.cc:153] oneDNN custom operations\n"
+            "W0000 00:00:1796399522.044379    2654 x.cc:1] a warning\n"
+            "E0000 00:00:1796399522.045199    2654 cuda.cc:31] an error\n"
+            "UserWarning: something to do\n")
+    assert filter_startup_lines(text, 2) == ("E0000 00:00:1796399522.045199    2654 cuda.cc:31] "
+                                             "an error\nUserWarning: something to do\n")
+    assert "W0000" in filter_startup_lines(text, 1)
