@@ -462,6 +462,7 @@ class _TimedIterator:
             self._clock.seconds += time.perf_counter() - start
             self._clock.batches += 1
 
+
 class EpochProgress(keras.callbacks.ProgbarLogger):
     """Keras' progress bar (fit uses this one instead of adding its own), counting epochs of
     the whole run: resuming mid-epoch, fit runs the rest of that epoch alone, and Keras' own

@@ -111,6 +111,7 @@ def test_one_float32_precision_is_set_on_the_framework_and_recorded():
     finally:
         backend.apply_execution_settings()  # kbench's default, as every run sets it
 
+
 def _git_repo(folder, project_name):
     """A git work tree holding a kbench package folder and a pyproject.toml naming
     `project_name`, committed; returns its HEAD."""
