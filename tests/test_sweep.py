@@ -113,6 +113,8 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
         (["--sweep", "batch_size=8,16", "--batch-size", "4"], "drop --batch-size"),
         (["--sweep", "cutout=0,4", "--set", "cutout=2"], "--sweep cutout and --set cutout"),
         (["--sweep", "simulate_devices=1,2"], "add --distribute data_parallel"),
+        (["--sweep", "simulate_devices=2,0", "--distribute", "data_parallel"],
+         "--sweep simulate_devices=0: a device count is an integer >= 1"),
         (["--sweep", "batch_size"], "--sweep takes FIELD=V1,V2,..."),
         (["--sweep", "batch_size=2,4", "--max-batch"], "--sweep and --max-batch"),
         (["--max-memory", "-5"], "--max-memory -5 is not allowed"),

@@ -85,6 +85,9 @@ def check_sweep(options):
         raise KbenchError(f"--sweep {DEVICES}=... sweeps the device count of data-parallel "
                           "runs: add --distribute data_parallel")
     for value in values:
+        if field == DEVICES and (isinstance(value, bool) or not isinstance(value, int)
+                                 or value < 1):
+            raise KbenchError(f"--sweep {DEVICES}={value}: a device count is an integer >= 1")
         try:
             comparing.check_recipe_settings(point_options(options, field, value))
         except KbenchError as exc:
