@@ -285,9 +285,16 @@ def write_chart(items, rows, path, title):
         style = ("--" if label.startswith("native") else "-." if "-stock" in label else "-")
         marker = "s" if label.endswith(" dp") else "o"
         ok = [i for i in items if i["backend"] == label and i["examples_per_sec"]]
+        single = next((i for i in items if i["examples_per_sec"] and field == DEVICES
+                       and label.endswith(" dp") and i["backend"] == label[:-3]), None)
+        if single:  # a device-count line starts at its single-replica run
+            ok = [single] + ok
         xs = [where(i["sweep_value"]) for i in ok]
         speed_ax.plot(xs, [i["examples_per_sec"] for i in ok], style, marker=marker,
                       color=color, label=label)
+        if single:
+            speed_ax.plot(xs, [single["examples_per_sec"] * x for x in xs], ":", color=color,
+                          alpha=0.6, label=f"{label}: linear scaling")
         memory = [(where(i["sweep_value"]), i[memory_key]) for i in ok if i[memory_key]]
         if memory:
             memory_ax.plot(*zip(*memory), style, marker=marker, color=color, label=label)
