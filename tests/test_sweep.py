@@ -156,6 +156,22 @@ def test_out_of_memory_errors_are_recognised_by_framework():
     assert not worker.is_out_of_memory(ValueError("shapes (3,) and (4,) do not match"))
 
 
+def test_the_memory_cap_stops_a_process_tree_that_passes_it():
+    """The parent's poll counts the worker's children too (torchrun's ranks) and stops the
+    whole group; under the cap the run is left alone."""
+    grow = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; b = bytearray(200 * 2**20); time.sleep(30)']); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", grow], start_new_session=True)
+    returncode, over = comparing._wait(proc, timeout=60, cap_mb=150)
+    assert over is not None and over > 150 and returncode is not None and returncode < 0
+    quick = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    assert comparing._wait(quick, timeout=60, cap_mb=150) == (0, None)
+    row = {"peak_rss_mb": 180.0, "status": "ok"}
+    comparing._check_peak(row, 150)
+    assert row["status"] == "oom" and "peak RSS 180 MB, over the --max-memory cap of 150" in (
+        row["error"])
+
+
 def fake_record(backend, value, status="ok", step_ms=None, field="batch_size", rss=1000.0,
                 distribution="none", replicas=1, repeat=0, search=None):
     row = dict.fromkeys(records.FIELDS)
