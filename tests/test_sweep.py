@@ -200,6 +200,7 @@ def test_a_point_out_of_memory_skips_the_larger_ones_of_its_backend_only(tmp_pat
         field, value = point
         ran.append((name, value, repeat))
         assert options.extra_config["batch_size"] == value  # the point's setting
+        assert options.extra_config["test_examples"] == sweep.SWEEP_TEST_EXAMPLES
         if name == "jax" and value >= 32:
             return fake_record(name, value, status="oom", rss=3000.0, repeat=repeat)
         return fake_record(name, value, step_ms=5 + 0.5 * value, repeat=repeat)

@@ -40,6 +40,10 @@ NOT_SWEPT = {**comparing.COMPARE_SETS,
 FLAG_OF = {"batch_size": "--batch-size", "model": "--model", DEVICES: "--simulate-devices"}
 MAX_BATCH_STEPS = 3  # timed steps per try: enough to know it fits, and a throughput
 MAX_BATCH_TOLERANCE = 0.125  # bisect until the largest fit and smallest miss are this close
+# A sweep reports speed and memory, no accuracy, so each run evaluates on this many test
+# examples unless --set test_examples says otherwise: at batch 2 the whole synthetic test
+# split (2,000 images, 1,000 batches) took Keras-torch minutes, far longer than its training.
+SWEEP_TEST_EXAMPLES = 256
 
 
 def parse_sweep(text):
@@ -97,6 +101,19 @@ def check_sweep(options):
 def _flag_value(options, field):
     return {"batch_size": options.batch_size, "model": options.model,
             DEVICES: options.simulate_devices}[field]
+
+
+def lean(options, field=None):
+    """The options with SWEEP_TEST_EXAMPLES test examples, unless the user set or sweeps
+    test_examples, or the recipe has no such setting."""
+    from kbench.recipe import load_recipe
+
+    recipe = load_recipe(comparing._recipe_for_worker(options.recipe))
+    if ("test_examples" in options.extra_config or field == "test_examples"
+            or "test_examples" not in {f.name for f in dataclasses.fields(recipe.Config)}):
+        return options
+    return dataclasses.replace(options, extra_config={**options.extra_config,
+                                                      "test_examples": SWEEP_TEST_EXAMPLES})
 
 
 def point_options(options, field, value):
@@ -193,6 +210,7 @@ def sweep(options, console=None):
     runs = comparing.plan_runs(options)
     check_sweep(options)
     field, values = options.sweep
+    options = lean(options, field)
     session = Session(options, console)
     ran_out = {}  # run label -> its oom record: larger values are skipped
     try:
@@ -256,7 +274,7 @@ def max_batch(options, console=None):
     comparing.check_recipe_settings(options)
     start = options.batch_size or load_recipe(
         comparing._recipe_for_worker(options.recipe)).Config().batch_size
-    short = dataclasses.replace(options, steps=min(options.steps, MAX_BATCH_STEPS),
+    short = dataclasses.replace(lean(options), steps=min(options.steps, MAX_BATCH_STEPS),
                                 warmup_steps=min(options.warmup_steps, 1), repeats=1,
                                 batch_size=None)
     session = Session(short, console)
