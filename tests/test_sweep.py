@@ -266,6 +266,7 @@ def test_report_of_a_batch_sweep_has_points_cost_model_and_crossover(tmp_path, e
         ("jax", 2), ("jax", 8), ("jax", 32), ("jax", 128), ("jax", 512)]
     jax_512 = items[4]
     assert jax_512["status"] == "oom" and jax_512["step_time_ms"] is None
+    assert jax_512["peak_rss_mb"] == 5000.0  # what it reached
     torch_8 = next(i for i in items if (i["backend"], i["sweep_value"]) == ("torch", 8))
     assert torch_8["vs_native"] == pytest.approx((4 + 1.3 * 8 + 0.05) / (2 + 1.2 * 8))
     fits = report_sweep.fit_costs(rows)

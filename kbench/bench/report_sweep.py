@@ -60,9 +60,13 @@ def summarize(rows):
     values = values_of(rows)
     items = []
     for value in values:
-        for item in report.summarize([r for r in rows if r.get("sweep_field")
-                                      and r["sweep_value"] == value]):
+        at = [r for r in rows if r.get("sweep_field") and r["sweep_value"] == value]
+        for item in report.summarize(at):
             item.update(sweep_field=field, sweep_value=value)
+            if item["status"] == "oom":  # the memory it reached when it ran out
+                for key in ("peak_rss_mb", "peak_device_mb"):
+                    item[key] = max((r[key] for r in at if r.get(key) is not None
+                                     and report.run_label(r) == item["backend"]), default=None)
             items.append(item)
     if field == DEVICES:  # efficiency against the single-replica run (the 1-device point)
         single = {i["backend"]: i for i in items if not i["backend"].endswith(" dp")}
