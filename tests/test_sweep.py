@@ -35,6 +35,12 @@ def test_fit_recovers_a_known_fixed_and_per_example_cost():
     assert abs(fit.a - 12.0) < 3 * fit.a_se and 0.05 < fit.a_se < 1.0
     assert abs(fit.b - 0.75) < 3 * fit.b_se and fit.b_se < 0.02
     assert 0.999 < fit.r2 <= 1.0
+    # Noise of 3% of each timing, as measured ones have: the weighted fit still finds the
+    # small fixed cost (unweighted, batch 128's noise alone would be +-10 ms on a).
+    relative = (12.0 + 0.75 * batches) * (1 + rng.normal(0, 0.03, batches.size))
+    fit = cost_model.fit_line(batches, relative)
+    assert abs(fit.a - 12.0) < 1.0 and fit.a_se < 1.0
+    assert abs(fit.b - 0.75) < 0.03
     exact = cost_model.fit_line([1, 2, 4], [3.0, 5.0, 9.0])  # 1 + 2 x, no noise
     assert exact.a == pytest.approx(1.0) and exact.b == pytest.approx(2.0)
     assert exact.a_se == pytest.approx(0, abs=1e-6) and exact.r2 == pytest.approx(1.0)
@@ -271,7 +277,7 @@ def test_report_of_a_batch_sweep_has_points_cost_model_and_crossover(tmp_path, e
     assert torch_8["vs_native"] == pytest.approx((4 + 1.3 * 8 + 0.05) / (2 + 1.2 * 8))
     fits = report_sweep.fit_costs(rows)
     assert fits["jax"].a == pytest.approx(20.05, abs=0.01)
-    assert fits["jax"].b == pytest.approx(0.5, abs=1e-6)
+    assert fits["jax"].b == pytest.approx(0.5, abs=1e-4)
     fitted = {r["backend"]: r for r in report_sweep.fit_rows(fits)}
     assert fitted["torch"]["a_minus_twin_ms"] == pytest.approx(2.05, abs=0.01)
     assert "jax overtakes torch at batch ~20" in out

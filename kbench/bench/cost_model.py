@@ -2,9 +2,12 @@
 
 `a` (ms) is what a step costs whatever its size: Python and framework overhead per op, kernel
 launches, the optimizer's update of every weight; `b` (ms per example) is the work that grows
-with the batch. Fitted by ordinary least squares over every timed run (repeats included), with
-the standard errors of a and b and R^2, so a reader sees when a line does not describe the
-timings (R^2 well below 1: the cost is not linear in the batch over that range).
+with the batch. Fitted by least squares over every timed run (repeats included), weighted by
+1 / time^2: a timing's noise grows with it (a few percent of it), and sweeps space batches
+geometrically, so unweighted the largest batch alone would set the line and `a` (the small
+batches' cost) would come out as noise, even negative. The fit gives the standard errors of a
+and b and the (weighted) R^2, so a reader sees when a line does not describe the timings
+(R^2 well below 1: the cost is not linear in the batch over that range).
 
 Two backends' lines cross at batch (a2 - a1) / (b1 - b2): below it the one with the smaller
 `a` is faster, above it the one with the smaller `b`. `crossover_statement` says so only where
@@ -33,23 +36,26 @@ class LineFit:
 
 
 def fit_line(batches, step_ms):
-    """Least-squares fit of step_ms = a + b x batch; None with fewer than two distinct
-    batches (no line to fit)."""
+    """Weighted least-squares fit of step_ms = a + b x batch (weights 1 / step_ms^2: equal
+    relative errors); None with fewer than two distinct batches (no line to fit)."""
     import numpy as np
 
     x = np.asarray(batches, dtype=float)
     y = np.asarray(step_ms, dtype=float)
-    if len(x) != len(y) or len(set(x.tolist())) < 2:
+    if len(x) != len(y) or len(set(x.tolist())) < 2 or not (y > 0).all():
         return None
+    w = 1.0 / y**2
     design = np.stack([np.ones_like(x), x], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    normal = design.T @ (w[:, None] * design)
+    a, b = np.linalg.solve(normal, design.T @ (w * y))
     residual = y - (a + b * x)
-    ss_res = float(residual @ residual)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
+    ss_res = float((w * residual**2).sum())
+    mean = float((w * y).sum() / w.sum())
+    ss_tot = float((w * (y - mean) ** 2).sum())
     n = len(x)
     a_se = b_se = None
     if n > 2:
-        cov = ss_res / (n - 2) * np.linalg.inv(design.T @ design)
+        cov = ss_res / (n - 2) * np.linalg.inv(normal)
         a_se, b_se = math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1])
     return LineFit(a=float(a), b=float(b), a_se=a_se, b_se=b_se,
                    r2=1.0 - ss_res / ss_tot if ss_tot > 0 else None, n=n,
