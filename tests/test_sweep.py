@@ -68,8 +68,13 @@ def test_crossover_statement_says_who_wins_where():
     beyond = cost_model.fit_line([2, 128], [4 + 0.51 * x for x in (2, 128)])
     assert cost_model.crossover(beyond, cost_model.fit_line(
         [2, 128], [24 + 0.5 * x for x in (2, 128)])) == pytest.approx(2000)
-    statements, same_order = cost_model.crossovers({"a": heavy, "b": light, "c": same_slope})
-    assert len(statements) + same_order == 3
+    statements, same_order, poor = cost_model.crossovers({"a": heavy, "b": light,
+                                                           "c": same_slope})
+    assert len(statements) + same_order == 3 and poor == []
+    scattered = cost_model.fit_line([2, 8, 32, 128], [50.0, 5.0, 60.0, 70.0])
+    assert scattered.r2 < 0.9
+    statements, same_order, poor = cost_model.crossovers({"a": heavy, "b": scattered})
+    assert (statements, same_order, poor) == ([], 0, ["b"])
 
 
 # --- the largest-batch search ---------------------------------------------------------------

@@ -18,6 +18,7 @@ import dataclasses
 import math
 
 NEAR = 2.0  # a crossing up to this factor outside the swept range is named, as extrapolated
+MIN_R2 = 0.9  # a line that describes its timings worse says nothing about where it crosses
 
 
 @dataclasses.dataclass
@@ -91,8 +92,10 @@ def _batch(x):
 
 def crossovers(fits):
     """Statements for every pair of {name: LineFit} whose lines cross within (or near) the
-    swept range, in the order given, and how many pairs keep their order throughout."""
-    names = [n for n, f in fits.items() if f is not None]
+    swept range, in the order given; how many pairs keep their order throughout; and the
+    names left out, whose line fits its timings with R^2 < MIN_R2."""
+    names = [n for n, f in fits.items() if f is not None and (f.r2 or 0) >= MIN_R2]
+    poor = [n for n, f in fits.items() if f is not None and n not in names]
     statements, same_order = [], 0
     for i, first in enumerate(names):
         for second in names[i + 1:]:
@@ -101,4 +104,4 @@ def crossovers(fits):
                 statements.append(text)
             else:
                 same_order += 1
-    return statements, same_order
+    return statements, same_order, poor

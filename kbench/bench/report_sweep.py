@@ -198,7 +198,7 @@ def fit_table(rows):
     from rich.table import Table
 
     t = Table(title="cost model: step time = a + b x batch (least squares over every timed "
-                    "run; ± standard error)")
+                    "run, weighted by 1/time^2; ± standard error)")
     for name in ("backend", "a ms/step", "b ms/example", "R^2", "runs", "a - twin's a ms",
                  "examples/s at large batch (1000/b)"):
         t.add_column(name, justify="left" if name == "backend" else "right")
@@ -347,12 +347,16 @@ def render(rows, out_dir, baseline=None, console=None):
         fitted = fit_rows(fits)
         if fitted:
             console.print(fit_table(fitted))
-            statements, same_order = cost_model.crossovers(fits)
+            statements, same_order, poor = cost_model.crossovers(fits)
             for text in statements:
                 console.print(text, markup=False, highlight=False)
             if same_order:
                 console.print(f"{len(statements) and 'the other ' or ''}{same_order} pair(s) of "
                               "backends keep their order over the swept batches",
+                              markup=False, highlight=False)
+            if poor:
+                console.print(f"no crossover for {', '.join(poor)}: a line fits its timings "
+                              f"with R^2 < {cost_model.MIN_R2} (not linear, or too noisy)",
                               markup=False, highlight=False)
             report.write_csv(fitted, os.path.join(out_dir, "cost_model.csv"),
                              fields=FIT_FIELDS)
