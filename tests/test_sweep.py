@@ -45,7 +45,7 @@ def test_fit_recovers_a_known_fixed_and_per_example_cost():
     assert exact.a == pytest.approx(1.0) and exact.b == pytest.approx(2.0)
     assert exact.a_se == pytest.approx(0, abs=1e-6) and exact.r2 == pytest.approx(1.0)
     two = cost_model.fit_line([2, 8], [4.0, 7.0])  # a line through two points: no error left
-    assert two.a_se is None and two.b_se is None
+    assert two.a_se is None and two.b_se is None and two.r2 is None
     assert cost_model.fit_line([32, 32], [5.0, 6.0]) is None  # one batch: no line
 
 
@@ -68,9 +68,10 @@ def test_crossover_statement_says_who_wins_where():
     beyond = cost_model.fit_line([2, 128], [4 + 0.51 * x for x in (2, 128)])
     assert cost_model.crossover(beyond, cost_model.fit_line(
         [2, 128], [24 + 0.5 * x for x in (2, 128)])) == pytest.approx(2000)
+    parallel = cost_model.fit_line([2, 8, 32, 128], [10 + 0.5 * x for x in (2, 8, 32, 128)])
     statements, same_order, poor = cost_model.crossovers({"a": heavy, "b": light,
-                                                           "c": same_slope})
-    assert len(statements) + same_order == 3 and poor == []
+                                                           "c": parallel, "d": same_slope})
+    assert len(statements) + same_order == 3 and poor == ["d"]  # d: two runs, untested
     scattered = cost_model.fit_line([2, 8, 32, 128], [50.0, 5.0, 60.0, 70.0])
     assert scattered.r2 < 0.9
     statements, same_order, poor = cost_model.crossovers({"a": heavy, "b": scattered})

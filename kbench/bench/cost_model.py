@@ -59,7 +59,8 @@ def fit_line(batches, step_ms):
         cov = ss_res / (n - 2) * np.linalg.inv(normal)
         a_se, b_se = math.sqrt(cov[0, 0]), math.sqrt(cov[1, 1])
     return LineFit(a=float(a), b=float(b), a_se=a_se, b_se=b_se,
-                   r2=1.0 - ss_res / ss_tot if ss_tot > 0 else None, n=n,
+                   # Two runs fit any line: R^2 = 1 would say nothing.
+                   r2=1.0 - ss_res / ss_tot if ss_tot > 0 and n > 2 else None, n=n,
                    x_min=float(x.min()), x_max=float(x.max()))
 
 
@@ -93,7 +94,8 @@ def _batch(x):
 def crossovers(fits):
     """Statements for every pair of {name: LineFit} whose lines cross within (or near) the
     swept range, in the order given; how many pairs keep their order throughout; and the
-    names left out, whose line fits its timings with R^2 < MIN_R2."""
+    names left out, whose line fits its timings with R^2 < MIN_R2 or was fitted to two runs
+    (no test of the line at all)."""
     names = [n for n, f in fits.items() if f is not None and (f.r2 or 0) >= MIN_R2]
     poor = [n for n, f in fits.items() if f is not None and n not in names]
     statements, same_order = [], 0

@@ -356,7 +356,8 @@ def render(rows, out_dir, baseline=None, console=None):
                               markup=False, highlight=False)
             if poor:
                 console.print(f"no crossover for {', '.join(poor)}: a line fits its timings "
-                              f"with R^2 < {cost_model.MIN_R2} (not linear, or too noisy)",
+                              f"with R^2 < {cost_model.MIN_R2} (not linear, or too noisy), or "
+                              "through two runs only (untested)",
                               markup=False, highlight=False)
             report.write_csv(fitted, os.path.join(out_dir, "cost_model.csv"),
                              fields=FIT_FIELDS)
