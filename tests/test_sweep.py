@@ -4,7 +4,6 @@ search, out of memory as a result, the sweep's records and its report.
 compare starts its own process per backend, so these run once (in the tensorflow pass).
 """
 
-import json
 import os
 import subprocess
 import sys
