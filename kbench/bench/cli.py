@@ -58,6 +58,7 @@ def cmd_compare(args):
         raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
     if args.simulate_devices is not None and args.simulate_devices < 1:
         raise KbenchError("--simulate-devices must be at least 1")
+    sweep_options = _sweep_options(args)
     options = CompareOptions(
         recipe=args.recipe,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip())
@@ -71,12 +72,40 @@ def cmd_compare(args):
         output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
         distribute=args.distribute, simulate_devices=args.simulate_devices,
         target_accuracy=args.target_accuracy, eval_every=args.eval_every,
-        max_epochs=args.max_epochs,
+        max_epochs=args.max_epochs, **sweep_options,
     )
     if options.baseline and not os.path.isfile(options.baseline):
         raise KbenchError(f"--baseline {options.baseline}: no such file")
+    if options.sweep or options.max_batch:
+        from kbench.bench import sweep
+
+        run = sweep.max_batch if options.max_batch else sweep.sweep
+        return 0 if sweep.finished(run(options, console=make_console())) else 1
     rows = compare(options, console=make_console())
     return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+def _sweep_options(args):
+    """--sweep, --max-batch, --max-batch-tries, --max-memory, checked against each other."""
+    import math
+
+    if args.max_memory is not None and not (math.isfinite(args.max_memory)
+                                            and args.max_memory > 0):
+        raise KbenchError(f"--max-memory {args.max_memory:g} is not allowed: it takes MB > 0")
+    if args.max_batch_tries is not None and not args.max_batch:
+        raise KbenchError("--max-batch-tries N goes with --max-batch")
+    if args.sweep and args.max_batch:
+        raise KbenchError("--sweep and --max-batch are two runs: give one")
+    if (args.sweep or args.max_batch) and args.target_accuracy is not None:
+        raise KbenchError(f"{'--sweep' if args.sweep else '--max-batch'} times steps; it does "
+                          "not go with --target-accuracy")
+    sweep = None
+    if args.sweep:
+        from kbench.bench.sweep import parse_sweep
+
+        sweep = parse_sweep(args.sweep)
+    return {"sweep": sweep, "max_batch": args.max_batch, "max_memory": args.max_memory,
+            "max_batch_tries": 10 if args.max_batch_tries is None else args.max_batch_tries}
 
 
 def cmd_report(args):
@@ -153,6 +182,22 @@ def add_verbs(verbs):
                       help="evaluate after every epoch (the default)")
     target.add_argument("--max-epochs", type=int, default=None, metavar="N",
                         help="give up after N epochs (default: the recipe's epochs)")
+    cost = compare.add_argument_group(
+        "how cost grows", "run every backend at several points of one setting, or find the "
+                          "largest batch that fits (docs/compare.md, 'How cost grows')")
+    cost.add_argument("--sweep", default=None, metavar="FIELD=V1,V2,...",
+                      help="one run per backend and value of a recipe Config field, e.g. "
+                           "batch_size=2,8,32,128 (with a cost model: step time = a + b x "
+                           "batch), model=resnet20,resnet56, or with --distribute "
+                           "data_parallel simulate_devices=1,2,4 (scaling efficiency)")
+    cost.add_argument("--max-batch", action="store_true",
+                      help="per backend, the largest batch that trains without running out "
+                           "of memory: doubling from --batch-size, then bisection")
+    cost.add_argument("--max-batch-tries", type=int, default=None, metavar="N",
+                      help="runs per backend for --max-batch (default 10)")
+    cost.add_argument("--max-memory", type=float, default=None, metavar="MB",
+                      help="stop a run whose processes pass MB of resident host memory and "
+                           "record it as out of memory (oom), as a device that runs out is")
     compare.add_argument("--repeats", type=int, default=1,
                          help="runs per backend (with --target-accuracy: seeds seed, "
                               "seed + 1, ...)")

@@ -10,7 +10,10 @@ runs out of memory or passes the timeout is recorded with its status and the tai
 error; the other runs go on. Each record is written to DIR/results.jsonl as soon as its run
 ends (atomically), so Ctrl-C or a crash never loses a finished run. With a target accuracy
 (`--target-accuracy`, kbench.target) each run trains until it reaches it instead, and the
-report is kbench.bench.report_target's time to target.
+report is kbench.bench.report_target's time to target. With `--max-memory MB` a run whose
+processes pass MB of resident memory is stopped and recorded as `oom`, as is one that runs out
+of device memory; `kbench compare --sweep` / `--max-batch` (kbench.bench.sweep) run these
+runs at several points.
 """
 
 import dataclasses
@@ -76,6 +79,13 @@ class CompareOptions:
     target_accuracy: float | None = None
     eval_every: int | None = None
     max_epochs: int | None = None
+    # Cost curves (kbench.bench.sweep): sweep = (Config field, [values]); max_batch: search
+    # the largest batch that fits, in at most max_batch_tries runs per backend. max_memory:
+    # a cap in MB on the resident memory of each run's processes (host RAM; testable on CPU).
+    sweep: tuple | None = None
+    max_batch: bool = False
+    max_batch_tries: int = 10
+    max_memory: float | None = None
 
 
 def installed_backends():
@@ -216,10 +226,13 @@ def worker_command(python, framework, distributed, options, spec_path, result_pa
     return [python, *worker]
 
 
-def run_one(name, runner, framework, options, out_dir, repeat, distributed=False):
-    """Run one worker process and return its record (ok, failed or timeout)."""
+def run_one(name, runner, framework, options, out_dir, repeat, distributed=False, point=None):
+    """Run one worker process and return its record (ok, failed, timeout or oom). `point`:
+    (field, value) of a sweep, written into the record and into the run's file names."""
     python = options.python.get(framework, sys.executable)
     label = f"{name}-dp" if distributed else name
+    if point is not None:
+        label += f"-{point[0]}={point[1]}"
     spec = {"recipe": _recipe_for_worker(options.recipe), "runner": runner, "steps": options.steps,
             "warmup_steps": options.warmup_steps, "epochs": options.epochs,
             "sync_every": sync_every(options), "target": target_spec(options),
@@ -245,21 +258,30 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
         if distributed:  # what was asked; the worker's result says what ran
             record.update(distribution="data_parallel",
                           num_replicas=options.simulate_devices)
+        if point is not None:
+            record.update(sweep_field=point[0], sweep_value=point[1])
+        record["max_memory_mb"] = options.max_memory
         start = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)  # its own group: killable as one
             try:
-                returncode = proc.wait(timeout=options.timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                returncode = None
+                returncode, over_cap_mb = _wait(proc, options.timeout, options.max_memory)
             except KeyboardInterrupt:  # Ctrl-C: stop this run's whole process group too
                 _kill_group(proc)
                 raise
         record["wall_s"] = time.monotonic() - start
         result = _read_result(result_path)
-        if returncode is None:
+        if over_cap_mb is not None:
+            record.update(status="oom", peak_rss_mb=over_cap_mb,
+                          error=f"out of memory: its processes' resident memory reached "
+                                f"{over_cap_mb:.0f} MB, over the --max-memory cap of "
+                                f"{options.max_memory:g} MB; stopped")
+        elif result is not None and result.get("out_of_memory"):
+            record.update(status="oom", error=f"out of memory: {result['out_of_memory']}",
+                          peak_rss_mb=result.get("peak_rss_mb"),
+                          peak_device_mb=result.get("peak_device_mb"))
+        elif returncode is None:
             record.update(status="timeout",
                           error=f"no result after {options.timeout:g} s (--timeout)\n"
                                 + _tail(log_path, 5))
@@ -268,8 +290,64 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
                           error=_explain(returncode, _tail(log_path), (result or {}).get("error")))
         else:
             records.fill_measurements(record, result)
+            _check_peak(record, options.max_memory)
     record["log"] = os.path.relpath(log_path, out_dir)
     return record
+
+
+# A poll of the worker's process tree costs about 1 ms of CPU (psutil walks /proc): every
+# 250 ms that is 0.4% of a core taken from the run it measures. What a poll misses between
+# two, the peak RSS check at the end (_check_peak) still catches.
+MEMORY_POLL_S = 0.25
+
+
+def _wait(proc, timeout, cap_mb):
+    """Wait for the worker: (its exit status or None after `timeout` s, None or the resident
+    MB of its process group when that passed `cap_mb` and it was stopped). RLIMIT_AS would
+    not do as the cap: JAX and TensorFlow reserve far more address space than they touch."""
+    if cap_mb is None:
+        try:
+            return proc.wait(timeout=timeout), None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return None, None
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        rss = _group_rss_mb(proc.pid)
+        if rss > cap_mb:
+            _kill_group(proc)
+            return proc.returncode, rss
+        if time.monotonic() > deadline:
+            _kill_group(proc)
+            return None, None
+        time.sleep(MEMORY_POLL_S)
+    return proc.returncode, None
+
+
+def _group_rss_mb(pid):
+    """Resident MB of a process and its descendants (a torchrun job is several)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def _check_peak(record, cap_mb):
+    """A run that finished but whose peak RSS (the kernel's high-water mark, exact where the
+    polling can miss a short spike) passed the cap ran out of memory under it too."""
+    if cap_mb is not None and (record.get("peak_rss_mb") or 0) > cap_mb:
+        record.update(status="oom", error=f"out of memory: peak RSS {record['peak_rss_mb']:.0f} "
+                                          f"MB, over the --max-memory cap of {cap_mb:g} MB")
 
 
 def _recipe_for_worker(recipe):

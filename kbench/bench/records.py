@@ -13,7 +13,9 @@ import time
 from kbench import backend
 from kbench.files import write_text_atomic
 
-STATUSES = ("ok", "failed", "timeout")
+# oom: ran out of device memory or passed --max-memory; skipped: a sweep did not run it, as a
+# smaller point of the same backend ran out of memory.
+STATUSES = ("ok", "failed", "timeout", "oom", "skipped")
 TARGET_FIELDS = ("target_accuracy", "reached", "time_to_target_s", "steps_to_target",
                  "epochs_to_target", "eval_every_steps", "eval_every", "eval_points",
                  "eval_seconds", "best_eval_accuracy")
@@ -35,6 +37,8 @@ FIELDS = (
     *SETTING_FIELDS, "input_wait_fraction",
     # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
     *TARGET_FIELDS,
+    # Sweeps (kbench compare --sweep / --max-batch, kbench.bench.sweep); the memory cap.
+    "sweep_field", "sweep_value", "search", "max_memory_mb",
 )
 
 

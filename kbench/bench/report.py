@@ -1,7 +1,8 @@
 """Tables, CSV and charts from benchmark records (`kbench compare`'s output, `kbench report`).
 
 Runs that trained to a target accuracy (`kbench compare --target-accuracy`) are reported by
-kbench.bench.report_target instead. Otherwise: one summary row per backend: medians over repeats, the p10-p90 spread of step times, the
+kbench.bench.report_target instead, sweeps (`--sweep`, `--max-batch`) by
+kbench.bench.report_sweep. Otherwise: one summary row per backend: medians over repeats, the p10-p90 spread of step times, the
 overhead ratio of each Keras backend against its native twin, and, with a baseline, whether a
 run is slower or faster than the baseline by more than the measured noise. Data-parallel runs
 (`kbench compare --distribute data_parallel`) get their own row, "<backend> dp", with their
@@ -308,6 +309,10 @@ def render(rows, out_dir, baseline=None, console=None):
         from kbench.bench import report_target
 
         return report_target.render(rows, out_dir, baseline=baseline, console=console)
+    if any(r.get("sweep_field") for r in rows):
+        from kbench.bench import report_sweep
+
+        return report_sweep.render(rows, out_dir, baseline=baseline, console=console)
     summary = summarize(rows)
     if baseline:
         compare_to_baseline(summary, read_jsonl(baseline))

@@ -15,6 +15,10 @@ evaluations only), target ({accuracy,
 eval_every_steps, max_epochs}: train to a target accuracy, kbench.target; the result gains
 its time-to-target fields), seed_offset (added to the recipe's seed). A data-parallel torch run starts one worker per rank
 under torchrun; rank 0 writes the result, with the global batch's throughput.
+
+A run that runs out of memory (a framework's out-of-memory error on a device, or MemoryError
+on the host) writes `{"out_of_memory": message, peak memory}` and exits with OOM_EXIT: to a
+sweep that is a result (`status: oom`), not a crash.
 """
 
 import dataclasses
@@ -25,6 +29,27 @@ import resource
 import sys
 import time
 import traceback
+
+OOM_EXIT = 3
+# The out-of-memory errors of the frameworks, by name (this module imports none of them):
+# torch.cuda.OutOfMemoryError, tf.errors.ResourceExhaustedError, Python's MemoryError;
+# jax raises XlaRuntimeError whose message starts RESOURCE_EXHAUSTED.
+OOM_ERRORS = ("OutOfMemoryError", "ResourceExhaustedError", "MemoryError")
+OOM_MESSAGES = ("RESOURCE_EXHAUSTED", "out of memory")
+
+
+def is_out_of_memory(exc):
+    """Whether `exc`, or an error it was raised from (Keras re-raises some), is an
+    allocation that failed for want of memory."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if type(exc).__name__ in OOM_ERRORS or any(m.lower() in text.lower()
+                                                     for m in OOM_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def run_config(recipe, spec):
@@ -193,6 +218,8 @@ def main(argv=None):
         write_failure(result_path, exc)
         return 2
     except Exception as exc:  # the traceback goes to the run's log, the one line to compare
+        if is_out_of_memory(exc):  # out of memory is a result, not a failure
+            return report_out_of_memory(exc, spec, result_path)
         traceback.print_exc()
         write_failure(result_path, exc)
         return 1
@@ -209,6 +236,23 @@ def main(argv=None):
 
     write_json_atomic(result_path, result)
     return 0
+
+
+def report_out_of_memory(exc, spec, result_path):
+    """Write what the run reached before memory ran out; returns OOM_EXIT."""
+    import traceback
+
+    from kbench.files import write_json_atomic
+
+    traceback.print_exc()  # into the run's log
+    framework = {"keras": os.environ.get("KERAS_BACKEND")}.get(
+        spec["runner"], spec["runner"].split("-", 1)[-1])
+    message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(result_path, {"out_of_memory": message[:500],
+                                        "peak_rss_mb": peak_rss_mb(),
+                                        "peak_device_mb": peak_device_mb(framework)})
+    return OOM_EXIT
 
 
 if __name__ == "__main__":
