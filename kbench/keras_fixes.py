@@ -181,8 +181,14 @@ def torch_compile_ready(model):
             # object.__setattr__: a plain attribute, not one for Keras' tracker
             object.__setattr__(layer, "_call_signature", _TraceableSignature(signature))
     # Build the optimizer's variables now, not inside the first compiled step.
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # loss scaling
+    if optimizer is not None:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        # Which weights decay: Keras decides at the first update and caches it in a dict
+        # (a regex over names, kbench.optim's exclusion), a guard that changes after step 1.
+        for variable in model.trainable_variables:
+            optimizer._use_weight_decay(variable)
     # Each new input shape compiles anew with static shapes (the last partial batch of an
     # evaluation: one more graph), instead of dynamo's "automatic dynamic" recompile with
     # symbolic shapes, where inductor failed on the ResNets ("cannot determine truth value

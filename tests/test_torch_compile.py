@@ -16,7 +16,7 @@ def _tiny_run(jit_compile, steps=10):
     """Per-step float32 losses of kbench's convnet (4 filters, 8x8 digits-sized images:
     Normalization, Conv2D, BatchNormalization, ReLU, pooling, Dense) trained with kbench's
     optimizer (SGD, Nesterov, weight decay, cosine schedule with warmup), and the dynamo
-    counters (unique graphs after the 2nd step and after the last)."""
+    counters (unique graphs after the first step and after the last)."""
     import keras
     import torch
     from torch._dynamo.utils import counters
@@ -39,12 +39,12 @@ def _tiny_run(jit_compile, steps=10):
         rng = np.random.default_rng(0)
         x = torch.tensor(rng.integers(0, 256, (8, 8, 8, 1)).astype("float32"))
         y = torch.tensor(keras.utils.to_categorical(np.arange(8) % 10, 10))
-        losses, graphs_after_2 = [], None
+        losses, graphs_after_1 = [], None
         for step in range(steps):
             losses.append(model.train_on_batch(x, y, return_dict=True)["loss"])
-            if step == 1:
-                graphs_after_2 = counters["stats"]["unique_graphs"]
-        return (np.array(losses, "float32"), dict(counters["graph_break"]), graphs_after_2,
+            if step == 0:
+                graphs_after_1 = counters["stats"]["unique_graphs"]
+        return (np.array(losses, "float32"), dict(counters["graph_break"]), graphs_after_1,
                 counters["stats"]["unique_graphs"])
     finally:
         fast_path.set_enabled(before)
@@ -54,14 +54,14 @@ def _tiny_run(jit_compile, steps=10):
 @pytest.mark.slow  # torch.compile on CPU: 200 s on 2 loaded cores, ~40 s quiet
 def test_compiled_training_matches_eager_without_graph_breaks():
     eager, *_ = _tiny_run("off")
-    compiled, breaks, graphs_after_2, graphs = _tiny_run("on")
+    compiled, breaks, graphs_after_1, graphs = _tiny_run("on")
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
     assert len(set(np.round(eager, 4))) > 1  # it trained: the loss moved
     # The only break is the one every compiled step that calls loss.backward() has (dynamo
     # counts it once per attempt at the frame: its first trace, and the restart at the break).
     assert breaks and all(reason.startswith("Unsupported Tensor.backward()") for reason in breaks), \
         breaks
-    assert graphs == graphs_after_2, "the steady state recompiled"
+    assert graphs == graphs_after_1, "the steady state recompiled"
 
 
 @pytest.mark.backend_independent
