@@ -156,13 +156,16 @@ def ddp_train_step(ddp):
 #     tf.executing_eagerly() whenever TensorFlow is imported (kbench's tf.data pipelines
 #     import it), a function dynamo will not trace;
 #   - their DynamicBackend looks each op up with importlib.import_module, which dynamo
-#     will not trace either.
+#     will not trace either;
+#   - dot_product_attention (MultiHeadAttention) probes flash attention with a pybind11
+#     SDPAParams object at every call (keras-team/keras#23327 fixed it after 3.15: under a
+#     trace it answers "no" and torch's scaled_dot_product_attention picks its kernel).
 # Two more break the optimizer's part of the step:
 #   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch (in a
 #     learning-rate schedule, a pure function of the step, both branches can be computed);
 #   - torch SGD passes the learning rate, a tensor, as `alpha=` of torch._foreach_add_,
 #     which takes a Python number: a .item() per step, data-dependent.
-# `torch_compile_ready` replaces these five, for the traced code only: outside a
+# `torch_compile_ready` replaces these six, for the traced code only: outside a
 # torch.compile trace every call goes to Keras' own function. What stays is the one break
 # every compiled train step that calls loss.backward() has: dynamo compiles the forward
 # pass and loss as one graph (AOTAutograd compiles its backward), then the update.
@@ -264,6 +267,17 @@ def _install_torch_compile_fixes():
         _traceable_sgd_update(self, grads, variables, learning_rate)
 
     torch_sgd.SGD._parallel_update_step = sgd_update
+
+    from keras.src.backend.torch import nn as torch_nn
+
+    keras_can_use_flash = torch_nn._can_use_flash_attention
+
+    def can_use_flash_attention(*args, raise_error=False, **kwargs):
+        if torch.compiler.is_compiling() and not raise_error:
+            return False
+        return keras_can_use_flash(*args, raise_error=raise_error, **kwargs)
+
+    torch_nn._can_use_flash_attention = can_use_flash_attention
 
 
 def _traceable_sgd_update(optimizer, grads, variables, learning_rate):
