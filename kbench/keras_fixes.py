@@ -160,6 +160,9 @@ def ddp_train_step(ddp):
 #   - dot_product_attention (MultiHeadAttention) probes flash attention with a pybind11
 #     SDPAParams object at every call (keras-team/keras#23327 fixed it after 3.15: under a
 #     trace it answers "no" and torch's scaled_dot_product_attention picks its kernel).
+# One more recompiles the step at every call: keras.ops such as pad (ResNet-20's shortcut)
+# and cond create an Operation per call, named from a global counter that dynamo guards on.
+# Inside a trace such an operation is transient and its name unused: it gets the plain name.
 # Two more break the optimizer's part of the step:
 #   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch (in a
 #     learning-rate schedule, a pure function of the step, both branches can be computed);
@@ -227,6 +230,17 @@ def _install_torch_compile_fixes():
     in_tf_graph._kbench = True
     backend_utils.in_tf_graph = in_tf_graph
     backend_utils.DynamicBackend.__getattr__ = dynamic_backend_getattr
+
+    from keras.src.utils import naming
+
+    keras_uniquify = naming.uniquify
+
+    def uniquify(name):
+        if torch.compiler.is_compiling():
+            return name  # an operation made inside the step: never saved, never looked up
+        return keras_uniquify(name)
+
+    naming.uniquify = uniquify
 
     from keras.src import ops
     from keras.src.backend.torch.optimizers import torch_sgd
