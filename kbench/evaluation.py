@@ -44,11 +44,14 @@ def predict_all(model, test_ds):
     # the variables' primary copies, which kbench.distribute keeps in sync.
     strategy = getattr(model, "distribute_strategy", None)
     replicated = strategy is not None and strategy.num_replicas_in_sync > 1
+    torch_backend = keras.backend.backend() == "torch"
     logits, labels = [], []
     for batch in batches:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise KbenchError("the test data must yield (inputs, labels) pairs")
         x, y = batch[0], batch[1]
+        if torch_backend:  # Keras' torch predict_on_batch hands NumPy to a compiled step as is
+            x = keras.ops.convert_to_tensor(x)
         outputs = model(x, training=False) if replicated else model.predict_on_batch(x)
         logits.append(keras.ops.convert_to_numpy(outputs))
         labels.append(np.asarray(y))

@@ -37,6 +37,8 @@ from kbench.keras_fixes import TESTED_KERAS
 BACKENDS = ("tensorflow", "torch")  # where it changes anything
 
 _state = {"installed": False, "enabled": False, "warned": False}
+# Where torch.native_batch_norm takes a float16/bfloat16 input with float32 weights.
+MIXED_TYPE_DEVICES = ("cpu", "cuda")
 
 
 def enabled():
@@ -108,8 +110,15 @@ def _torch_batch_norm(layer, inputs):
 
     x = keras.ops.convert_to_tensor(inputs)
     # Keras computes BatchNormalization in float32 when its inputs are float16/bfloat16.
+    # PyTorch's kernel does the same for a float16/bfloat16 input given float32 weights (it
+    # computes and returns the statistics in float32, the output in the input's dtype, on
+    # CPU and CUDA): casting the activation to float32 and the output back, as this did
+    # first, cost two more passes over it each way and kept a float32 copy for backward.
     compute = torch.promote_types(x.dtype, torch.float32)
-    x = x.to(compute)
+    # (Only with both weights: without one the kernel runs in the input's dtype throughout.)
+    mixed = layer.scale and layer.center and x.device.type in MIXED_TYPE_DEVICES
+    if x.dtype == compute or not mixed:
+        x = x.to(compute)
     ndim = x.ndim
     # Channels from the last axis to axis 1 as a view: NHWC -> NCHW is channels_last memory.
     to_channels_first = (0, ndim - 1, *range(1, ndim - 1))

@@ -138,3 +138,261 @@ def ddp_train_step(ddp):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     return train_step
+
+
+# --------------------------------------------------------------------------- torch.compile
+#
+# Keras' torch trainer wraps its train, test and predict steps in torch.compile when
+# `jit_compile=True` (keras/src/backend/torch/trainer.py), and dynamo then traces Keras' own
+# Python. In keras 3.15 three things in that Python stop it (a graph break each, in every
+# layer call; the pieces between them are compiled apart, recompiled as layers flip `built`
+# and `_called`, and inductor finally fails on the dynamic shapes those recompiles
+# introduce: "cannot determine truth value of Relational"):
+#   - Layer.__call__ binds its arguments with inspect.Signature.bind, which reads the
+#     signature's mappingproxy; dynamo refuses that once any existing dict has been mutated
+#     in the trace (pytorch/pytorch#147162; keras-team/keras#23198 proposed a binder of its
+#     own, not merged);
+#   - data layers (Normalization, Rescaling) ask `backend_utils.in_tf_graph()`, which calls
+#     tf.executing_eagerly() whenever TensorFlow is imported (kbench's tf.data pipelines
+#     import it), a function dynamo will not trace;
+#   - their DynamicBackend looks each op up with importlib.import_module, which dynamo
+#     will not trace either;
+#   - dot_product_attention (MultiHeadAttention) probes flash attention with a pybind11
+#     SDPAParams object at every call (keras-team/keras#23327 fixed it after 3.15: under a
+#     trace it answers "no" and torch's scaled_dot_product_attention picks its kernel).
+# One more recompiles the step at every call: keras.ops such as pad (ResNet-20's shortcut)
+# and cond create an Operation per call, named from a global counter that dynamo guards on.
+# Inside a trace such an operation is transient and its name unused: it gets the plain name.
+# Two more break the optimizer's part of the step:
+#   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch (in a
+#     learning-rate schedule, a pure function of the step, both branches can be computed);
+#   - torch SGD passes the learning rate, a tensor, as `alpha=` of torch._foreach_add_,
+#     which takes a Python number: a .item() per step, data-dependent.
+# `torch_compile_ready` replaces these six, for the traced code only: outside a
+# torch.compile trace every call goes to Keras' own function. What stays is the one break
+# every compiled train step that calls loss.backward() has: dynamo compiles the forward
+# pass and loss as one graph (AOTAutograd compiles its backward), then the update.
+
+
+def torch_compile_ready(model):
+    """Make Keras' compiled torch steps of `model` traceable by dynamo without graph breaks
+    (keras 3.15; see above). Call after model.compile(jit_compile=True)."""
+    import torch
+
+    check_tested("--jit-compile on under torch", "pytorch/pytorch#147162")
+    _install_torch_compile_fixes()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        signature = layer.__dict__.get("_call_signature")
+        if signature is not None and not isinstance(signature, _TraceableSignature):
+            # object.__setattr__: a plain attribute, not one for Keras' tracker
+            object.__setattr__(layer, "_call_signature", _TraceableSignature(signature))
+    # Build the optimizer's variables now, not inside the first compiled step.
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # loss scaling
+    if optimizer is not None:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        # Which weights decay: Keras decides at the first update and caches it in a dict
+        # (a regex over names, kbench.optim's exclusion), a guard that changes after step 1.
+        for variable in model.trainable_variables:
+            optimizer._use_weight_decay(variable)
+    # Each new input shape compiles anew with static shapes (the last partial batch of an
+    # evaluation: one more graph), instead of dynamo's "automatic dynamic" recompile with
+    # symbolic shapes, where inductor failed on the ResNets ("cannot determine truth value
+    # of Relational: 1 < s87").
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    # The step's zero_grad() reads `grad is None` of every weight, a guard: None at the first
+    # step only, so the second would compile the forward pass again. Start with zeros.
+    for variable in model.trainable_variables:
+        if variable.value.grad is None:
+            variable.value.grad = torch.zeros_like(variable.value)
+
+
+def _install_torch_compile_fixes():
+    import torch
+    from keras.src.backend import torch as torch_backend
+    from keras.src.utils import backend_utils
+
+    if getattr(backend_utils.in_tf_graph, "_kbench", False):
+        return
+    keras_in_tf_graph = backend_utils.in_tf_graph
+    keras_getattr = backend_utils.DynamicBackend.__getattr__
+
+    def in_tf_graph():
+        if torch.compiler.is_compiling():
+            return False  # a torch.compile trace is never inside a TensorFlow graph
+        return keras_in_tf_graph()
+
+    def dynamic_backend_getattr(self, name):
+        if self._backend == "torch" and torch.compiler.is_compiling():
+            return getattr(torch_backend, name)  # what import_module would have returned
+        return keras_getattr(self, name)
+
+    in_tf_graph._kbench = True
+    backend_utils.in_tf_graph = in_tf_graph
+    backend_utils.DynamicBackend.__getattr__ = dynamic_backend_getattr
+
+    from keras.src.utils import naming
+
+    keras_uniquify = naming.uniquify
+
+    def uniquify(name):
+        if torch.compiler.is_compiling():
+            return name  # an operation made inside the step: never saved, never looked up
+        return keras_uniquify(name)
+
+    naming.uniquify = uniquify
+
+    from keras.src import ops
+    from keras.src.backend.torch.optimizers import torch_sgd
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    keras_cond = ops.cond
+    keras_learning_rate = BaseOptimizer._get_current_learning_rate
+    in_schedule = []  # non-empty while a learning-rate schedule runs in a trace
+
+    def cond(pred, true_fn, false_fn):
+        if in_schedule and torch.compiler.is_compiling() and isinstance(pred, torch.Tensor):
+            # A schedule is a pure function of the step: compute both branches, select.
+            # (torch.cond refuses them: Keras' name_scope mutates a stack; and Keras' own
+            # ops.cond makes a new Cond operation per call, whose unique name is a guard:
+            # a recompile every step.)
+            from keras.src import tree
+
+            return tree.map_structure(lambda a, b: torch.where(pred, a, b), true_fn(),
+                                      false_fn())
+        return keras_cond(pred, true_fn, false_fn)
+
+    def current_learning_rate(self):
+        if not torch.compiler.is_compiling():
+            return keras_learning_rate(self)
+        in_schedule.append(True)
+        try:
+            return keras_learning_rate(self)
+        finally:
+            in_schedule.pop()
+
+    ops.cond = cond
+    BaseOptimizer._get_current_learning_rate = current_learning_rate
+    keras_sgd_update = torch_sgd.SGD._parallel_update_step
+
+    def sgd_update(self, grads, variables, learning_rate):
+        if not torch.compiler.is_compiling():
+            return keras_sgd_update(self, grads, variables, learning_rate)
+        _traceable_sgd_update(self, grads, variables, learning_rate)
+
+    torch_sgd.SGD._parallel_update_step = sgd_update
+
+    from keras.src.backend.torch import nn as torch_nn
+
+    keras_can_use_flash = torch_nn._can_use_flash_attention
+
+    def can_use_flash_attention(*args, raise_error=False, **kwargs):
+        if torch.compiler.is_compiling() and not raise_error:
+            return False
+        return keras_can_use_flash(*args, raise_error=raise_error, **kwargs)
+
+    torch_nn._can_use_flash_attention = can_use_flash_attention
+
+
+def _traceable_sgd_update(optimizer, grads, variables, learning_rate):
+    """Keras' torch SGD update (keras/src/backend/torch/optimizers/torch_sgd.py, 3.15) with
+    the learning rate multiplied in as a tensor instead of passed as `alpha=`."""
+    import torch
+
+    params = [v.value for v in variables]
+    lr = learning_rate.to(params[0].dtype) if isinstance(learning_rate, torch.Tensor) \
+        else learning_rate
+    step = torch._foreach_mul(grads, -lr)
+    if optimizer.momentum != 0:
+        bufs = [optimizer.momentums[optimizer._get_variable_index(v)].value for v in variables]
+        torch._foreach_mul_(bufs, optimizer.momentum)
+        torch._foreach_add_(bufs, step)
+        if optimizer.nesterov:
+            torch._foreach_add_(params, step)
+            torch._foreach_add_(params, bufs, alpha=optimizer.momentum)
+        else:
+            torch._foreach_add_(params, bufs)
+    else:
+        torch._foreach_add_(params, step)
+
+
+class _TraceableSignature:
+    """A layer's call signature whose `bind` dynamo can trace: under torch.compile it binds
+    from a plain tuple of parameters made once, outside the trace; otherwise it is
+    inspect.Signature.bind itself. Layer.__call__'s CallSpec uses only `parameters`
+    (membership) and `bind(...)` -> `.arguments`, `.apply_defaults()`."""
+
+    def __init__(self, signature):
+        self.signature = signature
+        self.parameters = dict(signature.parameters)  # a dict, not a mappingproxy
+        self._params = tuple((p.name, p.kind, p.default) for p in signature.parameters.values())
+
+    def bind(self, *args, **kwargs):
+        import torch
+
+        if not torch.compiler.is_compiling():
+            return self.signature.bind(*args, **kwargs)
+        return _Bound(_bind(self._params, args, kwargs), self._params)
+
+
+class _Bound:
+    def __init__(self, arguments, params):
+        self.arguments = arguments
+        self._params = params
+
+    def apply_defaults(self):
+        """inspect.BoundArguments.apply_defaults: every parameter, in order, with defaults."""
+        import inspect
+
+        filled = {}
+        for name, kind, default in self._params:
+            if name in self.arguments:
+                filled[name] = self.arguments[name]
+            elif kind == inspect.Parameter.VAR_POSITIONAL:
+                filled[name] = ()
+            elif kind == inspect.Parameter.VAR_KEYWORD:
+                filled[name] = {}
+            elif default is not inspect.Parameter.empty:
+                filled[name] = default
+        self.arguments = filled
+
+
+def _bind(params, args, kwargs):
+    """inspect.Signature.bind over (name, kind, default) tuples: positional arguments fill
+    positional parameters in order, the rest go to *args; keywords fill parameters by name,
+    the rest go to **kwargs. Errors as Python's own binding would raise them."""
+    import inspect
+
+    P = inspect.Parameter
+    arguments = {}
+    kwargs = dict(kwargs)
+    position = 0
+    for name, kind, default in params:
+        if kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):
+            if position < len(args):
+                if name in kwargs and kind == P.POSITIONAL_OR_KEYWORD:
+                    raise TypeError(f"multiple values for argument {name!r}")
+                arguments[name] = args[position]
+                position += 1
+            elif kind == P.POSITIONAL_OR_KEYWORD and name in kwargs:
+                arguments[name] = kwargs.pop(name)
+            elif default is P.empty:
+                raise TypeError(f"missing a required argument: {name!r}")
+        elif kind == P.VAR_POSITIONAL:
+            if position < len(args):
+                arguments[name] = tuple(args[position:])
+                position = len(args)
+        elif kind == P.KEYWORD_ONLY:
+            if name in kwargs:
+                arguments[name] = kwargs.pop(name)
+            elif default is P.empty:
+                raise TypeError(f"missing a required argument: {name!r}")
+        elif kind == P.VAR_KEYWORD:
+            if kwargs:
+                arguments[name] = kwargs
+                kwargs = {}
+    if position < len(args):
+        raise TypeError("too many positional arguments")
+    if kwargs:
+        raise TypeError(f"got an unexpected keyword argument {next(iter(kwargs))!r}")
+    return arguments

@@ -403,6 +403,10 @@ def compile_model(model, config, steps_per_epoch):
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=resolve_jit_compile(config.jit_compile),
     )
+    if backend.name() == "torch" and model.jit_compile:
+        from kbench import keras_fixes
+
+        keras_fixes.torch_compile_ready(model)  # Keras' steps under torch.compile, unbroken
     return model
 
 

@@ -35,7 +35,10 @@ from kbench.recipe import recipe_path
 KERAS_BACKENDS = ("jax", "tensorflow", "torch")
 # Keras runs under another name: the backend, and the recipe settings that make them differ.
 KERAS_VARIANTS = {"tensorflow-stock": ("tensorflow", {"fast_path": "off"}),  # stock Keras
-                  "torch-stock": ("torch", {"fast_path": "off"})}
+                  "torch-stock": ("torch", {"fast_path": "off"}),
+                  # Keras' torch steps under torch.compile (kbench.keras_fixes makes them
+                  # traceable); plain `torch` follows --jit-compile (auto: eager).
+                  "torch-compiled": ("torch", {"jit_compile": "on"})}
 # Native twin -> the framework it needs (and whose interpreter runs it).
 NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch",
           "native-torch-compiled": "torch"}
