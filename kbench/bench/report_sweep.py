@@ -232,11 +232,8 @@ def describe(rows):
     field = field_of(rows)
     first = next((r for r in rows if r.get("status") == "ok"), rows[0])
     values = values_of(rows)
-    parts = [f"{first.get('recipe', '?')}:"]
-    if field != "model":
-        parts.append(f"{first.get('model', '?')}")
-    parts.append(f"on {first.get('dataset', '?')}")
-    text = " ".join(parts)
+    model = "" if field == "model" else f": {first.get('model', '?')}"
+    text = f"{first.get('recipe', '?')}{model} on {first.get('dataset', '?')}"
     if field != "batch_size":
         text += f", batch {first.get('batch_size', '?')}"
     device = (first.get("device") or "").split(",")[0]
