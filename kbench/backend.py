@@ -190,6 +190,17 @@ def apply_execution_settings(float32_precision="tf32", cudnn_benchmark="on"):
     return dict(_settings)
 
 
+def keras_compiler(jit_compile, framework=None):
+    """What compiled a Keras run's train step (records.SETTING_FIELDS' `compiler`), from what
+    Keras resolved jit_compile to."""
+    framework = framework or name()
+    if framework == "torch":
+        return "torch.compile" if jit_compile else "eager"
+    if framework == "tensorflow":
+        return "xla" if jit_compile else "tf.function"  # Keras' tensorflow steps: tf.function
+    return "xla" if jit_compile else "eager"  # jax: jax.jit, or op by op
+
+
 def execution_settings():
     """{"float32_precision", "cudnn_benchmark"} as apply_execution_settings set them in this
     process (None each before it ran)."""

@@ -18,7 +18,17 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
     view for 2D inputs (2D convolution, transposed convolution and pooling), without
     `.contiguous()`; 1D and 3D ones are Keras' own.
-Both compute the same function as stock Keras, to float32 round-off (the tests compare
+  - under torch, eagerly, a functional model (or Sequential) made only of the layers in
+    DIRECT_LAYERS runs each layer's own `call()` where Keras would run `Layer.__call__`
+    around it: about 0.5 ms of Python per layer call on our CPU (its argument binding, call
+    context, masks, nn.Module hooks, tree walks), which at small batches is most of a
+    Keras-torch step and on a GPU is what the GPU waits for (docs/compare.md, "Host
+    overhead"). What `__call__` does that matters for those layers is kept: the input cast to
+    the layer's dtype, the autocast scope of a mixed policy, the `training` argument. Any
+    other layer in the model, a mask, a layer with an activity regularizer, torch hooks,
+    rematerialization or quantization, a distribution, a symbolic call or torch.compile
+    tracing: the whole model runs Keras' own way.
+Each computes the same function as stock Keras, to float32 round-off (the tests compare
 outputs, gradients and moving statistics); where a channel's mean is far larger than its
 spread, the fused kernels are the more accurate (Keras' torch moments compute
 E[x^2] - E[x]^2, which cancels). Neither touches what is saved: a model.keras written with the
@@ -100,6 +110,7 @@ def _install(backend):
             return stock_transpose(inputs)
 
         torch_nn._transpose_spatial_inputs = transpose_spatial_inputs
+        _install_direct_calls()
     _state["installed"] = True
 
 
@@ -108,7 +119,7 @@ def _torch_batch_norm(layer, inputs):
     import keras
     import torch
 
-    x = keras.ops.convert_to_tensor(inputs)
+    x = inputs if isinstance(inputs, torch.Tensor) else keras.ops.convert_to_tensor(inputs)
     # Keras computes BatchNormalization in float32 when its inputs are float16/bfloat16.
     # PyTorch's kernel does the same for a float16/bfloat16 input given float32 weights (it
     # computes and returns the statistics in float32, the output in the input's dtype, on
@@ -132,7 +143,7 @@ def _torch_batch_norm(layer, inputs):
         # in float64 where the device has it (not Apple's MPS), so little is lost to eps.
         wide = batch_invstd.double() if batch_invstd.device.type != "mps" else batch_invstd
         variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
-        _move(layer, batch_mean, variance, str(compute).replace("torch.", ""))
+        _torch_move(layer, batch_mean, variance)
     return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
 
 
@@ -155,6 +166,20 @@ def _tensorflow_batch_norm(layer, inputs):
     return tf.cast(y, layer.compute_dtype)
 
 
+def _torch_move(layer, batch_mean, batch_variance):
+    """_move's arithmetic in torch ops on the variables' tensors: Keras' cast and assign
+    around it cost more Python than the update itself (a fifth of a batch-2 ResNet step)."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if in_stateless_scope():  # updates are collected, not written: Keras' way
+        return _move(layer, batch_mean, batch_variance, str(batch_mean.dtype)[6:])
+    momentum = layer.momentum
+    for variable, batch in ((layer.moving_mean, batch_mean),
+                            (layer.moving_variance, batch_variance)):
+        moving = variable._value  # what Variable.assign writes
+        moving.copy_(moving.to(batch.dtype) * momentum + batch * (1.0 - momentum))
+
+
 def _move(layer, batch_mean, batch_variance, dtype):
     """The moving statistics, as Keras' BatchNormalization moves them."""
     import keras
@@ -164,3 +189,113 @@ def _move(layer, batch_mean, batch_variance, dtype):
     moving_variance = keras.ops.cast(layer.moving_variance, dtype)
     layer.moving_mean.assign(moving_mean * momentum + batch_mean * (1.0 - momentum))
     layer.moving_variance.assign(moving_variance * momentum + batch_variance * (1.0 - momentum))
+
+
+# Keras layers whose `__call__` adds nothing to `call()` in an eager training or inference
+# step beyond what _direct_call keeps (no masks made or consumed, no nested layers, no state
+# set in `__call__`). Exact classes: a subclass may rely on `__call__`.
+DIRECT_LAYERS = ("Activation", "Add", "AveragePooling2D", "BatchNormalization", "Conv1D",
+                 "Conv2D", "Conv2DTranspose", "Dense", "DepthwiseConv2D", "Dropout", "Flatten",
+                 "GlobalAveragePooling2D", "GlobalMaxPooling2D", "MaxPooling2D",
+                 "Normalization", "ReLU", "Rescaling", "ZeroPadding2D",
+                 "ShortcutPad")  # kbench.models.layers' own
+
+
+def _install_direct_calls():
+    import torch
+    from keras import distribution
+    from keras.src.models import functional
+
+    stock_call = functional.Functional.call
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if (not _state["enabled"] or mask is not None or kwargs
+                or torch.compiler.is_compiling() or distribution.distribution() is not None
+                or not _direct_model(self) or not _eager_tensors(inputs)):
+            return stock_call(self, inputs, training=training, mask=mask, **kwargs)
+        outputs = self._run_through_graph(
+            self._standardize_inputs(inputs),
+            operation_fn=lambda layer: _direct_call(layer, training))
+        return functional.unpack_singleton(outputs)
+
+    functional.Functional.call = call
+
+
+def _direct_model(model):
+    """Whether every layer of the functional `model` may run its `call()` directly (a
+    functional or Sequential model inside it may, when its own layers may); decided once per
+    model (its layers are fixed), with the per-layer conditions that can change (hooks, a
+    regularizer set later) checked on every call."""
+    known = model.__dict__.get("_kbench_direct")
+    if known is None:
+        known = all(_direct_class(layer) for layer in _layers(model))
+        object.__setattr__(model, "_kbench_direct", known)  # past Keras' attribute tracking
+    return known and all(_direct_layer(layer) for layer in _layers(model))
+
+
+def _layers(model):
+    import keras
+
+    return [op for op in model._operations if not isinstance(op, keras.layers.InputLayer)]
+
+
+def _direct_class(layer):
+    import keras
+    from keras.src.models import functional
+
+    if type(layer) in (functional.Functional, keras.Sequential):
+        return _direct_model(layer)
+    return (type(layer).__name__ in DIRECT_LAYERS
+            and type(layer).__module__.startswith(("keras.src.layers.", "kbench.models.layers")))
+
+
+def _direct_layer(layer):
+    return (layer.built and layer._called and layer.activity_regularizer is None
+            and not layer._remat_mode
+            and getattr(layer, "quantization_mode", None) is None
+            and not (layer._forward_hooks or layer._forward_pre_hooks))
+
+
+def _eager_tensors(inputs):
+    """Tensors or arrays (what train_on_batch may pass), not Keras' symbolic ones."""
+    import numpy as np
+    import torch
+    from keras import tree
+
+    return all(isinstance(x, (torch.Tensor, np.ndarray)) for x in tree.flatten(inputs))
+
+
+def _direct_call(layer, training):
+    """`layer.call` with what Keras' `Layer.__call__` does for it in an eager step."""
+    from keras.src import backend
+
+    def call(*args, **kwargs):  # kwargs: those the graph recorded for this call
+        args = tuple(_converted(layer, arg) for arg in args)
+        if training is not None and layer._call_has_context_arg.get("training", False):
+            kwargs["training"] = training
+        # The autocast scope exactly as Layer.__call__ chooses it (mixed policies read their
+        # float32 variables in the compute dtype).
+        current = backend.get_autocast_scope()
+        scope = None
+        if current is not None:
+            if not layer.autocast or not backend.is_float_dtype(layer.compute_dtype):
+                scope = backend.AutocastScope(None)
+            elif current.dtype != layer.compute_dtype:
+                scope = backend.AutocastScope(layer.compute_dtype)
+        elif layer.compute_dtype != layer.variable_dtype:
+            scope = backend.AutocastScope(layer.compute_dtype)
+        if scope is None:
+            return layer.call(*args, **kwargs)
+        with scope:
+            return layer.call(*args, **kwargs)
+
+    return call
+
+
+def _converted(layer, arg):
+    """The input cast of Layer.__call__: float tensors to the layer's input dtype."""
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_converted(layer, x) for x in arg)
+    if layer._convert_input_args and str(arg.dtype)[6:] != layer.input_dtype:  # "torch.f.."
+        return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
+    return arg

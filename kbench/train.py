@@ -741,6 +741,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
         "num_replicas": 1,
         "params": model.count_params(),
         "jit_compile": bool(model.jit_compile),  # what Keras resolved --jit-compile to
+        "compiler": backend.keras_compiler(bool(model.jit_compile)),
         "fast_path": fast_path.enabled(),
         "dtype_policy": config.dtype_policy,
         **backend.execution_settings(),  # float32_precision, cudnn_benchmark

@@ -131,6 +131,77 @@ def test_a_conv_net_trains_the_same_and_without_layout_copies(fast_path):
     assert torch_nn._transpose_spatial_inputs(nhwc).is_contiguous()  # Keras' own copy
 
 
+def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
+    """Losses, weights and the number of Layer.__call__ calls of `steps` train_on_batch
+    steps of kbench's ResNet-20 (Normalization, Conv2D, BatchNormalization, ReLU, Add, the
+    shortcut pad, pooling, Dense) with dropout before the head, under the fast path, its
+    layers called directly or (`direct` False) through Keras' __call__."""
+    import keras
+
+    from kbench.models import get_model
+
+    fast_path.set_enabled(True)
+    stock_direct_model = fast_path._direct_model
+    if not direct:
+        fast_path._direct_model = lambda model: False
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        body = get_model("resnet20", num_classes=4, seed=0)
+        inputs = keras.Input((32, 32, 3))
+        features = body(inputs)
+        if extra_layer:
+            features = keras.layers.Lambda(lambda t: 2 * t)(features)
+        x = keras.layers.Dropout(0.5)(features)
+        model = keras.Model(inputs, keras.layers.Dense(4, dtype="float32")(x))
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+        y = keras.utils.to_categorical(np.arange(4), 4)
+        model.train_on_batch(x, y)  # builds
+        calls = [0]
+        stock_call = keras.layers.Layer.__call__
+
+        def counted(self, *args, **kwargs):
+            calls[0] += 1
+            return stock_call(self, *args, **kwargs)
+
+        keras.layers.Layer.__call__ = counted
+        try:
+            losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
+        finally:
+            keras.layers.Layer.__call__ = stock_call
+        outputs = model.predict(x, verbose=0)
+        return losses, [np.asarray(v.numpy(), np.float32) for v in model.weights], outputs, \
+            calls[0]
+    finally:
+        keras.config.set_dtype_policy("float32")
+        fast_path._direct_model = stock_direct_model
+
+
+@torch_only
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_layers_called_directly_train_as_keras_calls_them(fast_path, policy):
+    fast = resnet_steps(fast_path, True, policy)
+    stock = resnet_steps(fast_path, False, policy)
+    # Only the outer model's own __call__ ran, once per step (the ResNet inside it is called
+    # directly too), against one per layer under stock Keras.
+    assert fast[3] == 3 and stock[3] > 60 * 3
+    # The same ops in the same order on the same numbers: the same bits.
+    np.testing.assert_array_equal(fast[0], stock[0])
+    for a, b in zip(fast[1], stock[1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fast[2], stock[2])
+
+
+@torch_only
+def test_a_model_with_another_layer_runs_keras_calls(fast_path):
+    keras_way = resnet_steps(fast_path, True, "float32", extra_layer=True, steps=1)
+    # The Lambda is not on the list: the outer model calls each of its layers (the ResNet,
+    # the Lambda, Dropout, Dense) through __call__; the ResNet's own layers are all listed.
+    assert keras_way[3] == 5
+
+
 def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
     import keras
 

@@ -24,7 +24,9 @@ def test_defaults_on_digits_reach_97_percent(tmp_path):
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["test_accuracy"] == metrics["test_accuracy"]
     assert (tmp_path / "model.keras").is_file() and (tmp_path / "history.csv").is_file()
-    assert time.monotonic() - start < 60
+    # A guard against defaults that train far longer (about 10 s quiet here), not a
+    # benchmark: 80 s were seen with the 2 cores four times oversubscribed.
+    assert time.monotonic() - start < 180
 
 
 def test_main_takes_a_users_own_model(tmp_path):
@@ -64,4 +66,6 @@ def test_offline_without_mnist_fails_fast_with_one_line(run_python, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: MNIST not found")
     assert "--data-dir" in last and "--dataset synthetic" in last and "--dataset digits" in last
-    assert time.monotonic() - start < 60
+    # A guard against defaults that train far longer (about 10 s quiet here), not a
+    # benchmark: 80 s were seen with the 2 cores four times oversubscribed.
+    assert time.monotonic() - start < 180

@@ -39,6 +39,9 @@ def test_command_line_run_writes_metrics_history_and_model(run_python, tmp_path)
     assert metrics["backend"] == BACKEND and metrics["epochs"] == 1
     assert metrics["num_replicas"] == 1 and metrics["train_examples_per_sec"] > 0
     assert metrics["config"]["batch_size"] == 32 and metrics["versions"]["keras"]
+    # What compiled the step, as compare's records say it (--jit-compile auto's choice here).
+    assert metrics["compiler"] == {"jax": "xla", "tensorflow": "tf.function",
+                                   "torch": "eager"}[BACKEND]
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["test_loss"])
     with open(out_dir / "history.csv") as f:
         rows = list(csv.DictReader(f))

@@ -115,15 +115,6 @@ def peak_device_mb(framework):
     return None
 
 
-def keras_compiler(framework, jit_compile):
-    """What compiled a Keras run's train step, from what Keras resolved jit_compile to."""
-    if framework == "torch":
-        return "torch.compile" if jit_compile else "eager"
-    if framework == "tensorflow":
-        return "xla" if jit_compile else "tf.function"  # Keras' tensorflow steps: tf.function
-    return "xla" if jit_compile else "eager"  # jax: jax.jit, or op by op
-
-
 def run_keras(recipe, config, spec):
     from kbench import backend, train
     from kbench.bench import flops
@@ -146,7 +137,7 @@ def run_keras(recipe, config, spec):
         "flops_source": "analytic: 3 x forward conv/dense multiply-adds x 2",
         "peak_device_mb": peak_device_mb(backend.name()),
         "jit": str(metrics["jit_compile"]),
-        "compiler": keras_compiler(backend.name(), metrics["jit_compile"]),
+        "compiler": metrics.get("compiler") or backend.keras_compiler(metrics["jit_compile"]),
         # Whether it ran (a Keras other than the tested one runs stock); None under jax.
         "fast_path": metrics.get("fast_path") if backend.name() != "jax" else None,
         # What was built: a recipe's build_model may ignore config.model.
