@@ -27,13 +27,16 @@ def tiny(**overrides):
     return cifar_resnet.Config(**{**base, **overrides})
 
 
-def test_command_line_run_writes_metrics_history_and_model(run_python, tmp_path):
+def test_command_line_run_writes_metrics_history_and_model(entry_point, tmp_path):
+    """The recipe's command line (its `__main__` calls run_recipe), in this interpreter; the
+    script itself runs in fresh ones in test_training.py (kill -9) and test_portability.py."""
     out_dir = tmp_path / "run"
-    result = run_python("recipes/cifar_resnet.py", "--dataset", "synthetic", "--model",
-                        "convnet", "--epochs", "1", "--steps-per-epoch", "4", "--batch-size",
-                        "32", "--train-examples", "128", "--test-examples", "64",
-                        "--output-dir", str(out_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, stdout, stderr = entry_point(
+        run_recipe, cifar_resnet.main, cifar_resnet.Config,
+        ["--dataset", "synthetic", "--model", "convnet", "--epochs", "1", "--steps-per-epoch",
+         "4", "--batch-size", "32", "--train-examples", "128", "--test-examples", "64",
+         "--output-dir", str(out_dir)])
+    assert status == 0, stderr[-3000:]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert METRICS_KEYS <= set(metrics)
     assert metrics["backend"] == BACKEND and metrics["epochs"] == 1
@@ -45,7 +48,7 @@ def test_command_line_run_writes_metrics_history_and_model(run_python, tmp_path)
     assert [r["epoch"] for r in rows] == ["0"]
     assert list(rows[0])[:2] == ["epoch", "loss"]
     # The final summary line.
-    assert f"under {BACKEND}: test accuracy" in result.stdout
+    assert f"under {BACKEND}: test accuracy" in stdout
     assert (out_dir / "model.keras").is_file()
     assert not [p for p in os.listdir(out_dir) if p.startswith(".tmp-")]
 
