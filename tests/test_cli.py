@@ -110,7 +110,6 @@ def test_every_flag_of_every_command_has_help_and_shows_its_default():
         assert f"(default: {default})" in " ".join(text.split()), flag
 
 
-@pytest.mark.slow
 def test_import_kbench_is_light_and_keras_gets_kbench_layers(run_pythons):
     """`import kbench` loads no framework; importing Keras (after or before kbench) registers
     kbench's layers, so load_model reads kbench models."""
@@ -125,7 +124,6 @@ def test_import_kbench_is_light_and_keras_gets_kbench_layers(run_pythons):
         assert out.returncode == 0, (program, out.stderr)
 
 
-@pytest.mark.slow
 @pytest.mark.backend_independent
 def test_tensorflow_start_up_lines_are_filtered_unless_asked_for(run_pythons):
     """TensorFlow's absl start-up lines ('I0000 ... port.cc:153] oneDNN ...') go, unless

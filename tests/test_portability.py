@@ -29,7 +29,6 @@ np.savez(out, **logits)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.backend_independent
 def test_backends_train_alike_and_their_models_predict_alike_under_each_backend(run_pythons,
                                                                                tmp_path):

@@ -349,7 +349,6 @@ TINY = ["--recipe", MEMORY_RECIPE, "--dataset", "digits", "--steps", "2", "--war
         "--set", "test_examples=64"]
 
 
-@pytest.mark.slow
 def test_a_sweep_whose_largest_point_passes_the_memory_cap(tmp_path):
     """Batch 400 holds 6.4 GB of ballast, over a 2.5 GB cap: oom (stopped by the parent's
     poll), 800 skipped, batch 8 ran and is reported; exit status 0."""
@@ -368,7 +367,6 @@ def test_a_sweep_whose_largest_point_passes_the_memory_cap(tmp_path):
     assert (out / "results.png").is_file()
 
 
-@pytest.mark.slow
 def test_max_batch_finds_the_memory_limit_within_a_quarter(tmp_path):
     """The memory recipe's peak is (baseline + 16 MB x batch): the true limit under the cap
     follows from any run's baseline, and the search must land within 1.25x below it."""
