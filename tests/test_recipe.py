@@ -58,10 +58,11 @@ def test_command_line_run_writes_metrics_history_and_model(entry_point, tmp_path
 def test_training_on_published_cifar_files_learns(tmp_path):
     """CIFAR-10 read from a published-format archive (holding learnable synthetic images):
     three epochs lower the loss every epoch and beat chance on the test split by far."""
-    train, test = data.load_synthetic(train_examples=1024, test_examples=256, seed=1)
-    cifar_files.write_archive(tmp_path / "cifar", "cifar10", train, test, [512, 512])
+    # Measured (torch, this seed): losses 2.33, 1.59, 1.27; test accuracy 0.81.
+    train, test = data.load_synthetic(train_examples=512, test_examples=256, seed=1)
+    cifar_files.write_archive(tmp_path / "cifar", "cifar10", train, test, [256, 256])
     config = cifar_resnet.Config(dataset="cifar10", data_dir=str(tmp_path / "cifar"),
-                                 model="convnet", epochs=3, batch_size=64, lr=0.05,
+                                 model="convnet", epochs=3, batch_size=32, lr=0.05,
                                  warmup_epochs=0.5,
                                  validate_every_epoch=False, output_dir=str(tmp_path / "out"),
                                  verbose=0)
