@@ -245,8 +245,9 @@ def test_jax_two_processes_with_two_devices_each(tmp_path):
 def test_tf_mirrored_on_four_logical_cpus_and_multi_worker(tmp_path):
     mirrored = launch(tmp_path / "mirrored", "--distribute", "data_parallel", "--simulate", "4",
                       "--try-batch-size", "18")
-    finish(mirrored)
-    [one] = run(tmp_path / "one")
+    single = launch(tmp_path / "one")  # side by side: each mostly imports, on a core of its own
+    finish(mirrored, single)
+    [one] = results(tmp_path / "one")
     [dp] = results(tmp_path / "mirrored")
     assert dp["num_replicas"] == 4 and dp["distribution"] == "tf_mirrored"
     assert len(dp["replica_devices"]) == 4 and dp["replica_devices"][3].endswith("CPU:3")
@@ -286,8 +287,9 @@ def test_torch_ddp_two_processes_match_one(tmp_path):
     torchrun = (os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                 "--nproc_per_node", "2")
     ddp = launch(tmp_path / "ddp", "--distribute", "data_parallel", prefix=torchrun)
-    finish(ddp)
-    [one] = run(tmp_path / "one")
+    single = launch(tmp_path / "one")  # side by side: each mostly imports
+    finish(ddp, single)
+    [one] = results(tmp_path / "one")
     rank0, rank1 = results(tmp_path / "ddp")
     assert rank0["num_replicas"] == rank1["num_replicas"] == 2
     assert rank0["distribution"] == "torch_ddp"
