@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: install demo test gpu-check overhead clean
+.PHONY: install demo test test-slow gpu-check overhead clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,20 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/kbench compare --output runs/demo/compare
 
 # The whole suite once per backend: KERAS_BACKEND is read once per interpreter. Each pass
-# prints its 15 slowest tests and how long it took.
+# prints its 15 slowest tests and how long it took. Tests marked `slow` are left out: each
+# repeats, at more cost, what a test that stays checks (`make test-slow` runs them).
+TEST_MARKS ?= not slow
 test: $(VENV)/.installed
 	@for b in $(BACKENDS); do \
 	  echo "=== pytest under KERAS_BACKEND=$$b ==="; start=$$(date +%s); \
-	  KERAS_BACKEND=$$b $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) || exit 1; \
+	  KERAS_BACKEND=$$b $(PY) -m pytest -q --durations=15 -m "$(TEST_MARKS)" $(PYTEST_ARGS) \
+	    || exit 1; \
 	  echo "=== $$b pass: $$(( $$(date +%s) - start )) s ==="; \
 	done; echo "=== all backends passed: $(BACKENDS) ==="
+
+# Only the tests `make test` leaves out, once per backend.
+test-slow:
+	@$(MAKE) --no-print-directory test TEST_MARKS=slow
 
 # The first look at an NVIDIA GPU (docs/compare.md, "On a GPU"): every backend and native twin
 # at float32 and mixed_bfloat16, with TFLOP/s and MFU. Installs nothing (the GPU machine's

@@ -28,15 +28,33 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def run_python():
-    """Run `python ARGS...` from the repo root in a fresh interpreter; returns CompletedProcess."""
+    """Run `python ARGS...` from the repo root in a fresh interpreter; returns CompletedProcess.
+    `env` adds to this process' environment; a variable set to None there is left out."""
     import subprocess
 
     def run(*args, env=None, timeout=300, backend=BACKEND):
         full_env = {**os.environ, "KERAS_BACKEND": backend, **(env or {})}
+        full_env = {name: value for name, value in full_env.items() if value is not None}
         return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env,
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def run_pythons(run_python):
+    """Run several independent `python ARGS...` at once, each in its own fresh interpreter;
+    takes (args, options) pairs (options: run_python's keywords) and returns their
+    CompletedProcesses in order. Such runs spend most of their time importing frameworks on
+    one core each: side by side they finish in about the time of the longest, not the sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_all(*jobs):
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(run_python, *args, **options) for args, options in jobs]
+            return [future.result() for future in futures]
+
+    return run_all
 
 
 @pytest.fixture

@@ -42,10 +42,12 @@ def test_jit_compile_auto_is_keras_choice_which_matches_what_we_measured():
     assert model.jit_compile is expected[BACKEND]
 
 
-def test_kbench_env_command(run_python):
-    out = run_python("-m", "kbench.cli", "env", "--json", timeout=120)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
+def test_kbench_env_command(entry_point):
+    from kbench import cli
+
+    status, out, err = entry_point(cli.main, ["env", "--json"])
+    assert status == 0, err
+    info = json.loads(out)
     assert info["backend"] == BACKEND and "keras" in info["versions"]
 
 

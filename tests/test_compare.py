@@ -55,9 +55,13 @@ def load(out_dir):
 
 
 def test_all_backends_and_native_twins(tmp_path):
+    """Every backend and twin end to end. The one comparison also shows that a setting
+    (--float32-precision) reaches every run, the twins' too, and that each measures its
+    input wait."""
     out = tmp_path / "cmp"
     result = kbench("compare", "--recipe", "cifar_resnet", "--backends", "jax,tensorflow,torch",
-                    "--reference", "native", *TINY, "--model", "resnet20", "--output", str(out))
+                    "--reference", "native", *TINY, "--model", "resnet20",
+                    "--float32-precision", "highest", "--output", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = load(out)
     assert [r["backend"] for r in rows] == ["jax", "tensorflow", "torch", "native-jax",
@@ -72,11 +76,20 @@ def test_all_backends_and_native_twins(tmp_path):
         assert 0 <= row["test_accuracy"] <= 1 and row["test_loss"] > 0
         assert row["versions"]["keras"] and row["device"] and row["timestamp"]
         assert row["config"]["batch_size"] == 16 and row["command"].startswith("kbench compare")
+        assert row["float32_precision"] == "highest"
+        assert row["config"]["float32_precision"] == "highest"
+        assert row["cudnn_benchmark"] is None  # no cuDNN on this CPU
+        if row["backend"] == "tensorflow":  # Keras' tf.function pulls its batches itself
+            assert row["input_wait_fraction"] is None  # (kbench.train.InputClock)
+        else:
+            assert 0 <= row["input_wait_fraction"] < 1
     keras_jax = rows[0]
     assert keras_jax["flops_per_step"] > 0 and keras_jax["achieved_tflops"] > 0
     assert (out / "results.png").stat().st_size > 1000 and (out / "results.csv").is_file()
     assert "vs native" in result.stdout
     # The Keras runs leave their metrics and model behind.
+    metrics = json.loads((out / "runs" / "torch-r0" / "metrics.json").read_text())
+    assert metrics["float32_precision"] == "highest" and "input_wait_fraction" in metrics
     assert (out / "runs" / "jax-r0" / "metrics.json").is_file()
     # kbench evaluate on one of them, from the same folder: the test split from kbench alone.
     result = kbench("evaluate", str(out / "runs" / "torch-r0" / "model.keras"),
@@ -337,7 +350,6 @@ def main(config, model=None, datasets=None, callbacks=()):
 '''
 
 
-@pytest.mark.slow
 def test_a_failed_run_says_its_exception_and_log_and_the_title_stays_true(tmp_path):
     recipe = tmp_path / "failing.py"
     recipe.write_text(FAILING_RECIPE)

@@ -91,7 +91,6 @@ def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
-@pytest.mark.slow
 def test_savedmodel_export_says_only_what_the_user_can_act_on(saved_digits_model, tmp_path,
                                                                 run_python):
     """Under jax the SavedModel holds jax2tf's custom gradients; TensorFlow's warning about

@@ -159,26 +159,30 @@ def test_resume_in_either_stage_equals_an_uninterrupted_run(tmp_path, small_chec
     """Interrupted at the boundary or in stage 2, --resume restores the stage the checkpoint
     is from (its own optimizer), finishes it, trains the next, and ends where an
     uninterrupted run ends: every epoch logged once, the same losses and test accuracy.
-    (Within a stage, resume is cifar_resnet's, tested in test_training.py.)"""
+    (Within a stage, resume is cifar_resnet's, tested in test_training.py.) One run is
+    interrupted twice: in epoch 2 (stage 1 done, stage 2 not begun), then, resumed from
+    there, in epoch 3 (stage 2); resumed again, it must end as the uninterrupted run."""
     settings = dict(head_epochs=2, epochs=2, validate_every_epoch=False, lr=0.002,
                     finetune_lr=0.0005)
     ckpt = small_checkpoint
     whole = finetune.main(tiny(ckpt, output_dir=str(tmp_path / "whole"), **settings))
     expected = history_of(tmp_path / "whole")
-    # Interrupted in epoch 2 (stage 1 done, stage 2 not begun) and in epoch 3 (stage 2).
+    out = tmp_path / "crashed"
     for crash_at in (2, 3):
-        out = tmp_path / f"crash{crash_at}"
         with pytest.raises(Interrupted):
-            finetune.main(tiny(ckpt, output_dir=str(out), **settings),
+            finetune.main(tiny(ckpt, output_dir=str(out), resume=crash_at == 3, **settings),
                           callbacks=[crash_in_epoch(crash_at)])
-        assert len(history_of(out)) == crash_at
-        metrics = finetune.main(tiny(ckpt, output_dir=str(out), resume=True, **settings))
         got = history_of(out)
-        assert [row["epoch"] for row in got] == ["0", "1", "2", "3"], crash_at
-        assert metrics["epochs"] == 4
+        assert [row["epoch"] for row in got] == [str(e) for e in range(crash_at)], crash_at
         for ours, theirs in zip(got, expected):
             assert float(ours["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-4), crash_at
-        assert metrics["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
+    metrics = finetune.main(tiny(ckpt, output_dir=str(out), resume=True, **settings))
+    got = history_of(out)
+    assert [row["epoch"] for row in got] == ["0", "1", "2", "3"]
+    assert metrics["epochs"] == 4
+    for ours, theirs in zip(got, expected):
+        assert float(ours["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-4)
+    assert metrics["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
 
 
 def test_early_stopping_ends_a_stage_not_the_run(tmp_path, small_checkpoint):

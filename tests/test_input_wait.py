@@ -147,7 +147,6 @@ def test_the_table_flags_rows_that_wait_for_their_input():
     assert "input wait" not in console.export_text()
 
 
-@pytest.mark.slow
 @pytest.mark.backend_independent
 def test_compare_records_and_flags_a_slow_pipeline(tmp_path):
     (tmp_path / "slow_input.py").write_text(SLOW_RECIPE)
@@ -178,7 +177,7 @@ def test_the_input_pipelines_own_rate(capsys):
     assert capsys.readouterr().err.strip() == "error: --batch-sizes takes integers >= 1, not '16,x'"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # not in `make test`: test_compare.py's all-backends run checks the same
 @pytest.mark.backend_independent
 def test_every_record_says_its_precision_and_input_wait_twins_included(tmp_path):
     out = tmp_path / "cmp"

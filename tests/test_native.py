@@ -361,7 +361,6 @@ def test_run_reports_timings_and_metrics(native_run, variant):
         assert result["flops_per_step"] is None
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "torch", reason="native-torch-compiled is a torch twin")
 def test_compiled_torch_twin_trains_as_the_eager_one(native):
     """native-torch-compiled: the same step under torch.compile (forward + loss, optimizer

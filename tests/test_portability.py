@@ -29,21 +29,22 @@ np.savez(out, **logits)
 """
 
 
-@pytest.mark.slow
 @pytest.mark.backend_independent
-def test_backends_train_alike_and_their_models_predict_alike_under_each_backend(run_python,
+def test_backends_train_alike_and_their_models_predict_alike_under_each_backend(run_pythons,
                                                                                tmp_path):
     """Same seed: same initial weights, same batches, same optimizer, so the three backends'
     losses agree to float32 round-off (1e-3 relative after 4 steps); then every model.keras,
-    loaded under every backend, gives the logits it gives under the others."""
+    loaded under every backend, gives the logits it gives under the others. (The three
+    trainings run side by side, as do the three loadings: each in its own interpreter.)"""
     models, metrics = {}, {}
-    for backend in BACKENDS:
+    trainings = run_pythons(*[(
+        ["recipes/cifar_resnet.py", "--dataset", "synthetic", "--model", "resnet20",
+         "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "32",
+         "--train-examples", "128", "--test-examples", "64", "--no-validate-every-epoch",
+         "--verbose", "0", "--output-dir", str(tmp_path / "runs" / backend)],
+        dict(backend=backend)) for backend in BACKENDS])
+    for backend, result in zip(BACKENDS, trainings):
         out_dir = tmp_path / "runs" / backend
-        result = run_python(
-            "recipes/cifar_resnet.py", "--dataset", "synthetic", "--model", "resnet20",
-            "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "32",
-            "--train-examples", "128", "--test-examples", "64", "--no-validate-every-epoch",
-            "--verbose", "0", "--output-dir", str(out_dir), backend=backend)
         assert result.returncode == 0, (backend, result.stderr[-3000:])
         metrics[backend] = json.loads((out_dir / "metrics.json").read_text())
         assert metrics[backend]["backend"] == backend
@@ -56,12 +57,13 @@ def test_backends_train_alike_and_their_models_predict_alike_under_each_backend(
     batch = tmp_path / "batch.npy"
     np.save(batch, np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32"))
     logits = {}  # (trained under, loaded under) -> (8, 10) logits
-    for loader in BACKENDS:
-        out = tmp_path / f"logits_{loader}.npz"
-        result = run_python("-c", PREDICT, str(batch), str(out),
-                            *[f"{b}={path}" for b, path in models.items()], backend=loader)
+    loadings = run_pythons(*[(
+        ["-c", PREDICT, str(batch), str(tmp_path / f"logits_{loader}.npz"),
+         *[f"{b}={path}" for b, path in models.items()]], dict(backend=loader))
+        for loader in BACKENDS])
+    for loader, result in zip(BACKENDS, loadings):
         assert result.returncode == 0, (loader, result.stderr[-3000:])
-        with np.load(out) as saved:
+        with np.load(tmp_path / f"logits_{loader}.npz") as saved:
             for trainer in BACKENDS:
                 logits[trainer, loader] = saved[trainer]
 

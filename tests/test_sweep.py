@@ -237,6 +237,40 @@ def test_a_point_out_of_memory_skips_the_larger_ones_of_its_backend_only(tmp_pat
     assert not sweep.finished(saved + [fake_record("jax", 2, status="failed")])
 
 
+def test_max_batch_runs_its_search_through_compares_runs(tmp_path, monkeypatch, capsys):
+    """--max-batch's loop with run_one replaced by a backend whose runs fit up to batch 75:
+    short runs, a record per try, the largest batch that fits within 1.25x of the limit,
+    reported and written to max_batch.csv. (A real cap on a real process:
+    test_a_sweep_whose_largest_point_passes_the_memory_cap.)"""
+    limit, ran = 75, []
+
+    def run_one(name, runner, framework, options, out_dir, repeat, distributed=False,
+                point=None):
+        field, value = point
+        ran.append(value)
+        assert (field, options.extra_config["batch_size"]) == ("batch_size", value)
+        assert options.steps == sweep.MAX_BATCH_STEPS and options.repeats == 1
+        if value > limit:
+            return fake_record(name, value, status="oom", rss=3000.0)
+        return fake_record(name, value, step_ms=5 + 0.5 * value, rss=1000.0 + 16 * value)
+
+    monkeypatch.setattr(comparing, "run_one", run_one)
+    options = comparing.CompareOptions(backends=("torch",), max_batch=True, batch_size=32,
+                                       steps=20, max_memory=2300, output=str(tmp_path / "m"))
+    rows = sweep.max_batch(options, console=report.make_console())
+    assert ran[:3] == [32, 64, 128] and len(ran) == len(set(ran)) <= 10
+    assert all(r["search"] == "max_batch" for r in rows) and sweep.finished(rows)
+    found = max(r["batch_size"] for r in rows if r["status"] == "ok")
+    assert limit / 1.25 <= found <= limit
+    saved = records.read_jsonl(str(tmp_path / "m" / "results.jsonl"))
+    assert [r["batch_size"] for r in saved] == ran
+    out = capsys.readouterr().out
+    assert "largest batch that trains" in out and f"│ {found} " in out.replace("  ", " ")
+    assert f"torch: largest batch that fits {found} (found)" in out
+    assert (tmp_path / "m" / "max_batch.csv").read_text().splitlines()[1].startswith(
+        f"torch,{found},")
+
+
 def test_a_device_count_sweep_runs_the_single_replica_once():
     options = comparing.CompareOptions(backends=("jax", "torch"), distribute="data_parallel",
                                        sweep=("simulate_devices", [2, 4]))
@@ -349,7 +383,6 @@ TINY = ["--recipe", MEMORY_RECIPE, "--dataset", "digits", "--steps", "2", "--war
         "--set", "test_examples=64"]
 
 
-@pytest.mark.slow
 def test_a_sweep_whose_largest_point_passes_the_memory_cap(tmp_path):
     """Batch 400 holds 6.4 GB of ballast, over a 2.5 GB cap: oom (stopped by the parent's
     poll), 800 skipped, batch 8 ran and is reported; exit status 0."""
@@ -368,6 +401,9 @@ def test_a_sweep_whose_largest_point_passes_the_memory_cap(tmp_path):
     assert (out / "results.png").is_file()
 
 
+# Not in `make test`: test_max_batch_runs_its_search_through_compares_runs (the search through
+# compare's runs, in-process) and test_a_sweep_whose_largest_point_passes_the_memory_cap (a real
+# process over a real cap) check its parts; this one, every part together on real memory.
 @pytest.mark.slow
 def test_max_batch_finds_the_memory_limit_within_a_quarter(tmp_path):
     """The memory recipe's peak is (baseline + 16 MB x batch): the true limit under the cap

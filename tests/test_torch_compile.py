@@ -51,7 +51,7 @@ def _tiny_run(jit_compile, steps=10):
 
 
 @torch_only
-@pytest.mark.slow  # torch.compile on CPU: ~80 s of CPU time (14 min on 2 overloaded cores)
+# torch.compile on CPU: ~80 s of CPU time (14 min on 2 overloaded cores)
 def test_compiled_training_matches_eager_without_graph_breaks():
     eager, *_ = _tiny_run("off")
     compiled, breaks, graphs_after_1, graphs = _tiny_run("on")

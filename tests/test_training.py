@@ -135,7 +135,6 @@ def history_rows(path):
     return [dict(zip(lines[0].split(","), map(float, line.split(",")))) for line in lines[1:]]
 
 
-@pytest.mark.slow
 def test_kill_minus_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """The issue's must-show: killed with SIGKILL after its second epoch, a 4-epoch run resumed
     with --resume logs epochs 0..3 once each, reports epochs: 4, and trains the same numbers
