@@ -13,10 +13,11 @@ runs `kbench compare` twice, as plain commands one can rerun:
   1. `--backends jax,tensorflow,torch --reference native` with `--jit-compile auto`: each
      framework as it runs by default (jax under XLA, tensorflow and torch eager on a CPU) and
      the native twins;
-  2. the compiled rows: `--backends torch-compiled` when compare knows that variant (else
-     `--backends torch --jit-compile on`, whose rows are named torch-compiled here), with the
-     `native-torch-compiled` twin (compare's own, else native-torch under --jit-compile on,
-     which wraps its network in torch.compile);
+  2. the compiled rows, `--jit-compile on --reference native`: `--backends torch-compiled`
+     when compare knows that variant (else `--backends torch`, whose rows are named
+     torch-compiled here), with the `native-torch-compiled` twin (compare's own, which it
+     runs only under --jit-compile on; else native-torch under --jit-compile on, which wraps
+     its network in torch.compile);
 with one intra-op thread for torch and TensorFlow (`--threads 1`, the default: OMP_NUM_THREADS
 and TF_NUM_INTRAOP_THREADS for every process it starts; `--threads 0` leaves each framework's
 default). At batch 2 there is nothing to split across threads, and on a loaded machine
@@ -61,18 +62,16 @@ def plan(keras_variants, natives, model="resnet20", batch_size=2, steps=30, warm
               "--warmup-steps", str(warmup_steps)]
     eager = ("eager", common + ["--backends", "jax,tensorflow,torch", "--reference", "native",
                                 "--jit-compile", "auto"], {})
+    # --jit-compile on: compare adds its compiled twin (native-torch-compiled) only then; the
+    # eager native-torch it runs beside it again is left out of the table (each row comes
+    # from its first pass).
     if "torch-compiled" in keras_variants:
-        args = ["--backends", "torch-compiled", "--jit-compile", "auto"]
+        args = ["--backends", "torch-compiled", "--jit-compile", "on", "--reference", "native"]
         renames = {}
     else:
-        args = ["--backends", "torch", "--jit-compile", "on"]
+        args = ["--backends", "torch", "--jit-compile", "on", "--reference", "native"]
         renames = {"torch": "torch-compiled"}
-    if "native-torch-compiled" in natives:
-        # compare adds it beside native-torch in the eager pass already (the twins of the
-        # frameworks compared): the compiled pass needs no reference.
-        args += ["--reference", "none"]
-    else:
-        args += ["--reference", "native"]
+    if "native-torch-compiled" not in natives:
         renames["native-torch"] = "native-torch-compiled"
     return [eager, ("compiled", common + args, renames)]
 
