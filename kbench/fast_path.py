@@ -25,9 +25,9 @@ This module replaces exactly those things, and nothing else, while `enabled`:
     Keras-torch step and on a GPU is what the GPU waits for (docs/compare.md, "Host
     overhead"). What `__call__` does that matters for those layers is kept: the input cast to
     the layer's dtype, the autocast scope of a mixed policy, the `training` argument. Any
-    other layer in the model, a mask, a layer with an activity regularizer, torch hooks,
-    rematerialization or quantization, a distribution, a symbolic call or torch.compile
-    tracing: the whole model runs Keras' own way.
+    other layer in the model, a mask, a layer with an activity regularizer, torch forward
+    hooks (a layer's or global ones), rematerialization or quantization, a distribution, a
+    symbolic call or torch.compile tracing: the whole model runs Keras' own way.
 Each computes the same function as stock Keras, to float32 round-off (the tests compare
 outputs, gradients and moving statistics); where a channel's mean is far larger than its
 spread, the fused kernels are the more accurate (Keras' torch moments compute
@@ -230,7 +230,10 @@ def _direct_model(model):
     if known is None:
         known = all(_direct_class(layer) for layer in _layers(model))
         object.__setattr__(model, "_kbench_direct", known)  # past Keras' attribute tracking
-    return known and all(_direct_layer(layer) for layer in _layers(model))
+    from torch.nn.modules import module
+
+    hooked = module._global_forward_hooks or module._global_forward_pre_hooks  # on every module
+    return known and not hooked and all(_direct_layer(layer) for layer in _layers(model))
 
 
 def _layers(model):
@@ -243,8 +246,10 @@ def _direct_class(layer):
     import keras
     from keras.src.models import functional
 
-    if type(layer) in (functional.Functional, keras.Sequential):
+    if type(layer) is functional.Functional:
         return _direct_model(layer)
+    if type(layer) is keras.Sequential:  # its call() runs the functional model it builds
+        return layer._functional is not None and _direct_model(layer._functional)
     return (type(layer).__name__ in DIRECT_LAYERS
             and type(layer).__module__.startswith(("keras.src.layers.", "kbench.models.layers")))
 

@@ -195,7 +195,58 @@ def test_layers_called_directly_train_as_keras_calls_them(fast_path, policy):
 
 
 @torch_only
+def test_a_sequential_block_inside_is_called_directly_too(fast_path):
+    import keras
+
+    def steps(direct):
+        stock_direct_model = fast_path._direct_model
+        if not direct:
+            fast_path._direct_model = lambda model: False
+        fast_path.set_enabled(True)
+        try:
+            keras.utils.set_random_seed(0)
+            inputs = keras.Input((8, 8, 3))
+            block = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+                                      keras.layers.BatchNormalization(), keras.layers.ReLU()])
+            x = keras.layers.GlobalAveragePooling2D()(block(inputs))
+            model = keras.Model(inputs, keras.layers.Dense(2)(x))
+            model.compile(optimizer="sgd", loss="mse")
+            x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+            y = np.zeros((4, 2), "float32")
+            model.train_on_batch(x, y)  # builds
+            calls = [0]
+            stock_call = keras.layers.Layer.__call__
+
+            def counted(self, *args, **kwargs):
+                calls[0] += 1
+                return stock_call(self, *args, **kwargs)
+
+            keras.layers.Layer.__call__ = counted
+            try:
+                losses = [float(model.train_on_batch(x, y)) for _ in range(2)]
+            finally:
+                keras.layers.Layer.__call__ = stock_call
+            return losses, [v.numpy() for v in model.weights], calls[0]
+        finally:
+            fast_path._direct_model = stock_direct_model
+
+    direct, through_keras = steps(True), steps(False)
+    assert direct[2] == 2 and through_keras[2] > 2 * 5  # the outer model's __call__ only
+    np.testing.assert_array_equal(direct[0], through_keras[0])
+    for a, b in zip(direct[1], through_keras[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@torch_only
 def test_a_model_with_another_layer_runs_keras_calls(fast_path):
+    import torch
+
+    # A global forward hook (a profiler's, say) must see every layer: Keras' way.
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert resnet_steps(fast_path, True, "float32", steps=1)[3] > 60
+    finally:
+        handle.remove()
     keras_way = resnet_steps(fast_path, True, "float32", extra_layer=True, steps=1)
     # The Lambda is not on the list: the outer model calls each of its layers (the ResNet,
     # the Lambda, Dropout, Dense) through __call__; the ResNet's own layers are all listed.
