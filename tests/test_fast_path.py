@@ -131,6 +131,26 @@ def test_a_conv_net_trains_the_same_and_without_layout_copies(fast_path):
     assert torch_nn._transpose_spatial_inputs(nhwc).is_contiguous()  # Keras' own copy
 
 
+def steps_counting_calls(model, x, y, steps):
+    """One train_on_batch step to build, then `steps` more: their losses and how many times
+    Keras' Layer.__call__ ran in them."""
+    import keras
+
+    model.train_on_batch(x, y)
+    calls = [0]
+    stock_call = keras.layers.Layer.__call__
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return stock_call(self, *args, **kwargs)
+
+    keras.layers.Layer.__call__ = counted
+    try:
+        return [float(model.train_on_batch(x, y)) for _ in range(steps)], calls[0]
+    finally:
+        keras.layers.Layer.__call__ = stock_call
+
+
 def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
     """Losses, weights and the number of Layer.__call__ calls of `steps` train_on_batch
     steps of kbench's ResNet-20 (Normalization, Conv2D, BatchNormalization, ReLU, Add, the
@@ -158,22 +178,9 @@ def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
         y = keras.utils.to_categorical(np.arange(4), 4)
-        model.train_on_batch(x, y)  # builds
-        calls = [0]
-        stock_call = keras.layers.Layer.__call__
-
-        def counted(self, *args, **kwargs):
-            calls[0] += 1
-            return stock_call(self, *args, **kwargs)
-
-        keras.layers.Layer.__call__ = counted
-        try:
-            losses = [float(model.train_on_batch(x, y)) for _ in range(steps)]
-        finally:
-            keras.layers.Layer.__call__ = stock_call
+        losses, calls = steps_counting_calls(model, x, y, steps)
         outputs = model.predict(x, verbose=0)
-        return losses, [np.asarray(v.numpy(), np.float32) for v in model.weights], outputs, \
-            calls[0]
+        return losses, [np.asarray(v.numpy(), np.float32) for v in model.weights], outputs, calls
     finally:
         keras.config.set_dtype_policy("float32")
         fast_path._direct_model = stock_direct_model
@@ -213,20 +220,8 @@ def test_a_sequential_block_inside_is_called_directly_too(fast_path):
             model.compile(optimizer="sgd", loss="mse")
             x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
             y = np.zeros((4, 2), "float32")
-            model.train_on_batch(x, y)  # builds
-            calls = [0]
-            stock_call = keras.layers.Layer.__call__
-
-            def counted(self, *args, **kwargs):
-                calls[0] += 1
-                return stock_call(self, *args, **kwargs)
-
-            keras.layers.Layer.__call__ = counted
-            try:
-                losses = [float(model.train_on_batch(x, y)) for _ in range(2)]
-            finally:
-                keras.layers.Layer.__call__ = stock_call
-            return losses, [v.numpy() for v in model.weights], calls[0]
+            losses, calls = steps_counting_calls(model, x, y, 2)
+            return losses, [v.numpy() for v in model.weights], calls
         finally:
             fast_path._direct_model = stock_direct_model
 
