@@ -226,20 +226,24 @@ def _direct_model(model):
     functional or Sequential model inside it may, when its own layers may); decided once per
     model (its layers are fixed), with the per-layer conditions that can change (hooks, a
     regularizer set later) checked on every call."""
-    known = model.__dict__.get("_kbench_direct")
-    if known is None:
-        known = all(_direct_class(layer) for layer in _layers(model))
-        object.__setattr__(model, "_kbench_direct", known)  # past Keras' attribute tracking
+    layers = model.__dict__.get("_kbench_direct_layers")  # None: not decided yet
+    if layers is None:
+        layers = _layers(model)
+        if not all(_direct_class(layer) for layer in layers):
+            layers = ()  # not direct: Keras' way, every call
+        object.__setattr__(model, "_kbench_direct_layers", layers)  # past Keras' tracking
+    if not layers:
+        return False
     from torch.nn.modules import module
 
     hooked = module._global_forward_hooks or module._global_forward_pre_hooks  # on every module
-    return known and not hooked and all(_direct_layer(layer) for layer in _layers(model))
+    return not hooked and all(_direct_layer(layer) for layer in layers)
 
 
 def _layers(model):
     import keras
 
-    return [op for op in model._operations if not isinstance(op, keras.layers.InputLayer)]
+    return tuple(op for op in model._operations if not isinstance(op, keras.layers.InputLayer))
 
 
 def _direct_class(layer):
@@ -298,9 +302,15 @@ def _direct_call(layer, training):
 
 
 def _converted(layer, arg):
-    """The input cast of Layer.__call__: float tensors to the layer's input dtype."""
+    """The input cast of Layer.__call__ (DTypePolicy.convert_input: arrays to tensors, float
+    tensors to the layer's input dtype), skipped, as Keras skips it, for a tensor already in
+    that dtype."""
+    import torch
+    from keras.src.backend.torch.core import to_torch_dtype
+
     if isinstance(arg, (list, tuple)):
         return type(arg)(_converted(layer, x) for x in arg)
-    if layer._convert_input_args and str(arg.dtype)[6:] != layer.input_dtype:  # "torch.f.."
-        return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
-    return arg
+    if not layer._convert_input_args or (isinstance(arg, torch.Tensor)
+                                         and arg.dtype == to_torch_dtype(layer.input_dtype)):
+        return arg
+    return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
