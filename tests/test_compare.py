@@ -131,6 +131,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
         (["--backends", "mxnet"], "unknown backend 'mxnet'"),
         (["--python", "jax"], "--python takes BACKEND=PATH"),
         (["--baseline", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--timeout", "nan"], "--timeout nan is not allowed"),
+        (["--timeout", "0"], "--timeout 0 is not allowed"),
     ]:
         status, err = entry_point_error(cli.main, ["compare", *args, "--output",
                                                    str(tmp_path / "x")])

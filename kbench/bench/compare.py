@@ -106,6 +106,8 @@ def plan_runs(options):
                               f"{', '.join(KERAS_BACKENDS + tuple(KERAS_VARIANTS))}")
     if options.sync_every is not None and options.sync_every < 1:
         raise KbenchError(f"sync_every must be at least 1, not {options.sync_every}")
+    if not 0 < options.timeout < float("inf"):  # NaN too
+        raise KbenchError(f"--timeout {options.timeout:g} is not allowed: it takes seconds > 0")
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
                           f"{options.distribute!r}")
