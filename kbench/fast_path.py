@@ -111,6 +111,9 @@ def _install(backend):
 
         torch_nn._transpose_spatial_inputs = transpose_spatial_inputs
         _install_direct_calls()
+        from kbench import torch_sgd
+
+        torch_sgd.install(_state)
     _state["installed"] = True
 
 
@@ -136,6 +139,22 @@ def _torch_batch_norm(layer, inputs):
     to_channels_last = (0, *range(2, ndim), 1)
     weight = layer.gamma.value.to(compute) if layer.scale else None
     bias = layer.beta.value.to(compute) if layer.center else None
+    n = x.numel() // x.shape[-1]  # values per channel
+    moving_mean, moving_variance = layer.moving_mean._value, layer.moving_variance._value
+    if n > 1 and moving_mean.dtype == compute and moving_variance.dtype == compute \
+            and not _stateless():
+        # The kernel moves the statistics itself (no op of ours): the mean as Keras does,
+        # the variance with the unbiased batch variance, n/(n-1) times Keras' biased one.
+        # Given the moving variance times n/(n-1), it moves that by Keras' rule times
+        # n/(n-1): one multiply before and one after, instead of the ten ops of
+        # recovering the variance from the kernel's 1/std and moving both in Python.
+        bessel = n / (n - 1)
+        scaled = moving_variance * bessel
+        out, _, _ = torch.native_batch_norm(
+            x.permute(to_channels_first), weight, bias, moving_mean, scaled, True,
+            1.0 - layer.momentum, layer.epsilon)  # torch's momentum weighs the batch
+        moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
+        return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
     out, batch_mean, batch_invstd = torch.native_batch_norm(
         x.permute(to_channels_first), weight, bias, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
@@ -145,6 +164,12 @@ def _torch_batch_norm(layer, inputs):
         variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
         _torch_move(layer, batch_mean, variance)
     return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
+
+
+def _stateless():
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
 
 
 def _tensorflow_batch_norm(layer, inputs):
@@ -213,12 +238,27 @@ def _install_direct_calls():
                 or torch.compiler.is_compiling() or distribution.distribution() is not None
                 or not _direct_model(self) or not _eager_tensors(inputs)):
             return stock_call(self, inputs, training=training, mask=mask, **kwargs)
-        outputs = self._run_through_graph(
-            self._standardize_inputs(inputs),
-            operation_fn=lambda layer: _direct_call(layer, training))
-        return functional.unpack_singleton(outputs)
+        return _plan(self).run(self._standardize_inputs(inputs), training)
 
     functional.Functional.call = call
+
+
+def _plan(model):
+    """The model's kbench.torch_plan.Plan, built at its first direct call."""
+    plan = model.__dict__.get("_kbench_plan")
+    if plan is None:
+        from kbench import torch_plan
+
+        plan = torch_plan.build(model, _direct_step)
+        object.__setattr__(model, "_kbench_plan", plan)  # past Keras' tracking
+    return plan
+
+
+def _direct_step(layer):
+    """A plan's step for `layer` without a lowering: its own call()."""
+    from kbench import torch_plan
+
+    return torch_plan.layer_step(layer, layer.call)
 
 
 def _direct_model(model):
@@ -272,45 +312,3 @@ def _eager_tensors(inputs):
     from keras import tree
 
     return all(isinstance(x, (torch.Tensor, np.ndarray)) for x in tree.flatten(inputs))
-
-
-def _direct_call(layer, training):
-    """`layer.call` with what Keras' `Layer.__call__` does for it in an eager step."""
-    from keras.src import backend
-
-    def call(*args, **kwargs):  # kwargs: those the graph recorded for this call
-        args = tuple(_converted(layer, arg) for arg in args)
-        if training is not None and layer._call_has_context_arg.get("training", False):
-            kwargs["training"] = training
-        # The autocast scope exactly as Layer.__call__ chooses it (mixed policies read their
-        # float32 variables in the compute dtype).
-        current = backend.get_autocast_scope()
-        scope = None
-        if current is not None:
-            if not layer.autocast or not backend.is_float_dtype(layer.compute_dtype):
-                scope = backend.AutocastScope(None)
-            elif current.dtype != layer.compute_dtype:
-                scope = backend.AutocastScope(layer.compute_dtype)
-        elif layer.compute_dtype != layer.variable_dtype:
-            scope = backend.AutocastScope(layer.compute_dtype)
-        if scope is None:
-            return layer.call(*args, **kwargs)
-        with scope:
-            return layer.call(*args, **kwargs)
-
-    return call
-
-
-def _converted(layer, arg):
-    """The input cast of Layer.__call__ (DTypePolicy.convert_input: arrays to tensors, float
-    tensors to the layer's input dtype), skipped, as Keras skips it, for a tensor already in
-    that dtype."""
-    import torch
-    from keras.src.backend.torch.core import to_torch_dtype
-
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_converted(layer, x) for x in arg)
-    if not layer._convert_input_args or (isinstance(arg, torch.Tensor)
-                                         and arg.dtype == to_torch_dtype(layer.input_dtype)):
-        return arg
-    return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)

@@ -1,0 +1,266 @@
+"""The fast path's eager forward under torch: a functional model's call as a flat list of steps.
+
+Keras runs a functional model by walking its graph (`Functional._run_through_graph`: a dict of
+tensors by id, each node's arguments filled in through `tree` functions) and each layer by
+`Layer.__call__`; inside a layer, every `keras.ops` call converts its arguments, standardizes
+its settings and dispatches to the backend. On our CPU that Python is most of a Keras-torch
+step at small batches, and on a GPU it is what the GPU waits for (docs/compare.md, "Host
+overhead"). A `Plan` does that walk once, when a model first runs under the fast path: it keeps
+the nodes in Keras' order, each with the slots its inputs come from and its outputs go to, and
+each layer either *lowered* (its `call()` for the case at hand written as the torch calls that
+Keras' own ops end in, with the arguments Keras would compute fixed once) or, for any other
+listed layer, its own `call()`.
+
+Lowered, only in the cases written out below (any other configuration runs the layer's
+`call()`):
+  - Conv2D: channels_last, padding "valid" or "same", no LoRA; Keras' torch conv is
+    `conv2d(NHWC->NCHW view, kernel OIHW in channels_last memory, padding)` then the NCHW->NHWC
+    view, a "same" padding that torch cannot express (stride 2) an explicit `pad` first; the
+    bias added and the activation (linear or relu) applied as Keras does.
+  - ReLU (no slope, cap or threshold) and Activation(relu / linear): `torch.relu` / itself.
+  - Add: `torch.add` in input order, as Keras' Add (inputs of one rank).
+  - ShortcutPad (kbench's): the strided slice and channel `pad` its call() makes.
+Each runs the same torch ops on the same tensors as Keras' path, so the numbers are the same
+bits (tests/test_fast_path.py compares losses and weights with Keras' __call__ path).
+
+What `Layer.__call__` does that matters in an eager step is kept for every step: the input
+cast to the layer's dtype, the autocast scope of a mixed policy (variables read through
+`Variable.value`, which casts them in that scope), the `training` argument.
+"""
+
+import torch
+import torch.nn.functional as F
+
+ONE, LIST, ARGS = 0, 1, 2  # how a node's inputs are given: one tensor, a list, anything else
+
+
+class Plan:
+    """A functional model's graph as steps: (run, kind, input slots, output slots, kwargs)."""
+
+    def __init__(self, model, steps, slots, input_slots, output_slots):
+        self.model = model
+        self.steps = steps
+        self.slots = slots
+        self.input_slots = input_slots
+        self.output_slots = output_slots
+
+    def run(self, inputs, training):
+        from keras import tree
+
+        values = [None] * self.slots
+        for slot, x in zip(self.input_slots, tree.flatten(inputs)):
+            values[slot] = x
+        for run, kind, ins, outs, template in self.steps:
+            if kind == ONE:
+                y = run((values[ins],), template, training)
+            elif kind == LIST:
+                y = run(([values[i] for i in ins],), template, training)
+            else:
+                args, kwargs = template.fill_in({key: values[slot] for key, slot in ins})
+                y = run(args, kwargs, training)
+            if len(outs) == 1:
+                values[outs[0]] = y
+            else:
+                for slot, value in zip(outs, tree.flatten(y)):
+                    values[slot] = value
+        outputs = [values[slot] for slot in self.output_slots]
+        return tree.pack_sequence_as(self.model._outputs_struct, outputs)
+
+
+def build(model, direct_call):
+    """The Plan of functional `model` (every layer already checked to be directly callable);
+    `direct_call(layer)` gives a layer's non-lowered step."""
+    from keras import tree
+    from keras.src.backend import KerasTensor
+
+    slot_of = {}
+
+    def slot(tensor):
+        return slot_of.setdefault(id(tensor), len(slot_of))
+
+    input_slots = [slot(x) for x in model.inputs]
+    steps = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):  # Keras' own order
+        for node in model._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            if any(id(x) not in slot_of for x in node.input_tensors):
+                continue  # not computable from the inputs: Keras skips it too
+            arguments = node.arguments
+            layer = model._get_operation_for_node(node)
+            args, kwargs = arguments.args, arguments.kwargs
+            constant_kwargs = not any(isinstance(x, KerasTensor) for x in tree.flatten(kwargs))
+            if len(args) == 1 and isinstance(args[0], KerasTensor) and constant_kwargs:
+                kind, ins, template = ONE, slot_of[id(args[0])], dict(kwargs)
+            elif (len(args) == 1 and isinstance(args[0], (list, tuple)) and constant_kwargs
+                  and all(isinstance(x, KerasTensor) for x in args[0])):
+                kind, ins, template = LIST, [slot_of[id(x)] for x in args[0]], dict(kwargs)
+            else:
+                kind, template = ARGS, arguments
+                ins = [(id(x), slot_of[id(x)]) for x in arguments.keras_tensors]
+            run = None
+            if kind != ARGS and all(v is None for v in template.values()):
+                run = lowered(layer)  # takes the inputs alone: a recorded mask=None is no mask
+                if run is not None:
+                    template = {}
+            run = run or direct_call(layer)
+            steps.append((run, kind, ins, [slot(x) for x in node.outputs], template))
+    return Plan(model, steps, len(slot_of), input_slots,
+                [slot_of[id(x)] for x in model.outputs])
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def layer_step(layer, body):
+    """A step running `body(*args, **kwargs)` for `layer` with what Layer.__call__ does for it
+    in an eager step: the input cast, the `training` argument, the autocast scope."""
+    from keras.src import backend
+    from keras.src.backend.torch.core import to_torch_dtype
+
+    input_dtype = to_torch_dtype(layer.input_dtype) if layer._convert_input_args else None
+    pass_training = layer._call_has_context_arg.get("training", False)
+    float_compute = backend.is_float_dtype(layer.compute_dtype)
+    mixed = layer.compute_dtype != layer.variable_dtype
+
+    def step(args, kwargs, training):
+        if input_dtype is not None:
+            args = tuple(_converted(layer, input_dtype, arg) for arg in args)
+        if training is not None and pass_training:
+            kwargs = {**kwargs, "training": training}
+        # The autocast scope exactly as Layer.__call__ chooses it (mixed policies read their
+        # float32 variables in the compute dtype).
+        current = backend.get_autocast_scope()
+        scope = None
+        if current is not None:
+            if not layer.autocast or not float_compute:
+                scope = backend.AutocastScope(None)
+            elif current.dtype != layer.compute_dtype:
+                scope = backend.AutocastScope(layer.compute_dtype)
+        elif mixed:
+            scope = backend.AutocastScope(layer.compute_dtype)
+        if scope is None:
+            return body(*args, **kwargs)
+        with scope:
+            return body(*args, **kwargs)
+
+    return step
+
+
+def _converted(layer, dtype, arg):
+    """The input cast of Layer.__call__ (DTypePolicy.convert_input: arrays to tensors, float
+    tensors to the layer's input dtype), skipped, as Keras skips it, for a tensor already in
+    that dtype."""
+    if isinstance(arg, torch.Tensor) and arg.dtype == dtype:
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_converted(layer, dtype, x) for x in arg)
+    return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
+
+
+def lowered(layer):
+    """`layer`'s step with its call() lowered to torch calls, or None where no lowering is
+    written for its class and configuration."""
+    lower = LOWERINGS.get((type(layer).__module__, type(layer).__name__))
+    body = lower(layer) if lower is not None else None
+    return None if body is None else layer_step(layer, body)
+
+
+def _conv2d(layer):
+    from keras import activations
+    from keras.src.backend.torch import nn as torch_nn
+
+    if (layer.data_format != "channels_last" or layer.padding not in ("valid", "same")
+            or layer.activation not in (None, activations.linear,
+                                                              activations.relu)):
+        return None
+    strides, dilation = tuple(layer.strides), tuple(layer.dilation_rate)
+    kernel_size = tuple(layer.kernel_size)
+    relu = layer.activation is activations.relu
+    padding_for = {}  # input (height, width) -> ("arg" or "pad", torch's padding)
+
+    def same_padding(spatial):
+        # torch_nn._apply_same_padding's decision, made once per input size
+        pads = [torch_nn._compute_padding_length(n, k, s, d)
+                for n, k, s, d in zip(spatial, kernel_size, strides, dilation)]
+        if all(left == right for left, right in pads):
+            return "arg", [left for left, _ in pads]
+        return "pad", tuple(p for pair in reversed(pads) for p in pair)
+
+    def call(inputs):
+        if layer.lora_enabled:  # enabled since: its kernel is no longer the variable
+            return layer.call(inputs)
+        # torch_nn.conv with the fast path's view transpose (kbench.fast_path)
+        x = torch_nn._maybe_convert_to_channels_last(inputs.permute(0, 3, 1, 2))
+        # HWIO -> OIHW as a view: Keras then copies it to channels_last memory, which the
+        # convolution does itself for a channels_last input (the same bits, one autograd
+        # node less).
+        kernel = layer._kernel.value.permute(3, 2, 0, 1)
+        padding = 0
+        if layer.padding == "same":
+            spatial = tuple(x.shape[2:])
+            how = padding_for.get(spatial)
+            if how is None:
+                how = padding_for[spatial] = same_padding(spatial)
+            if how[0] == "arg":
+                padding = how[1]
+            else:
+                x = F.pad(x, pad=how[1], mode="constant")
+        groups = x.shape[1] // kernel.shape[1]
+        outputs = F.conv2d(x, kernel, stride=strides, padding=padding, dilation=dilation,
+                           groups=groups).permute(0, 2, 3, 1)
+        if layer.use_bias:  # BaseConv.call: ops.add(outputs, ops.reshape(bias, (1, 1, 1, -1)))
+            outputs = torch.add(outputs, layer.bias.value.reshape(1, 1, 1, layer.filters))
+        return torch.relu(outputs) if relu else outputs
+
+    return call
+
+
+def _relu_layer(layer):
+    if layer.negative_slope != 0 or layer.max_value is not None or layer.threshold != 0:
+        return None
+    return torch.relu  # activations.relu -> ReLU.static_call -> backend.nn.relu
+
+
+def _activation(layer):
+    from keras import activations
+
+    if layer.activation is activations.relu:
+        return torch.relu
+    if layer.activation is activations.linear:
+        return lambda x: x
+    return None
+
+
+def _add(layer):
+    if layer._reshape_required:
+        return None
+
+    def call(inputs):  # Add._merge_function: ops.add from the first input on
+        output = inputs[0]
+        for x in inputs[1:]:
+            output = torch.add(output, x)
+        return output
+
+    return call
+
+
+def _shortcut_pad(layer):
+    stride = layer.stride
+
+    def call(x):  # ShortcutPad.call: the strided slice, then ops.pad on the channels
+        x = x[:, ::stride, ::stride, :]
+        extra = layer.filters - x.shape[-1]
+        return F.pad(x, pad=[extra // 2, extra - extra // 2], mode="constant")
+
+    return call
+
+
+# (module, class name) -> lowering; exact classes, as fast_path.DIRECT_LAYERS
+LOWERINGS = {
+    ("keras.src.layers.convolutional.conv2d", "Conv2D"): _conv2d,
+    ("keras.src.layers.activations.relu", "ReLU"): _relu_layer,
+    ("keras.src.layers.activations.activation", "Activation"): _activation,
+    ("keras.src.layers.merging.add", "Add"): _add,
+    ("kbench.models.layers", "ShortcutPad"): _shortcut_pad,
+}
