@@ -85,16 +85,13 @@ def _install(backend):
     from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
     stock_call = BatchNormalization.call
-    stock_moments = BatchNormalization._moments
+    _state["stock_moments"] = BatchNormalization._moments
+    # the input ranks the fused kernel takes (FusedBatchNormV3: NHWC only)
+    _state["fused_ranks"] = (2, 3, 4, 5) if backend == "torch" else (4,)
     fused = _torch_batch_norm if backend == "torch" else _tensorflow_batch_norm
-    ranks = (2, 3, 4, 5) if backend == "torch" else (4,)  # FusedBatchNormV3 takes NHWC only
 
     def call(self, inputs, training=None, mask=None):
-        if (_state["enabled"] and training and self.trainable and mask is None
-                and type(self)._moments is stock_moments  # a subclass's own moments: Keras'
-                and not getattr(self, "renorm", False)
-                and not getattr(self, "synchronized", False)
-                and len(inputs.shape) in ranks and self.axis in (-1, len(inputs.shape) - 1)):
+        if _state["enabled"] and fusable(self, len(inputs.shape), training, mask):
             return fused(self, inputs)
         return stock_call(self, inputs, training=training, mask=mask)
 
@@ -117,12 +114,36 @@ def _install(backend):
     _state["installed"] = True
 
 
+def fusable(layer, rank, training, mask=None):
+    """Whether BatchNormalization `layer`'s call on an input of `rank` takes the fused kernel:
+    in training, with no mask, renorm or synchronization, the class's own moments, channels
+    on the last axis, a rank the kernel takes (FusedBatchNormV3: NHWC only)."""
+    return bool(training and layer.trainable and mask is None
+                and type(layer)._moments is _state["stock_moments"]  # a subclass's: Keras'
+                and not getattr(layer, "renorm", False)
+                and not getattr(layer, "synchronized", False)
+                and rank in _state["fused_ranks"] and layer.axis in (-1, rank - 1))
+
+
 def _torch_batch_norm(layer, inputs):
     """Keras' BatchNormalization.call in training, through PyTorch's fused kernel."""
     import keras
     import torch
 
     x = inputs if isinstance(inputs, torch.Tensor) else keras.ops.convert_to_tensor(inputs)
+    ndim = x.ndim
+    # Channels from the last axis to axis 1 as a view: NHWC -> NCHW is channels_last memory.
+    to_channels_first = (0, ndim - 1, *range(1, ndim - 1))
+    to_channels_last = (0, *range(2, ndim), 1)
+    return torch_batch_norm_channels_first(layer, x.permute(to_channels_first)).permute(
+        to_channels_last)
+
+
+def torch_batch_norm_channels_first(layer, x):
+    """_torch_batch_norm on channels-first `x` (N, C, ...), returning channels first: what
+    kbench.torch_plan runs between layers that keep that layout."""
+    import torch
+
     # Keras computes BatchNormalization in float32 when its inputs are float16/bfloat16.
     # PyTorch's kernel does the same for a float16/bfloat16 input given float32 weights (it
     # computes and returns the statistics in float32, the output in the input's dtype, on
@@ -133,13 +154,10 @@ def _torch_batch_norm(layer, inputs):
     mixed = layer.scale and layer.center and x.device.type in MIXED_TYPE_DEVICES
     if x.dtype == compute or not mixed:
         x = x.to(compute)
-    ndim = x.ndim
-    # Channels from the last axis to axis 1 as a view: NHWC -> NCHW is channels_last memory.
-    to_channels_first = (0, ndim - 1, *range(1, ndim - 1))
-    to_channels_last = (0, *range(2, ndim), 1)
+    output_dtype = getattr(torch, layer.compute_dtype)
     weight = layer.gamma.value.to(compute) if layer.scale else None
     bias = layer.beta.value.to(compute) if layer.center else None
-    n = x.numel() // x.shape[-1]  # values per channel
+    n = x.numel() // x.shape[1]  # values per channel
     moving_mean, moving_variance = layer.moving_mean._value, layer.moving_variance._value
     if n > 1 and moving_mean.dtype == compute and moving_variance.dtype == compute \
             and not _stateless():
@@ -151,19 +169,19 @@ def _torch_batch_norm(layer, inputs):
         bessel = n / (n - 1)
         scaled = moving_variance * bessel
         out, _, _ = torch.native_batch_norm(
-            x.permute(to_channels_first), weight, bias, moving_mean, scaled, True,
-            1.0 - layer.momentum, layer.epsilon)  # torch's momentum weighs the batch
+            x, weight, bias, moving_mean, scaled, True, 1.0 - layer.momentum,
+            layer.epsilon)  # torch's momentum weighs the batch
         moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
-        return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
+        return out.to(output_dtype)
     out, batch_mean, batch_invstd = torch.native_batch_norm(
-        x.permute(to_channels_first), weight, bias, None, None, True, 0.0, layer.epsilon)
+        x, weight, bias, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
         # The biased batch variance, as Keras' moments give it: invstd = 1 / sqrt(var + eps);
         # in float64 where the device has it (not Apple's MPS), so little is lost to eps.
         wide = batch_invstd.double() if batch_invstd.device.type != "mps" else batch_invstd
         variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
         _torch_move(layer, batch_mean, variance)
-    return out.permute(to_channels_last).to(getattr(torch, layer.compute_dtype))
+    return out.to(output_dtype)
 
 
 def _stateless():

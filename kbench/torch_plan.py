@@ -32,17 +32,27 @@ import torch
 import torch.nn.functional as F
 
 ONE, LIST, ARGS = 0, 1, 2  # how a node's inputs are given: one tensor, a list, anything else
+LAST, FIRST = "channels_last", "channels_first"  # a rank-4 value's layout between steps
+TO_FIRST, TO_LAST = (0, 3, 1, 2), (0, 2, 3, 1)  # NHWC -> NCHW view and back
 
 
 class Plan:
-    """A functional model's graph as steps: (run, kind, input slots, output slots, kwargs)."""
+    """A functional model's graph as steps: (run, kind, inputs, output slots, kwargs), where
+    an input is (slot, permutation or None) and, for ARGS, (tensor id, slot, permutation)."""
 
-    def __init__(self, model, steps, slots, input_slots, output_slots):
+    def __init__(self, model, steps, slots, input_slots, outputs):
         self.model = model
         self.steps = steps
         self.slots = slots
         self.input_slots = input_slots
-        self.output_slots = output_slots
+        self.outputs = outputs
+
+    def describe(self):
+        """[(layer class name, how its step runs: lowered, taking rank-4 values
+        "channels_first", "channels_last" (Keras' layout) or "any" (elementwise); or "call",
+        its own call())], in the plan's order."""
+        return [(type(run.layer).__name__, getattr(run, "lowered", "call"))
+                for run, *_ in self.steps]
 
     def run(self, inputs, training):
         from keras import tree
@@ -52,31 +62,50 @@ class Plan:
             values[slot] = x
         for run, kind, ins, outs, template in self.steps:
             if kind == ONE:
-                y = run((values[ins],), template, training)
+                slot, perm = ins
+                x = values[slot]
+                y = run((x if perm is None else x.permute(perm),), template, training)
             elif kind == LIST:
-                y = run(([values[i] for i in ins],), template, training)
+                xs = [values[slot] if perm is None else values[slot].permute(perm)
+                      for slot, perm in ins]
+                y = run((xs,), template, training)
             else:
-                args, kwargs = template.fill_in({key: values[slot] for key, slot in ins})
+                args, kwargs = template.fill_in({
+                    key: values[slot] if perm is None else values[slot].permute(perm)
+                    for key, slot, perm in ins})
                 y = run(args, kwargs, training)
             if len(outs) == 1:
                 values[outs[0]] = y
             else:
                 for slot, value in zip(outs, tree.flatten(y)):
                     values[slot] = value
-        outputs = [values[slot] for slot in self.output_slots]
+        outputs = [values[slot] if perm is None else values[slot].permute(perm)
+                   for slot, perm in self.outputs]
         return tree.pack_sequence_as(self.model._outputs_struct, outputs)
 
 
 def build(model, direct_call):
     """The Plan of functional `model` (every layer already checked to be directly callable);
-    `direct_call(layer)` gives a layer's non-lowered step."""
+    `direct_call(layer)` gives a layer's non-lowered step.
+
+    Lowered layers that take rank-4 inputs keep them channels first (the NCHW view of NHWC
+    memory, what torch's convolutions and batch norm take), and elementwise ones keep the
+    layout they are given, so a chain of them never permutes back and forth: a value changes
+    layout only where a step needs the other one (a permuted view; no copy)."""
     from keras import tree
     from keras.src.backend import KerasTensor
 
-    slot_of = {}
+    slot_of, layout = {}, {}
 
-    def slot(tensor):
+    def slot(tensor, tensor_layout=LAST):
+        layout[id(tensor)] = tensor_layout
         return slot_of.setdefault(id(tensor), len(slot_of))
+
+    def given(tensor, wanted):  # (slot, the permutation that gives it in layout `wanted`)
+        have = layout[id(tensor)]
+        if have == wanted or len(tensor.shape) != 4:
+            return slot_of[id(tensor)], None
+        return slot_of[id(tensor)], TO_FIRST if wanted == FIRST else TO_LAST
 
     input_slots = [slot(x) for x in model.inputs]
     steps = []
@@ -91,22 +120,32 @@ def build(model, direct_call):
             args, kwargs = arguments.args, arguments.kwargs
             constant_kwargs = not any(isinstance(x, KerasTensor) for x in tree.flatten(kwargs))
             if len(args) == 1 and isinstance(args[0], KerasTensor) and constant_kwargs:
-                kind, ins, template = ONE, slot_of[id(args[0])], dict(kwargs)
+                kind, tensors, template = ONE, [args[0]], dict(kwargs)
             elif (len(args) == 1 and isinstance(args[0], (list, tuple)) and constant_kwargs
                   and all(isinstance(x, KerasTensor) for x in args[0])):
-                kind, ins, template = LIST, [slot_of[id(x)] for x in args[0]], dict(kwargs)
+                kind, tensors, template = LIST, list(args[0]), dict(kwargs)
             else:
-                kind, template = ARGS, arguments
-                ins = [(id(x), slot_of[id(x)]) for x in arguments.keras_tensors]
-            run = None
+                kind, tensors, template = ARGS, arguments.keras_tensors, arguments
+            run, mode = None, None
             if kind != ARGS and all(v is None for v in template.values()):
-                run = lowered(layer)  # takes the inputs alone: a recorded mask=None is no mask
+                # a lowering takes the inputs alone: a recorded mask=None is no mask
+                run, mode = lowered(layer, [len(x.shape) for x in tensors])
                 if run is not None:
                     template = {}
-            run = run or direct_call(layer)
-            steps.append((run, kind, ins, [slot(x) for x in node.outputs], template))
-    return Plan(model, steps, len(slot_of), input_slots,
-                [slot_of[id(x)] for x in model.outputs])
+            if run is None:
+                run = direct_call(layer)
+            # the layout the step takes its inputs in, and gives its outputs in
+            wanted = FIRST if mode == FIRST else (
+                layout[id(tensors[0])] if mode == "any" else LAST)
+            ins = [given(x, wanted) for x in tensors]
+            if kind == ONE:
+                ins = ins[0]
+            elif kind == ARGS:
+                ins = [(id(x), *slot_perm) for x, slot_perm in zip(tensors, ins)]
+            outs = [slot(x, wanted if len(x.shape) == 4 else LAST) for x in node.outputs]
+            steps.append((run, kind, ins, outs, template))
+    outputs = [given(x, LAST) for x in model.outputs]
+    return Plan(model, steps, len(slot_of), input_slots, outputs)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -144,6 +183,7 @@ def layer_step(layer, body):
         with scope:
             return body(*args, **kwargs)
 
+    step.layer = layer
     return step
 
 
@@ -158,21 +198,28 @@ def _converted(layer, dtype, arg):
     return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
 
 
-def lowered(layer):
-    """`layer`'s step with its call() lowered to torch calls, or None where no lowering is
-    written for its class and configuration."""
+def lowered(layer, ranks):
+    """(`layer`'s step with its call() lowered to torch calls, the layout it works in:
+    FIRST (rank-4 inputs and outputs channels first), "any" (elementwise: the layout it is
+    given) or None), or (None, None) where no lowering is written for its class and
+    configuration and input ranks."""
     lower = LOWERINGS.get((type(layer).__module__, type(layer).__name__))
-    body = lower(layer) if lower is not None else None
-    return None if body is None else layer_step(layer, body)
+    found = lower(layer, ranks) if lower is not None else None
+    if found is None:
+        return None, None
+    body, mode = found
+    step = layer_step(layer, body)
+    step.lowered = mode or LAST  # what Plan.describe reports
+    return step, mode
 
 
-def _conv2d(layer):
+def _conv2d(layer, ranks):
     from keras import activations
     from keras.src.backend.torch import nn as torch_nn
 
-    if (layer.data_format != "channels_last" or layer.padding not in ("valid", "same")
-            or layer.activation not in (None, activations.linear,
-                                                              activations.relu)):
+    if (ranks != [4] or layer.data_format != "channels_last"
+            or layer.padding not in ("valid", "same")
+            or layer.activation not in (None, activations.linear, activations.relu)):
         return None
     strides, dilation = tuple(layer.strides), tuple(layer.dilation_rate)
     kernel_size = tuple(layer.kernel_size)
@@ -187,11 +234,11 @@ def _conv2d(layer):
             return "arg", [left for left, _ in pads]
         return "pad", tuple(p for pair in reversed(pads) for p in pair)
 
-    def call(inputs):
+    def call(x):  # x: NCHW
         if layer.lora_enabled:  # enabled since: its kernel is no longer the variable
-            return layer.call(inputs)
-        # torch_nn.conv with the fast path's view transpose (kbench.fast_path)
-        x = torch_nn._maybe_convert_to_channels_last(inputs.permute(0, 3, 1, 2))
+            return layer.call(x.permute(TO_LAST)).permute(TO_FIRST)
+        # torch_nn.conv after the fast path's view transpose (kbench.fast_path)
+        x = torch_nn._maybe_convert_to_channels_last(x)
         # HWIO -> OIHW as a view: Keras then copies it to channels_last memory, which the
         # convolution does itself for a channels_last input (the same bits, one autograd
         # node less).
@@ -208,32 +255,46 @@ def _conv2d(layer):
                 x = F.pad(x, pad=how[1], mode="constant")
         groups = x.shape[1] // kernel.shape[1]
         outputs = F.conv2d(x, kernel, stride=strides, padding=padding, dilation=dilation,
-                           groups=groups).permute(0, 2, 3, 1)
+                           groups=groups)
         if layer.use_bias:  # BaseConv.call: ops.add(outputs, ops.reshape(bias, (1, 1, 1, -1)))
-            outputs = torch.add(outputs, layer.bias.value.reshape(1, 1, 1, layer.filters))
+            outputs = torch.add(outputs, layer.bias.value.reshape(1, layer.filters, 1, 1))
         return torch.relu(outputs) if relu else outputs
 
-    return call
+    return call, FIRST
 
 
-def _relu_layer(layer):
+def _batch_norm(layer, ranks):
+    from kbench import fast_path
+
+    if ranks != [4] or layer.axis not in (-1, 3):
+        return None
+
+    def call(x, training=None):  # x: NCHW
+        if fast_path.fusable(layer, 4, training):
+            return fast_path.torch_batch_norm_channels_first(layer, x)
+        return layer.call(x.permute(TO_LAST), training=training).permute(TO_FIRST)
+
+    return call, FIRST
+
+
+def _relu_layer(layer, ranks):
     if layer.negative_slope != 0 or layer.max_value is not None or layer.threshold != 0:
         return None
-    return torch.relu  # activations.relu -> ReLU.static_call -> backend.nn.relu
+    return torch.relu, "any"  # activations.relu -> ReLU.static_call -> backend.nn.relu
 
 
-def _activation(layer):
+def _activation(layer, ranks):
     from keras import activations
 
     if layer.activation is activations.relu:
-        return torch.relu
+        return torch.relu, "any"
     if layer.activation is activations.linear:
-        return lambda x: x
+        return (lambda x: x), "any"
     return None
 
 
-def _add(layer):
-    if layer._reshape_required:
+def _add(layer, ranks):
+    if layer._reshape_required or len(set(ranks)) != 1:
         return None
 
     def call(inputs):  # Add._merge_function: ops.add from the first input on
@@ -242,25 +303,88 @@ def _add(layer):
             output = torch.add(output, x)
         return output
 
-    return call
+    return call, "any"
 
 
-def _shortcut_pad(layer):
+def _shortcut_pad(layer, ranks):
+    if ranks != [4]:
+        return None
     stride = layer.stride
 
-    def call(x):  # ShortcutPad.call: the strided slice, then ops.pad on the channels
-        x = x[:, ::stride, ::stride, :]
-        extra = layer.filters - x.shape[-1]
-        return F.pad(x, pad=[extra // 2, extra - extra // 2], mode="constant")
+    def call(x):  # ShortcutPad.call (strided slice, ops.pad on the channels), x: NCHW
+        x = x[:, :, ::stride, ::stride]
+        extra = layer.filters - x.shape[1]
+        return F.pad(x, pad=[0, 0, 0, 0, extra // 2, extra - extra // 2], mode="constant")
 
-    return call
+    return call, FIRST
+
+
+def _dense(layer, ranks):
+    from keras import activations
+
+    if ranks != [2] or layer.activation not in (None, activations.linear, activations.relu):
+        return None
+    relu = layer.activation is activations.relu
+
+    def call(x, training=None):  # Dense.call: ops.matmul, ops.add(bias), the activation
+        kernel = None if layer.lora_enabled else layer._kernel.value
+        if kernel is None or kernel.dtype != x.dtype or (
+                x.dtype == torch.float16 and x.device.type == "cpu"):
+            return layer.call(x, training=training)  # LoRA, or ops.matmul's own casts
+        outputs = torch.matmul(x, kernel)
+        if layer.bias is not None:
+            outputs = torch.add(outputs, layer.bias.value)
+        return torch.relu(outputs) if relu else outputs
+
+    return call, None
+
+
+def _global_average_pooling(layer, ranks):
+    if ranks != [4] or layer.data_format != "channels_last" or layer.keepdims:
+        return None
+
+    def call(x):  # ops.mean(x, axis=[1, 2]) on NHWC, in float32 (float64 for float64)
+        if not x.is_floating_point():
+            return layer.call(x.permute(TO_LAST))  # ops.mean's own integer rules
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.mean(x.to(compute), (2, 3)).to(x.dtype)
+
+    return call, FIRST
+
+
+def _normalization(layer, ranks):
+    if layer.invert:
+        return None
+    kept = {}  # x's device -> (the layer's variance, max(sqrt(variance), epsilon))
+
+    def call(x):  # Normalization.call, its denominator computed once per variance and device
+        if layer.mean is None or layer.backend.name != "torch":
+            return layer.call(x)  # not built, or inside tf.data: Keras' errors and rules
+        from keras.src.backend.torch import core, numpy
+
+        x = core.convert_to_tensor(x, dtype=layer.compute_dtype)
+        variance = layer.variance
+        found = kept.get(x.device)
+        if found is None or found[0] is not variance:
+            from keras.src import backend
+
+            found = kept[x.device] = (variance, numpy.maximum(numpy.sqrt(variance),
+                                                              backend.epsilon()))
+        return torch.divide(torch.subtract(x, layer.mean), found[1])
+
+    return call, None
 
 
 # (module, class name) -> lowering; exact classes, as fast_path.DIRECT_LAYERS
 LOWERINGS = {
     ("keras.src.layers.convolutional.conv2d", "Conv2D"): _conv2d,
+    ("keras.src.layers.normalization.batch_normalization", "BatchNormalization"): _batch_norm,
     ("keras.src.layers.activations.relu", "ReLU"): _relu_layer,
     ("keras.src.layers.activations.activation", "Activation"): _activation,
     ("keras.src.layers.merging.add", "Add"): _add,
     ("kbench.models.layers", "ShortcutPad"): _shortcut_pad,
+    ("keras.src.layers.core.dense", "Dense"): _dense,
+    ("keras.src.layers.pooling.global_average_pooling2d", "GlobalAveragePooling2D"):
+        _global_average_pooling,
+    ("keras.src.layers.preprocessing.normalization", "Normalization"): _normalization,
 }

@@ -39,9 +39,14 @@ def install(state):
 
 
 def _step(optimizer, grads, variables):
+    from keras.src.backend import get_autocast_scope
+
     learning_rate = optimizer._get_current_learning_rate()
     decayed, momenta = _layout(optimizer, variables)
-    values = [v.value for v in variables]
+    # Variable.value is its tensor itself here (eager, not stateless, no autocast scope, not
+    # symbolic); reading it through the property costs a few microseconds a variable.
+    direct = get_autocast_scope() is None and grads and grads[0].device.type != "meta"
+    values = [v._value if direct else v.value for v in variables]
     if optimizer.weight_decay is not None:  # TorchOptimizer._apply_weight_decay
         torch._foreach_mul_([values[i] for i in decayed],
                             1 - optimizer.weight_decay * learning_rate)
@@ -53,7 +58,8 @@ def _step(optimizer, grads, variables):
             scaled = torch._foreach_mul(grads, -learning_rate)
     # keras.src.backend.torch.optimizers.torch_sgd.SGD._parallel_update_step
     if optimizer.momentum != 0:
-        bufs = [optimizer.momentums[i].value for i in momenta]
+        bufs = [optimizer.momentums[i]._value if direct else optimizer.momentums[i].value
+                for i in momenta]
         torch._foreach_mul_(bufs, optimizer.momentum)
         _add_scaled(bufs, grads, learning_rate, scaled)
         if optimizer.nesterov:

@@ -282,3 +282,133 @@ def test_compare_runs_stock_keras_as_its_own_row():
                     ("native-torch", "native-torch", "torch", False)]  # the twins compared
     with pytest.raises(KbenchError, match="torch-stock"):
         plan_runs(CompareOptions(backends=("pytorch",)))
+
+
+def forward_permutes(model, x):
+    """How many aten permutes one training forward of `model` on `x` runs."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        permutes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.permute.default:
+                Count.permutes += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(torch.as_tensor(x), training=True)
+    return Count.permutes
+
+
+@torch_only
+def test_resnet_runs_lowered_and_keeps_channels_first_between_its_layers(fast_path):
+    import keras
+
+    from kbench.models import get_model
+
+    fast_path.set_enabled(True)
+    keras.utils.set_random_seed(0)
+    model = get_model("resnet20", num_classes=10, seed=0)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    model(x, training=True)
+    steps = fast_path._plan(model).describe()
+    assert all(how != "call" for _, how in steps), steps  # every layer of it is lowered
+    kinds = dict(steps)
+    assert kinds["Conv2D"] == kinds["BatchNormalization"] == kinds["ShortcutPad"] \
+        == kinds["GlobalAveragePooling2D"] == "channels_first"
+    assert kinds["ReLU"] == kinds["Add"] == "any"
+    assert kinds["Normalization"] == kinds["Dense"] == "channels_last"
+    # One permute into channels first after the pixel normalization, and each convolution's
+    # kernel view (HWIO -> OIHW): none between layers, against 5 per conv-BN pair before.
+    convs = sum(name == "Conv2D" for name, _ in steps)
+    assert forward_permutes(model, x) == 1 + convs
+
+
+@torch_only
+def test_layouts_meet_where_lowered_and_other_layers_do(fast_path):
+    """Lowered layers hand a channels-first value to a layer that takes Keras' layout (max
+    pooling, a model output, two consumers of one value) and take it back: the same bits as
+    Keras' own calls, forward and in training."""
+    import keras
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        a = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+        b = keras.layers.BatchNormalization()(a)
+        pooled = keras.layers.MaxPooling2D(2)(b)  # its own call(): NHWC
+        c = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(b)
+        joined = keras.layers.ReLU()(keras.layers.Add()([pooled, c]))  # NHWC + NCHW
+        head = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(joined))
+        model = keras.Model(inputs, [head, a])  # a channels-first value as an output
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss=["mse", "mse"])
+        return model
+
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    ys = [np.ones((4, 2), "float32"), np.zeros((4, 8, 8, 4), "float32")]
+    results = {}
+    stock_direct_model = fast_path._direct_model
+    for direct in (True, False):
+        fast_path.set_enabled(True)
+        if not direct:
+            fast_path._direct_model = lambda model: False
+        try:
+            model = build()
+            losses = [model.train_on_batch(x, ys) for _ in range(3)]
+            outputs = [keras.ops.convert_to_numpy(o) for o in model(x, training=False)]
+            results[direct] = (losses, outputs, [v.numpy() for v in model.weights])
+            if direct:
+                kinds = [how for _, how in fast_path._plan(model).describe()]
+                assert "call" in kinds and "channels_first" in kinds
+        finally:
+            fast_path._direct_model = stock_direct_model
+    assert results[True][1][1].shape == (4, 8, 8, 4)  # NHWC, as Keras gives it
+    np.testing.assert_array_equal(np.array(results[True][0]), np.array(results[False][0]))
+    for a, b in zip(results[True][1] + results[True][2], results[False][1] + results[False][2]):
+        np.testing.assert_array_equal(a, b)
+
+
+def sgd_run(fast_path, on, steps=4):
+    """Losses and weights of `steps` steps of a Dense model under Keras' SGD with a warmup
+    + cosine schedule, Nesterov momentum and weight decay that excludes biases."""
+    import keras
+
+    fast_path.set_enabled(on)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3)])
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, 10, warmup_target=0.1,
+                                                      warmup_steps=2)
+    optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=0.01)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(6, 3)).astype("float32")
+    losses = [model.train_on_batch(x, y) for _ in range(steps)]
+    return losses, [v.numpy() for v in model.weights + optimizer.variables]
+
+
+@torch_only
+def test_sgd_step_is_keras_own_to_the_bit(fast_path):
+    from kbench import torch_sgd
+
+    fast = sgd_run(fast_path, True)
+    stock = sgd_run(fast_path, False)
+    np.testing.assert_array_equal(fast[0], stock[0])
+    for a, b in zip(fast[1], stock[1]):
+        np.testing.assert_array_equal(a, b)
+    # The way taken for a rate on a device whose value is not read (a GPU's): the gradients
+    # times the rate as a tensor, within float32 round-off of the foreach alpha.
+    import torch
+
+    grads = [torch.randn(7, 3), torch.randn(4)]
+    targets = [torch.randn(7, 3), torch.randn(4)]
+    rate = torch.tensor(0.037)
+    by_alpha, by_tensor = [t.clone() for t in targets], [t.clone() for t in targets]
+    torch_sgd._add_scaled(by_alpha, grads, 0.037, None)
+    torch_sgd._add_scaled(by_tensor, grads, rate, torch._foreach_mul(grads, -rate))
+    for a, b in zip(by_alpha, by_tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
