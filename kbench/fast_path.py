@@ -18,16 +18,23 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
     view for 2D inputs (2D convolution, transposed convolution and pooling), without
     `.contiguous()`; 1D and 3D ones are Keras' own.
-  - under torch, eagerly, a functional model (or Sequential) made only of the layers in
-    DIRECT_LAYERS runs each layer's own `call()` where Keras would run `Layer.__call__`
-    around it: about 0.5 ms of Python per layer call on our CPU (its argument binding, call
-    context, masks, nn.Module hooks, tree walks), which at small batches is most of a
-    Keras-torch step and on a GPU is what the GPU waits for (docs/compare.md, "Host
-    overhead"). What `__call__` does that matters for those layers is kept: the input cast to
-    the layer's dtype, the autocast scope of a mixed policy, the `training` argument. Any
-    other layer in the model, a mask, a layer with an activity regularizer, torch forward
-    hooks (a layer's or global ones), rematerialization or quantization, a distribution, a
-    symbolic call or torch.compile tracing: the whole model runs Keras' own way.
+  - under torch, a functional model (or Sequential) made only of the layers in
+    DIRECT_LAYERS runs as a kbench.torch_plan.Plan: its graph walked once into a flat list of
+    steps, each layer's own `call()` where Keras would run `Layer.__call__` around it (about
+    0.5 ms of Python per layer call on our CPU: argument binding, call context, masks,
+    nn.Module hooks, tree walks), and the common layers' calls lowered to the torch calls
+    Keras' ops end in, rank-4 values kept channels first between them. At small batches that
+    Python is most of a Keras-torch step, and on a GPU it is what the GPU waits for
+    (docs/compare.md, "Host overhead"). What `__call__` does that matters for those layers
+    is kept: the input cast to the layer's dtype, the autocast scope of a mixed policy, the
+    `training` argument. Under torch.compile the plan is traced like any Python (one graph
+    before loss.backward() and one after, as before; tests/test_torch_compile.py), so the
+    compiled step is the lowered one too. Any other layer in the model, a mask, a layer
+    with an activity regularizer, torch forward hooks (a layer's or global ones),
+    rematerialization or quantization, a distribution, or a symbolic call: the whole model
+    runs Keras' own way.
+  - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
+    and reads no device scalar (kbench.torch_sgd).
 Each computes the same function as stock Keras, to float32 round-off (the tests compare
 outputs, gradients and moving statistics); where a channel's mean is far larger than its
 spread, the fused kernels are the more accurate (Keras' torch moments compute
@@ -253,7 +260,7 @@ def _install_direct_calls():
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         if (not _state["enabled"] or mask is not None or kwargs
-                or torch.compiler.is_compiling() or distribution.distribution() is not None
+                or distribution.distribution() is not None
                 or not _direct_model(self) or not _eager_tensors(inputs)):
             return stock_call(self, inputs, training=training, mask=mask, **kwargs)
         return _plan(self).run(self._standardize_inputs(inputs), training)
