@@ -159,11 +159,12 @@ def torch_batch_norm_channels_first(layer, x):
     compute = torch.promote_types(x.dtype, torch.float32)
     # (Only with both weights: without one the kernel runs in the input's dtype throughout.)
     mixed = layer.scale and layer.center and x.device.type in MIXED_TYPE_DEVICES
-    if x.dtype == compute or not mixed:
+    if x.dtype != compute and not mixed:
         x = x.to(compute)
     output_dtype = getattr(torch, layer.compute_dtype)
-    weight = layer.gamma.value.to(compute) if layer.scale else None
-    bias = layer.beta.value.to(compute) if layer.center else None
+    # (Each `.to` only where the dtype differs: a call that changes nothing still costs.)
+    weight = _as(layer.gamma.value, compute) if layer.scale else None
+    bias = _as(layer.beta.value, compute) if layer.center else None
     n = x.numel() // x.shape[1]  # values per channel
     moving_mean, moving_variance = layer.moving_mean._value, layer.moving_variance._value
     if n > 1 and moving_mean.dtype == compute and moving_variance.dtype == compute \
@@ -179,7 +180,7 @@ def torch_batch_norm_channels_first(layer, x):
             x, weight, bias, moving_mean, scaled, True, 1.0 - layer.momentum,
             layer.epsilon)  # torch's momentum weighs the batch
         moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
-        return out.to(output_dtype)
+        return _as(out, output_dtype)
     out, batch_mean, batch_invstd = torch.native_batch_norm(
         x, weight, bias, None, None, True, 0.0, layer.epsilon)
     with torch.no_grad():
@@ -189,6 +190,10 @@ def torch_batch_norm_channels_first(layer, x):
         variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
         _torch_move(layer, batch_mean, variance)
     return out.to(output_dtype)
+
+
+def _as(tensor, dtype):
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _stateless():

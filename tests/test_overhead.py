@@ -70,7 +70,7 @@ def test_profile_table_says_where_keras_spends_its_time():
                               "own_ms": 3.0, "calls": 72}]}
     text = overhead.profile_tables(profile)
     assert "the rest (25.0 ms)" in text
-    assert "| Conv2D | 19 | 19.00 | 9.50 | 500 |" in text  # 9.5 ms over 19 calls around
+    assert "| Conv2D | Layer.__call__ | 19 | 19.00 | 9.50 | 500 |" in text  # 9.5 ms, 19 calls
     assert "layer.py:872 __call__" in text
 
 

@@ -152,12 +152,13 @@ def profile_tables(profile):
              f"{profile['steps']}), of which the forward pass (the model's __call__) "
              f"{profile['forward_ms']:.1f} ms; the rest ({steps - profile['forward_ms']:.1f} "
              "ms) is the loss, autograd's backward, the optimizer and the metrics.", "",
-             "| layer class | calls/step | ms/step in Layer.__call__ | of which the layer's "
-             "call() | Keras around it, us/call |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| layer class | runs as | calls/step | ms/step | of which the layer's call() "
+             "| Keras around it, us/call |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in profile["layers"]:
         around = ((row["call_ms"] - row["inner_ms"]) * 1000 / row["calls"]
                   if row["inner_ms"] is not None and row["calls"] else None)
-        lines.append(f"| {row['layer']} | {row['calls']:g} | {row['call_ms']:.2f} | "
+        lines.append(f"| {row['layer']} | {row.get('runs_as', 'Layer.__call__')} | "
+                     f"{row['calls']:g} | {row['call_ms']:.2f} | "
                      f"{_fmt(row['inner_ms'], '.2f')} | {_fmt(around, '.0f')} |")
     lines += ["", f"Hottest Python functions of the step (cProfile, own time, ms/step; "
                   "cProfile's own cost inflates them alike):", "",
@@ -173,9 +174,10 @@ def profile_tables(profile):
 def profile_layers(model="resnet20", batch_size=2, steps=20, warmup_steps=5, top=15):
     """Profile the active backend's Keras training step (model.train_on_batch, the
     cifar_resnet recipe's model, optimizer and loss, eager) on one synthetic batch:
-    per layer class, the time spent in Keras' Layer.__call__ (excluding nested layers) and in
-    the layer's own call(); and the `top` functions by own time under cProfile. Returns a
-    dict (what profile.json holds)."""
+    per layer class, how it ran (through Keras' Layer.__call__, or as a step of the fast
+    path's plan) and the time spent there (excluding nested layers) and in the layer's own
+    call(); and the `top` functions by own time under cProfile. Returns a dict (what
+    profile.json holds)."""
     import keras
 
     from kbench import backend, fast_path, train
@@ -216,9 +218,11 @@ def profile_layers(model="resnet20", batch_size=2, steps=20, warmup_steps=5, top
     return {
         "backend": backend.name(), "model": model, "batch_size": batch_size, "steps": steps,
         "step_ms": plain_ms, "forward_ms": 1000 * forward_s / steps,
-        "layers": [{"layer": name, "calls": n / steps, "call_ms": 1000 * own / steps,
+        "layers": [{"layer": name, "runs_as": how, "calls": n / steps,
+                    "call_ms": 1000 * own / steps,
                     "inner_ms": None if inner is None else 1000 * inner / steps}
-                   for name, (n, own, inner) in sorted(layers.items(), key=lambda i: -i[1][1])],
+                   for name, (n, own, inner, how) in sorted(layers.items(),
+                                                            key=lambda i: -i[1][1])],
         "functions": [{"function": _function_name(key), "own_ms": 1000 * tottime / steps,
                        "calls": calls / steps}
                       for key, (_, calls, tottime, _, _) in hottest],
@@ -226,14 +230,25 @@ def profile_layers(model="resnet20", batch_size=2, steps=20, warmup_steps=5, top
 
 
 def _timed_layers(keras, model, work):
-    """Run `work()` with Keras' Layer.__call__ timed for the layers of `model`: {class name:
-    [calls, seconds in __call__ less nested layers, seconds in the layer's own call() (leaf
-    layers; None for the model)]}, and the model's whole forward seconds. The patch lives
-    only while `work` runs."""
+    """Run `work()` with each layer of `model` timed: {class name: [calls, seconds less nested
+    layers, seconds in the layer's own call() (leaf layers run through Keras' __call__; else
+    None), how it ran]}, and the model's whole forward seconds. A layer runs through Keras'
+    Layer.__call__ ("Layer.__call__") or, under the fast path's plan (kbench.torch_plan), as
+    a plan step: lowered ("plan, lowered: channels_first" ...) or its own call() ("plan,
+    call()"). The patches live only while `work` runs."""
     Layer = keras.layers.Layer
     original = Layer.__call__
     ours = {id(layer) for layer in model._flatten_layers(include_self=True)}
     totals, stack, forward = {}, [], [0.0]
+
+    def account(name, how, seconds, nested):
+        if stack:
+            stack[-1] += seconds
+        else:
+            forward[0] += seconds
+        entry = totals.setdefault(name, [0, 0.0, None, how])
+        entry[0] += 1
+        entry[1] += seconds - nested
 
     def timed_call(self, *args, **kwargs):
         if id(self) not in ours:
@@ -244,30 +259,25 @@ def _timed_layers(keras, model, work):
             return original(self, *args, **kwargs)
         finally:
             seconds = time.perf_counter() - start
-            nested = stack.pop()
-            if stack:
-                stack[-1] += seconds
-            else:
-                forward[0] += seconds
-            entry = totals.setdefault(type(self).__name__, [0, 0.0, None])
-            entry[0] += 1
-            entry[1] += seconds - nested
+            account(type(self).__name__, "Layer.__call__", seconds, stack.pop())
 
     leaves = [layer for layer in model._flatten_layers(include_self=False)
               if not list(layer._flatten_layers(include_self=False))]
-    originals = {}
     for layer in leaves:
-        originals[id(layer)] = layer.call
-
         def timed_inner(*args, _call=layer.call, _name=type(layer).__name__, **kwargs):
             start = time.perf_counter()
             try:
                 return _call(*args, **kwargs)
             finally:
-                entry = totals.setdefault(_name, [0, 0.0, None])
+                entry = totals.setdefault(_name, [0, 0.0, None, "Layer.__call__"])
                 entry[2] = (entry[2] or 0.0) + time.perf_counter() - start
 
         object.__setattr__(layer, "call", timed_inner)  # past Keras' attribute tracking
+    plans = [plan for layer in model._flatten_layers(include_self=True)
+             if (plan := layer.__dict__.get("_kbench_plan")) is not None]
+    kept_steps = [plan.steps for plan in plans]
+    for plan in plans:
+        plan.steps = [(_timed_step(run, account, stack), *rest) for run, *rest in plan.steps]
     Layer.__call__ = timed_call
     try:
         work()
@@ -275,7 +285,25 @@ def _timed_layers(keras, model, work):
         Layer.__call__ = original
         for layer in leaves:
             object.__delattr__(layer, "call")
+        for plan, steps in zip(plans, kept_steps):
+            plan.steps = steps
     return totals, forward[0]
+
+
+def _timed_step(run, account, stack):
+    """A plan step that reports its time to `account` as its layer's."""
+    how = "plan, call()" if not hasattr(run, "lowered") else f"plan, lowered: {run.lowered}"
+    name = type(run.layer).__name__
+
+    def timed(*args):
+        stack.append(0.0)
+        start = time.perf_counter()
+        try:
+            return run(*args)
+        finally:
+            account(name, how, time.perf_counter() - start, stack.pop())
+
+    return timed
 
 
 def _function_name(key):
