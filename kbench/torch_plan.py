@@ -59,6 +59,10 @@ class Plan:
 
         values = [None] * self.slots
         for slot, x in zip(self.input_slots, tree.flatten(inputs)):
+            if not isinstance(x, torch.Tensor):  # an array given to call() itself: a step may
+                from keras.src.backend.torch.core import convert_to_tensor  # permute it first
+
+                x = convert_to_tensor(x)
             values[slot] = x
         for run, kind, ins, outs, template in self.steps:
             if kind == ONE:

@@ -412,3 +412,20 @@ def test_sgd_step_is_keras_own_to_the_bit(fast_path):
     torch_sgd._add_scaled(by_tensor, grads, rate, torch._foreach_mul(grads, -rate))
     for a, b in zip(by_alpha, by_tensor):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@torch_only
+def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
+    """`model.call(array)` skips Layer.__call__'s conversion; the plan converts the array
+    before its first step permutes it, and computes what Keras' own call does."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    fast_path.set_enabled(True)
+    planned = keras.ops.convert_to_numpy(model.call(x))
+    fast_path.set_enabled(False)
+    np.testing.assert_array_equal(planned, keras.ops.convert_to_numpy(model.call(x)))
