@@ -224,9 +224,7 @@ def _tensorflow_batch_norm(layer, inputs):
 def _torch_move(layer, batch_mean, batch_variance):
     """_move's arithmetic in torch ops on the variables' tensors: Keras' cast and assign
     around it cost more Python than the update itself (a fifth of a batch-2 ResNet step)."""
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-
-    if in_stateless_scope():  # updates are collected, not written: Keras' way
+    if _stateless():  # updates are collected, not written: Keras' way
         return _move(layer, batch_mean, batch_variance, str(batch_mean.dtype)[6:])
     momentum = layer.momentum
     for variable, batch in ((layer.moving_mean, batch_mean),
@@ -247,7 +245,8 @@ def _move(layer, batch_mean, batch_variance, dtype):
 
 
 # Keras layers whose `__call__` adds nothing to `call()` in an eager training or inference
-# step beyond what _direct_call keeps (no masks made or consumed, no nested layers, no state
+# step beyond what a plan step keeps (kbench.torch_plan.layer_step: no masks made or consumed,
+# no nested layers, no state
 # set in `__call__`). Exact classes: a subclass may rely on `__call__`.
 DIRECT_LAYERS = ("Activation", "Add", "AveragePooling2D", "BatchNormalization", "Conv1D",
                  "Conv2D", "Conv2DTranspose", "Dense", "DepthwiseConv2D", "Dropout", "Flatten",

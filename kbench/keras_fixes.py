@@ -396,4 +396,3 @@ def _bind(params, args, kwargs):
     if kwargs:
         raise TypeError(f"got an unexpected keyword argument {next(iter(kwargs))!r}")
     return arguments
-

@@ -13,15 +13,19 @@ listed layer, its own `call()`.
 
 Lowered, only in the cases written out below (any other configuration runs the layer's
 `call()`):
-  - Conv2D: channels_last, padding "valid" or "same", no LoRA; Keras' torch conv is
-    `conv2d(NHWC->NCHW view, kernel OIHW in channels_last memory, padding)` then the NCHW->NHWC
-    view, a "same" padding that torch cannot express (stride 2) an explicit `pad` first; the
-    bias added and the activation (linear or relu) applied as Keras does.
-  - ReLU (no slope, cap or threshold) and Activation(relu / linear): `torch.relu` / itself.
-  - Add: `torch.add` in input order, as Keras' Add (inputs of one rank).
+  - Conv2D: channels_last, padding "valid" or "same", linear or relu, no LoRA: Keras' torch
+    conv (`conv2d` on the NCHW view, a "same" padding torch cannot express, as for stride 2,
+    an explicit `pad` first), the bias added and the activation applied as Keras does;
+  - BatchNormalization (rank 4): kbench.fast_path's fused kernel in training, else its call();
+  - ReLU (no slope, cap or threshold) and Activation(relu / linear): `torch.relu` / itself;
+  - Add: `torch.add` in input order, as Keras' Add (inputs of one rank);
+  - Dense (rank 2, linear or relu): `torch.matmul` and the bias, where ops.matmul casts nothing;
+  - GlobalAveragePooling2D (channels_last, no keepdims): `torch.mean` in float32, as ops.mean;
+  - Normalization (not inverted): its division, the denominator computed once per variance;
   - ShortcutPad (kbench's): the strided slice and channel `pad` its call() makes.
-Each runs the same torch ops on the same tensors as Keras' path, so the numbers are the same
-bits (tests/test_fast_path.py compares losses and weights with Keras' __call__ path).
+Rank-4 values stay channels first between lowered layers that take them (see `build`). Each
+lowering runs the same torch ops on the same numbers as Keras' path, so the results are the
+same bits (tests/test_fast_path.py compares losses and weights with Keras' __call__ path).
 
 What `Layer.__call__` does that matters in an eager step is kept for every step: the input
 cast to the layer's dtype, the autocast scope of a mixed policy (variables read through
