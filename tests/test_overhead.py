@@ -78,6 +78,7 @@ def test_profile_table_says_where_keras_spends_its_time():
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--threads", "-1"], "--threads -1 is not allowed"),
+    (["--model", "nope"], "--model nope is not allowed: the native twins cover resnet20"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -363,7 +363,9 @@ def parse_args(argv):
                                                  "backend and twin at a tiny batch.")
     parser.add_argument("--output", default=None,
                         help="results folder (default runs/overhead/<timestamp>)")
-    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--model", default="resnet20",
+                        help="a CIFAR ResNet (resnet20, 32, 44, 56 or 110): those the native "
+                             "twins cover")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
@@ -387,6 +389,12 @@ def parse_args(argv):
                                ("--timeout", args.timeout, 1)):
         if not value >= least:  # NaN too
             _fail(f"{flag} {value} is not allowed: it takes a number >= {least}")
+    if not (args.plan or args.report):  # every row has its twin: the CIFAR ResNets only
+        from kbench.bench.native_common import CIFAR_RESNET_DEPTHS
+
+        if args.model not in CIFAR_RESNET_DEPTHS:
+            _fail(f"--model {args.model} is not allowed: the native twins cover "
+                  f"{', '.join(CIFAR_RESNET_DEPTHS)}")
     return args
 
 
