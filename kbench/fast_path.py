@@ -56,6 +56,9 @@ BACKENDS = ("tensorflow", "torch")  # where it changes anything
 _state = {"installed": False, "enabled": False, "warned": False}
 # Where torch.native_batch_norm takes a float16/bfloat16 input with float32 weights.
 MIXED_TYPE_DEVICES = ("cpu", "cuda")
+# torch dtype -> the dtype BatchNormalization computes in (backend.result_type(x, float32));
+# filled at install, under torch
+_COMPUTE = {}
 
 
 def enabled():
@@ -114,11 +117,73 @@ def _install(backend):
             return stock_transpose(inputs)
 
         torch_nn._transpose_spatial_inputs = transpose_spatial_inputs
+        import torch
+
+        _COMPUTE.update({dtype: torch.promote_types(dtype, torch.float32)
+                         for dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                       torch.float64)})
         _install_direct_calls()
+        _install_kernel_layout()
         from kbench import torch_sgd
 
         torch_sgd.install(_state)
+        from kbench import torch_step
+
+        # (looked up at each call: tests swap _direct_model to run Keras' own way)
+        torch_step.install(_state, lambda model: _direct_model(model))
     _state["installed"] = True
+
+
+def _install_kernel_layout():
+    """Under torch, a channels_last Conv2D's kernel (Keras' HWIO shape) is laid out in memory
+    as torch's channels_last convolution weight (O, H, W, I order), so that its OIHW view,
+    which torch convolves with, is a channels_last tensor as it stands: no copy of it in the
+    forward pass, none of its gradient in the backward pass. Keras' kernel is an HWIO
+    contiguous tensor, whose OIHW view torch copies into its own layout on every call and
+    whose gradient autograd copies back into HWIO (about 1 ms of a batch-2 ResNet-20 step
+    here, 3 copies per convolution; tools/step_ops.py counts them). Same values, same shape,
+    the same Parameter (only `.data` changes): what reads or saves the variable sees no
+    difference. Optimizer variables made from such a kernel (momentum, Adam's moments, EMA)
+    get its layout too, so torch's foreach ops keep their fast route (on CUDA it needs the
+    same strides in every list)."""
+    from keras.src.layers.convolutional.conv2d import Conv2D
+    from keras.src.optimizers import base_optimizer
+
+    stock_build = Conv2D.build
+
+    def build(self, input_shape):
+        stock_build(self, input_shape)
+        if _state["enabled"] and type(self) is Conv2D and self.data_format == "channels_last":
+            kernel = self._kernel._value
+            if kernel is not None and kernel.ndim == 4:
+                h, w, i, o = kernel.shape
+                _lay_out(self._kernel, (w * i, i, 1, h * w * i))
+
+    Conv2D.build = build
+    stock_reference = base_optimizer.BaseOptimizer.add_variable_from_reference
+
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        variable = stock_reference(self, reference_variable, name, initializer)
+        reference = getattr(reference_variable, "_value", None)
+        if _state["enabled"] and reference is not None and variable._value is not None:
+            _lay_out(variable, reference.stride())
+        return variable
+
+    base_optimizer.BaseOptimizer.add_variable_from_reference = add_variable_from_reference
+
+
+def _lay_out(variable, strides):
+    """Give torch `variable`'s tensor `strides` (a dense layout of its shape), in place."""
+    import torch
+
+    value = variable._value
+    strides = tuple(strides)
+    if value.stride() == strides:
+        return
+    laid_out = torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device)
+    with torch.no_grad():
+        laid_out.copy_(value)
+    value.data = laid_out  # the same Parameter object: Keras' and torch's references hold
 
 
 def fusable(layer, rank, training, mask=None):
@@ -146,9 +211,12 @@ def _torch_batch_norm(layer, inputs):
         to_channels_last)
 
 
-def torch_batch_norm_channels_first(layer, x):
+def torch_batch_norm_channels_first(layer, x, deferred=None):
     """_torch_batch_norm on channels-first `x` (N, C, ...), returning channels first: what
-    kbench.torch_plan runs between layers that keep that layout."""
+    kbench.torch_plan runs between layers that keep that layout. With a list `deferred`, the
+    moving variance's last write (a multiply and a copy) is appended to it, for
+    `finish_moves` to do for all the layers of a forward pass at once (two ops, not two per
+    layer; the same numbers)."""
     import torch
 
     # Keras computes BatchNormalization in float32 when its inputs are float16/bfloat16.
@@ -156,19 +224,20 @@ def torch_batch_norm_channels_first(layer, x):
     # computes and returns the statistics in float32, the output in the input's dtype, on
     # CPU and CUDA): casting the activation to float32 and the output back, as this did
     # first, cost two more passes over it each way and kept a float32 copy for backward.
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = _COMPUTE.get(x.dtype) or torch.promote_types(x.dtype, torch.float32)
     # (Only with both weights: without one the kernel runs in the input's dtype throughout.)
     mixed = layer.scale and layer.center and x.device.type in MIXED_TYPE_DEVICES
     if x.dtype != compute and not mixed:
         x = x.to(compute)
-    output_dtype = getattr(torch, layer.compute_dtype)
+    output_dtype = _torch_dtype(layer.compute_dtype)
+    stateless = _stateless()
     # (Each `.to` only where the dtype differs: a call that changes nothing still costs.)
-    weight = _as(layer.gamma.value, compute) if layer.scale else None
-    bias = _as(layer.beta.value, compute) if layer.center else None
+    weight = _as(_read(layer.gamma, stateless), compute) if layer.scale else None
+    bias = _as(_read(layer.beta, stateless), compute) if layer.center else None
     n = x.numel() // x.shape[1]  # values per channel
     moving_mean, moving_variance = layer.moving_mean._value, layer.moving_variance._value
     if n > 1 and moving_mean.dtype == compute and moving_variance.dtype == compute \
-            and not _stateless():
+            and not stateless:
         # The kernel moves the statistics itself (no op of ours): the mean as Keras does,
         # the variance with the unbiased batch variance, n/(n-1) times Keras' biased one.
         # Given the moving variance times n/(n-1), it moves that by Keras' rule times
@@ -179,7 +248,10 @@ def torch_batch_norm_channels_first(layer, x):
         out, _, _ = torch.native_batch_norm(
             x, weight, bias, moving_mean, scaled, True, 1.0 - layer.momentum,
             layer.epsilon)  # torch's momentum weighs the batch
-        moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
+        if deferred is None:
+            moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
+        else:
+            deferred.append((moving_variance, scaled, 1.0 / bessel))
         return _as(out, output_dtype)
     out, batch_mean, batch_invstd = torch.native_batch_norm(
         x, weight, bias, None, None, True, 0.0, layer.epsilon)
@@ -192,14 +264,43 @@ def torch_batch_norm_channels_first(layer, x):
     return out.to(output_dtype)
 
 
+def finish_moves(deferred):
+    """The moving-variance writes torch_batch_norm_channels_first deferred, in their order:
+    `variance.copy_(scaled * factor)` for each, as two foreach ops."""
+    import torch
+
+    if deferred:
+        variances, scaled, factors = zip(*deferred)
+        deferred.clear()
+        torch._foreach_copy_(variances, torch._foreach_mul(scaled, factors))
+
+
 def _as(tensor, dtype):
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _read(variable, stateless):
+    """`variable.value` of a BatchNormalization weight (autocast=False: never cast): its
+    tensor, read directly outside a stateless scope."""
+    return variable.value if stateless or variable._value is None else variable._value
+
+
+def _torch_dtype(name):
+    found = _TORCH_DTYPES.get(name)
+    if found is None:
+        import torch
+
+        found = _TORCH_DTYPES[name] = getattr(torch, name)
+    return found
 
 
 def _stateless():
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
     return in_stateless_scope()
+
+
+_TORCH_DTYPES = {}  # Keras dtype name -> torch dtype
 
 
 def _tensorflow_batch_norm(layer, inputs):
@@ -270,6 +371,104 @@ def _install_direct_calls():
         return _plan(self).run(self._standardize_inputs(inputs), training)
 
     functional.Functional.call = call
+    # The outermost call of such a model (train_step's `self(x, training=True)`) skips
+    # Layer.__call__ too (Functional defines no __call__ of its own): what it does for a
+    # direct model, in an eager call from outside any other layer, is done in
+    # _outermost_call, at a sixth of its cost (about 0.6 ms a step here).
+    Functional = functional.Functional
+
+    def dunder(self, *args, **kwargs):
+        if _state["enabled"] and type(self).call is call and _outermost(self, args, kwargs):
+            return _outermost_call(self, args[0], kwargs.get("training"))
+        # Layer.__call__ as it is now (a profiler may have wrapped it since)
+        return super(Functional, self).__call__(*args, **kwargs)
+
+    functional.Functional.__call__ = dunder
+
+
+def _outermost(model, args, kwargs):
+    """Whether `model(*args, **kwargs)` may skip Layer.__call__: one input argument (a
+    tensor, an array or a structure of them, none carrying a mask) and at most `training`;
+    no layer call around it (Keras' call context), no stateless or symbolic scope, no
+    distribution; torch hooks on neither the model nor any module; and a direct model."""
+    from keras import distribution
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+    return (len(args) == 1 and (not kwargs or list(kwargs) == ["training"])
+            and global_state.get_global_attribute("current_call_ctx") is None
+            and _direct_layer(model) and not _stateless() and not in_symbolic_scope()
+            and distribution.distribution() is None
+            and _eager_tensors(args[0]) and not _masked(args[0]) and _direct_model(model))
+
+
+def _outermost_call(model, inputs, training):
+    """Layer.__call__ of a direct functional model, outermost and eager: what it does for
+    one is kept. Functional converts no arguments itself (its `_standardize_inputs` does);
+    the input spec is checked (once per input shape and dtype: the check depends on nothing
+    else); build is done; `training` given, or the call signature's default, None (no outer
+    call to inherit it from); the losses the model's layers added in their last call are
+    cleared, as a new call context clears them; the autocast scope Layer.__call__ would
+    enter; no mask to compute (Functional has no compute_mask) and no node to record."""
+    from kbench import torch_plan
+
+    _check_input_spec(model, inputs)
+    for layer in _all_layers(model):
+        if layer._losses:
+            layer._clear_losses()
+    standard = _standard_inputs(model, inputs)
+    scope = torch_plan.autocast_scope(model)
+    if scope is None:
+        return _plan(model).run(standard, training)
+    with scope:
+        return _plan(model).run(standard, training)
+
+
+def _check_input_spec(model, inputs):
+    import torch
+    from keras import tree
+
+    key = (id(getattr(model, "_manual_input_spec", None)),
+           tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None
+                 for x in tree.flatten(inputs)))
+    if model.__dict__.get("_kbench_checked_input") != key:
+        model._assert_input_compatibility(inputs)  # raises Keras' own error
+        object.__setattr__(model, "_kbench_checked_input", key)
+
+
+def _standard_inputs(model, inputs):
+    """Functional._standardize_inputs, short for its usual case: one input, a tensor of the
+    input's rank (else Keras' own: structures, arrays, rank adjustment and its errors)."""
+    import torch
+
+    if (len(model._inputs) == 1 and isinstance(inputs, torch.Tensor)
+            and inputs.ndim == len(model._inputs[0].shape) and not model._inputs[0].sparse):
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        # (to the default device and the input's dtype, as Keras converts it)
+        return [convert_to_tensor(inputs, dtype=model._inputs[0].dtype)]
+    return model._standardize_inputs(inputs)
+
+
+def _masked(inputs):
+    from keras import tree
+
+    return any(getattr(x, "_keras_mask", None) is not None for x in tree.flatten(inputs))
+
+
+def _all_layers(model):
+    """The model and every layer inside it, nested models' too (Keras' `_clear_losses`
+    walks `_layers` the same way); fixed for a direct model, as its plan is."""
+    found = model.__dict__.get("_kbench_all_layers")
+    if found is None:
+        found, stack = [], [model]
+        while stack:
+            layer = stack.pop()
+            found.append(layer)
+            stack.extend(layer._layers)
+        found = tuple(found)
+        object.__setattr__(model, "_kbench_all_layers", found)
+    return found
 
 
 def _plan(model):
@@ -305,7 +504,8 @@ def _direct_model(model):
         return False
     from torch.nn.modules import module
 
-    hooked = module._global_forward_hooks or module._global_forward_pre_hooks  # on every module
+    hooked = (module._global_forward_hooks or module._global_forward_pre_hooks  # on every module
+              or module._global_backward_hooks or module._global_backward_pre_hooks)
     return not hooked and all(_direct_layer(layer) for layer in layers)
 
 
@@ -331,7 +531,8 @@ def _direct_layer(layer):
     return (layer.built and layer._called and layer.activity_regularizer is None
             and not layer._remat_mode
             and getattr(layer, "quantization_mode", None) is None
-            and not (layer._forward_hooks or layer._forward_pre_hooks))
+            and not (layer._forward_hooks or layer._forward_pre_hooks
+                     or layer._backward_hooks or layer._backward_pre_hooks))
 
 
 def _eager_tensors(inputs):

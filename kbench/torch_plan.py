@@ -34,6 +34,8 @@ cast to the layer's dtype, the autocast scope of a mixed policy (variables read 
 
 import torch
 import torch.nn.functional as F
+from keras.src import backend
+from keras.src.backend.common.variables import get_autocast_scope
 
 ONE, LIST, ARGS = 0, 1, 2  # how a node's inputs are given: one tensor, a list, anything else
 LAST, FIRST = "channels_last", "channels_first"  # a rank-4 value's layout between steps
@@ -44,8 +46,9 @@ class Plan:
     """A functional model's graph as steps: (run, kind, inputs, output slots, kwargs), where
     an input is (slot, permutation or None) and, for ARGS, (tensor id, slot, permutation)."""
 
-    def __init__(self, model, steps, slots, input_slots, outputs):
+    def __init__(self, model, steps, slots, input_slots, outputs, moves):
         self.model = model
+        self.moves = moves  # the BatchNormalization steps' deferred writes (fast_path)
         self.steps = steps
         self.slots = slots
         self.input_slots = input_slots
@@ -61,6 +64,10 @@ class Plan:
     def run(self, inputs, training):
         from keras import tree
 
+        from kbench import fast_path
+
+        if self.moves:  # a run that raised: its layers' writes, before this run reads
+            fast_path.finish_moves(self.moves)
         values = [None] * self.slots
         for slot, x in zip(self.input_slots, tree.flatten(inputs)):
             if not isinstance(x, torch.Tensor):  # an array given to call() itself: a step may
@@ -87,6 +94,7 @@ class Plan:
             else:
                 for slot, value in zip(outs, tree.flatten(y)):
                     values[slot] = value
+        fast_path.finish_moves(self.moves)
         outputs = [values[slot] if perm is None else values[slot].permute(perm)
                    for slot, perm in self.outputs]
         return tree.pack_sequence_as(self.model._outputs_struct, outputs)
@@ -116,7 +124,7 @@ def build(model, direct_call):
         return slot_of[id(tensor)], TO_FIRST if wanted == FIRST else TO_LAST
 
     input_slots = [slot(x) for x in model.inputs]
-    steps = []
+    steps, moves = [], []
     for depth in sorted(model._nodes_by_depth, reverse=True):  # Keras' own order
         for node in model._nodes_by_depth[depth]:
             if not node.operation or node.is_input:
@@ -137,7 +145,7 @@ def build(model, direct_call):
             run, mode = None, None
             if kind != ARGS and all(v is None for v in template.values()):
                 # a lowering takes the inputs alone: a recorded mask=None is no mask
-                run, mode = lowered(layer, [len(x.shape) for x in tensors])
+                run, mode = lowered(layer, [len(x.shape) for x in tensors], moves)
                 if run is not None:
                     template = {}
             if run is None:
@@ -153,7 +161,7 @@ def build(model, direct_call):
             outs = [slot(x, wanted if len(x.shape) == 4 else LAST) for x in node.outputs]
             steps.append((run, kind, ins, outs, template))
     outputs = [given(x, LAST) for x in model.outputs]
-    return Plan(model, steps, len(slot_of), input_slots, outputs)
+    return Plan(model, steps, len(slot_of), input_slots, outputs, moves)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -162,7 +170,6 @@ def build(model, direct_call):
 def layer_step(layer, body):
     """A step running `body(*args, **kwargs)` for `layer` with what Layer.__call__ does for it
     in an eager step: the input cast, the `training` argument, the autocast scope."""
-    from keras.src import backend
     from keras.src.backend.torch.core import to_torch_dtype
 
     input_dtype = to_torch_dtype(layer.input_dtype) if layer._convert_input_args else None
@@ -172,20 +179,15 @@ def layer_step(layer, body):
 
     def step(args, kwargs, training):
         if input_dtype is not None:
-            args = tuple(_converted(layer, input_dtype, arg) for arg in args)
+            if len(args) != 1:
+                args = tuple(_converted(layer, input_dtype, arg) for arg in args)
+            elif not (isinstance(args[0], torch.Tensor) and args[0].dtype == input_dtype):
+                args = (_converted(layer, input_dtype, args[0]),)
         if training is not None and pass_training:
             kwargs = {**kwargs, "training": training}
-        # The autocast scope exactly as Layer.__call__ chooses it (mixed policies read their
-        # float32 variables in the compute dtype).
-        current = backend.get_autocast_scope()
-        scope = None
-        if current is not None:
-            if not layer.autocast or not float_compute:
-                scope = backend.AutocastScope(None)
-            elif current.dtype != layer.compute_dtype:
-                scope = backend.AutocastScope(layer.compute_dtype)
-        elif mixed:
-            scope = backend.AutocastScope(layer.compute_dtype)
+        if not mixed and get_autocast_scope() is None:  # no scope to enter: the usual case
+            return body(*args, **kwargs)
+        scope = _scope(layer, float_compute, mixed)
         if scope is None:
             return body(*args, **kwargs)
         with scope:
@@ -193,6 +195,25 @@ def layer_step(layer, body):
 
     step.layer = layer
     return step
+
+
+def autocast_scope(layer):
+    """The autocast scope Layer.__call__ enters around `layer`'s call, or None."""
+    return _scope(layer, backend.is_float_dtype(layer.compute_dtype),
+                  layer.compute_dtype != layer.variable_dtype)
+
+
+def _scope(layer, float_compute, mixed):
+    # The autocast scope exactly as Layer.__call__ chooses it (mixed policies read their
+    # float32 variables in the compute dtype).
+    current = get_autocast_scope()
+    if current is not None:
+        if not layer.autocast or not float_compute:
+            return backend.AutocastScope(None)
+        if current.dtype != layer.compute_dtype:
+            return backend.AutocastScope(layer.compute_dtype)
+        return None
+    return backend.AutocastScope(layer.compute_dtype) if mixed else None
 
 
 def _converted(layer, dtype, arg):
@@ -206,13 +227,14 @@ def _converted(layer, dtype, arg):
     return layer.dtype_policy.convert_input(arg, layer.autocast, layer.input_dtype)
 
 
-def lowered(layer, ranks):
+def lowered(layer, ranks, moves):
     """(`layer`'s step with its call() lowered to torch calls, the layout it works in:
     FIRST (rank-4 inputs and outputs channels first), "any" (elementwise: the layout it is
     given) or None), or (None, None) where no lowering is written for its class and
-    configuration and input ranks."""
+    configuration and input ranks. `moves`: the plan's list of deferred moving-statistics
+    writes (kbench.fast_path.finish_moves runs them at the end of each run)."""
     lower = LOWERINGS.get((type(layer).__module__, type(layer).__name__))
-    found = lower(layer, ranks) if lower is not None else None
+    found = lower(layer, ranks, moves) if lower is not None else None
     if found is None:
         return None, None
     body, mode = found
@@ -221,7 +243,7 @@ def lowered(layer, ranks):
     return step, mode
 
 
-def _conv2d(layer, ranks):
+def _conv2d(layer, ranks, moves):
     from keras import activations
     from keras.src.backend.torch import nn as torch_nn
 
@@ -271,27 +293,30 @@ def _conv2d(layer, ranks):
     return call, FIRST
 
 
-def _batch_norm(layer, ranks):
+def _batch_norm(layer, ranks, moves):
     from kbench import fast_path
 
     if ranks != [4] or layer.axis not in (-1, 3):
         return None
+    # A layer called at one place only (one node) writes its moving variance at the end of
+    # the run, with the others'; one called twice must see its first call's write.
+    deferred = moves if len(layer._inbound_nodes) == 1 else None
 
     def call(x, training=None):  # x: NCHW
         if fast_path.fusable(layer, 4, training):
-            return fast_path.torch_batch_norm_channels_first(layer, x)
+            return fast_path.torch_batch_norm_channels_first(layer, x, deferred)
         return layer.call(x.permute(TO_LAST), training=training).permute(TO_FIRST)
 
     return call, FIRST
 
 
-def _relu_layer(layer, ranks):
+def _relu_layer(layer, ranks, moves):
     if layer.negative_slope != 0 or layer.max_value is not None or layer.threshold != 0:
         return None
     return torch.relu, "any"  # activations.relu -> ReLU.static_call -> backend.nn.relu
 
 
-def _activation(layer, ranks):
+def _activation(layer, ranks, moves):
     from keras import activations
 
     if layer.activation is activations.relu:
@@ -301,7 +326,7 @@ def _activation(layer, ranks):
     return None
 
 
-def _add(layer, ranks):
+def _add(layer, ranks, moves):
     if layer._reshape_required or len(set(ranks)) != 1:
         return None
 
@@ -314,7 +339,7 @@ def _add(layer, ranks):
     return call, "any"
 
 
-def _shortcut_pad(layer, ranks):
+def _shortcut_pad(layer, ranks, moves):
     if ranks != [4]:
         return None
     stride = layer.stride
@@ -327,7 +352,7 @@ def _shortcut_pad(layer, ranks):
     return call, FIRST
 
 
-def _dense(layer, ranks):
+def _dense(layer, ranks, moves):
     from keras import activations
 
     if ranks != [2] or layer.activation not in (None, activations.linear, activations.relu):
@@ -347,7 +372,7 @@ def _dense(layer, ranks):
     return call, None
 
 
-def _global_average_pooling(layer, ranks):
+def _global_average_pooling(layer, ranks, moves):
     if ranks != [4] or layer.data_format != "channels_last" or layer.keepdims:
         return None
 
@@ -360,7 +385,7 @@ def _global_average_pooling(layer, ranks):
     return call, FIRST
 
 
-def _normalization(layer, ranks):
+def _normalization(layer, ranks, moves):
     if layer.invert:
         return None
     kept = {}  # x's device -> (the layer's variance, max(sqrt(variance), epsilon))

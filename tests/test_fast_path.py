@@ -191,9 +191,10 @@ def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
 def test_layers_called_directly_train_as_keras_calls_them(fast_path, policy):
     fast = resnet_steps(fast_path, True, policy)
     stock = resnet_steps(fast_path, False, policy)
-    # Only the outer model's own __call__ ran, once per step (the ResNet inside it is called
-    # directly too), against one per layer under stock Keras.
-    assert fast[3] == 3 and stock[3] > 60 * 3
+    # No Layer.__call__ ran: not the layers' (the ResNet inside is called directly too), nor
+    # the outer model's (train_step's outermost call), against one per layer under stock
+    # Keras.
+    assert fast[3] == 0 and stock[3] > 60 * 3
     # The same ops in the same order on the same numbers: the same bits.
     np.testing.assert_array_equal(fast[0], stock[0])
     for a, b in zip(fast[1], stock[1]):
@@ -226,7 +227,7 @@ def test_a_sequential_block_inside_is_called_directly_too(fast_path):
             fast_path._direct_model = stock_direct_model
 
     direct, through_keras = steps(True), steps(False)
-    assert direct[2] == 2 and through_keras[2] > 2 * 5  # the outer model's __call__ only
+    assert direct[2] == 0 and through_keras[2] > 2 * 5  # not even the outer model's
     np.testing.assert_array_equal(direct[0], through_keras[0])
     for a, b in zip(direct[1], through_keras[1]):
         np.testing.assert_array_equal(a, b)
@@ -429,3 +430,58 @@ def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
     planned = keras.ops.convert_to_numpy(model.call(x))
     fast_path.set_enabled(False)
     np.testing.assert_array_equal(planned, keras.ops.convert_to_numpy(model.call(x)))
+
+
+@torch_only
+def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
+    """kbench.torch_step's train_step (one walk of the layer tree per step) gives Keras' own
+    train_step's losses, gradients' updates and `model.losses`, to the bit: a weight
+    regularizer, a frozen BatchNormalization, a layer loss added by hand; and a weight
+    frozen between steps stops moving, as under Keras."""
+    import keras
+    import torch
+
+    from kbench import torch_step
+
+    ran = []
+    stock_step = torch_step._train_step
+    monkeypatch.setattr(torch_step, "_train_step",
+                        lambda model, data: ran.append(1) or stock_step(model, data))
+
+    def run(direct):
+        stock_direct_model = fast_path._direct_model
+        if not direct:
+            fast_path._direct_model = lambda model: False
+        fast_path.set_enabled(True)
+        try:
+            keras.utils.set_random_seed(0)
+            inputs = keras.Input((8, 8, 3))
+            x = keras.layers.Conv2D(4, 3, kernel_regularizer=keras.regularizers.L2(0.1))(inputs)
+            frozen = keras.layers.BatchNormalization()
+            x = keras.layers.ReLU()(frozen(x))
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            head = keras.layers.Dense(2, bias_regularizer=keras.regularizers.L1(0.01))
+            model = keras.Model(inputs, head(x))
+            frozen.trainable = False
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+            x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+            y = np.random.default_rng(1).normal(size=(4, 2)).astype("float32")
+            losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
+            head.bias.trainable = False
+            head._losses.append(torch.tensor(0.5))  # a loss no call cleared yet
+            layer_losses = [float(t.detach()) for t in model.losses]
+            losses += [float(model.train_on_batch(x, y)) for _ in range(2)]
+            return losses, layer_losses, [v.numpy() for v in model.weights]
+        finally:
+            fast_path._direct_model = stock_direct_model
+
+    fast = run(True)
+    assert len(ran) == 5
+    ran.clear()
+    stock = run(False)
+    assert not ran
+    assert fast[0] == stock[0]
+    # the hand-added loss, then the kernel's regularization (the frozen bias has none)
+    assert fast[1] == stock[1] and len(fast[1]) == 2
+    for a, b in zip(fast[2], stock[2]):
+        np.testing.assert_array_equal(a, b)

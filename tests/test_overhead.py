@@ -25,6 +25,15 @@ def test_plan_uses_compares_compiled_variants_when_it_has_them():
     # it with --reference none and the table lost the native-torch-compiled row)
     assert args[args.index("--reference") + 1] == "native"
     assert args[args.index("--batch-size") + 1] == "2"
+    # every pass repeats its rows, interleaved, three times by default
+    assert eager_args[eager_args.index("--repeats") + 1] == args[args.index("--repeats") + 1] \
+        == "3"
+
+
+def test_a_row_run_several_times_is_its_median_run():
+    runs = [("torch", rec("torch", ms)) for ms in (14.0, 19.0, 13.0)]
+    summary = overhead.summarize(runs + [("native-torch", rec("native-torch", 10.0))])
+    assert summary["torch"]["step_time_ms"] == 14.0 and summary["torch"]["p10"] == 13.0
 
 
 def test_plan_without_the_compiled_names_runs_torch_under_jit_on():
@@ -78,6 +87,7 @@ def test_profile_table_says_where_keras_spends_its_time():
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--threads", "-1"], "--threads -1 is not allowed"),
+    (["--repeats", "0"], "--repeats 0 is not allowed"),
     (["--model", "nope"], "--model nope is not allowed: the native twins cover resnet20"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):

@@ -7,6 +7,7 @@ batch 2) and the step time is the host's work: Python per layer and op, dispatch
 optimizer's per-variable update, the input iterator.
 
     python tools/overhead.py [--output DIR] [--model resnet20] [--batch-size 2] [--steps 30]
+                             [--repeats 3]
     make overhead
 
 runs `kbench compare` twice, as plain commands one can rerun:
@@ -52,14 +53,17 @@ TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native
 # --------------------------------------------------------------------------- the plan
 
 
-def plan(keras_variants, natives, model="resnet20", batch_size=2, steps=30, warmup_steps=5):
+def plan(keras_variants, natives, model="resnet20", batch_size=2, steps=30, warmup_steps=5,
+         repeats=3):
     """[(label, compare arguments, {record backend: row name})]: the compare passes, given
     the names compare knows (`keras_variants`: its KERAS_VARIANTS, `natives`: its NATIVE), so
     that the table has every row of ROWS whether or not this checkout has the compiled
-    variants under their own names."""
+    variants under their own names. Each pass runs its rows `repeats` times, interleaved
+    (compare's --repeats): the table gives each row's median run, so that a noisy minute
+    on a shared machine moves a ratio less."""
     common = ["--recipe", "cifar_resnet", "--dataset", "synthetic", "--model", model,
               "--batch-size", str(batch_size), "--steps", str(steps),
-              "--warmup-steps", str(warmup_steps)]
+              "--warmup-steps", str(warmup_steps), "--repeats", str(repeats)]
     eager = ("eager", common + ["--backends", "jax,tensorflow,torch", "--reference", "native",
                                 "--jit-compile", "auto"], {})
     # --jit-compile on: compare adds its compiled twin (native-torch-compiled) only then; the
@@ -369,6 +373,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each row, interleaved; the table gives the median run")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of torch and TensorFlow in every run "
@@ -385,6 +391,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                                ("--warmup-steps", args.warmup_steps, 0),
+                               ("--repeats", args.repeats, 1),
                                ("--threads", args.threads, 0),
                                ("--timeout", args.timeout, 1)):
         if not value >= least:  # NaN too
@@ -434,7 +441,7 @@ def main(argv=None):
     from kbench.bench import compare
 
     passes = plan(compare.KERAS_VARIANTS, compare.NATIVE, args.model, args.batch_size,
-                  args.steps, args.warmup_steps)
+                  args.steps, args.warmup_steps, args.repeats)
     if args.plan:
         for label, compare_args, renames in passes:
             print(f"{label}: kbench compare {' '.join(compare_args)}"
@@ -445,6 +452,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     header = (f"Host overhead: {args.model} at batch {args.batch_size}, synthetic data, "
               f"{args.steps} timed steps after {args.warmup_steps} warm-up, synced every step, "
+              f"median of {args.repeats} interleaved run(s) per row, "
               + (f"{args.threads} intra-op thread(s) for torch and TensorFlow"
                  if args.threads else "each framework's default threads")
               + f" (`python tools/overhead.py{' --threads 0' if not args.threads else ''}`)")

@@ -1,0 +1,139 @@
+"""The fast path's eager train step under torch: Keras' own, without its repeated tree walks.
+
+Keras' TorchTrainer.train_step walks the model's layer tree five times a step to find the
+same few lists: `zero_grad()` (torch's walk of every submodule for its parameters),
+`trainable_weights` twice (each a recursive walk building and deduplicating lists at every
+level), `losses` in compute_loss (another walk for the layers' own losses, one more for the
+weights' regularizers), and `v.value` for each gradient (a stateless-scope and autocast
+check per variable). On a batch-2 ResNet-20 step that was about 0.5 ms of the 4 that Keras
+added to plain PyTorch here (docs/compare.md, "Host overhead").
+
+For a direct model (kbench.fast_path: a functional model the plan runs), while the fast
+path is on, `train_step` below does what Keras' does, in its order, with one walk of the
+layer tree for the weights (Keras' `weights` order: each layer's own variables, then its
+sublayers' in order, first occurrence kept) and `losses` answered from the same walk. It
+reads the tree on every step (nothing is cached: a weight made trainable or not, or a
+regularizer set, counts from the next step, as in Keras). What the model's class overrides
+(compute_loss, compute_metrics, the optimizer) runs as Keras calls it; a model whose class
+overrides `train_step`, `zero_grad`, `trainable_weights` or `losses` runs Keras' own.
+"""
+
+import torch
+from keras.src import tree
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.common.variables import get_autocast_scope
+from keras.src.layers.layer import Layer
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+
+def install(state, direct_model):
+    """Wrap TorchTrainer.train_step and Functional.losses; `direct_model(model)` says
+    whether a functional model runs as a plan (kbench.fast_path._direct_model)."""
+    from keras.src.backend.torch.trainer import TorchTrainer
+    from keras.src.models import functional
+
+    stock_train_step = TorchTrainer.train_step
+    stock_losses = Layer.losses.fget
+
+    def fast(model):
+        cls = type(model)
+        return (state["enabled"] and isinstance(model, functional.Functional)
+                and cls.train_step is train_step and cls.zero_grad is torch.nn.Module.zero_grad
+                and cls.trainable_weights is Layer.trainable_weights
+                and cls.losses is functional.Functional.losses
+                and not in_stateless_scope() and direct_model(model))
+
+    def train_step(self, data):
+        if fast(self):
+            return _train_step(self, data)
+        return stock_train_step(self, data)
+
+    def losses(self):
+        if state["enabled"] and not in_stateless_scope() \
+                and self.__dict__.get("_kbench_direct_layers"):
+            layers = _layers_in_order(self)
+            return model_losses(self, layers, _weights(layers))
+        return stock_losses(self)
+
+    TorchTrainer.train_step = train_step
+    functional.Functional.losses = property(losses, doc=Layer.losses.__doc__)
+
+
+def _train_step(model, data):
+    """TorchTrainer.train_step (Keras 3.15), its walks replaced (see the module doc)."""
+    import warnings
+
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    if model._call_has_training_arg:
+        y_pred = model(x, training=True)
+    else:
+        y_pred = model(x)
+    layers = _layers_in_order(model)
+    weights = _weights(layers)
+    _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
+    loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                               training=True)
+    model._loss_tracker.update_state(
+        loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
+    if model.optimizer is not None:
+        loss = model.optimizer.scale_loss(loss)
+    trainable_weights = [v for v in weights if v.trainable] if model.trainable else []
+    if trainable_weights:
+        loss.backward()
+        # v.value, outside a stateless or autocast scope, is the variable's own tensor
+        direct = get_autocast_scope() is None and not in_stateless_scope()
+        gradients = [v._value.grad if direct else v.value.grad for v in trainable_weights]
+        with torch.no_grad():
+            model.optimizer.apply(gradients, trainable_weights)
+    else:
+        warnings.warn("The model does not have any trainable weights.")
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _layers_in_order(model):
+    """The model and every layer in it, each before its sublayers, in `_layers` order: the
+    order Layer.weights visits them in."""
+    found, stack = [], [model]
+    while stack:
+        layer = stack.pop()
+        found.append(layer)
+        stack.extend(reversed(layer._layers))
+    return found
+
+
+def _weights(layers):
+    """Layer.weights of the first of `layers` (_layers_in_order): each variable once, where
+    it first occurs."""
+    found, seen = [], set()
+    for layer in layers:
+        for variable in layer._trainable_variables + layer._non_trainable_variables:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
+    return found
+
+
+def _zero_grad(layers):
+    for layer in layers:
+        for variable in layer._trainable_variables + layer._non_trainable_variables:
+            value = variable._value
+            if value is not None and value.grad is not None:
+                value.grad = None
+
+
+def model_losses(model, layers, weights):
+    """Layer.losses outside a stateless scope, given the model's `layers`
+    (_layers_in_order) and `weights` (_weights): the model's and its layers' own losses
+    (in Keras' _flatten_layers order, walked only when a layer has one), then each
+    trainable weight's regularization loss."""
+    if model._losses_override:
+        return model._losses_override
+    losses = model._losses[:]
+    if any(layer._losses for layer in layers[1:]):
+        for layer in model._flatten_layers(include_self=False):
+            losses.extend(layer._losses)
+    if model.trainable:
+        for variable in weights:
+            if variable.trainable and variable.regularizer is not None:
+                losses.append(variable.regularizer(variable))
+    return losses
