@@ -30,9 +30,16 @@ This module replaces exactly those things, and nothing else, while `enabled`:
     `training` argument. Under torch.compile the plan is traced like any Python (one graph
     before loss.backward() and one after, as before; tests/test_torch_compile.py), so the
     compiled step is the lowered one too. Any other layer in the model, a mask, a layer
-    with an activity regularizer, torch forward hooks (a layer's or global ones),
-    rematerialization or quantization, a distribution, or a symbolic call: the whole model
-    runs Keras' own way.
+    with an activity regularizer, torch forward or backward hooks (a layer's or global
+    ones), rematerialization or quantization, a distribution, or a symbolic call: the whole
+    model runs Keras' own way. The outermost call of such a model (train_step's
+    `self(x, training=True)`, predict's) skips Layer.__call__ as well, keeping what it does
+    for one (`_outermost_call`).
+  - under torch, a channels_last Conv2D's kernel is laid out in memory as torch's
+    channels_last convolution weight from its build on, and optimizer variables made from it
+    alike (`_install_kernel_layout`): no copy of the kernel or of its gradient per call.
+  - under torch, eagerly, Keras' train_step for such a model walks its layer tree once a
+    step instead of five times (kbench.torch_step).
   - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
     and reads no device scalar (kbench.torch_sgd).
 Each computes the same function as stock Keras, to float32 round-off (the tests compare
