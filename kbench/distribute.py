@@ -570,9 +570,14 @@ class TorchDDP(Distribution):
             for variable in model.non_trainable_variables:
                 if _floating(variable):
                     tensor = variable.value.data
+                    # NCCL takes only tensors contiguous in their memory format; a frozen
+                    # Conv2D kernel in torch's weight layout (kbench.fast_path) is neither.
+                    dense = tensor if tensor.is_contiguous() else tensor.contiguous()
                     # SUM, then divide: gloo has no AVG.
-                    self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
-                    tensor.div_(self.num_processes)
+                    self._dist.all_reduce(dense, op=self._dist.ReduceOp.SUM)
+                    dense.div_(self.num_processes)
+                    if dense is not tensor:
+                        tensor.copy_(dense)
 
     def average_logs(self, logs):
         """Average a logs dict over ranks in place. Every rank ran the same number of steps on

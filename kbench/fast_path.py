@@ -38,7 +38,7 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - under torch, a channels_last Conv2D's kernel is laid out in memory as torch's
     channels_last convolution weight from its build on, and optimizer variables made from it
     alike (`_install_kernel_layout`): no copy of the kernel or of its gradient per call.
-  - under torch, eagerly, Keras' train_step for such a model walks its layer tree once a
+  - under torch, Keras' train_step for such a model walks its layer tree once a
     step instead of five times (kbench.torch_step).
   - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
     and reads no device scalar (kbench.torch_sgd).
@@ -126,9 +126,11 @@ def _install(backend):
         torch_nn._transpose_spatial_inputs = transpose_spatial_inputs
         import torch
 
-        _COMPUTE.update({dtype: torch.promote_types(dtype, torch.float32)
-                         for dtype in (torch.float16, torch.bfloat16, torch.float32,
-                                       torch.float64)})
+        # (filled now, not at a first call: dynamo guards on them, and a dict changed
+        # between compiled steps recompiles the step)
+        floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        _COMPUTE.update({dtype: torch.promote_types(dtype, torch.float32) for dtype in floats})
+        _TORCH_DTYPES.update({str(dtype)[6:]: dtype for dtype in floats})
         _install_direct_calls()
         _install_kernel_layout()
         from kbench import torch_sgd
@@ -153,6 +155,7 @@ def _install_kernel_layout():
     difference. Optimizer variables made from such a kernel (momentum, Adam's moments, EMA)
     get its layout too, so torch's foreach ops keep their fast route (on CUDA it needs the
     same strides in every list)."""
+    import torch
     from keras.src.layers.convolutional.conv2d import Conv2D
     from keras.src.optimizers import base_optimizer
 
@@ -171,12 +174,22 @@ def _install_kernel_layout():
 
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         variable = stock_reference(self, reference_variable, name, initializer)
+        # (whether or not the fast path is on now: the kernel's layout was set at its build)
         reference = getattr(reference_variable, "_value", None)
-        if _state["enabled"] and reference is not None and variable._value is not None:
+        if (isinstance(reference, torch.Tensor) and variable._value is not None
+                and reference.shape == variable._value.shape
+                and _dense(reference)):
             _lay_out(variable, reference.stride())
         return variable
 
     base_optimizer.BaseOptimizer.add_variable_from_reference = add_variable_from_reference
+
+
+def _dense(tensor):
+    """Whether `tensor` fills its memory without gaps or overlaps (a contiguous tensor with
+    its dimensions permuted), so that a tensor of its shape can be laid out as it is."""
+    order = sorted(range(tensor.ndim), key=lambda d: -tensor.stride(d))
+    return tensor.permute(order).is_contiguous()
 
 
 def _lay_out(variable, strides):
@@ -420,7 +433,9 @@ def _outermost_call(model, inputs, training):
     from kbench import torch_plan
 
     _check_input_spec(model, inputs)
-    for layer in _all_layers(model):
+    from kbench.torch_step import layers_in_order
+
+    for layer in layers_in_order(model):  # read afresh: a layer may be attached later
         if layer._losses:
             layer._clear_losses()
     standard = _standard_inputs(model, inputs)
@@ -432,12 +447,17 @@ def _outermost_call(model, inputs, training):
 
 
 def _check_input_spec(model, inputs):
+    """Keras' input spec check of the model, skipped when the inputs' shapes and dtypes are
+    those it last passed (the check depends on nothing else); under torch.compile always run,
+    as Keras runs it (no cached state for dynamo to guard on)."""
     import torch
     from keras import tree
 
+    if torch.compiler.is_compiling():
+        model._assert_input_compatibility(inputs)
+        return
     key = (id(getattr(model, "_manual_input_spec", None)),
-           tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None
-                 for x in tree.flatten(inputs)))
+           tuple((tuple(x.shape), str(x.dtype)) for x in tree.flatten(inputs)))
     if model.__dict__.get("_kbench_checked_input") != key:
         model._assert_input_compatibility(inputs)  # raises Keras' own error
         object.__setattr__(model, "_kbench_checked_input", key)
@@ -461,21 +481,6 @@ def _masked(inputs):
     from keras import tree
 
     return any(getattr(x, "_keras_mask", None) is not None for x in tree.flatten(inputs))
-
-
-def _all_layers(model):
-    """The model and every layer inside it, nested models' too (Keras' `_clear_losses`
-    walks `_layers` the same way); fixed for a direct model, as its plan is."""
-    found = model.__dict__.get("_kbench_all_layers")
-    if found is None:
-        found, stack = [], [model]
-        while stack:
-            layer = stack.pop()
-            found.append(layer)
-            stack.extend(layer._layers)
-        found = tuple(found)
-        object.__setattr__(model, "_kbench_all_layers", found)
-    return found
 
 
 def _plan(model):

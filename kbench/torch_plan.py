@@ -62,12 +62,17 @@ class Plan:
                 for run, *_ in self.steps]
 
     def run(self, inputs, training):
-        from keras import tree
-
         from kbench import fast_path
 
-        if self.moves:  # a run that raised: its layers' writes, before this run reads
+        try:
+            return self._run(inputs, training)
+        finally:  # the deferred writes of the layers that ran, whether or not all did
             fast_path.finish_moves(self.moves)
+
+    def _run(self, inputs, training):
+        from keras import tree
+        from keras.src.models.functional import unpack_singleton
+
         values = [None] * self.slots
         for slot, x in zip(self.input_slots, tree.flatten(inputs)):
             if not isinstance(x, torch.Tensor):  # an array given to call() itself: a step may
@@ -94,10 +99,10 @@ class Plan:
             else:
                 for slot, value in zip(outs, tree.flatten(y)):
                     values[slot] = value
-        fast_path.finish_moves(self.moves)
         outputs = [values[slot] if perm is None else values[slot].permute(perm)
                    for slot, perm in self.outputs]
-        return tree.pack_sequence_as(self.model._outputs_struct, outputs)
+        # Functional.call's own return: a one-output list is its output
+        return unpack_singleton(tree.pack_sequence_as(self.model._outputs_struct, outputs))
 
 
 def build(model, direct_call):

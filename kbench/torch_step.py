@@ -1,4 +1,4 @@
-"""The fast path's eager train step under torch: Keras' own, without its repeated tree walks.
+"""The fast path's train step under torch: Keras' own, without its repeated tree walks.
 
 Keras' TorchTrainer.train_step walks the model's layer tree five times a step to find the
 same few lists: `zero_grad()` (torch's walk of every submodule for its parameters),
@@ -11,7 +11,7 @@ added to plain PyTorch here (docs/compare.md, "Host overhead").
 For a direct model (kbench.fast_path: a functional model the plan runs), while the fast
 path is on, `train_step` below does what Keras' does, in its order, with one walk of the
 layer tree for the weights (Keras' `weights` order: each layer's own variables, then its
-sublayers' in order, first occurrence kept) and `losses` answered from the same walk. It
+sublayers' in order, first occurrence kept) and one more for `losses`. It
 reads the tree on every step (nothing is cached: a weight made trainable or not, or a
 regularizer set, counts from the next step, as in Keras). What the model's class overrides
 (compute_loss, compute_metrics, the optimizer) runs as Keras calls it; a model whose class
@@ -49,9 +49,12 @@ def install(state, direct_model):
         return stock_train_step(self, data)
 
     def losses(self):
+        cls = type(self)
         if state["enabled"] and not in_stateless_scope() \
-                and self.__dict__.get("_kbench_direct_layers"):
-            layers = _layers_in_order(self)
+                and self.__dict__.get("_kbench_direct_layers") \
+                and cls.trainable_weights is Layer.trainable_weights \
+                and cls.weights is Layer.weights:
+            layers = layers_in_order(self)
             return model_losses(self, layers, _weights(layers))
         return stock_losses(self)
 
@@ -68,7 +71,7 @@ def _train_step(model, data):
         y_pred = model(x, training=True)
     else:
         y_pred = model(x)
-    layers = _layers_in_order(model)
+    layers = layers_in_order(model)
     weights = _weights(layers)
     _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
     loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
@@ -90,7 +93,7 @@ def _train_step(model, data):
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def _layers_in_order(model):
+def layers_in_order(model):
     """The model and every layer in it, each before its sublayers, in `_layers` order: the
     order Layer.weights visits them in."""
     found, stack = [], [model]
@@ -102,7 +105,7 @@ def _layers_in_order(model):
 
 
 def _weights(layers):
-    """Layer.weights of the first of `layers` (_layers_in_order): each variable once, where
+    """Layer.weights of the first of `layers` (layers_in_order): each variable once, where
     it first occurs."""
     found, seen = [], set()
     for layer in layers:
@@ -123,7 +126,7 @@ def _zero_grad(layers):
 
 def model_losses(model, layers, weights):
     """Layer.losses outside a stateless scope, given the model's `layers`
-    (_layers_in_order) and `weights` (_weights): the model's and its layers' own losses
+    (layers_in_order) and `weights` (_weights): the model's and its layers' own losses
     (in Keras' _flatten_layers order, walked only when a layer has one), then each
     trainable weight's regularization loss."""
     if model._losses_override:

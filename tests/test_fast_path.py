@@ -485,3 +485,45 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
     assert fast[1] == stock[1] and len(fast[1]) == 2
     for a, b in zip(fast[2], stock[2]):
         np.testing.assert_array_equal(a, b)
+
+
+@torch_only
+def test_outermost_call_keeps_keras_contract(fast_path):
+    """The outermost call that skips Layer.__call__ keeps what it owes the caller: a
+    one-output list model returns the tensor (Functional's unpack_singleton); a wrong input
+    shape is Keras' error, arrays included, after good calls; a call that raises midway
+    still writes the moving variance of the BatchNorm layers that ran."""
+    import keras
+    import torch
+
+    fast_path.set_enabled(True)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    norm = keras.layers.BatchNormalization()
+    x = keras.layers.GlobalAveragePooling2D()(norm(keras.layers.Conv2D(4, 3)(inputs)))
+    model = keras.Model(inputs, [keras.layers.Dense(2)(x)])
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    for _ in range(2):  # the first call is Keras' own, the next the fast path's
+        out = model(x, training=True)
+        assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 2)
+    assert model.predict(x, verbose=0).shape == (2, 2)
+    for bad in (np.zeros((2, 9, 9, 3), "float32"), torch.zeros(2, 9, 9, 3)):
+        with pytest.raises(ValueError, match="incompatible"):
+            model(bad)
+    plan = model._kbench_plan
+    before = norm.moving_variance.numpy().copy()
+    pooling_step = next(i for i, step in enumerate(plan.steps)
+                        if type(step[0].layer).__name__ == "GlobalAveragePooling2D")
+    run, *rest = plan.steps[pooling_step]
+
+    def broken(*args):
+        raise RuntimeError("a later layer fails")
+
+    broken.layer = run.layer
+    plan.steps[pooling_step] = (broken, *rest)
+    try:
+        with pytest.raises(RuntimeError):
+            model(x, training=True)
+    finally:
+        plan.steps[pooling_step] = (run, *rest)
+    assert not plan.moves and not np.array_equal(norm.moving_variance.numpy(), before)
