@@ -2,6 +2,8 @@
 framework's fused BatchNorm (torch, tensorflow) and without layout copies (torch); on/off
 switch and version gate."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -151,6 +153,20 @@ def steps_counting_calls(model, x, y, steps):
         keras.layers.Layer.__call__ = stock_call
 
 
+@contextlib.contextmanager
+def direct_or_keras(fast_path, direct):
+    """The fast path on, and with `direct` False every model run Keras' own way (its
+    layers and train step through Keras, as if no model were direct)."""
+    stock_direct_model = fast_path._direct_model
+    if not direct:
+        fast_path._direct_model = lambda model: False
+    fast_path.set_enabled(True)
+    try:
+        yield
+    finally:
+        fast_path._direct_model = stock_direct_model
+
+
 def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
     """Losses, weights and the number of Layer.__call__ calls of `steps` train_on_batch
     steps of kbench's ResNet-20 (Normalization, Conv2D, BatchNormalization, ReLU, Add, the
@@ -160,30 +176,27 @@ def resnet_steps(fast_path, direct, policy, extra_layer=False, steps=3):
 
     from kbench.models import get_model
 
-    fast_path.set_enabled(True)
-    stock_direct_model = fast_path._direct_model
-    if not direct:
-        fast_path._direct_model = lambda model: False
-    keras.config.set_dtype_policy(policy)
-    try:
-        keras.utils.set_random_seed(0)
-        body = get_model("resnet20", num_classes=4, seed=0)
-        inputs = keras.Input((32, 32, 3))
-        features = body(inputs)
-        if extra_layer:
-            features = keras.layers.Lambda(lambda t: 2 * t)(features)
-        x = keras.layers.Dropout(0.5)(features)
-        model = keras.Model(inputs, keras.layers.Dense(4, dtype="float32")(x))
-        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-        x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-        y = keras.utils.to_categorical(np.arange(4), 4)
-        losses, calls = steps_counting_calls(model, x, y, steps)
-        outputs = model.predict(x, verbose=0)
-        return losses, [np.asarray(v.numpy(), np.float32) for v in model.weights], outputs, calls
-    finally:
-        keras.config.set_dtype_policy("float32")
-        fast_path._direct_model = stock_direct_model
+    with direct_or_keras(fast_path, direct):
+        keras.config.set_dtype_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            body = get_model("resnet20", num_classes=4, seed=0)
+            inputs = keras.Input((32, 32, 3))
+            features = body(inputs)
+            if extra_layer:
+                features = keras.layers.Lambda(lambda t: 2 * t)(features)
+            x = keras.layers.Dropout(0.5)(features)
+            model = keras.Model(inputs, keras.layers.Dense(4, dtype="float32")(x))
+            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                          loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+            x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+            y = keras.utils.to_categorical(np.arange(4), 4)
+            losses, calls = steps_counting_calls(model, x, y, steps)
+            outputs = model.predict(x, verbose=0)
+            weights = [np.asarray(v.numpy(), np.float32) for v in model.weights]
+            return losses, weights, outputs, calls
+        finally:
+            keras.config.set_dtype_policy("float32")
 
 
 @torch_only
@@ -207,11 +220,7 @@ def test_a_sequential_block_inside_is_called_directly_too(fast_path):
     import keras
 
     def steps(direct):
-        stock_direct_model = fast_path._direct_model
-        if not direct:
-            fast_path._direct_model = lambda model: False
-        fast_path.set_enabled(True)
-        try:
+        with direct_or_keras(fast_path, direct):
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8, 3))
             block = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
@@ -223,8 +232,6 @@ def test_a_sequential_block_inside_is_called_directly_too(fast_path):
             y = np.zeros((4, 2), "float32")
             losses, calls = steps_counting_calls(model, x, y, 2)
             return losses, [v.numpy() for v in model.weights], calls
-        finally:
-            fast_path._direct_model = stock_direct_model
 
     direct, through_keras = steps(True), steps(False)
     assert direct[2] == 0 and through_keras[2] > 2 * 5  # not even the outer model's
@@ -351,12 +358,8 @@ def test_layouts_meet_where_lowered_and_other_layers_do(fast_path):
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
     ys = [np.ones((4, 2), "float32"), np.zeros((4, 8, 8, 4), "float32")]
     results = {}
-    stock_direct_model = fast_path._direct_model
     for direct in (True, False):
-        fast_path.set_enabled(True)
-        if not direct:
-            fast_path._direct_model = lambda model: False
-        try:
+        with direct_or_keras(fast_path, direct):
             model = build()
             losses = [model.train_on_batch(x, ys) for _ in range(3)]
             outputs = [keras.ops.convert_to_numpy(o) for o in model(x, training=False)]
@@ -364,8 +367,6 @@ def test_layouts_meet_where_lowered_and_other_layers_do(fast_path):
             if direct:
                 kinds = [how for _, how in fast_path._plan(model).describe()]
                 assert "call" in kinds and "channels_first" in kinds
-        finally:
-            fast_path._direct_model = stock_direct_model
     assert results[True][1][1].shape == (4, 8, 8, 4)  # NHWC, as Keras gives it
     np.testing.assert_array_equal(np.array(results[True][0]), np.array(results[False][0]))
     for a, b in zip(results[True][1] + results[True][2], results[False][1] + results[False][2]):
@@ -449,11 +450,7 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
                         lambda model, data: ran.append(1) or stock_step(model, data))
 
     def run(direct):
-        stock_direct_model = fast_path._direct_model
-        if not direct:
-            fast_path._direct_model = lambda model: False
-        fast_path.set_enabled(True)
-        try:
+        with direct_or_keras(fast_path, direct):
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8, 3))
             x = keras.layers.Conv2D(4, 3, kernel_regularizer=keras.regularizers.L2(0.1))(inputs)
@@ -472,8 +469,6 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
             layer_losses = [float(t.detach()) for t in model.losses]
             losses += [float(model.train_on_batch(x, y)) for _ in range(2)]
             return losses, layer_losses, [v.numpy() for v in model.weights]
-        finally:
-            fast_path._direct_model = stock_direct_model
 
     fast = run(True)
     assert len(ran) == 5
