@@ -66,6 +66,7 @@ MIXED_TYPE_DEVICES = ("cpu", "cuda")
 # torch dtype -> the dtype BatchNormalization computes in (backend.result_type(x, float32));
 # filled at install, under torch
 _COMPUTE = {}
+_TORCH_DTYPES = {}  # Keras' float dtype names -> torch dtypes; filled at install, under torch
 
 
 def enabled():
@@ -138,8 +139,7 @@ def _install(backend):
         torch_sgd.install(_state)
         from kbench import torch_step
 
-        # (looked up at each call: tests swap _direct_model to run Keras' own way)
-        torch_step.install(_state, lambda model: _direct_model(model))
+        torch_step.install(_state, planned)
     _state["installed"] = True
 
 
@@ -307,10 +307,10 @@ def _read(variable, stateless):
 
 def _torch_dtype(name):
     found = _TORCH_DTYPES.get(name)
-    if found is None:
+    if found is None:  # not a float dtype: not met in a BatchNormalization, but say it right
         import torch
 
-        found = _TORCH_DTYPES[name] = getattr(torch, name)
+        found = getattr(torch, name)
     return found
 
 
@@ -319,8 +319,6 @@ def _stateless():
 
     return in_stateless_scope()
 
-
-_TORCH_DTYPES = {}  # Keras dtype name -> torch dtype
 
 
 def _tensorflow_batch_norm(layer, inputs):
@@ -388,7 +386,7 @@ def _install_direct_calls():
                 or distribution.distribution() is not None
                 or not _direct_model(self) or not _eager_tensors(inputs)):
             return stock_call(self, inputs, training=training, mask=mask, **kwargs)
-        return _plan(self).run(self._standardize_inputs(inputs), training)
+        return _plan(self).run(_standard_inputs(self, inputs), training)
 
     functional.Functional.call = call
     # The outermost call of such a model (train_step's `self(x, training=True)`) skips
@@ -432,9 +430,9 @@ def _outermost_call(model, inputs, training):
     enter; no mask to compute (Functional has no compute_mask) and no node to record."""
     from kbench import torch_plan
 
-    _check_input_spec(model, inputs)
     from kbench.torch_step import layers_in_order
 
+    _check_input_spec(model, inputs)
     for layer in layers_in_order(model):  # read afresh: a layer may be attached later
         if layer._losses:
             layer._clear_losses()
@@ -481,6 +479,12 @@ def _masked(inputs):
     from keras import tree
 
     return any(getattr(x, "_keras_mask", None) is not None for x in tree.flatten(inputs))
+
+
+def planned(model):
+    """Whether functional `model`'s layers were found directly callable (by _direct_model,
+    once: the model's structure); the per-call conditions (hooks, scopes) are not asked."""
+    return bool(model.__dict__.get("_kbench_direct_layers"))
 
 
 def _plan(model):

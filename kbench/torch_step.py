@@ -26,34 +26,33 @@ from keras.src.layers.layer import Layer
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 
-def install(state, direct_model):
-    """Wrap TorchTrainer.train_step and Functional.losses; `direct_model(model)` says
-    whether a functional model runs as a plan (kbench.fast_path._direct_model)."""
+def install(state, planned):
+    """Wrap TorchTrainer.train_step and Functional.losses; `planned(model)` says whether a
+    functional model's layers were found directly callable (kbench.fast_path.planned: its
+    structure, decided once; what the steps below need of it)."""
     from keras.src.backend.torch.trainer import TorchTrainer
     from keras.src.models import functional
 
     stock_train_step = TorchTrainer.train_step
     stock_losses = Layer.losses.fget
 
-    def fast(model):
+    def walkable(model):
+        # Keras' own weights, read the way the walks read them, outside a stateless scope
         cls = type(model)
-        return (state["enabled"] and isinstance(model, functional.Functional)
-                and cls.train_step is train_step and cls.zero_grad is torch.nn.Module.zero_grad
-                and cls.trainable_weights is Layer.trainable_weights
-                and cls.losses is functional.Functional.losses
-                and not in_stateless_scope() and direct_model(model))
+        return (state["enabled"] and cls.trainable_weights is Layer.trainable_weights
+                and cls.weights is Layer.weights and not in_stateless_scope()
+                and planned(model))
 
     def train_step(self, data):
-        if fast(self):
+        cls = type(self)
+        if (isinstance(self, functional.Functional) and cls.train_step is train_step
+                and cls.zero_grad is torch.nn.Module.zero_grad
+                and cls.losses is functional.Functional.losses and walkable(self)):
             return _train_step(self, data)
         return stock_train_step(self, data)
 
     def losses(self):
-        cls = type(self)
-        if state["enabled"] and not in_stateless_scope() \
-                and self.__dict__.get("_kbench_direct_layers") \
-                and cls.trainable_weights is Layer.trainable_weights \
-                and cls.weights is Layer.weights:
+        if walkable(self):
             layers = layers_in_order(self)
             return model_losses(self, layers, _weights(layers))
         return stock_losses(self)
