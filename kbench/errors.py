@@ -1,6 +1,9 @@
 """User-facing errors: bad input is reported as one line that says what to do, not a traceback."""
 
+import contextlib
+import signal
 import sys
+import threading
 
 
 class KbenchError(ValueError):
@@ -21,6 +24,32 @@ class Interrupted(Exception):
         self.signal_name, self.where, self.hint = signal_name, where, hint
         self.status = self.STATUS.get(signal_name, 1)
         super().__init__(f"stopped by {signal_name} {where}" + (f": {hint}" if hint else ""))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `timeout`, `kill`) raised as Ctrl-C is, so the same
+    clean-up runs: a command that starts workers in their own process groups stops them
+    and keeps what finished, where Python's default action would end it at once and leave
+    them running. Exit status 143, as a shell gives SIGTERM."""
+
+    status = 143
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within the block (main thread only), SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def install_excepthook():
@@ -52,8 +81,8 @@ def install_excepthook():
 
 def exit_on_error(fn, *args, **kwargs):
     """Call fn; on KbenchError print one line and exit 2. A run stopped by a signal after its
-    checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130, without a
-    traceback."""
+    checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143),
+    without a traceback."""
     try:
         return fn(*args, **kwargs)
     except KbenchError as exc:
@@ -62,6 +91,9 @@ def exit_on_error(fn, *args, **kwargs):
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.status)
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        sys.exit(Terminated.status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -12,7 +12,8 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - `BatchNormalization.call` in training (`training and trainable`, no mask, no renorm, not
     synchronized, the class's own moments, channels on the last axis) runs the framework's
     fused kernel: under torch `torch.native_batch_norm` on the NHWC->NCHW permuted view (any
-    rank), under tensorflow `FusedBatchNormV3` (4D NHWC inputs; others stay Keras'). The
+    rank), under tensorflow `FusedBatchNormV3` (4D NHWC inputs, not float64; others stay
+    Keras'; a float16 or bfloat16 input goes in uncast, as in the native twin). The
     moving statistics move as Keras moves them: `moving * momentum + batch * (1 - momentum)`
     with the biased batch variance, in float32 under mixed precision. Inference is Keras'.
   - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
@@ -100,16 +101,21 @@ def _tested(version):
 
 def _install(backend):
     """Wrap the Keras functions once; the wrappers defer to Keras when not enabled."""
+    import keras
     from keras.src.layers.normalization.batch_normalization import BatchNormalization
 
     stock_call = BatchNormalization.call
     _state["stock_moments"] = BatchNormalization._moments
-    # the input ranks the fused kernel takes (FusedBatchNormV3: NHWC only)
+    # the input ranks and dtypes the fused kernel takes (FusedBatchNormV3: NHWC only, and no
+    # float64, which Keras would compute in; torch.native_batch_norm takes every float)
     _state["fused_ranks"] = (2, 3, 4, 5) if backend == "torch" else (4,)
+    fused_dtypes = None if backend == "torch" else ("float16", "bfloat16", "float32")
     fused = _torch_batch_norm if backend == "torch" else _tensorflow_batch_norm
 
     def call(self, inputs, training=None, mask=None):
-        if _state["enabled"] and fusable(self, len(inputs.shape), training, mask):
+        if (_state["enabled"] and fusable(self, len(inputs.shape), training, mask)
+                and (fused_dtypes is None
+                     or keras.backend.standardize_dtype(inputs.dtype) in fused_dtypes)):
             return fused(self, inputs)
         return stock_call(self, inputs, training=training, mask=mask)
 
@@ -327,7 +333,16 @@ def _tensorflow_batch_norm(layer, inputs):
     (Bessel-corrected, for TF1's moving average); Keras moves with the biased one."""
     import tensorflow as tf
 
-    x = tf.cast(inputs, tf.float32)  # Keras computes BatchNormalization in float32
+    # Keras computes BatchNormalization in float32 and casts the result to the layer's
+    # compute dtype. The kernel does the same for a float16 or bfloat16 input with float32
+    # scale and offset (its statistics and arithmetic are float32, its output rounded once
+    # to the input's dtype), so such an input in the layer's own compute dtype goes in
+    # uncast: casting it to float32 and back cost two passes over the activation each
+    # way, 1.49x the native twin's step under mixed_bfloat16 on our CPU, against 1.02x
+    # without (docs/compare.md, "Fast path").
+    x = tf.convert_to_tensor(inputs)
+    if x.dtype not in (tf.float16, tf.bfloat16) or x.dtype != layer.compute_dtype:
+        x = tf.cast(x, tf.float32)
     channels = x.shape[-1]
     scale = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels])
     offset = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels])

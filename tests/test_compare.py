@@ -251,6 +251,37 @@ def test_ctrl_c_keeps_finished_runs_and_stops_the_running_one(tmp_path):
     assert leftover.stdout.strip() == ""
 
 
+def test_sigterm_keeps_finished_runs_and_stops_the_running_one(tmp_path):
+    """A scheduler's SIGTERM (or `timeout`) stops compare as Ctrl-C does, exit status 143:
+    the workers run in process groups of their own, so a compare that just died would leave
+    the running one burning the machine."""
+    import signal
+    import time
+
+    broken = fake_python(tmp_path / "broken-python", "exit 1")  # a quick, kept record
+    slow = fake_python(tmp_path / "slow-python", "sleep 120")
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbench.cli", "compare", "--backends", "jax,torch", *TINY,
+         "--python", f"jax={broken}", "--python", f"torch={slow}", "--output", str(out)],
+        cwd=REPO, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while not results.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert results.exists(), "the first run never finished"
+    time.sleep(1.0)  # the torch worker is running
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert [(r["backend"], r["status"]) for r in load(out)] == [("jax", "failed")]
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM"
+    leftover = subprocess.run(["pgrep", "-f", str(slow)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+
+
 # --------------------------------------------------------------------------- data parallel
 
 

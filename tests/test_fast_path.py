@@ -73,7 +73,7 @@ GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients}
 
 
 @fused_backends
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False),
                                            (False, False)])
 def test_batch_norm_equals_stock_keras(fast_path, policy, center, scale):
@@ -81,9 +81,55 @@ def test_batch_norm_equals_stock_keras(fast_path, policy, center, scale):
     stock = batch_norm_run(fast_path, False, policy, center, scale)
     names = ["output", "input gradient"] + ["gamma gradient"] * scale + ["beta gradient"] * center
     names += ["moving mean", "moving variance", "inference output"]
+    # The 16-bit tensors (the activation's dtype) are rounded from float32 numbers that
+    # agree to float32 round-off, so one at a rounding boundary may land one step apart.
+    step = {"float32": 2e-5, "mixed_bfloat16": 2**-7, "mixed_float16": 2**-10}[policy]
+    activation_dtype = {"output", "input gradient", "inference output"}
     for name, a, b in zip(names, fast, stock):
-        # float32 round-off; a bfloat16 output is rounded from the same float32 numbers
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max(), err_msg=name)
+        rtol = max(2e-5, step) if name in activation_dtype else 2e-5
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=2e-5 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="FusedBatchNormV3 is tensorflow's")
+def test_tensorflow_fused_kernel_takes_16_bit_activations_uncast(fast_path):
+    """Under a mixed policy the kernel gets the bfloat16 activation itself (it computes in
+    float32): a cast to float32 and back around it made Keras-TF 1.49x its twin's step."""
+    import keras
+    import tensorflow as tf
+
+    fast_path.set_enabled(True)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = keras.layers.BatchNormalization()
+        layer.build((4, 3, 3, 2))
+        graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+            tf.TensorSpec((4, 3, 3, 2), tf.bfloat16)).graph
+    finally:
+        keras.config.set_dtype_policy("float32")
+    ops = graph.get_operations()
+    fused = [op for op in ops if op.type == "FusedBatchNormV3"]
+    assert [op.get_attr("T") for op in fused] == [tf.bfloat16]
+    activation_casts = [op for op in ops if op.type == "Cast" and op.outputs[0].shape.rank == 4]
+    assert activation_casts == []
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="FusedBatchNormV3 is tensorflow's")
+def test_tensorflow_float64_stays_keras_own(fast_path):
+    """FusedBatchNormV3 has no float64; Keras computes a float64 layer in float64."""
+    import keras
+
+    fast_path.set_enabled(True)
+    keras.config.set_dtype_policy("float64")
+    try:
+        layer = keras.layers.BatchNormalization(epsilon=1e-24)
+        # spread float32 cannot resolve around that mean: in float32 the output is noise
+        x = np.random.default_rng(0).normal(1.0, 1e-9, (4, 3, 3, 2))
+        y = keras.ops.convert_to_numpy(layer(x, training=True))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert y.dtype == np.float64
+    expected = (x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + layer.epsilon)
+    np.testing.assert_allclose(y, expected, atol=1e-4)  # expected is about N(0, 1)
 
 
 def conv_net():

@@ -2,7 +2,7 @@
 
 import os
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, sigterm_interrupts
 
 
 def _python_map(values):
@@ -76,12 +76,16 @@ def cmd_compare(args):
     )
     if options.baseline and not os.path.isfile(options.baseline):
         raise KbenchError(f"--baseline {options.baseline}: no such file")
-    if options.sweep or options.max_batch:
-        from kbench.bench import sweep
+    # SIGTERM stops compare as Ctrl-C does: the running worker's process group is killed
+    # and the finished runs' results kept (the workers run in groups of their own, which a
+    # signal to compare alone would leave running)
+    with sigterm_interrupts():
+        if options.sweep or options.max_batch:
+            from kbench.bench import sweep
 
-        run = sweep.max_batch if options.max_batch else sweep.sweep
-        return 0 if sweep.finished(run(options, console=make_console())) else 1
-    rows = compare(options, console=make_console())
+            run = sweep.max_batch if options.max_batch else sweep.sweep
+            return 0 if sweep.finished(run(options, console=make_console())) else 1
+        rows = compare(options, console=make_console())
     return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -7,8 +7,8 @@ native_common), written the way a TensorFlow user would without Keras: `tf.Varia
 `tf.GradientTape` train step inside one `tf.function`, with XLA as `--jit-compile` resolves
 for Keras (auto: where a GPU is present; on this CPU oneDNN's convolutions beat XLA's).
 Under a mixed policy it computes as Keras does: float32 variables cast to the compute dtype
-where used, activations in it, BatchNorm and the logits in float32 (the casts around the
-fused batch norm are what Keras' fast path does; XLA fuses them on a GPU); under
+where used, activations in it, BatchNorm and the logits in float32 (the fused batch norm
+takes the low-precision activation and computes in float32, as Keras' fast path has it); under
 mixed_float16 with Keras' dynamic loss scaling (native_common.loss_scale).
 
     run(config, steps, warmup_steps=2) -> dict   # timed training + evaluation
