@@ -102,40 +102,16 @@ def multi_worker_log_reduction():
 
 
 def ddp_train_step(ddp):
-    """Keras' TorchTrainer.train_step (keras 3.15, keras/src/backend/torch/trainer.py) with
-    one change: the forward pass runs through the DDP wrapper, so that loss.backward()
-    fires DDP's hooks and every gradient is averaged over the ranks before the optimizer
-    sees it."""
-    import warnings
-
-    import torch
-
+    """Keras' TorchTrainer.train_step (keras 3.15) with one change: the forward pass runs
+    through the DDP wrapper, so that loss.backward() fires DDP's hooks and every gradient is
+    averaged over the ranks before the optimizer sees it (kbench.torch_step.keras_train_step,
+    which the fast path's train step is too: with it on, the layer tree walked once)."""
     check_tested("torch data-parallel training", "keras-team/keras#23418")
-    from keras.src import tree
-    from keras.src.trainers.data_adapters import data_adapter_utils
+    from kbench import torch_step
 
     def train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        if self._call_has_training_arg:
-            y_pred = ddp(x, training=True)
-        else:
-            y_pred = ddp(x)
-        self.zero_grad()
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                  training=True)
-        self._loss_tracker.update_state(
-            loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
-        if self.optimizer is not None:
-            loss = self.optimizer.scale_loss(loss)
-        if self.trainable_weights:
-            loss.backward()  # DDP all-reduces each gradient bucket as it is ready
-            trainable_weights = self.trainable_weights[:]
-            gradients = [v.value.grad for v in trainable_weights]
-            with torch.no_grad():
-                self.optimizer.apply(gradients, trainable_weights)
-        else:
-            warnings.warn("The model does not have any trainable weights.")
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return torch_step.keras_train_step(self, data, forward=ddp,
+                                           walk=torch_step.walks_skippable(self))
 
     return train_step
 

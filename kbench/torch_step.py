@@ -11,7 +11,8 @@ added to plain PyTorch here (docs/compare.md, "Host overhead").
 For a direct model (kbench.fast_path: a functional model the plan runs), while the fast
 path is on, `train_step` below does what Keras' does, in its order, with one walk of the
 layer tree for the weights (Keras' `weights` order: each layer's own variables, then its
-sublayers' in order, first occurrence kept) and one more for `losses`. It
+sublayers' in order, first occurrence kept) and one more for `losses`; under torch DDP
+(kbench.distribute) the same step runs its forward pass through the DDP wrapper. It
 reads the tree on every step (nothing is cached: a weight made trainable or not, or a
 regularizer set, counts from the next step, as in Keras). What the model's class overrides
 (compute_loss, compute_metrics, the optimizer) runs as Keras calls it; a model whose class
@@ -24,6 +25,9 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.common.variables import get_autocast_scope
 from keras.src.layers.layer import Layer
 from keras.src.trainers.data_adapters import data_adapter_utils
+
+
+_walks = {"skippable": lambda model: False}  # install sets it (False while the path is off)
 
 
 def install(state, planned):
@@ -43,12 +47,15 @@ def install(state, planned):
                 and cls.weights is Layer.weights and not in_stateless_scope()
                 and planned(model))
 
-    def train_step(self, data):
-        cls = type(self)
-        if (isinstance(self, functional.Functional) and cls.train_step is train_step
+    def skippable(model):
+        cls = type(model)
+        return (isinstance(model, functional.Functional)
                 and cls.zero_grad is torch.nn.Module.zero_grad
-                and cls.losses is functional.Functional.losses and walkable(self)):
-            return _train_step(self, data)
+                and cls.losses is functional.Functional.losses and walkable(model))
+
+    def train_step(self, data):
+        if type(self).train_step is train_step and skippable(self):
+            return keras_train_step(self, data, walk=True)
         return stock_train_step(self, data)
 
     def losses(self):
@@ -59,29 +66,48 @@ def install(state, planned):
 
     TorchTrainer.train_step = train_step
     functional.Functional.losses = property(losses, doc=Layer.losses.__doc__)
+    _walks["skippable"] = skippable
 
 
-def _train_step(model, data):
-    """TorchTrainer.train_step (Keras 3.15), its walks replaced (see the module doc)."""
+def walks_skippable(model):
+    """Whether keras_train_step may walk `model`'s layer tree once instead of Keras' walks:
+    the fast path is on, `model` is a direct functional model, and its class overrides none
+    of zero_grad, trainable_weights, weights or losses."""
+    return _walks["skippable"](model)
+
+
+def keras_train_step(model, data, forward=None, walk=False):
+    """TorchTrainer.train_step (Keras 3.15, keras/src/backend/torch/trainer.py), with the
+    forward pass through `forward` (the model itself by default; DDP's wrapper under data
+    parallel, so that loss.backward() fires DDP's hooks and every gradient is averaged over
+    the ranks before the optimizer sees it) and, with `walk` (walks_skippable), the layer
+    tree walked once where Keras walks it five times (see the module doc)."""
     import warnings
 
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    call = model if forward is None else forward
     if model._call_has_training_arg:
-        y_pred = model(x, training=True)
+        y_pred = call(x, training=True)
     else:
-        y_pred = model(x)
-    layers = layers_in_order(model)
-    weights = _weights(layers)
-    _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
+        y_pred = call(x)
+    if walk:
+        layers = layers_in_order(model)
+        weights = _weights(layers)
+        _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
+    else:
+        model.zero_grad()
     loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                training=True)
     model._loss_tracker.update_state(
         loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
     if model.optimizer is not None:
         loss = model.optimizer.scale_loss(loss)
-    trainable_weights = [v for v in weights if v.trainable] if model.trainable else []
+    if walk:
+        trainable_weights = [v for v in weights if v.trainable] if model.trainable else []
+    else:
+        trainable_weights = model.trainable_weights[:]
     if trainable_weights:
-        loss.backward()
+        loss.backward()  # under DDP: each gradient bucket all-reduced as it is ready
         # v.value, outside a stateless or autocast scope, is the variable's own tensor
         direct = get_autocast_scope() is None and not in_stateless_scope()
         gradients = [v._value.grad if direct else v.value.grad for v in trainable_weights]

@@ -3,6 +3,7 @@ framework's fused BatchNorm (torch, tensorflow) and without layout copies (torch
 switch and version gate."""
 
 import contextlib
+import types
 
 import numpy as np
 import pytest
@@ -484,18 +485,19 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
     """kbench.torch_step's train_step (one walk of the layer tree per step) gives Keras' own
     train_step's losses, gradients' updates and `model.losses`, to the bit: a weight
     regularizer, a frozen BatchNormalization, a layer loss added by hand; and a weight
-    frozen between steps stops moving, as under Keras."""
+    frozen between steps stops moving, as under Keras. So does the same step with Keras'
+    walks and the forward pass through a given callable (the step DDP runs)."""
     import keras
     import torch
 
     from kbench import torch_step
 
     ran = []
-    stock_step = torch_step._train_step
-    monkeypatch.setattr(torch_step, "_train_step",
-                        lambda model, data: ran.append(1) or stock_step(model, data))
+    kbench_step = torch_step.keras_train_step
+    monkeypatch.setattr(torch_step, "keras_train_step", lambda model, data, **kw: (
+        ran.append(kw.get("walk", False)) or kbench_step(model, data, **kw)))
 
-    def run(direct):
+    def run(direct, own_step=False):
         with direct_or_keras(fast_path, direct):
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8, 3))
@@ -507,6 +509,10 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
             model = keras.Model(inputs, head(x))
             frozen.trainable = False
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+            if own_step:  # the step DDP runs (kbench.keras_fixes), with Keras' walks
+                model.train_step = types.MethodType(
+                    lambda self, data: torch_step.keras_train_step(self, data, forward=self),
+                    model)
             x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
             y = np.random.default_rng(1).normal(size=(4, 2)).astype("float32")
             losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
@@ -517,15 +523,18 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
             return losses, layer_losses, [v.numpy() for v in model.weights]
 
     fast = run(True)
-    assert len(ran) == 5
+    assert ran == [True] * 5
     ran.clear()
     stock = run(False)
     assert not ran
-    assert fast[0] == stock[0]
-    # the hand-added loss, then the kernel's regularization (the frozen bias has none)
-    assert fast[1] == stock[1] and len(fast[1]) == 2
-    for a, b in zip(fast[2], stock[2]):
-        np.testing.assert_array_equal(a, b)
+    own = run(False, own_step=True)
+    assert ran == [False] * 5
+    for other in (fast, own):
+        assert other[0] == stock[0]
+        # the hand-added loss, then the kernel's regularization (the frozen bias has none)
+        assert other[1] == stock[1] and len(other[1]) == 2
+        for a, b in zip(other[2], stock[2]):
+            np.testing.assert_array_equal(a, b)
 
 
 @torch_only
