@@ -42,14 +42,21 @@ def sigterm_interrupts():
         yield
         return
 
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:  # a launcher asked for SIGTERM to be ignored: it stays so
+        yield
+        return
+
     def stop(signum, frame):
+        # a second SIGTERM must not cut short the clean-up the first one started
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated("stopped by SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def install_excepthook():
@@ -91,9 +98,9 @@ def exit_on_error(fn, *args, **kwargs):
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.status)
-    except Terminated:
-        print("stopped by SIGTERM", file=sys.stderr)
-        sys.exit(Terminated.status)
+    except Terminated as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.status)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -12,8 +12,8 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - `BatchNormalization.call` in training (`training and trainable`, no mask, no renorm, not
     synchronized, the class's own moments, channels on the last axis) runs the framework's
     fused kernel: under torch `torch.native_batch_norm` on the NHWC->NCHW permuted view (any
-    rank), under tensorflow `FusedBatchNormV3` (4D NHWC inputs, not float64; others stay
-    Keras'; a float16 or bfloat16 input goes in uncast, as in the native twin). The
+    rank), under tensorflow `FusedBatchNormV3` (4D NHWC float16, bfloat16 or float32 inputs;
+    others stay Keras'; a 16-bit input goes in uncast, as in the native twin). The
     moving statistics move as Keras moves them: `moving * momentum + batch * (1 - momentum)`
     with the biased batch variance, in float32 under mixed precision. Inference is Keras'.
   - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
@@ -106,8 +106,9 @@ def _install(backend):
 
     stock_call = BatchNormalization.call
     _state["stock_moments"] = BatchNormalization._moments
-    # the input ranks and dtypes the fused kernel takes (FusedBatchNormV3: NHWC only, and no
-    # float64, which Keras would compute in; torch.native_batch_norm takes every float)
+    # the input ranks and dtypes the fused kernel takes (FusedBatchNormV3: NHWC only, in
+    # float16, bfloat16 or float32: not float64, which Keras would compute in, nor integers;
+    # torch.native_batch_norm takes every float)
     _state["fused_ranks"] = (2, 3, 4, 5) if backend == "torch" else (4,)
     fused_dtypes = None if backend == "torch" else ("float16", "bfloat16", "float32")
     fused = _torch_batch_norm if backend == "torch" else _tensorflow_batch_norm
@@ -338,8 +339,8 @@ def _tensorflow_batch_norm(layer, inputs):
     # scale and offset (its statistics and arithmetic are float32, its output rounded once
     # to the input's dtype), so such an input in the layer's own compute dtype goes in
     # uncast: casting it to float32 and back cost two passes over the activation each
-    # way, 1.49x the native twin's step under mixed_bfloat16 on our CPU, against 1.02x
-    # without (docs/compare.md, "Fast path").
+    # way: Keras-TF took 1.49x the native twin's step under mixed_bfloat16 on our CPU,
+    # 1.04x without (docs/compare.md, "The fast path").
     x = tf.convert_to_tensor(inputs)
     if x.dtype not in (tf.float16, tf.bfloat16) or x.dtype != layer.compute_dtype:
         x = tf.cast(x, tf.float32)

@@ -104,8 +104,9 @@ def multi_worker_log_reduction():
 def ddp_train_step(ddp):
     """Keras' TorchTrainer.train_step (keras 3.15) with one change: the forward pass runs
     through the DDP wrapper, so that loss.backward() fires DDP's hooks and every gradient is
-    averaged over the ranks before the optimizer sees it (kbench.torch_step.keras_train_step,
-    which the fast path's train step is too: with it on, the layer tree walked once)."""
+    averaged over the ranks before the optimizer sees it. The step itself is
+    kbench.torch_step.keras_train_step, the one Keras train step kbench runs under torch
+    (the fast path's too): with the fast path on it walks the layer tree once a step."""
     check_tested("torch data-parallel training", "keras-team/keras#23418")
     from kbench import torch_step
 

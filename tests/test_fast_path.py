@@ -83,7 +83,8 @@ def test_batch_norm_equals_stock_keras(fast_path, policy, center, scale):
     names = ["output", "input gradient"] + ["gamma gradient"] * scale + ["beta gradient"] * center
     names += ["moving mean", "moving variance", "inference output"]
     # The 16-bit tensors (the activation's dtype) are rounded from float32 numbers that
-    # agree to float32 round-off, so one at a rounding boundary may land one step apart.
+    # agree to float32 round-off, so one at a rounding boundary may land one step apart:
+    # the 16-bit dtype's relative step (at most 2^-7 for bfloat16, 2^-10 for float16).
     step = {"float32": 2e-5, "mixed_bfloat16": 2**-7, "mixed_float16": 2**-10}[policy]
     activation_dtype = {"output", "input gradient", "inference output"}
     for name, a, b in zip(names, fast, stock):
@@ -485,19 +486,22 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
     """kbench.torch_step's train_step (one walk of the layer tree per step) gives Keras' own
     train_step's losses, gradients' updates and `model.losses`, to the bit: a weight
     regularizer, a frozen BatchNormalization, a layer loss added by hand; and a weight
-    frozen between steps stops moving, as under Keras. So does the same step with Keras'
-    walks and the forward pass through a given callable (the step DDP runs)."""
+    frozen between steps stops moving, as under Keras. So does the step DDP runs
+    (kbench.keras_fixes.ddp_train_step), its forward pass through the wrapper, with the
+    fast path on (one walk) and off (Keras' walks)."""
     import keras
     import torch
 
-    from kbench import torch_step
+    from kbench import keras_fixes, torch_step
 
     ran = []
     kbench_step = torch_step.keras_train_step
     monkeypatch.setattr(torch_step, "keras_train_step", lambda model, data, **kw: (
         ran.append(kw.get("walk", False)) or kbench_step(model, data, **kw)))
 
-    def run(direct, own_step=False):
+    forwards = []
+
+    def run(direct, through_wrapper=False):
         with direct_or_keras(fast_path, direct):
             keras.utils.set_random_seed(0)
             inputs = keras.Input((8, 8, 3))
@@ -509,10 +513,12 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
             model = keras.Model(inputs, head(x))
             frozen.trainable = False
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
-            if own_step:  # the step DDP runs (kbench.keras_fixes), with Keras' walks
-                model.train_step = types.MethodType(
-                    lambda self, data: torch_step.keras_train_step(self, data, forward=self),
-                    model)
+            if through_wrapper:  # the step DDP runs, its forward pass through a stand-in
+                def wrapper(*args, **kwargs):
+                    forwards.append(1)
+                    return model(*args, **kwargs)
+
+                model.train_step = types.MethodType(keras_fixes.ddp_train_step(wrapper), model)
             x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
             y = np.random.default_rng(1).normal(size=(4, 2)).astype("float32")
             losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
@@ -527,9 +533,12 @@ def test_train_step_without_walks_is_keras_own(fast_path, monkeypatch):
     ran.clear()
     stock = run(False)
     assert not ran
-    own = run(False, own_step=True)
-    assert ran == [False] * 5
-    for other in (fast, own):
+    ddp_fast = run(True, through_wrapper=True)  # one walk
+    assert ran == [True] * 5 and len(forwards) == 5
+    ran.clear()
+    ddp_keras = run(False, through_wrapper=True)  # Keras' walks
+    assert ran == [False] * 5 and len(forwards) == 10
+    for other in (fast, ddp_fast, ddp_keras):
         assert other[0] == stock[0]
         # the hand-added loss, then the kernel's regularization (the frozen bias has none)
         assert other[1] == stock[1] and len(other[1]) == 2
