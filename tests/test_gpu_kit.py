@@ -41,6 +41,11 @@ def test_parts_unpack_to_the_same_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     for name in ("__init__.py", "data.bin"):
         assert (tmp_path / "there" / "pkg" / name).read_bytes() == (site / "pkg" / name).read_bytes()
+    assert unpack(kit, tmp_path / "there").returncode == 0  # its own folder: replaced
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = unpack(kit, elsewhere)  # someone else's folder: kept
+    assert done.returncode == 2 and "was not made by unpack" in done.stderr
     # packed again with larger parts: the old parts go
     assert gpu_kit.pack_folder(str(site), str(kit), part_bytes=2**20) == ["part-01"]
     assert sorted(os.listdir(kit)) == ["MANIFEST", "part-01"]

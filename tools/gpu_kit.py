@@ -49,6 +49,7 @@ PACKAGES = ("keras==3.15.1", "tensorflow-cpu==2.21.0", "namex", "optree", "astun
             "gast", "google-pasta", "termcolor", "flatbuffers>=25.9.23", "protobuf>=6.31.1,<8")
 DROPPED = ("tensorflow/include",)  # C++ headers: hundreds of MB, never imported
 MANIFEST = "MANIFEST"
+SITE_MARK = ".made-by-gpu-kit"  # in an unpacked folder: the only kind unpack replaces
 
 
 class KitError(Exception):
@@ -102,6 +103,9 @@ def unpack(kit_dir, site):
     if missing:
         raise KitError(f"missing {', '.join(missing)} in {kit_dir}: carry each part in one "
                        "call to the same warm machine before unpacking")
+    if os.path.exists(site) and not os.path.isfile(os.path.join(site, SITE_MARK)):
+        raise KitError(f"--site {site} exists and was not made by unpack: give a new folder "
+                       "(unpack replaces only its own)")
     damaged = [name for digest, name in expected
                if _sha256(os.path.join(kit_dir, name)) != digest]
     if damaged:
@@ -113,9 +117,10 @@ def unpack(kit_dir, site):
             for _, name in expected:
                 with open(os.path.join(kit_dir, name), "rb") as part:
                     shutil.copyfileobj(part, out)
-        shutil.rmtree(site, ignore_errors=True)
         with tarfile.open(archive, "r:xz") as tar:
             tar.extractall(tmp, filter="data")
+        open(os.path.join(tmp, "site", SITE_MARK), "w").close()
+        shutil.rmtree(site, ignore_errors=True)  # an earlier unpack's (checked above)
         shutil.move(os.path.join(tmp, "site"), site)
     print(f"[gpu-kit] unpacked into {site}: export PYTHONPATH={site}")
 
