@@ -95,10 +95,7 @@ def exit_on_error(fn, *args, **kwargs):
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as stop:
-        print(stop, file=sys.stderr)
-        sys.exit(stop.status)
-    except Terminated as stop:
+    except (Interrupted, Terminated) as stop:  # each says where it stopped; its own status
         print(stop, file=sys.stderr)
         sys.exit(stop.status)
     except KeyboardInterrupt:
