@@ -88,3 +88,33 @@ def entry_point(capsys):
         return status, captured.out, captured.err
 
     return call
+
+
+def fake_compare_interpreter(path, record, stopped_marker=None):
+    """An 'interpreter' for the tools that run `kbench compare` as a child (gpu-check,
+    overhead), standing in for the framework: it says "NVIDIA H200" to a framework probe
+    (`-c`), prints one input-rate record to `-m kbench.bench.input_rate`, and plays a compare:
+    writes `record` as a finished run into its --output folder (its last argument), then
+    exits 0, or, with stopped_marker, waits for SIGTERM, which it writes into that file
+    before it exits 143 as compare does."""
+    import json
+    import stat
+
+    then = "exit 0"
+    if stopped_marker:
+        then = (f"sleep 300 & pid=$!\n"
+                f"trap 'kill $pid; echo SIGTERM > {stopped_marker}; exit 143' TERM\n"
+                f"echo running > {stopped_marker}.running\n"
+                "wait")
+    rate = {"batch_size": 1024, "ms_per_batch": 12.5, "ms_per_batch_p90": 14.0,
+            "batches_per_sec": 80.0, "examples_per_sec": 81920.0}
+    path.write_text(f"""#!/bin/bash
+if [ "$1" = -c ]; then echo "NVIDIA H200"; exit 0; fi
+if [ "$2" = kbench.bench.input_rate ]; then echo '{json.dumps(rate)}'; exit 0; fi
+for arg; do out=$arg; done
+mkdir -p "$out"
+echo '{json.dumps(record)}' > "$out/results.jsonl"
+{then}
+""")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)

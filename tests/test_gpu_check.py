@@ -4,12 +4,16 @@ the plan of compare passes and the MFU arithmetic."""
 
 import importlib.util
 import os
+import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_compare_interpreter
 
 pytestmark = pytest.mark.backend_independent
 
@@ -176,3 +180,58 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+# --------------------------------------------------------------------------- the whole tool
+# The GPU machine played by stand-ins (nvidia-smi, and an interpreter that answers the probes
+# and plays compare): what is checked is gpu-check's own part, from probes to tables.
+
+JAX_ON_H200 = {**record("jax", "gpu:0 (NVIDIA H200)", 10.25, flops=4.947e12 * 0.0125),
+               "examples_per_sec": 99902.0}
+
+
+def fake_gpu_machine(tmp_path, stopped_marker=None):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho "NVIDIA H200, 143771, 580.95"\n')
+    smi.chmod(0o755)
+    python = fake_compare_interpreter(tmp_path / "python", JAX_ON_H200, stopped_marker)
+    command = [sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--python", python,
+               "--backends", "jax", "--cases", "resnet20:float32", "--output",
+               str(tmp_path / "out")]
+    return command, {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_a_check_writes_its_tables_from_what_compare_wrote(tmp_path):
+    command, env = fake_gpu_machine(tmp_path)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "gpu-check: jax: sees NVIDIA H200" in done.stdout
+    table = (tmp_path / "out" / "gpu-check.md").read_text()
+    # 4.947e12 * 0.0125 FLOPs in 10.25 ms: 6.03 TFLOP/s, 1.2% of the H200's TF32 peak
+    assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 | 99902 |" in table
+    assert "| 6.0 | 1.2% |" in table
+    assert "| 1024 | 12.50 | 14.00 | 80.0 | 81920 |" in table  # the input pipeline's rate
+    kept = [json.loads(line) for line in (tmp_path / "out" / "gpu-check.jsonl").open()]
+    assert kept and all(r["backend"] == "jax" for r in kept)
+
+
+def test_sigterm_to_the_check_alone_stops_its_compare_and_keeps_what_finished(tmp_path):
+    """A scheduler's SIGTERM reaches gpu-check, not the compare it runs: gpu-check passes it
+    on (compare then stops its worker's process group) and writes the finished runs."""
+    marker = tmp_path / "compare-got"
+    command, env = fake_gpu_machine(tmp_path, stopped_marker=marker)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "compare-got.running").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "compare-got.running").exists(), "the compare never started"
+    proc.send_signal(signal.SIGTERM)  # this process only, not its group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert marker.read_text().strip() == "SIGTERM"
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
+    assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 |" in (
+        tmp_path / "out" / "gpu-check.md").read_text()

@@ -44,6 +44,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kbench.bench.records import read_results  # noqa: E402  (instant: loads no framework)
+from kbench.errors import exit_on_error, run_child, sigterm_interrupts  # noqa: E402
 BACKENDS = ("jax", "tensorflow", "torch")
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, keyed by a word sequence of the
@@ -405,7 +409,6 @@ def parse_cases(text):
 
 def compare_names():
     """(KERAS_VARIANTS, NATIVE) of this checkout's `kbench compare`."""
-    sys.path.insert(0, ROOT)
     from kbench.bench import compare
 
     return compare.KERAS_VARIANTS, compare.NATIVE
@@ -531,12 +534,16 @@ def main(argv=None):
         print(f"\ngpu-check: {step.label} (~{step.estimate_s} s): {' '.join(command[1:])}",
               flush=True)
         start = time.monotonic()
-        subprocess.run(command, cwd=ROOT)  # a failed pass is in its records; go on
+        try:  # a failed pass is in its records; go on
+            run_child(command, cwd=ROOT)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the compare stopped cleanly; keep what
+            records += read_results(pass_dir)  # finished, then stop
+            write()
+            print(f"gpu-check: stopped; what finished is in {out_dir}/gpu-check.md",
+                  file=sys.stderr)
+            raise
         budget.spent(step.estimate_s, time.monotonic() - start)
-        path = os.path.join(pass_dir, "results.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                records += [json.loads(line) for line in f if line.strip()]
+        records += read_results(pass_dir)
         write()
     rows = rows_with_mfu(records, peak)
     print()
@@ -552,4 +559,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with sigterm_interrupts():  # SIGTERM stops the check as Ctrl-C does: exit 143
+        sys.exit(exit_on_error(main))

@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+from kbench.bench.records import read_results
+from kbench.errors import exit_on_error, run_child, sigterm_interrupts
 from kbench.files import write_text_atomic
 
 ROWS = ("jax", "tensorflow", "torch", "torch-compiled", "native-jax", "native-tensorflow",
@@ -331,15 +333,14 @@ def thread_env(threads):
 
 
 def run_compare(python, args, out_dir, timeout, env=None):
+    """The records of one `kbench compare`. On Ctrl-C or SIGTERM the compare is let stop
+    cleanly (run_child: it stops its running worker and writes what finished) and the stop
+    goes on up."""
     command = [python, "-m", "kbench.cli", "compare", *args, "--timeout", str(timeout),
                "--output", out_dir]
     print("overhead: " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, env=env)  # a failed run is in its records; go on
-    path = os.path.join(out_dir, "results.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    run_child(command, env=env)  # a failed run is in its records; go on
+    return read_results(out_dir)
 
 
 def run_profile(python, args, timeout):
@@ -468,10 +469,8 @@ def main(argv=None):
             json.dumps({"overhead_row": row_of.get(id(r)), **r}, default=str) + "\n"
             for r in records))
 
-    for label, compare_args, renames in passes:
-        found = run_compare(args.python, compare_args, os.path.join(out_dir, label),
-                            args.timeout, env=thread_env(args.threads))
-        records += found
+    def add(found, renames):
+        records.extend(found)
         seen = {name for name, _ in named}
         for record in found:
             name = row_name(record, renames)
@@ -479,6 +478,18 @@ def main(argv=None):
                 named.append((name, record))
                 row_of[id(record)] = name
         write()
+
+    for label, compare_args, renames in passes:
+        pass_dir = os.path.join(out_dir, label)
+        try:
+            found = run_compare(args.python, compare_args, pass_dir, args.timeout,
+                                env=thread_env(args.threads))
+        except KeyboardInterrupt:  # the stopped pass's finished runs go in the tables too
+            add(read_results(pass_dir), renames)
+            print(f"overhead: stopped; what finished is in {out_dir}/overhead.md",
+                  file=sys.stderr)
+            raise
+        add(found, renames)
     if not args.no_profile:
         profile = run_profile(args.python, args, args.timeout)
         if profile:
@@ -491,5 +502,11 @@ def main(argv=None):
     return 0
 
 
+def run_main():
+    """main as a command: Ctrl-C and SIGTERM stop it cleanly (exit 130 / 143)."""
+    with sigterm_interrupts():
+        return exit_on_error(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

@@ -147,6 +147,13 @@ def read_jsonl(path):
     return rows
 
 
+def read_results(out_dir):
+    """The records a `kbench compare` wrote into out_dir so far; [] when it wrote none (a
+    compare stopped before its first run ended)."""
+    path = os.path.join(out_dir, "results.jsonl")
+    return read_jsonl(path) if os.path.isfile(path) else []
+
+
 def percentile(values, q):
     """Linear-interpolated percentile, q in [0, 100]."""
     ordered = sorted(values)
