@@ -500,7 +500,10 @@ def _masked(inputs):
 def planned(model):
     """Whether functional `model`'s layers were found directly callable (by _direct_model,
     once: the model's structure); the per-call conditions (hooks, scopes) are not asked."""
-    return bool(model.__dict__.get("_kbench_direct_layers"))
+    layers = model.__dict__.get("_kbench_direct_layers")
+    # len, not bool(): torch 2.11's dynamo cannot trace bool() of a tuple (a graph break in
+    # every compiled step); 2.13's can
+    return layers is not None and len(layers) > 0
 
 
 def _plan(model):

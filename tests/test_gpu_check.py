@@ -158,6 +158,10 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     assert rows[0]["tflops"] == pytest.approx(4.947) and rows[0]["mfu"] == pytest.approx(0.01)
     assert rows[1]["tflops"] == pytest.approx(4.947 / 2) and rows[1]["mfu"] == pytest.approx(0.005)
     assert rows[2]["status"] == "ok, but on cpu:0" and rows[2]["mfu"] is None
+    diverged = gpu_check.rows_with_mfu(
+        [{**record("jax", "gpu:0", 10.0), "test_loss": float("nan")},
+         {**record("jax", "gpu:0", 10.0), "test_loss": 2.3}], peak)
+    assert [r["status"] for r in diverged] == ["ok, but test loss nan", "ok"]
     assert rows[3]["mfu"] == pytest.approx(2 * 4.947 / 989.4)  # against the bf16 peak
     table = gpu_check.markdown(rows, "title")
     assert "| resnet20 | float32 | jax |" in table and "1.0%" in table

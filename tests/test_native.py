@@ -120,6 +120,27 @@ def test_native_timing_reads_losses_only_at_window_edges(sync_every, windows):
 
 
 @pytest.mark.backend_independent
+def test_a_twin_whose_loss_is_not_finite_fails_as_a_keras_run_does():
+    """The twins' NaN guard (the Keras runs have checkpoint.StopOnNaN): found at the next
+    window edge, where the losses are read anyway, and named by its step."""
+    import tensorflow as tf
+
+    class Stream:
+        dataset = tf.data.Dataset.from_tensors((np.zeros((2, 2)), np.zeros((2,)))).repeat()
+
+    steps_run = []
+
+    def step_fn(step, images, labels):
+        steps_run.append(step)
+        return float("nan") if step == 4 else 1.0
+
+    with pytest.raises(KbenchError, match=r"^training diverged: loss is nan at step 4 of the "
+                                          r"native loop; lower --lr or train in float32$"):
+        common.timed_training(Stream, step_fn, steps=20, warmup_steps=1, sync_every=3)
+    assert steps_run[-1] == 4  # the edge of the window it fell in (steps 2-4): no more steps
+
+
+@pytest.mark.backend_independent
 def test_models_without_twin_are_one_line_errors():
     with pytest.raises(KbenchError, match="native reference has no model 'resnet9'"):
         common.check_config(small_config(model="resnet9"))

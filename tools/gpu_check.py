@@ -37,6 +37,7 @@ runs float32 convolutions and matmuls in TF32 on every backend (compare's
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -267,6 +268,10 @@ def rows_with_mfu(records, peak):
         if status == "ok" and not any(k in device.lower() for k in ("gpu", "cuda")):
             status = f"ok, but on {device or 'an unknown device'}"  # never pass it off as GPU
             dense = None  # and no utilisation of a GPU it did not use
+        elif status == "ok" and not math.isfinite(r.get("test_loss", 0.0) or 0.0):
+            # timed, but what it computed is garbage (jax 0.11.2's XLA:CPU returns NaN for
+            # a jitted bf16 ResNet forward: docs/development.md); never a clean row
+            status = f"ok, but test loss {r['test_loss']}"
         rows.append({
             "model": r.get("model"), "dtype": r.get("dtype_policy"), "backend": row_name(r),
             "jit": r.get("jit"), "batch": r.get("batch_size"), "status": status,

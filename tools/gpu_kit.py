@@ -16,7 +16,7 @@ part's sha256. On the GPU machine, once every part is there (one call per part, 
 carrying one, back to back while the machine stays warm):
 
     python3 tools/gpu_kit.py unpack [--dir .gpukit] [--site /tmp/kbench-site]
-    export PYTHONPATH=/tmp/kbench-site
+    export PYTHONPATH=/tmp/kbench-site:$PWD    # $PWD: the checkout, for recipes/*.py
     make gpu-check
 
 `unpack` checks every part against the MANIFEST (a missing or damaged part is named in one
@@ -122,7 +122,8 @@ def unpack(kit_dir, site):
         open(os.path.join(tmp, "site", SITE_MARK), "w").close()
         shutil.rmtree(site, ignore_errors=True)  # an earlier unpack's (checked above)
         shutil.move(os.path.join(tmp, "site"), site)
-    print(f"[gpu-kit] unpacked into {site}: export PYTHONPATH={site}")
+    # the checkout too: a recipe run as `python recipes/x.py` imports kbench, not installed there
+    print(f"[gpu-kit] unpacked into {site}: export PYTHONPATH={site}:{ROOT}")
 
 
 def _split(path, out_dir, part_bytes):

@@ -306,8 +306,16 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     waited = [0.0, 0.0]  # input wait in the open window, in all closed windows
 
     def synced_clock():
+        first = len(losses)
         losses.extend(float(loss) for loss in pending)
         pending.clear()
+        # The twins' NaN guard, as the Keras runs' (checkpoint.StopOnNaN): a run whose loss
+        # is not finite fails instead of timing garbage. Checked where the losses are read
+        # anyway, so it adds no sync.
+        bad = next((i for i in range(first, len(losses)) if not math.isfinite(losses[i])), None)
+        if bad is not None:
+            raise KbenchError(f"training diverged: loss is {losses[bad]} at step {bad} of the "
+                              "native loop; lower --lr or train in float32")
         return time.perf_counter()
 
     start = time.perf_counter()
