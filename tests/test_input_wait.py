@@ -148,6 +148,25 @@ def test_the_table_flags_rows_that_wait_for_their_input():
 
 
 @pytest.mark.backend_independent
+def test_the_table_flags_rows_whose_test_loss_is_not_finite():
+    """A run that finished with a NaN test loss was timed on garbage (jax 0.11.2's XLA:CPU
+    does this to a jitted bf16 ResNet: docs/development.md); one such repeat marks its row."""
+    from rich.console import Console
+
+    from kbench.bench import report
+
+    runs = [summary_row("jax", 0.01), summary_row("jax", 0.01), summary_row("torch", 0.01)]
+    for run, loss in zip(runs, (2.3, float("nan"), 2.3)):
+        run["test_loss"] = loss
+    summary = report.summarize(runs)
+    console = Console(width=250, record=True)
+    report.print_garbage_warnings(summary, console)
+    lines = console.export_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jax: its test loss is nan: the model it "
+                                                   "trained computes garbage")
+
+
+@pytest.mark.backend_independent
 def test_compare_records_and_flags_a_slow_pipeline(tmp_path):
     (tmp_path / "slow_input.py").write_text(SLOW_RECIPE)
     out = tmp_path / "cmp"

@@ -11,6 +11,7 @@ single-replica throughput), both at the same global batch.
 """
 
 import csv
+import math
 import os
 import statistics
 
@@ -85,6 +86,8 @@ def summarize(rows):
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
+        if any(not math.isfinite(r.get("test_loss") or 0.0) for r in ok):
+            item["test_loss"] = math.nan  # one garbage run marks the row (a median hides it)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
         item["sync_every"] = runs[0].get("sync_every") or 1
@@ -200,6 +203,19 @@ def print_input_wait_warnings(summary, console):
                       "timed steps' time went waiting for the input pipeline (over "
                       f"{100 * INPUT_WAIT_FLAG:.0f}%): its step time measures the pipeline "
                       "too: speed the pipeline up (parallel map calls, cache, prefetch)[/yellow]", markup=True, highlight=False)
+
+
+def print_garbage_warnings(summary, console):
+    """One line under the table per row that finished but whose test loss is not finite: it
+    was timed, but what it computed is garbage, so its speed compares nothing. (Training
+    losses are guarded in the run itself: "training diverged".)"""
+    for s in summary:
+        loss = s.get("test_loss")
+        if s["status"].startswith("ok") and loss is not None and not math.isfinite(loss):
+            console.print(f"[red]{s['backend']}: its test loss is {loss}: the model it trained "
+                          "computes garbage, so its speed compares nothing; run it alone to "
+                          "see why (docs/development.md names a jax 0.11.2 CPU bug that does "
+                          "this)[/red]", markup=True, highlight=False)
 
 
 def write_csv(summary, path, fields=CSV_FIELDS):
@@ -319,6 +335,7 @@ def render(rows, out_dir, baseline=None, console=None):
     title = describe(rows)
     console.print(table(summary, title))
     print_input_wait_warnings(summary, console)
+    print_garbage_warnings(summary, console)
     print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)
     write_csv(summary, os.path.join(out_dir, "results.csv"))
