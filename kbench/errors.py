@@ -60,28 +60,26 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def run_child(command, grace_s=30.0, **popen_kwargs):
+def run_child(command, grace_s=30.0, sigint_reach_s=5.0, **popen_kwargs):
     """subprocess.run(command).returncode for a child that stops cleanly on a signal (a
     `kbench compare`, which stops its workers' process groups and keeps what finished).
 
     Ctrl-C reaches the child with the terminal's whole process group; a SIGTERM sent to this
     process alone (Terminated) does not, so it is passed on, as is a SIGINT the child has not
-    acted on within a few seconds. The child then gets grace_s to stop before SIGKILL; the
+    acted on within sigint_reach_s (a Ctrl-C'd compare stops its worker and exits in about a
+    second), as SIGTERM. The child then gets grace_s to stop before SIGKILL; the
     stop is re-raised. (subprocess.run would SIGKILL the child within a quarter second,
     before it could stop the workers it started in groups of their own.)"""
     proc = subprocess.Popen(command, **popen_kwargs)
     try:
         return proc.wait()
     except KeyboardInterrupt as stop:
-        if isinstance(stop, Terminated) or not _exits_within(proc, _SIGINT_REACH_S):
+        if isinstance(stop, Terminated) or not _exits_within(proc, sigint_reach_s):
             proc.send_signal(signal.SIGTERM)
         if not _exits_within(proc, grace_s):
             proc.kill()
             proc.wait()
         raise
-
-
-_SIGINT_REACH_S = 5.0  # a Ctrl-C'd compare stops its worker and exits in about a second
 
 
 def _exits_within(proc, seconds):
