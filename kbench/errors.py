@@ -60,26 +60,47 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def run_child(command, grace_s=30.0, sigint_reach_s=5.0, **popen_kwargs):
+def run_child(command, grace_s=30.0, sigint_reach_s=30.0, **popen_kwargs):
     """subprocess.run(command).returncode for a child that stops cleanly on a signal (a
     `kbench compare`, which stops its workers' process groups and keeps what finished).
 
-    Ctrl-C reaches the child with the terminal's whole process group; a SIGTERM sent to this
-    process alone (Terminated) does not, so it is passed on, as is a SIGINT the child has not
-    acted on within sigint_reach_s (a Ctrl-C'd compare stops its worker and exits in about a
-    second), as SIGTERM. The child then gets grace_s to stop before SIGKILL; the
-    stop is re-raised. (subprocess.run would SIGKILL the child within a quarter second,
-    before it could stop the workers it started in groups of their own.)"""
+    Ctrl-C reaches the child with the terminal's whole process group, so the child is let
+    stop by itself for up to sigint_reach_s (a Ctrl-C'd compare kills its worker, then
+    renders its table); a SIGTERM sent to this process alone (Terminated) does not reach it,
+    so it is passed on at once, as is a SIGINT the child has not acted on in time. The child
+    then gets grace_s before SIGKILL. A second stop meanwhile passes SIGTERM on (a SIGKILL
+    would leave the child's workers running) and ends the wait. The stop is re-raised; a
+    child that a signal stopped by itself (exit 130 / 143) stops this process too.
+    (subprocess.run would SIGKILL the child within a quarter second, before it could stop
+    the workers it started in groups of their own.)"""
     proc = subprocess.Popen(command, **popen_kwargs)
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt as stop:
-        if isinstance(stop, Terminated) or not _exits_within(proc, sigint_reach_s):
-            proc.send_signal(signal.SIGTERM)
-        if not _exits_within(proc, grace_s):
-            proc.kill()
-            proc.wait()
+        termed = isinstance(stop, Terminated)
+        try:
+            if termed or not _exits_within(proc, sigint_reach_s):
+                termed = _terminate(proc)
+            if not _exits_within(proc, grace_s):
+                proc.kill()
+                proc.wait()
+        except KeyboardInterrupt:  # Terminated too: stop waiting; the child stops itself
+            if not termed:
+                _terminate(proc)
         raise
+    if code in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if code in (Terminated.status, -signal.SIGTERM):
+        raise Terminated("stopped by SIGTERM")
+    return code
+
+
+def _terminate(proc):
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    return True
 
 
 def _exits_within(proc, seconds):

@@ -4,6 +4,7 @@ Tests marked `backend_independent` exercise no backend-specific code and run onl
 tensorflow pass, so the three passes do not repeat them.
 """
 
+import contextlib
 import os
 import sys
 
@@ -98,6 +99,7 @@ def fake_compare_interpreter(path, record, stopped_marker=None):
     exits 0, or, with stopped_marker, waits for SIGTERM, which it writes into that file
     before it exits 143 as compare does."""
     import json
+    import shlex
     import stat
 
     then = "exit 0"
@@ -110,11 +112,41 @@ def fake_compare_interpreter(path, record, stopped_marker=None):
             "batches_per_sec": 80.0, "examples_per_sec": 81920.0}
     path.write_text(f"""#!/bin/bash
 if [ "$1" = -c ]; then echo "NVIDIA H200"; exit 0; fi
-if [ "$2" = kbench.bench.input_rate ]; then echo '{json.dumps(rate)}'; exit 0; fi
+if [ "$2" = kbench.bench.input_rate ]; then echo {shlex.quote(json.dumps(rate))}; exit 0; fi
 for arg; do out=$arg; done
 mkdir -p "$out"
-echo '{json.dumps(record)}' > "$out/results.jsonl"
+echo {shlex.quote(json.dumps(record))} > "$out/results.jsonl"
 {then}
 """)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
+
+
+def wait_for(path, seconds=60):
+    """Until the file `path` exists (a fake's sign that it has got where a test wants it)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert path.exists(), f"{path.name} never appeared"
+
+
+@contextlib.contextmanager
+def in_own_session(command, **popen_kwargs):
+    """Popen(command) (text stdout/stderr pipes) in a session of its own, so that a test can
+    signal it alone; killed with everything it started when the block ends, so a failed
+    assertion leaves no tool, fake compare or `sleep` running."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

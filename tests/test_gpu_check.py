@@ -3,17 +3,16 @@ on a GPU machine (docs/compare.md, "GPU"); here: the one-line answer without one
 the plan of compare passes and the MFU arithmetic."""
 
 import importlib.util
-import os
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO, fake_compare_interpreter
+from tests.conftest import REPO, fake_compare_interpreter, in_own_session, wait_for
 
 pytestmark = pytest.mark.backend_independent
 
@@ -226,14 +225,10 @@ def test_sigterm_to_the_check_alone_stops_its_compare_and_keeps_what_finished(tm
     on (compare then stops its worker's process group) and writes the finished runs."""
     marker = tmp_path / "compare-got"
     command, env = fake_gpu_machine(tmp_path, stopped_marker=marker)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "compare-got.running").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert (tmp_path / "compare-got.running").exists(), "the compare never started"
-    proc.send_signal(signal.SIGTERM)  # this process only, not its group
-    stdout, stderr = proc.communicate(timeout=60)
+    with in_own_session(command, env=env) as proc:
+        wait_for(tmp_path / "compare-got.running")
+        proc.send_signal(signal.SIGTERM)  # this process only, not its group
+        stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert marker.read_text().strip() == "SIGTERM"
     assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr

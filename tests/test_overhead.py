@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from kbench.bench import overhead
-from tests.conftest import REPO, fake_compare_interpreter
+from tests.conftest import REPO, fake_compare_interpreter, in_own_session, wait_for
 
 pytestmark = pytest.mark.backend_independent
 
@@ -138,47 +137,56 @@ def test_report_renders_a_folder_again(tmp_path, capsys):
 # --------------------------------------------------------------------------- stopping
 
 
-def wait_for(path, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert path.exists(), f"{path.name} never appeared"
-
-
 def test_sigterm_to_the_tool_alone_stops_its_compare_and_keeps_what_finished(tmp_path):
     """A scheduler's SIGTERM reaches the tool, not the compare it runs as a child: the tool
     passes it on (compare then stops its worker's process group: test_compare) and writes
     the rows that finished before it exits 143."""
     marker = tmp_path / "compare-got"
     python = fake_compare_interpreter(tmp_path / "python", rec("jax", 26.7), marker)
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "overhead.py"), "--python", python,
-         "--repeats", "1", "--no-profile", "--output", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(tmp_path / "compare-got.running")
-    proc.send_signal(signal.SIGTERM)  # the tool only, not its group
-    stdout, stderr = proc.communicate(timeout=60)
+    with in_own_session([sys.executable, os.path.join(REPO, "tools", "overhead.py"), "--python",
+                         python, "--repeats", "1", "--no-profile", "--output",
+                         str(tmp_path / "out")]) as proc:
+        wait_for(tmp_path / "compare-got.running")
+        proc.send_signal(signal.SIGTERM)  # the tool only, not its group
+        stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert marker.read_text().strip() == "SIGTERM"
     assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
     assert "| jax | ok | 26.7 | 25.7-27.7 |" in (tmp_path / "out" / "overhead.md").read_text()
 
 
+def run_child_program(call):
+    """A Python program that runs `call` (run_child's arguments) under exit_on_error, with
+    Python's own SIGINT handler even where pytest was started with SIGINT ignored (a shell
+    script's `pytest &`)."""
+    return [sys.executable, "-c",
+            "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from kbench.errors import exit_on_error, run_child, sigterm_interrupts\n"
+            f"with sigterm_interrupts(): exit_on_error(run_child, {call})"]
+
+
 def test_a_sigint_the_child_did_not_get_is_passed_on_as_sigterm(tmp_path):
     """Ctrl-C reaches the whole terminal group, so run_child first lets the child act on
     it; a SIGINT sent to the parent alone reaches the child as SIGTERM once that wait is over
-    (5 s by default; 0.5 s here)."""
+    (30 s by default; 0.5 s here)."""
     marker = tmp_path / "child-got"
     child = fake_compare_interpreter(tmp_path / "python", rec("jax", 1.0), marker)
-    parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from kbench.errors import exit_on_error, run_child; "
-         f"exit_on_error(run_child, [{child!r}, '-m', 'kbench.cli', 'compare', "
-         f"'--output', {str(tmp_path / 'out')!r}], sigint_reach_s=0.5)"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    wait_for(tmp_path / "child-got.running")
-    parent.send_signal(signal.SIGINT)
-    _, stderr = parent.communicate(timeout=60)
+    call = f"[{child!r}, '-m', 'kbench.cli', 'compare', '--output', " \
+           f"{str(tmp_path / 'out')!r}], sigint_reach_s=0.5"
+    with in_own_session(run_child_program(call), cwd=REPO) as parent:
+        wait_for(tmp_path / "child-got.running")
+        parent.send_signal(signal.SIGINT)
+        _, stderr = parent.communicate(timeout=60)
     assert parent.returncode == 130 and stderr.strip() == "interrupted"
     assert marker.read_text().strip() == "SIGTERM"
+
+
+@pytest.mark.parametrize("child_status, status, message", [
+    (130, 130, "interrupted"), (143, 143, "stopped by SIGTERM"), (2, 0, "")])
+def test_a_child_stopped_by_a_signal_of_its_own_stops_the_tool(child_status, status, message):
+    """Someone stopped the compare itself: the tool stops too (as if it had been signalled),
+    rather than go on to its next pass; any other status is the child's own result."""
+    call = f"[{sys.executable!r}, '-c', 'raise SystemExit({child_status})']"
+    done = subprocess.run(run_child_program(call), cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (status, message)

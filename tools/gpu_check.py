@@ -37,7 +37,6 @@ runs float32 convolutions and matmuls in TF32 on every backend (compare's
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kbench.bench.records import read_results  # noqa: E402  (instant: loads no framework)
+from kbench.bench.records import not_finite, read_results  # noqa: E402  (loads no framework)
 from kbench.errors import exit_on_error, run_child, sigterm_interrupts  # noqa: E402
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -268,7 +267,7 @@ def rows_with_mfu(records, peak):
         if status == "ok" and not any(k in device.lower() for k in ("gpu", "cuda")):
             status = f"ok, but on {device or 'an unknown device'}"  # never pass it off as GPU
             dense = None  # and no utilisation of a GPU it did not use
-        elif status == "ok" and not math.isfinite(r.get("test_loss", 0.0) or 0.0):
+        elif status == "ok" and not_finite(r.get("test_loss")):
             # timed, but what it computed is garbage (jax 0.11.2's XLA:CPU returns NaN for
             # a jitted bf16 ResNet forward: docs/development.md); never a clean row
             status = f"ok, but test loss {r['test_loss']}"

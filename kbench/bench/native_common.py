@@ -312,11 +312,12 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
         # The twins' NaN guard, as the Keras runs' (checkpoint.StopOnNaN): a run whose loss
         # is not finite fails instead of timing garbage. Checked where the losses are read
         # anyway, so it adds no sync.
+        now = time.perf_counter()
         bad = next((i for i in range(first, len(losses)) if not math.isfinite(losses[i])), None)
         if bad is not None:
             raise KbenchError(f"training diverged: loss is {losses[bad]} at step {bad} of the "
                               "native loop; lower --lr or train in float32")
-        return time.perf_counter()
+        return now
 
     start = time.perf_counter()
     if probe is not None:

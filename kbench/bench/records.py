@@ -154,6 +154,11 @@ def read_results(out_dir):
     return read_jsonl(path) if os.path.isfile(path) else []
 
 
+def not_finite(loss):
+    """Whether a recorded loss is NaN or infinite (None: not measured, not garbage)."""
+    return loss is not None and not math.isfinite(loss)
+
+
 def percentile(values, q):
     """Linear-interpolated percentile, q in [0, 100]."""
     ordered = sorted(values)

@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 
-from kbench.bench.records import error_line, read_jsonl
+from kbench.bench.records import error_line, not_finite, read_jsonl
 
 NATIVE_TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native-torch",
                "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch"}
@@ -86,7 +86,7 @@ def summarize(rows):
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
-        if any(not math.isfinite(r.get("test_loss") or 0.0) for r in ok):
+        if any(not_finite(r.get("test_loss")) for r in ok):
             item["test_loss"] = math.nan  # one garbage run marks the row (a median hides it)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
@@ -210,12 +210,11 @@ def print_garbage_warnings(summary, console):
     was timed, but what it computed is garbage, so its speed compares nothing. (Training
     losses are guarded in the run itself: "training diverged".)"""
     for s in summary:
-        loss = s.get("test_loss")
-        if s["status"].startswith("ok") and loss is not None and not math.isfinite(loss):
-            console.print(f"[red]{s['backend']}: its test loss is {loss}: the model it trained "
-                          "computes garbage, so its speed compares nothing; run it alone to "
-                          "see why (docs/development.md names a jax 0.11.2 CPU bug that does "
-                          "this)[/red]", markup=True, highlight=False)
+        if s["status"].startswith("ok") and not_finite(s.get("test_loss")):
+            console.print(f"[red]{s['backend']}: its test loss is {s['test_loss']}: the model "
+                          "it trained computes garbage, so its speed compares nothing; run it "
+                          "alone to see why (docs/development.md names a jax 0.11.2 CPU bug "
+                          "that does this)[/red]", markup=True, highlight=False)
 
 
 def write_csv(summary, path, fields=CSV_FIELDS):
