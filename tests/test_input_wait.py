@@ -164,6 +164,19 @@ def test_the_table_flags_rows_whose_test_loss_is_not_finite():
     lines = console.export_text().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jax: its test loss is nan: the model it "
                                                    "trained computes garbage")
+    # The sweep's and the time-to-target tables say it too.
+    from kbench.bench import report_sweep, report_target
+
+    for run, point in zip(runs, (8, 8, 16)):
+        run.update(sweep_field="batch_size", sweep_value=point)
+    console = Console(width=250, record=True)
+    report.print_garbage_warnings(report_sweep.summarize(runs), console)
+    assert console.export_text().startswith("jax batch_size=8: its test loss is nan")
+    for run in runs:
+        run.update(sweep_field=None, target_accuracy=0.9, reached=False, eval_every="epoch")
+    console = Console(width=250, record=True)
+    report.print_garbage_warnings(report_target.summarize(runs), console)
+    assert console.export_text().startswith("jax: its test loss is nan")
 
 
 @pytest.mark.backend_independent

@@ -36,6 +36,14 @@ def _median(rows, key):
     return statistics.median(values) if values else None
 
 
+def median_test_loss(runs):
+    """The runs' median test loss, NaN when any run's is not finite: one garbage run marks
+    its row (a median would hide it)."""
+    if any(not_finite(r.get("test_loss")) for r in runs):
+        return math.nan
+    return _median(runs, "test_loss")
+
+
 def run_label(row):
     """The summary row a run belongs to: its backend, or "<backend> dp" for data-parallel."""
     if row.get("distribution") in (None, "none"):
@@ -86,8 +94,7 @@ def summarize(rows):
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
-        if any(not_finite(r.get("test_loss")) for r in ok):
-            item["test_loss"] = math.nan  # one garbage run marks the row (a median hides it)
+        item["test_loss"] = median_test_loss(ok)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
         item["sync_every"] = runs[0].get("sync_every") or 1
@@ -206,15 +213,16 @@ def print_input_wait_warnings(summary, console):
 
 
 def print_garbage_warnings(summary, console):
-    """One line under the table per row that finished but whose test loss is not finite: it
-    was timed, but what it computed is garbage, so its speed compares nothing. (Training
+    """One line under the table (plain, sweep or time-to-target) per row that finished but
+    whose test loss is not finite: it was timed, but what it computed is garbage. (Training
     losses are guarded in the run itself: "training diverged".)"""
     for s in summary:
         if s["status"].startswith("ok") and not_finite(s.get("test_loss")):
-            console.print(f"[red]{s['backend']}: its test loss is {s['test_loss']}: the model "
-                          "it trained computes garbage, so its speed compares nothing; run it "
-                          "alone to see why (docs/development.md names a jax 0.11.2 CPU bug "
-                          "that does this)[/red]", markup=True, highlight=False)
+            where = f" {s['sweep_field']}={s['sweep_value']}" if s.get("sweep_field") else ""
+            console.print(f"[red]{s['backend']}{where}: its test loss is {s['test_loss']}: the "
+                          "model it trained computes garbage, so what it measured compares "
+                          "nothing; run it alone to see why (docs/development.md names a jax "
+                          "0.11.2 CPU bug that does this)[/red]", markup=True, highlight=False)
 
 
 def write_csv(summary, path, fields=CSV_FIELDS):

@@ -49,6 +49,7 @@ def summarize(rows):
             "eval_seconds": report._median(ok, "eval_seconds"),
             "step_time_ms": report._median(ok, "step_time_ms"),
             "best_eval_accuracy": report._median(ok, "best_eval_accuracy"),
+            "test_loss": report.median_test_loss(ok),
             "ok_runs": len(ok),
             # How far the runs trained: their last evaluation (every stage of the recipe).
             "trained_epochs": max((r["eval_points"][-1]["epochs"] for r in ok
@@ -241,6 +242,7 @@ def render(rows, out_dir, baseline=None, console=None):
     console.print(table(summary, title))
     for line in not_reached_lines(summary):
         console.print(line, markup=False, highlight=False)
+    report.print_garbage_warnings(summary, console)
     report.print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)
     report.write_csv(summary, os.path.join(out_dir, "results.csv"), CSV_FIELDS)
