@@ -80,7 +80,8 @@ def run_child(command, grace_s=30.0, sigint_reach_s=30.0, **popen_kwargs):
         termed = isinstance(stop, Terminated)
         try:
             if termed or not _exits_within(proc, sigint_reach_s):
-                termed = _terminate(proc)
+                _terminate(proc)
+                termed = True
             if not _exits_within(proc, grace_s):
                 proc.kill()
                 proc.wait()
@@ -98,9 +99,8 @@ def run_child(command, grace_s=30.0, sigint_reach_s=30.0, **popen_kwargs):
 def _terminate(proc):
     try:
         proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
+    except ProcessLookupError:  # it ended meanwhile
         pass
-    return True
 
 
 def _exits_within(proc, seconds):

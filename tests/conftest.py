@@ -150,3 +150,20 @@ def in_own_session(command, **popen_kwargs):
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def sigterm_to_the_tool_alone(command, stopped_marker, **popen_kwargs):
+    """Start a tool that runs its compare through fake_compare_interpreter(..., stopped_marker),
+    send SIGTERM to the tool alone (not its group: a scheduler's stop) once the compare runs,
+    and check that the tool passed it on and stopped as compare does: exit 143, its last line
+    "stopped by SIGTERM", no traceback. Returns (stdout, stderr)."""
+    import signal
+
+    with in_own_session(command, **popen_kwargs) as proc:
+        wait_for(stopped_marker.parent / f"{stopped_marker.name}.running")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stopped_marker.read_text().strip() == "SIGTERM"  # the compare got it
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
+    return stdout, stderr

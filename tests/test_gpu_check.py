@@ -6,13 +6,12 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, fake_compare_interpreter, in_own_session, wait_for
+from tests.conftest import REPO, fake_compare_interpreter, sigterm_to_the_tool_alone
 
 pytestmark = pytest.mark.backend_independent
 
@@ -225,12 +224,6 @@ def test_sigterm_to_the_check_alone_stops_its_compare_and_keeps_what_finished(tm
     on (compare then stops its worker's process group) and writes the finished runs."""
     marker = tmp_path / "compare-got"
     command, env = fake_gpu_machine(tmp_path, stopped_marker=marker)
-    with in_own_session(command, env=env) as proc:
-        wait_for(tmp_path / "compare-got.running")
-        proc.send_signal(signal.SIGTERM)  # this process only, not its group
-        stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert marker.read_text().strip() == "SIGTERM"
-    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
+    sigterm_to_the_tool_alone(command, marker, env=env)
     assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 |" in (
         tmp_path / "out" / "gpu-check.md").read_text()

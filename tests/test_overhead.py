@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from kbench.bench import overhead
-from tests.conftest import REPO, fake_compare_interpreter, in_own_session, wait_for
+from tests.conftest import (REPO, fake_compare_interpreter, in_own_session,
+                            sigterm_to_the_tool_alone, wait_for)
 
 pytestmark = pytest.mark.backend_independent
 
@@ -143,15 +144,9 @@ def test_sigterm_to_the_tool_alone_stops_its_compare_and_keeps_what_finished(tmp
     the rows that finished before it exits 143."""
     marker = tmp_path / "compare-got"
     python = fake_compare_interpreter(tmp_path / "python", rec("jax", 26.7), marker)
-    with in_own_session([sys.executable, os.path.join(REPO, "tools", "overhead.py"), "--python",
-                         python, "--repeats", "1", "--no-profile", "--output",
-                         str(tmp_path / "out")]) as proc:
-        wait_for(tmp_path / "compare-got.running")
-        proc.send_signal(signal.SIGTERM)  # the tool only, not its group
-        stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert marker.read_text().strip() == "SIGTERM"
-    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
+    sigterm_to_the_tool_alone([sys.executable, os.path.join(REPO, "tools", "overhead.py"),
+                               "--python", python, "--repeats", "1", "--no-profile",
+                               "--output", str(tmp_path / "out")], marker)
     assert "| jax | ok | 26.7 | 25.7-27.7 |" in (tmp_path / "out" / "overhead.md").read_text()
 
 

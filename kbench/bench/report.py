@@ -92,7 +92,7 @@ def summarize(rows):
                 "error": last_error(runs)}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
-                    "test_accuracy", "test_loss", "num_replicas", "input_wait_fraction"):
+                    "test_accuracy", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
         item["test_loss"] = median_test_loss(ok)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
