@@ -30,11 +30,20 @@ demo: $(VENV)/.installed
 # The whole suite once per backend: KERAS_BACKEND is read once per interpreter. Each pass
 # prints its 15 slowest tests and how long it took. Tests marked `slow` are left out: each
 # repeats, at more cost, what a test that stays checks (`make test-slow` runs them).
+# Each pass runs its test files on TEST_WORKERS pytest-xdist workers (a file stays on one worker,
+# so its module fixtures are built once): much of a test's time is one core importing, tracing
+# or compiling, so two workers side by side took 0.6-0.7x the time on this 2-core machine.
+# OMP_WAIT_POLICY=PASSIVE (unless already set) because two workers oversubscribe the cores: torch's
+# OpenMP threads otherwise spin at every barrier waiting for a thread that is not running, and
+# single torch tests ran 10-30x slower (docs/development.md, "Running the tests"). It changes how
+# idle threads wait, not what they compute. TEST_WORKERS=0 runs a pass as plain pytest.
 TEST_MARKS ?= not slow
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	@for b in $(BACKENDS); do \
-	  echo "=== pytest under KERAS_BACKEND=$$b ==="; start=$$(date +%s); \
-	  KERAS_BACKEND=$$b $(PY) -m pytest -q --durations=15 -m "$(TEST_MARKS)" $(PYTEST_ARGS) \
+	  echo "=== pytest under KERAS_BACKEND=$$b ($(TEST_WORKERS) workers) ==="; start=$$(date +%s); \
+	  OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} KERAS_BACKEND=$$b $(PY) -m pytest -q \
+	    --durations=15 -m "$(TEST_MARKS)" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) \
 	    || exit 1; \
 	  echo "=== $$b pass: $$(( $$(date +%s) - start )) s ==="; \
 	done; echo "=== all backends passed: $(BACKENDS) ==="
