@@ -304,12 +304,13 @@ def test_a_model_with_another_layer_runs_keras_calls(fast_path):
     assert keras_way[3] == 5
 
 
-def test_switch_and_version_gate(fast_path, monkeypatch, capsys):
+def test_switch_and_version_gate(fast_path, monkeypatch, capsys, tmp_path):
     import keras
 
     from kbench import train
     from recipes import cifar_resnet
 
+    monkeypatch.chdir(tmp_path)  # output_dir=None: the default runs/ folder, here, not the repo's
     fast_path.set_enabled(False)
     with train.Run(cifar_resnet.Config(fast_path="off", output_dir=None), "cifar_resnet"):
         assert not fast_path.enabled()
