@@ -57,6 +57,14 @@ def nvidia_gpu_present():
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.isdir("/proc/driver/nvidia/gpus")
 
 
+def tensorflow_sees_gpu():
+    """Whether TensorFlow has a GPU here, asked without starting its runtime (physical
+    devices; listing logical ones would start it and fix its device settings)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def name():
     """The backend Keras is running on."""
     import keras

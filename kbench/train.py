@@ -370,19 +370,19 @@ def setup_run(config):
                           f"use one of: {', '.join(DTYPE_POLICIES)}")
     backend.set_seed(config.seed)
     keras.config.set_dtype_policy(config.dtype_policy)
-    warn_of_slow_policy(config.dtype_policy)
     apply_execution_settings(config)
+    warn_of_slow_policy(config.dtype_policy)
 
 
 def warn_of_slow_policy(policy):
-    """One line when the run asks for a policy we measured to be unusably slow where it runs:
-    TensorFlow's float16 convolution gradients on a CPU (one 3x3 convolution's forward and
-    backward 1113 ms in float16 against 7.0 in float32; docs/compare.md). The run goes on as
-    asked: it is the user's choice, said once."""
+    """One line (per process) when the run asks for a policy we measured to be unusably slow
+    where it runs: TensorFlow's float16 convolution gradients on a CPU (one 3x3 convolution's
+    forward and backward 1113 ms in float16 against 7.0 in float32; docs/compare.md). The run
+    goes on as asked: it is the user's choice."""
     if (policy == "mixed_float16" and keras.backend.backend() == "tensorflow"
-            and backend.accelerator() == "cpu"):
-        print("note: mixed_float16 under tensorflow on a CPU trains convolutions over 100x "
-              "slower than float32 (TensorFlow's float16 gradients there); on a CPU use "
+            and not backend.tensorflow_sees_gpu()):
+        print("note: mixed_float16 under tensorflow on a CPU: its float16 convolution "
+              "gradients ran over 100x slower than float32's here; on a CPU use "
               "mixed_bfloat16 or float32", file=sys.stderr)
 
 
