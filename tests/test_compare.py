@@ -343,6 +343,24 @@ def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():
     assert ratios["torch"] == pytest.approx(2.0) and ratios["jax"] == pytest.approx(1.0)
     rows[0]["config"] = {"jit_compile": "auto"}
     assert report.summarize(rows)[0]["vs_native"] == pytest.approx(1.2)
+    # the torch-compiled variant: its twin is the compiled one, and only that one is run
+    alone = compare.CompareOptions(backends=("torch-compiled",), reference="native")
+    assert [name for name, *_ in compare.plan_runs(alone)] == ["torch-compiled",
+                                                               "native-torch-compiled"]
+    rows = [record("torch-compiled", 66, 65, 67), record("native-torch-compiled", 60, 59, 61)]
+    rows[0]["config"] = {"jit_compile": "on"}
+    assert report.summarize(rows)[0]["vs_native"] == pytest.approx(1.1)
+
+
+def test_a_twin_without_the_model_is_left_out_of_the_plan():
+    from kbench.bench import compare
+
+    options = compare.CompareOptions(backends=("jax", "tensorflow", "torch"), reference="native",
+                                     model="preact_resnet18")
+    runs = compare.plan_runs(options)
+    assert [name for name, *_ in runs] == ["jax", "tensorflow", "torch", "native-jax",
+                                           "native-torch"]
+    assert compare.twins_of(runs, options)[1] == {"native-tensorflow"}  # compare says so
 
 FAILING_RECIPE = '''
 import dataclasses

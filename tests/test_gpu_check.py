@@ -69,11 +69,21 @@ def test_plan_measures_the_issues_cases_with_twins_and_compiled_torch():
     first, compiled = passes[0], passes[1]
     assert arg(first.args, "--backends") == "jax,torch,torch-stock"
     assert arg(first.args, "--reference") == "native"  # the CIFAR ResNets have twins
-    assert first.runs == ["jax", "torch", "torch-stock", "native-jax", "native-torch",
-                          "native-torch-compiled"]
-    assert arg(compiled.args, "--backends") == "torch-compiled" and compiled.runs == [
-        "torch-compiled"]
-    assert "--reference" not in passes[2].args  # PreAct ResNet-18 has no twin
+    # compare runs the compiled twin only beside compiled Keras-torch (compare.twins_of)
+    assert first.runs == ["jax", "torch", "torch-stock", "native-jax", "native-torch"]
+    assert arg(compiled.args, "--backends") == "torch-compiled"
+    assert arg(compiled.args, "--reference") == "native"
+    assert compiled.runs == ["torch-compiled", "native-torch-compiled"]
+    assert passes[2].runs[-2:] == ["native-jax", "native-torch"]  # PreAct's jax, torch twins
+    assert passes[3].runs == ["torch-compiled", "native-torch-compiled"]
+    # what each pass plans is what compare runs for its arguments
+    from kbench.bench import compare
+    for p in passes:
+        options = compare.CompareOptions(
+            backends=tuple(arg(p.args, "--backends").split(",")), model=arg(p.args, "--model"),
+            reference=arg(p.args, "--reference") if "--reference" in p.args else "none",
+            jit_compile=arg(p.args, "--jit-compile"))
+        assert [name for name, *_ in compare.plan_runs(options)] == p.runs, p.label
     assert all(arg(p.args, "--sync-every") == "10" for p in passes)
     assert arg(passes[2].args, "--dtype-policy") == "mixed_bfloat16"
     assert arg(passes[2].args, "--batch-size") == "512"

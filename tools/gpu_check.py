@@ -11,10 +11,12 @@ runs `kbench compare` on synthetic CIFAR data for every case (model:dtype policy
 telling first, each case in two passes:
   - every Keras backend as it runs by default (`--jit-compile auto`): jax, torch (eager, with
     kbench's fast path), torch-stock (without it), and tensorflow / tensorflow-stock where
-    TensorFlow sees the GPU, plus the native twins of those frameworks for the CIFAR ResNets
-    (native-torch-compiled among them where compare has it);
-  - Keras-torch compiled: compare's `torch-compiled` variant where it has one, else torch
-    under `--jit-compile on` (with the twins, whose native-torch then compiles too).
+    TensorFlow sees the GPU, plus the eager native twins of those frameworks that implement
+    the model (compare's TWIN_MODELS: the CIFAR ResNets, and PreAct ResNet-18 under jax and
+    torch);
+  - Keras-torch compiled: compare's `torch-compiled` variant with its twin
+    `native-torch-compiled` where compare has them, else torch under `--jit-compile on`
+    (with the twins, whose native-torch then compiles too).
 Each pass has an estimate of its seconds (RUN_ESTIMATE_S, COMPILE_ESTIMATE_S below); a pass that would end past
 `--budget-s` (counted from the start, framework probes included, and rescaled by how long
 the passes so far took against their estimates) is skipped and named in the table, so the
@@ -46,6 +48,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kbench.bench.compare import COMPILED_TWINS, TWIN_MODELS  # noqa: E402  (nor does this)
 from kbench.bench.records import not_finite, read_results  # noqa: E402  (loads no framework)
 from kbench.errors import exit_on_error, run_child, sigterm_interrupts  # noqa: E402
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -73,7 +76,6 @@ PEAKS = (
 PEAK_KEY = {"mixed_bfloat16": "bf16", "mixed_float16": "fp16", "float32": "tf32"}
 
 DEFAULT_BATCH = {"resnet20": 1024, "preact_resnet18": 512}
-NATIVE_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")  # twins' models
 
 
 def gpus():
@@ -179,23 +181,30 @@ def plan(cases, backends, batch_sizes, sync_every=10, keras_variants=(), natives
         names = [n for b in backends for n in ((b, f"{b}-stock") if b != "jax" else (b,))]
         args = common + ["--backends", ",".join(names), "--jit-compile", "auto"]
         runs = list(names)
-        twins = model in NATIVE_MODELS
-        if twins:  # compare runs the twins of the frameworks compared
+        # compare runs the eager twins of the frameworks compared that implement the model
+        # (the compiled one only beside compiled Keras-torch, in the next pass)
+        twins = [n for n, fw in natives.items() if fw in backends
+                 and n not in COMPILED_TWINS and model in TWIN_MODELS.get(fw, ())]
+        if twins:
             args += ["--reference", "native"]
-            runs += [n for n, fw in natives.items() if fw in backends]
+            runs += twins
         passes.append(Pass(f"{model} {dtype}", args, runs))
         if "torch" not in backends:
             continue
+        torch_twin = model in TWIN_MODELS["torch"]
         if "torch-compiled" in keras_variants:
-            passes.append(Pass(f"{model} {dtype} torch-compiled",
-                               common + ["--backends", "torch-compiled", "--jit-compile",
-                                         "auto"], ["torch-compiled"]))
+            args = common + ["--backends", "torch-compiled", "--jit-compile", "auto"]
+            runs = ["torch-compiled"]
+            if torch_twin and "native-torch-compiled" in natives:  # its twin: compiled alike
+                args += ["--reference", "native"]
+                runs.append("native-torch-compiled")
+            passes.append(Pass(f"{model} {dtype} torch-compiled", args, runs))
             continue
         # This checkout's compare has no torch-compiled: torch under --jit-compile on, with
         # the twin compiled the same way when compare has no native-torch-compiled.
         args = common + ["--backends", "torch", "--jit-compile", "on"]
         runs = ["torch-compiled"]
-        if twins and "native-torch-compiled" not in natives:
+        if torch_twin and "native-torch-compiled" not in natives:
             args += ["--reference", "native"]
             runs.append("native-torch-compiled")
         passes.append(Pass(f"{model} {dtype} jit on", args, runs))

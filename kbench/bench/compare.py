@@ -42,10 +42,14 @@ KERAS_VARIANTS = {"tensorflow-stock": ("tensorflow", {"fast_path": "off"}),  # s
 # Native twin -> the framework it needs (and whose interpreter runs it).
 NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch": "torch",
           "native-torch-compiled": "torch"}
-# Twins that run only with --jit-compile on: the reference of Keras-torch under torch.compile
-# (on this CPU it compiles for ~20 s and then steps slower than eager, so it is not in every
-# --reference native run).
+# The compiled twin: the reference of Keras-torch under torch.compile, run with --jit-compile
+# on or beside `torch-compiled` (on this CPU it compiles for ~20 s and then steps slower than
+# eager, so it is not in every --reference native run).
 COMPILED_TWINS = ("native-torch-compiled",)
+# The models each framework's twins implement (kbench.bench.native_common refuses others).
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+TWIN_MODELS = {"jax": (*CIFAR_RESNETS, "preact_resnet18"), "tensorflow": CIFAR_RESNETS,
+               "torch": (*CIFAR_RESNETS, "preact_resnet18")}
 ERROR_TAIL_LINES = 25
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
@@ -120,10 +124,9 @@ def plan_runs(options):
         runs.append((b, "keras", framework, False))
         if options.distribute == "data_parallel":
             runs.append((b, "keras", framework, True))
-    if options.reference == "native":  # the twins of the frameworks compared
-        frameworks = {framework for _, _, framework, _ in runs}
-        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if fw in frameworks
-                 and (n not in COMPILED_TWINS or options.jit_compile == "on")]
+    if options.reference == "native":  # the twins of the Keras runs
+        wanted, _ = twins_of(runs, options)
+        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if n in wanted]
     elif options.reference != "none":
         raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
     for name in options.python:
@@ -131,6 +134,22 @@ def plan_runs(options):
             raise KbenchError(f"--python {name}=... names no backend; use jax, tensorflow or torch")
     check_target_options(options)
     return runs
+
+
+def twins_of(runs, options):
+    """(twins to run, twins left out) for the Keras `runs`: each framework's eager twin, for
+    its runs other than `torch-compiled`; the compiled twin for `torch-compiled` and, under
+    --jit-compile on, for torch (whose eager twin runs beside it). A twin whose framework does
+    not implement --model (TWIN_MODELS) is left out; compare says so."""
+    keras_runs = [(name, framework) for name, runner, framework, _ in runs if runner == "keras"]
+    eager = {framework for name, framework in keras_runs if name != "torch-compiled"}
+    wanted = {f"native-{framework}" for framework in eager}
+    if any(name == "torch-compiled" for name, _ in keras_runs) or (
+            options.jit_compile == "on" and "torch" in eager):
+        wanted.add("native-torch-compiled")
+    left_out = {n for n in wanted
+                if options.model is not None and options.model not in TWIN_MODELS[NATIVE[n]]}
+    return wanted - left_out, left_out
 
 
 def check_target_options(options):
@@ -420,6 +439,10 @@ def compare(options, console=None):
             print(text, flush=True)
         else:
             console.print(text, markup=False, highlight=False)
+    if options.reference == "native":
+        for twin in sorted(twins_of(runs, options)[1]):
+            say(f"[compare] {twin} left out: its {NATIVE[twin]} twin has no model "
+                f"{options.model} (it covers {', '.join(TWIN_MODELS[NATIVE[twin]])})")
     try:
         for repeat in range(options.repeats):
             for name, runner, framework, distributed in runs:

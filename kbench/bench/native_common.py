@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from kbench import train
+from kbench.bench.compare import TWIN_MODELS  # the models each framework's twin implements
 from kbench.errors import KbenchError
 
 # The data sets whose images the twins' networks take (32x32x3).
@@ -22,6 +23,8 @@ CIFAR_DATASETS = ("cifar10", "cifar100", "synthetic")
 # The CIFAR ResNets of kbench.models.resnet.cifar_resnet that have native twins.
 CIFAR_RESNET_DEPTHS = {f"resnet{d}": d for d in (20, 32, 44, 56, 110)}
 WIDTHS = (16, 32, 64)
+# kbench.models.resnet.preact_resnet18: a 64-wide stem, then 2 pre-activation blocks per stage.
+PREACT_WIDTHS = (64, 128, 256, 512)
 # BatchNormalization as kbench.models.resnet.BN builds it (Keras momentum; torch's is 1 - this).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -48,12 +51,22 @@ def resnet_depth(model_name):
     return CIFAR_RESNET_DEPTHS[model_name]
 
 
+def check_model(model_name, framework):
+    """Refuse a model the framework's twin does not implement (TWIN_MODELS)."""
+    if model_name not in TWIN_MODELS[framework]:
+        raise KbenchError(f"native reference has no model {model_name!r} under {framework}; "
+                          f"its {framework} twin covers {', '.join(TWIN_MODELS[framework])}")
+
+
 def check_config(config):
     """Refuse what the native loops do not implement, instead of timing something else: they
     train a CIFAR ResNet with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
     on Keras' cosine schedule with linear warmup, under the float32, mixed_bfloat16 or
     mixed_float16 policy, without gradient clipping, on one device."""
-    resnet_depth(config.model)
+    from kbench import backend
+
+    # A twin runs where Keras runs its framework (it builds the Keras model for its weights).
+    check_model(config.model, backend.name())
     refusals = (
         (getattr(config, "optimizer", "sgd") != "sgd",
          f"SGD only, not {getattr(config, 'optimizer', None)!r}", "--set optimizer=sgd"),
@@ -118,6 +131,17 @@ def loss_scale(config):
                      int(defaults["dynamic_growth_steps"].default))
 
 
+def preact_plan():
+    """(in_channels, filters, stride) of PreAct ResNet-18's blocks, in order: 2 per stage, the
+    first of stages 2-4 downsampling; a block whose shape changes has a 1x1 projection."""
+    plan, channels = [], PREACT_WIDTHS[0]
+    for stage, filters in enumerate(PREACT_WIDTHS):
+        for block in range(2):
+            plan.append((channels, filters, 2 if stage > 0 and block == 0 else 1))
+            channels = filters
+    return plan
+
+
 def stage_plan(depth):
     """(filters, stride) of every basic block, in order: 3 stages of (depth - 2) / 6 blocks,
     the first block of stages 2 and 3 downsampling, as cifar_resnet builds them."""
@@ -135,6 +159,11 @@ class ResNetWeights:
 
     convs[0] / bns[0] are the stem; block i uses convs[1 + 2i], convs[2 + 2i] and the BNs with the
     same indices. Kernels are HWIO (kh, kw, in, out); the dense kernel is (in, out).
+
+    PreAct ResNet-18 (`model` "preact_resnet18", depth 18): convs[0] is the stem (no BN);
+    block i uses bns[2i] (its pre-activation), convs[1 + 2i], bns[2i + 1], convs[2 + 2i], and
+    the next of `shortcuts` (1x1 kernels) where preact_plan() says it projects; bns[-1] is the
+    BN before the head.
     """
 
     depth: int
@@ -145,11 +174,13 @@ class ResNetWeights:
     bns: list  # dicts with gamma, beta, moving_mean, moving_variance
     dense_kernel: np.ndarray
     dense_bias: np.ndarray
+    model: str = "cifar_resnet"  # or "preact_resnet18"
+    shortcuts: list = dataclasses.field(default_factory=list)  # PreAct's 1x1 projections
 
     def count(self):
         """Number of values incl. BN moving statistics (what keras' count_params() counts); the
         Normalization constants are not counted, as Keras does not count them either."""
-        arrays = [*self.convs, *(v for bn in self.bns for v in bn.values()),
+        arrays = [*self.convs, *self.shortcuts, *(v for bn in self.bns for v in bn.values()),
                   self.dense_kernel, self.dense_bias]
         return int(sum(a.size for a in arrays))
 
@@ -169,16 +200,22 @@ def initial_weights(config):
     """Copy the initial weights out of the recipe's Keras model (see ResNetWeights)."""
     import keras
 
-    depth = resnet_depth(config.model)
     model = build_keras_model(config)
-    # Every conv and BN lies on the main path (the shortcuts are parameter-free), so any
-    # topological order of model.layers lists them in the order the network applies them.
+    preact = config.model == "preact_resnet18"
+    depth = 18 if preact else resnet_depth(config.model)
+    # Every 3x3 conv and BN lies on the main path, one after the other, so any topological
+    # order of model.layers lists them in the order the network applies them; so are PreAct's
+    # 1x1 projection shortcuts among themselves (the CIFAR ResNets' are parameter-free).
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    shortcuts = [layer for layer in convs if tuple(layer.kernel_size) == (1, 1)]
+    convs = [layer for layer in convs if tuple(layer.kernel_size) != (1, 1)]
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    if len(convs) != depth - 1 or len(bns) != depth - 1:
-        raise RuntimeError(f"{model.name}: expected {depth - 1} convs and BNs, found "
-                           f"{len(convs)} and {len(bns)}; the native twins no longer match "
-                           "kbench.models.resnet.cifar_resnet")
+    projections = sum(1 for c, f, s in preact_plan() if s != 1 or c != f) if preact else 0
+    expected = (depth - 1, projections, depth - 1)
+    if (len(convs), len(shortcuts), len(bns)) != expected:
+        raise RuntimeError(f"{model.name}: expected {expected} 3x3 convs, 1x1 convs and BNs, "
+                           f"found {(len(convs), len(shortcuts), len(bns))}; the native twins "
+                           "no longer match kbench.models.resnet")
     norm = model.get_layer("normalize_pixels")
     dense = model.get_layer("logits")
     as_numpy = lambda v: np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float32)  # noqa: E731
@@ -194,6 +231,8 @@ def initial_weights(config):
                   moving_variance=as_numpy(bn.moving_variance)) for bn in bns],
         dense_kernel=as_numpy(dense.kernel),
         dense_bias=as_numpy(dense.bias),
+        model="preact_resnet18" if preact else "cifar_resnet",
+        shortcuts=[as_numpy(layer.kernel) for layer in shortcuts],
     )
 
 

@@ -26,6 +26,7 @@ def init_state(weights):
     """(params, BN moving statistics) pytrees from ResNetWeights (already in JAX's layouts)."""
     params = {
         "conv": [jnp.asarray(k) for k in weights.convs],
+        "shortcut": [jnp.asarray(k) for k in weights.shortcuts],  # PreAct's 1x1 projections
         "bn": [{"gamma": jnp.asarray(bn["gamma"]), "beta": jnp.asarray(bn["beta"])}
                for bn in weights.bns],
         "dense": {"kernel": jnp.asarray(weights.dense_kernel),
@@ -41,6 +42,7 @@ def decay_mask(params):
     (Keras: exclude_from_weight_decay(var_names=["gamma", "beta", "bias"]))."""
     return {
         "conv": [True for _ in params["conv"]],
+        "shortcut": [True for _ in params["shortcut"]],
         "bn": [{"gamma": False, "beta": False} for _ in params["bn"]],
         "dense": {"kernel": True, "bias": False},
     }
@@ -80,6 +82,8 @@ def network(weights, dtype="float32"):
     """`apply(params, stats, images, training) -> (logits, new_stats)` for this ResNet,
     computing in `dtype` (see the module doc); the pixel normalization constants are baked
     in, as they are constants in the Keras model."""
+    if weights.model == "preact_resnet18":
+        return preact_network(weights, dtype)
     plan = common.stage_plan(weights.depth)
     dtype = jnp.dtype(dtype)
     pixel_mean, pixel_std = (jnp.asarray(weights.pixel_mean, dtype),
@@ -101,6 +105,43 @@ def network(weights, dtype="float32"):
             y = jax.nn.relu(conv_bn(x, 1 + 2 * block, stride))
             y = conv_bn(y, 2 + 2 * block, 1)
             x = jax.nn.relu(shortcut + y)
+        # Keras' mean accumulates in float32; the logits layer computes in float32.
+        x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(dtype).astype(jnp.float32)
+        logits = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+        return logits, new_stats
+
+    return apply
+
+
+def preact_network(weights, dtype="float32"):
+    """network() for PreAct ResNet-18 (kbench.models.resnet.preact_resnet18): BN-ReLU before
+    each conv, 1x1 projections of the pre-activated input where a block changes shape."""
+    plan = common.preact_plan()
+    dtype = jnp.dtype(dtype)
+    pixel_mean, pixel_std = (jnp.asarray(weights.pixel_mean, dtype),
+                             jnp.asarray(weights.pixel_std, dtype))
+
+    def apply(params, stats, images, training):
+        new_stats = []
+
+        def bn_relu(x, i):
+            y, s = batch_norm(x, params["bn"][i], stats[i], training)
+            new_stats.append(s)
+            return jax.nn.relu(y)
+
+        def conv_of(x, kernel, stride):
+            return conv(x, kernel.astype(dtype), stride)
+
+        x = (images.astype(dtype) - pixel_mean) / pixel_std
+        x = conv_of(x, params["conv"][0], 1)
+        projections = iter(params["shortcut"])
+        for block, (channels, filters, stride) in enumerate(plan):
+            pre = bn_relu(x, 2 * block)
+            projects = stride != 1 or channels != filters
+            shortcut = conv_of(pre, next(projections), stride) if projects else x
+            y = bn_relu(conv_of(pre, params["conv"][1 + 2 * block], stride), 2 * block + 1)
+            x = shortcut + conv_of(y, params["conv"][2 + 2 * block], 1)
+        x = bn_relu(x, 2 * len(plan))
         # Keras' mean accumulates in float32; the logits layer computes in float32.
         x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(dtype).astype(jnp.float32)
         logits = x @ params["dense"]["kernel"] + params["dense"]["bias"]

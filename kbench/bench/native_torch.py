@@ -130,13 +130,74 @@ class CifarResNet(nn.Module):
         return pairs
 
 
+class PreActBlock(nn.Module):
+    """BN-ReLU, then conv-BN-ReLU-conv, plus the input (or its 1x1 projection of the
+    pre-activated input where the shape changes): kbench.models.resnet.preact_resnet18's."""
+
+    def __init__(self, in_channels, filters, stride):
+        super().__init__()
+        self.stride = stride
+        self.bn1 = batch_norm(in_channels)
+        self.conv1 = conv3x3(in_channels, filters, stride)
+        self.bn2 = batch_norm(filters)
+        self.conv2 = conv3x3(filters, filters, 1)
+        # A 1x1 stride-2 "same" conv pads nothing in Keras either: it samples pixels 0, 2, ...
+        self.shortcut = (nn.Conv2d(in_channels, filters, 1, stride=stride, bias=False)
+                         if stride != 1 or in_channels != filters else None)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        y = pre if self.stride == 1 else F.pad(pre, (0, 1, 0, 1))  # see conv3x3
+        y = F.relu(self.bn2(self.conv1(y)))
+        return shortcut + self.conv2(y)
+
+
+class PreActResNet18(nn.Module):
+    """kbench.models.resnet.preact_resnet18 in NCHW: raw 0..255 pixels in, logits out."""
+
+    def __init__(self, num_classes, pixel_mean, pixel_std):
+        super().__init__()
+        self.normalize = Normalize(pixel_mean, pixel_std)
+        self.conv = conv3x3(len(pixel_mean), common.PREACT_WIDTHS[0], 1)
+        self.blocks = nn.Sequential(*(PreActBlock(*block) for block in common.preact_plan()))
+        self.bn = batch_norm(common.PREACT_WIDTHS[-1])
+        self.fc = nn.Linear(common.PREACT_WIDTHS[-1], num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.conv(self.normalize(x)))
+        x = F.relu(self.bn(x))
+        with torch.autocast(x.device.type, enabled=False):  # as CifarResNet's head
+            return self.fc(x.mean(dim=(2, 3)).float())
+
+    def layers_in_order(self):
+        """(3x3 convs, 1x1 shortcut convs, BNs) in the order the network applies them (=
+        ResNetWeights order)."""
+        convs, shortcuts, bns = [self.conv], [], []
+        for block in self.blocks:
+            convs += [block.conv1, block.conv2]
+            bns += [block.bn1, block.bn2]
+            shortcuts += [block.shortcut] if block.shortcut is not None else []
+        return convs, shortcuts, bns + [self.bn]
+
+
 def build_model(weights):
-    """A CifarResNet holding the Keras model's initial weights (ResNetWeights)."""
-    model = CifarResNet(weights.depth, weights.num_classes, weights.pixel_mean, weights.pixel_std)
+    """A CifarResNet or PreActResNet18 holding the Keras model's initial weights
+    (ResNetWeights)."""
+    if weights.model == "preact_resnet18":
+        model = PreActResNet18(weights.num_classes, weights.pixel_mean, weights.pixel_std)
+        convs, shortcuts, bns = model.layers_in_order()
+    else:
+        model = CifarResNet(weights.depth, weights.num_classes, weights.pixel_mean,
+                            weights.pixel_std)
+        convs, bns = zip(*model.convs_and_bns())
+        shortcuts = []
     with torch.no_grad():
-        for (conv, bn), kernel, stats in zip(model.convs_and_bns(), weights.convs, weights.bns):
+        for conv, kernel in zip([*convs, *shortcuts], [*weights.convs, *weights.shortcuts],
+                                strict=True):
             # Keras kernels are (kh, kw, in, out); torch's are (out, in, kh, kw).
             conv.weight.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))
+        for bn, stats in zip(bns, weights.bns, strict=True):
             bn.weight.copy_(torch.from_numpy(stats["gamma"]))
             bn.bias.copy_(torch.from_numpy(stats["beta"]))
             bn.running_mean.copy_(torch.from_numpy(stats["moving_mean"]))

@@ -68,9 +68,9 @@ def plan(keras_variants, natives, model="resnet20", batch_size=2, steps=30, warm
               "--warmup-steps", str(warmup_steps), "--repeats", str(repeats)]
     eager = ("eager", common + ["--backends", "jax,tensorflow,torch", "--reference", "native",
                                 "--jit-compile", "auto"], {})
-    # --jit-compile on: compare adds its compiled twin (native-torch-compiled) only then; the
-    # eager native-torch it runs beside it again is left out of the table (each row comes
-    # from its first pass).
+    # --jit-compile on: compare adds the compiled twin (native-torch-compiled) beside
+    # torch-compiled, or beside torch under --jit-compile on with an eager native-torch that
+    # the table leaves out (each row comes from its first pass).
     if "torch-compiled" in keras_variants:
         args = ["--backends", "torch-compiled", "--jit-compile", "on", "--reference", "native"]
         renames = {}

@@ -18,7 +18,8 @@ import statistics
 from kbench.bench.records import error_line, not_finite, read_jsonl
 
 NATIVE_TWIN = {"jax": "native-jax", "tensorflow": "native-tensorflow", "torch": "native-torch",
-               "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch"}
+               "tensorflow-stock": "native-tensorflow", "torch-stock": "native-torch",
+               "torch-compiled": "native-torch-compiled"}
 # Keras-torch under --jit-compile on is measured against the twin under torch.compile.
 COMPILED_TWIN = {"native-torch": "native-torch-compiled"}
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
