@@ -361,6 +361,15 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan():
     assert [name for name, *_ in runs] == ["jax", "tensorflow", "torch", "native-jax",
                                            "native-torch"]
     assert compare.twins_of(runs, options)[1] == {"native-tensorflow"}  # compare says so
+    said = []
+    compare.say_left_out_twins(options, runs, said.append)
+    assert said == ["[compare] native-tensorflow left out: its tensorflow twin has no model "
+                    "preact_resnet18 (it covers resnet20, resnet32, resnet44, resnet56, "
+                    "resnet110)"]
+    # the model a run gets through --set counts as --model does
+    by_set = compare.CompareOptions(backends=("tensorflow",), reference="native",
+                                    extra_config={"model": "preact_resnet18"})
+    assert [name for name, *_ in compare.plan_runs(by_set)] == ["tensorflow"]
 
 FAILING_RECIPE = '''
 import dataclasses

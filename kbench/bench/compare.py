@@ -147,9 +147,19 @@ def twins_of(runs, options):
     if any(name == "torch-compiled" for name, _ in keras_runs) or (
             options.jit_compile == "on" and "torch" in eager):
         wanted.add("native-torch-compiled")
-    left_out = {n for n in wanted
-                if options.model is not None and options.model not in TWIN_MODELS[NATIVE[n]]}
+    model = run_config(options).get("model")  # --model, or a --set model=...
+    left_out = {n for n in wanted if model is not None and model not in TWIN_MODELS[NATIVE[n]]}
     return wanted - left_out, left_out
+
+
+def say_left_out_twins(options, runs, say):
+    """One line per twin that twins_of left out, before any run starts."""
+    if options.reference != "native":
+        return
+    model = run_config(options).get("model")
+    for twin in sorted(twins_of(runs, options)[1]):
+        say(f"[compare] {twin} left out: its {NATIVE[twin]} twin has no model {model} (it "
+            f"covers {', '.join(TWIN_MODELS[NATIVE[twin]])})")
 
 
 def check_target_options(options):
@@ -439,10 +449,7 @@ def compare(options, console=None):
             print(text, flush=True)
         else:
             console.print(text, markup=False, highlight=False)
-    if options.reference == "native":
-        for twin in sorted(twins_of(runs, options)[1]):
-            say(f"[compare] {twin} left out: its {NATIVE[twin]} twin has no model "
-                f"{options.model} (it covers {', '.join(TWIN_MODELS[NATIVE[twin]])})")
+    say_left_out_twins(options, runs, say)
     try:
         for repeat in range(options.repeats):
             for name, runner, framework, distributed in runs:

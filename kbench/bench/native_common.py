@@ -15,13 +15,13 @@ import time
 import numpy as np
 
 from kbench import train
-from kbench.bench.compare import TWIN_MODELS  # the models each framework's twin implements
+from kbench.bench.compare import CIFAR_RESNETS, TWIN_MODELS  # what each framework's twin has
 from kbench.errors import KbenchError
 
 # The data sets whose images the twins' networks take (32x32x3).
 CIFAR_DATASETS = ("cifar10", "cifar100", "synthetic")
 # The CIFAR ResNets of kbench.models.resnet.cifar_resnet that have native twins.
-CIFAR_RESNET_DEPTHS = {f"resnet{d}": d for d in (20, 32, 44, 56, 110)}
+CIFAR_RESNET_DEPTHS = {name: int(name[len("resnet"):]) for name in CIFAR_RESNETS}
 WIDTHS = (16, 32, 64)
 # kbench.models.resnet.preact_resnet18: a 64-wide stem, then 2 pre-activation blocks per stage.
 PREACT_WIDTHS = (64, 128, 256, 512)
@@ -60,7 +60,9 @@ def check_model(model_name, framework):
 
 def check_config(config):
     """Refuse what the native loops do not implement, instead of timing something else: they
-    train a CIFAR ResNet with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
+    train a model of TWIN_MODELS (the CIFAR ResNets; PreAct ResNet-18 under jax and torch;
+    checked for the framework Keras runs here, which is the twin's: compare starts each twin
+    under its own KERAS_BACKEND) with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
     on Keras' cosine schedule with linear warmup, under the float32, mixed_bfloat16 or
     mixed_float16 policy, without gradient clipping, on one device."""
     from kbench import backend

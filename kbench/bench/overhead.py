@@ -17,8 +17,8 @@ runs `kbench compare` twice, as plain commands one can rerun:
   2. the compiled rows, `--jit-compile on --reference native`: `--backends torch-compiled`
      when compare knows that variant (else `--backends torch`, whose rows are named
      torch-compiled here), with the `native-torch-compiled` twin (compare's own, which it
-     runs only under --jit-compile on; else native-torch under --jit-compile on, which wraps
-     its network in torch.compile);
+     runs beside torch-compiled or under --jit-compile on; else native-torch under
+     --jit-compile on, which wraps its network in torch.compile);
 with one intra-op thread for torch and TensorFlow (`--threads 1`, the default: OMP_NUM_THREADS
 and TF_NUM_INTRAOP_THREADS for every process it starts; `--threads 0` leaves each framework's
 default). At batch 2 there is nothing to split across threads, and on a loaded machine

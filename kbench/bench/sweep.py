@@ -212,6 +212,7 @@ def sweep(options, console=None):
     field, values = options.sweep
     options = lean(options, field)
     session = Session(options, console)
+    comparing.say_left_out_twins(options, runs, session.say)
     ran_out = {}  # run label -> its oom record: larger values are skipped
     try:
         for value, point, point_runs in plan_points(options, runs):
@@ -278,6 +279,7 @@ def max_batch(options, console=None):
                                 warmup_steps=min(options.warmup_steps, 1), repeats=1,
                                 batch_size=None)
     session = Session(short, console)
+    comparing.say_left_out_twins(options, runs, session.say)
     try:
         for run in runs:
             def fits(batch, run=run):
