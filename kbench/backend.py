@@ -246,8 +246,7 @@ def simulate_cpu_devices(n):
         return
     import tensorflow as tf
 
-    # Listing physical devices does not start the TF runtime; logical devices would.
-    if tf.config.list_physical_devices("GPU"):
+    if tensorflow_sees_gpu():  # without starting the TF runtime, which would fix the devices
         raise KbenchError("--simulate-devices splits the CPU, but TensorFlow sees a GPU here: "
                           "drop --simulate-devices to train on the GPUs, or hide them with "
                           "CUDA_VISIBLE_DEVICES=")

@@ -18,6 +18,7 @@ mixed_float16 with Keras' dynamic loss scaling (native_common.loss_scale).
 import numpy as np
 import tensorflow as tf
 
+from kbench import backend
 from kbench.bench import native_common as common
 
 
@@ -129,7 +130,7 @@ def _describe(gpus):
 
 
 def _use_xla():
-    return bool(tf.config.list_physical_devices("GPU"))
+    return backend.tensorflow_sees_gpu()
 
 
 def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
