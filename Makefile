@@ -40,6 +40,8 @@ demo: $(VENV)/.installed
 TEST_MARKS ?= not slow
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
+	@case "$(TEST_WORKERS)" in ''|*[!0-9]*) echo "error: TEST_WORKERS=$(TEST_WORKERS) is not" \
+	  "allowed: it takes a number of pytest workers >= 0 (0: plain pytest)" >&2; exit 2;; esac
 	@for b in $(BACKENDS); do \
 	  echo "=== pytest under KERAS_BACKEND=$$b ($(TEST_WORKERS) workers) ==="; start=$$(date +%s); \
 	  OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} KERAS_BACKEND=$$b $(PY) -m pytest -q \
