@@ -229,6 +229,11 @@ def test_preact_shortcut_kernels_get_weight_decay_as_keras_conv_kernels(native):
     if BACKEND == "jax":
         params, _ = native.init_state(weights)
         assert native.decay_mask(params)["shortcut"] == [True] * 3
+    elif BACKEND == "tensorflow":
+        net = native.Network(weights)
+        variables, decayed = net.trainables()
+        flags = {id(v): d for v, d in zip(variables, decayed)}
+        assert len(net.shortcuts) == 3 and all(flags[id(w)] for w in net.shortcuts)
     else:
         model = native.build_model(weights)
         decayed = {id(p) for p in native.decayed_and_plain(model)[0]}
@@ -372,7 +377,8 @@ EVAL_ACCURACY_ABS = {"jax": 1e-6, "tensorflow": 1e-6, "torch": 1.01 / 72}
 BFLOAT16_EVAL = (2e-3, 1.01 / 72)
 # PreAct ResNet-18 in bfloat16: 21 layers of bfloat16 rounding, placed differently by each
 # implementation, under BN moving statistics 4 steps from their initial 0 and 1 (inference
-# logits in the hundreds). Measured 1.1e-3 under jax and 5.7e-3 under torch (whose float32
+# logits in the hundreds). Measured 1.1e-3 under jax, 2.6e-3 under tensorflow and 5.7e-3 under
+# torch (whose float32
 # PreAct twin is within EVAL_RTOL, so the gap is bfloat16's, not the network's); bfloat16 moves
 # logits by up to 0.6% of their largest value (the forward test's finding).
 PREACT_BFLOAT16_EVAL = (1e-2, 1.01 / 72)
@@ -436,7 +442,7 @@ def test_compiled_torch_twin_trains_as_the_eager_one(native):
 @needs_twin
 def test_run_refuses_models_without_twin(native):
     missing = [m for m in ("resnet9", "preact_resnet18") if m not in common.TWIN_MODELS[BACKEND]]
-    for model in missing:  # resnet9 has no twin anywhere; preact_resnet18 none under TF
+    for model in missing:  # resnet9 has no twin anywhere
         with pytest.raises(KbenchError, match=f"native reference has no model '{model}' under "
                                               f"{BACKEND}"):
             native.run(small_config(model=model), steps=1)

@@ -12,8 +12,8 @@ telling first, each case in two passes:
   - every Keras backend as it runs by default (`--jit-compile auto`): jax, torch (eager, with
     kbench's fast path), torch-stock (without it), and tensorflow / tensorflow-stock where
     TensorFlow sees the GPU, plus the eager native twins of those frameworks that implement
-    the model (compare's TWIN_MODELS: the CIFAR ResNets, and PreAct ResNet-18 under jax and
-    torch);
+    the model (compare's TWIN_MODELS: today every framework's twin has the CIFAR ResNets and
+    PreAct ResNet-18);
   - Keras-torch compiled: compare's `torch-compiled` variant with its twin
     `native-torch-compiled` where compare has them, else torch under `--jit-compile on`
     (with the twins, whose native-torch then compiles too).

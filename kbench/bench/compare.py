@@ -48,8 +48,8 @@ NATIVE = {"native-jax": "jax", "native-tensorflow": "tensorflow", "native-torch"
 COMPILED_TWINS = ("native-torch-compiled",)
 # The models each framework's twins implement (kbench.bench.native_common refuses others).
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
-TWIN_MODELS = {"jax": (*CIFAR_RESNETS, "preact_resnet18"), "tensorflow": CIFAR_RESNETS,
-               "torch": (*CIFAR_RESNETS, "preact_resnet18")}
+TWIN_MODELS = {framework: (*CIFAR_RESNETS, "preact_resnet18")
+               for framework in ("jax", "tensorflow", "torch")}
 ERROR_TAIL_LINES = 25
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 

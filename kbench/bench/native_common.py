@@ -60,7 +60,7 @@ def check_model(model_name, framework):
 
 def check_config(config):
     """Refuse what the native loops do not implement, instead of timing something else: they
-    train a model of TWIN_MODELS (the CIFAR ResNets; PreAct ResNet-18 under jax and torch;
+    train a model of TWIN_MODELS (the CIFAR ResNets and PreAct ResNet-18;
     checked for the framework Keras runs here, which is the twin's: compare starts each twin
     under its own KERAS_BACKEND) with SGD (momentum, Nesterov, decoupled weight decay, label smoothing)
     on Keras' cosine schedule with linear warmup, under the float32, mixed_bfloat16 or

@@ -1,5 +1,5 @@
-"""The CIFAR ResNet training loop in plain TensorFlow: the twin Keras-on-TensorFlow is timed
-against.
+"""The CIFAR ResNet (and PreAct ResNet-18) training loop in plain TensorFlow: the twin
+Keras-on-TensorFlow is timed against.
 
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
 native_common), written the way a TensorFlow user would without Keras: `tf.Variable`s, NHWC
@@ -26,15 +26,21 @@ from kbench.bench import native_common as common
 
 
 class Network(tf.Module):
-    """The ResNet's variables and its forward pass; pixel normalization constants baked in."""
+    """The ResNet's variables and its forward pass; pixel normalization constants baked in.
+    A CIFAR ResNet (post-activation blocks, parameter-free shortcuts) or PreAct ResNet-18
+    (BN-ReLU before each conv, 1x1 projections where a block changes shape), as
+    `weights.model` says."""
 
     def __init__(self, weights, dtype="float32"):
         super().__init__()
-        self.plan = common.stage_plan(weights.depth)
+        self.preact = weights.model == "preact_resnet18"
+        self.plan = common.preact_plan() if self.preact else common.stage_plan(weights.depth)
         self.dtype = tf.as_dtype(dtype)
         self.pixel_mean = tf.constant(weights.pixel_mean, self.dtype)
         self.pixel_std = tf.constant(weights.pixel_std, self.dtype)
         self.convs = [tf.Variable(k, name=f"conv{i}") for i, k in enumerate(weights.convs)]
+        self.shortcuts = [tf.Variable(k, name=f"shortcut{i}")  # PreAct's 1x1 projections
+                          for i, k in enumerate(weights.shortcuts)]
         self.gammas = [tf.Variable(bn["gamma"], name=f"gamma{i}")
                        for i, bn in enumerate(weights.bns)]
         self.betas = [tf.Variable(bn["beta"], name=f"beta{i}") for i, bn in enumerate(weights.bns)]
@@ -46,11 +52,12 @@ class Network(tf.Module):
         self.bias = tf.Variable(weights.dense_bias, name="dense_bias")
 
     def trainables(self):
-        """(variables, decayed?) in one fixed order: weight decay on conv and dense kernels
-        only (Keras: exclude_from_weight_decay(var_names=["gamma", "beta", "bias"]))."""
-        variables = [*self.convs, *self.gammas, *self.betas, self.kernel, self.bias]
-        decayed = ([True] * len(self.convs) + [False] * (2 * len(self.gammas))
-                   + [True, False])
+        """(variables, decayed?) in one fixed order: weight decay on conv (shortcuts' too) and
+        dense kernels only (Keras: exclude_from_weight_decay(var_names=["gamma", "beta",
+        "bias"]))."""
+        kernels = [*self.convs, *self.shortcuts]
+        variables = [*kernels, *self.gammas, *self.betas, self.kernel, self.bias]
+        decayed = [True] * len(kernels) + [False] * (2 * len(self.gammas)) + [True, False]
         return variables, decayed
 
     def batch_norm(self, x, i, training):
@@ -75,24 +82,43 @@ class Network(tf.Module):
         self.moving_vars[i].assign(self.moving_vars[i] * momentum + var * (1.0 - momentum))
         return tf.cast(y, self.dtype)
 
-    def __call__(self, images, training):
-        def conv_bn(x, i, stride):
-            # "SAME" pads stride-2 convs by (0, 1), as Keras does on every backend.
-            kernel = tf.cast(self.convs[i], self.dtype)
-            y = tf.nn.conv2d(x, kernel, stride, "SAME", data_format="NHWC")
-            return self.batch_norm(y, i, training)
+    def conv(self, x, kernel, stride):
+        # "SAME" pads stride-2 convs by (0, 1), as Keras does on every backend.
+        return tf.nn.conv2d(x, tf.cast(kernel, self.dtype), stride, "SAME", data_format="NHWC")
 
+    def __call__(self, images, training):
         x = (tf.cast(images, self.dtype) - self.pixel_mean) / self.pixel_std
+        x = self.preact_blocks(x, training) if self.preact else self.cifar_blocks(x, training)
+        # Keras' mean accumulates in float32; the logits layer computes in float32.
+        x = tf.cast(tf.cast(tf.reduce_mean(tf.cast(x, tf.float32), axis=(1, 2)), self.dtype),
+                    tf.float32)
+        return tf.matmul(x, self.kernel) + self.bias
+
+    def cifar_blocks(self, x, training):
+        def conv_bn(x, i, stride):
+            return self.batch_norm(self.conv(x, self.convs[i], stride), i, training)
+
         x = tf.nn.relu(conv_bn(x, 0, 1))
         for block, (filters, stride) in enumerate(self.plan):
             shortcut = x if stride == 1 else shortcut_pad(x, filters)
             y = tf.nn.relu(conv_bn(x, 1 + 2 * block, stride))
             y = conv_bn(y, 2 + 2 * block, 1)
             x = tf.nn.relu(shortcut + y)
-        # Keras' mean accumulates in float32; the logits layer computes in float32.
-        x = tf.cast(tf.cast(tf.reduce_mean(tf.cast(x, tf.float32), axis=(1, 2)), self.dtype),
-                    tf.float32)
-        return tf.matmul(x, self.kernel) + self.bias
+        return x
+
+    def preact_blocks(self, x, training):
+        def bn_relu(x, i):
+            return tf.nn.relu(self.batch_norm(x, i, training))
+
+        x = self.conv(x, self.convs[0], 1)  # the stem: no BN of its own
+        projections = iter(self.shortcuts)
+        for block, (channels, filters, stride) in enumerate(self.plan):
+            pre = bn_relu(x, 2 * block)
+            projects = stride != 1 or channels != filters
+            shortcut = self.conv(pre, next(projections), stride) if projects else x
+            y = bn_relu(self.conv(pre, self.convs[1 + 2 * block], stride), 2 * block + 1)
+            x = shortcut + self.conv(y, self.convs[2 + 2 * block], 1)
+        return bn_relu(x, 2 * len(self.plan))
 
 
 def shortcut_pad(x, filters):
