@@ -271,6 +271,33 @@ def test_max_batch_runs_its_search_through_compares_runs(tmp_path, monkeypatch, 
         f"torch,{found},")
 
 
+def test_a_model_sweep_runs_each_twin_at_the_models_it_has(tmp_path, monkeypatch, capsys):
+    """--sweep model=resnet20,resnet9 --reference native: the twins train resnet20 and sit
+    resnet9 out (no twin has it), saying so at that point, instead of failing there."""
+    ran = []
+
+    def run_one(name, runner, framework, options, out_dir, repeat, distributed=False,
+                point=None):
+        ran.append((name, point[1]))
+        record = fake_record(name, point[1], step_ms=5.0, field="model", repeat=repeat)
+        record["model"] = point[1]
+        return record
+
+    monkeypatch.setattr(comparing, "run_one", run_one)
+    monkeypatch.setattr(sweep, "check_sweep", lambda options: None)
+    options = comparing.CompareOptions(backends=("jax", "torch"), reference="native",
+                                       sweep=("model", ["resnet20", "resnet9"]),
+                                       output=str(tmp_path / "s"))
+    rows = sweep.sweep(options, console=None)
+    assert ran == [("jax", "resnet20"), ("torch", "resnet20"), ("native-jax", "resnet20"),
+                   ("native-torch", "resnet20"), ("jax", "resnet9"), ("torch", "resnet9")]
+    assert sweep.finished(rows)
+    out = capsys.readouterr().out
+    assert "[compare] native-jax left out: its jax twin has no model resnet9" in out
+    assert "native-torch left out: its torch twin has no model resnet9" in out
+    assert "resnet20 (it covers" not in out  # nothing left out at the first point
+
+
 def test_a_device_count_sweep_runs_the_single_replica_once():
     options = comparing.CompareOptions(backends=("jax", "torch"), distribute="data_parallel",
                                        sweep=("simulate_devices", [2, 4]))

@@ -137,11 +137,19 @@ def plan_points(options, runs):
     single-replica runs do not depend on the count: they run once, as the 1-device point."""
     field, values = options.sweep
     if field != DEVICES:
-        return [(v, point_options(options, field, v), runs) for v in values]
+        points = [(v, point_options(options, field, v)) for v in values]
+        return [(v, point, with_twins_of(point, runs)) for v, point in points]
     single = [run for run in runs if not run[3]]
     parallel = [run for run in runs if run[3]]
     return ([(1, options, single)] if single else []) + [
         (v, point_options(options, field, v), parallel) for v in values]
+
+
+def with_twins_of(point, runs):
+    """The runs of one point less the twins whose framework lacks its model (a model sweep:
+    resnet20,resnet9 runs the twins at resnet20 only; compare.twins_of)."""
+    _, left_out = comparing.twins_of(runs, point)
+    return [run for run in runs if run[0] not in left_out]
 
 
 def skipped_record(oom, field, value, repeat):
@@ -212,10 +220,12 @@ def sweep(options, console=None):
     field, values = options.sweep
     options = lean(options, field)
     session = Session(options, console)
-    comparing.say_left_out_twins(options, runs, session.say)
+    comparing.say_left_out_twins(options, runs, session.say)  # --model, --set model=
     ran_out = {}  # run label -> its oom record: larger values are skipped
     try:
         for value, point, point_runs in plan_points(options, runs):
+            if field == "model":  # a twin without this point's model sits it out
+                comparing.say_left_out_twins(point, runs, session.say)
             for repeat in range(options.repeats):
                 for run in point_runs:
                     key = (run[0], run[3])
