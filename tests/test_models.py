@@ -45,6 +45,21 @@ def test_registry_lists_all_and_rejects_unknown():
         get_model("resnet21")
 
 
+def test_a_recipes_model_flag_takes_the_names_registered_when_checked(monkeypatch):
+    """--model is checked against the registry before any data or training: a wrong name is
+    one line, and a model a user adds with register_model is taken."""
+    import kbench.models as models
+    from kbench.config import check
+    from recipes import cifar_resnet
+
+    with pytest.raises(KbenchError, match=r"--model 'my_net' is not allowed: it takes a name "
+                                          r"registered in kbench.models \(convnet, "):
+        check(cifar_resnet.Config(model="my_net"))
+    monkeypatch.setitem(models._REGISTRY, "my_net", lambda **kwargs: None)
+    assert check(cifar_resnet.Config(model="my_net")).model == "my_net"
+    assert "my_net" in str(models.REGISTERED)
+
+
 def test_seed_fixes_weights_independently_of_backend():
     """Weights come from NumPy, so these sums are the same under jax, tensorflow and torch."""
     a = get_model("resnet20", seed=3).get_weights()

@@ -154,7 +154,8 @@ def test_offline_without_data_fails_fast_with_one_line(entry_point_error, monkey
 def test_bad_flags_are_one_line_errors(entry_point_error):
     for args, message in [
         (["--model", "resnet21", "--epochs", "1", "--steps-per-epoch", "1"],
-         "error: unknown model 'resnet21'"),
+         "error: --model 'resnet21' is not allowed: it takes a name registered in "
+         "kbench.models (convnet, preact_resnet18, resnet9, resnet20"),
         (["--train-examples", "16", "--batch-size", "64"], "batch size 64 is impossible"),
     ]:
         status, err = entry_point_error(run_recipe, cifar_resnet.main, cifar_resnet.Config,

@@ -33,6 +33,21 @@ def list_models():
     return sorted(_REGISTRY, key=lambda n: (n.rstrip("0123456789"), len(n), n))
 
 
+class RegisteredModels:
+    """The `allowed` of a recipe's model field (kbench.config.option): the names registered
+    when the config is checked, so a wrong --model is one line before any data or training
+    (and before compare starts a worker), and a model added with register_model counts."""
+
+    def __contains__(self, name):
+        return name in _REGISTRY
+
+    def __str__(self):
+        return f"registered in kbench.models ({', '.join(list_models())})"
+
+
+REGISTERED = RegisteredModels()
+
+
 def get_model(name, num_classes=10, input_shape=(32, 32, 3), seed=0, **kwargs):
     """Build model `name` for `num_classes` classes and images of `input_shape` (H, W, C)."""
     if name not in _REGISTRY:
