@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kbench  # noqa: F401
-from kbench.config import FREE_TEXT, check, field_setting
+from kbench.config import FREE_TEXT, Range, check, field_setting
 from kbench.errors import KbenchError
 from kbench.flags import parse_config, run_recipe
 from recipes import cifar_resnet, finetune, imdb_transformer, mnist_convnet
@@ -35,7 +35,9 @@ def invalid_values(config_cls, field):
     if choices is not None:
         bad.append(("no_such_choice" if kind is str else 99, True))
     allowed = field_setting(config_cls, field.name, "allowed")
-    if allowed is not None:
+    if allowed is not None and not isinstance(allowed, Range):  # a set of names (--model)
+        bad.append(("no_such_name", True))
+    elif allowed is not None:
         step = 1 if kind is int else 0.5
         if allowed.low is not None:
             bad.append((allowed.low if allowed.low_open else allowed.low - step, True))
