@@ -1,5 +1,6 @@
 """A recipe's settings: `TrainConfig`, the knobs every recipe shares, and `option`, a field with
-the help text, choices and allowed range its command-line flag shows (kbench.flags turns a
+the help text, choices and allowed values (a Range, or the registered model names) its
+command-line flag shows (kbench.flags turns a
 Config into flags).
 
 A recipe's Config subclasses TrainConfig and sets its own defaults and extra knobs. `check`

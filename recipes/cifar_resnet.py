@@ -34,8 +34,8 @@ from kbench.train import Run
 @dataclasses.dataclass
 class Config(TrainConfig):
     dataset: str = option("cifar10", "dataset", choices=data.DATASETS)
-    model: str = option("resnet20", "resnet20/32/44/56/110, preact_resnet18, resnet9",
-                        allowed=REGISTERED)
+    model: str = option("resnet20", "model name (for CIFAR: resnet20/32/44/56/110, "
+                                    "preact_resnet18, resnet9)", allowed=REGISTERED)
     epochs: int = option(30, "training epochs")
     batch_size: int = option(128, "global batch size")
     lr: float = option(0.1, "peak learning rate (SGD, batch 128)")

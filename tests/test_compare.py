@@ -364,6 +364,10 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
     runs = compare.plan_runs(resnet9)
     assert [name for name, *_ in runs] == ["jax", "torch"]
     assert compare.twins_of(runs, resnet9)[1] == {"native-jax", "native-torch"}
+    preact = compare.CompareOptions(backends=("jax", "tensorflow", "torch"), reference="native",
+                                    model="preact_resnet18")
+    assert [name for name, *_ in compare.plan_runs(preact)][3:] == [
+        "native-jax", "native-tensorflow", "native-torch"]
     monkeypatch.setitem(compare.TWIN_MODELS, "tensorflow", compare.CIFAR_RESNETS)
     options = compare.CompareOptions(backends=("jax", "tensorflow", "torch"), reference="native",
                                      model="preact_resnet18")

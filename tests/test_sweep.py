@@ -4,6 +4,7 @@ search, out of memory as a result, the sweep's records and its report.
 compare starts its own process per backend, so these run once (in the tensorflow pass).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -296,6 +297,17 @@ def test_a_model_sweep_runs_each_twin_at_the_models_it_has(tmp_path, monkeypatch
     assert "[compare] native-jax left out: its jax twin has no model resnet9" in out
     assert "native-torch left out: its torch twin has no model resnet9" in out
     assert "resnet20 (it covers" not in out  # nothing left out at the first point
+    # one framework's twin sits a point out while the other's trains it
+    ran.clear()
+    monkeypatch.setitem(comparing.TWIN_MODELS, "torch", comparing.CIFAR_RESNETS)
+    options = dataclasses.replace(options, sweep=("model", ["resnet20", "preact_resnet18"]),
+                                  output=str(tmp_path / "t"))
+    assert sweep.finished(sweep.sweep(options, console=None))
+    assert ran == [("jax", "resnet20"), ("torch", "resnet20"), ("native-jax", "resnet20"),
+                   ("native-torch", "resnet20"), ("jax", "preact_resnet18"),
+                   ("torch", "preact_resnet18"), ("native-jax", "preact_resnet18")]
+    out = capsys.readouterr().out
+    assert out.count("left out") == 1 and "native-torch left out" in out
 
 
 def test_a_device_count_sweep_runs_the_single_replica_once():

@@ -369,8 +369,8 @@ def parse_args(argv):
     parser.add_argument("--output", default=None,
                         help="results folder (default runs/overhead/<timestamp>)")
     parser.add_argument("--model", default="resnet20",
-                        help="a CIFAR ResNet (resnet20, 32, 44, 56 or 110): those the native "
-                             "twins cover")
+                        help="a model every framework's native twin has: a CIFAR ResNet "
+                             "(resnet20, 32, 44, 56 or 110) or preact_resnet18")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
@@ -397,12 +397,14 @@ def parse_args(argv):
                                ("--timeout", args.timeout, 1)):
         if not value >= least:  # NaN too
             _fail(f"{flag} {value} is not allowed: it takes a number >= {least}")
-    if not (args.plan or args.report):  # every row has its twin: the CIFAR ResNets only
-        from kbench.bench.native_common import CIFAR_RESNET_DEPTHS
+    if not (args.plan or args.report):  # every row has its twin
+        from kbench.bench.compare import TWIN_MODELS
 
-        if args.model not in CIFAR_RESNET_DEPTHS:
-            _fail(f"--model {args.model} is not allowed: the native twins cover "
-                  f"{', '.join(CIFAR_RESNET_DEPTHS)}")
+        everywhere = [m for m in TWIN_MODELS["torch"]
+                      if all(m in models for models in TWIN_MODELS.values())]
+        if args.model not in everywhere:
+            _fail(f"--model {args.model} is not allowed: every framework's native twins cover "
+                  f"{', '.join(everywhere)}")
     return args
 
 
