@@ -27,7 +27,7 @@ import kbench  # validates KERAS_BACKEND and registers kbench layers; import bef
 from kbench import data, tasks
 from kbench.config import NON_NEGATIVE, TrainConfig, option
 from kbench.flags import run_recipe
-from kbench.models import REGISTERED, get_model
+from kbench.models import IMAGE_MODELS, get_model
 from kbench.train import Run
 
 
@@ -35,7 +35,7 @@ from kbench.train import Run
 class Config(TrainConfig):
     dataset: str = option("cifar10", "dataset", choices=data.DATASETS)
     model: str = option("resnet20", "model name (for CIFAR: resnet20/32/44/56/110, "
-                                    "preact_resnet18, resnet9)", allowed=REGISTERED)
+                                    "preact_resnet18, resnet9)", allowed=IMAGE_MODELS)
     epochs: int = option(30, "training epochs")
     batch_size: int = option(128, "global batch size")
     lr: float = option(0.1, "peak learning rate (SGD, batch 128)")

@@ -30,7 +30,7 @@ import kbench  # validates KERAS_BACKEND and registers kbench layers; import bef
 from kbench import data, tasks
 from kbench.config import FRACTION, Range, TrainConfig, option
 from kbench.flags import run_recipe
-from kbench.models import REGISTERED, get_model
+from kbench.models import TEXT_MODELS, get_model
 from kbench.optim import OPTIMIZERS
 from kbench.train import Run
 
@@ -44,7 +44,7 @@ class Config(TrainConfig):
                           choices=data.TEXT_DATASETS)
     arch: str = option("transformer", "transformer encoder or recurrent (LSTM) model",
                        choices=tuple(ARCHS))
-    model: str | None = option(None, "a model name (default: text_<arch>)", allowed=REGISTERED)
+    model: str | None = option(None, "a model name (default: text_<arch>)", allowed=TEXT_MODELS)
     vocab_size: int = option(20_000, "keep the most frequent words; rarer ones share one id",
                              allowed=Range(3))
     sequence_length: int = option(200, "tokens per review (its last ones, padded in front)",

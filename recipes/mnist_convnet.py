@@ -27,7 +27,7 @@ import kbench  # validates KERAS_BACKEND and registers kbench layers; import bef
 from kbench import data, tasks
 from kbench.config import NON_NEGATIVE, TrainConfig, option
 from kbench.flags import run_recipe
-from kbench.models import REGISTERED, get_model
+from kbench.models import IMAGE_MODELS, get_model
 from kbench.optim import OPTIMIZERS
 from kbench.train import Run
 
@@ -38,7 +38,7 @@ DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
 class Config(TrainConfig):
     dataset: str = option("mnist", "mnist, fashion_mnist, digits (scikit-learn's 8x8 digits, "
                                    "no download), synthetic (MNIST-shaped)", choices=DATASETS)
-    model: str = option("convnet", "model name", allowed=REGISTERED)
+    model: str = option("convnet", "model name", allowed=IMAGE_MODELS)
     epochs: int = option(10, "training epochs")
     batch_size: int = option(64, "global batch size")
     optimizer: str = option("adam", "sgd, adam or adamw", choices=OPTIMIZERS)

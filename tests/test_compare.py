@@ -151,7 +151,8 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                             "number >= 0 and < 1"),
                              ("cutout=-4", "--cutout -4 is not allowed"),
                              ("model=nope", "--model 'nope' is not allowed: it takes a name "
-                                            "registered in kbench.models (convnet, "),
+                                            "registered in kbench.models for images "
+                                            "(convnet, "),
                              ("epochs=0", "--set epochs is compare's to set, per run: use "
                                           "--epochs (or --steps; with a target, "
                                           "--max-epochs)")]:

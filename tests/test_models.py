@@ -1,5 +1,7 @@
 """kbench.models under the active backend: shapes, parameter counts, seeded weights, saving."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -45,19 +47,29 @@ def test_registry_lists_all_and_rejects_unknown():
         get_model("resnet21")
 
 
-def test_a_recipes_model_flag_takes_the_names_registered_when_checked(monkeypatch):
-    """--model is checked against the registry before any data or training: a wrong name is
-    one line, and a model a user adds with register_model is taken."""
+def test_a_recipes_model_flag_takes_the_names_registered_for_its_inputs(monkeypatch):
+    """--model is checked against the registry before any data or training: a wrong name, or
+    a text model for images, is one line; a model a user adds with register_model is taken."""
     import kbench.models as models
     from kbench.config import check
-    from recipes import cifar_resnet
+    from recipes import cifar_resnet, imdb_transformer
 
-    with pytest.raises(KbenchError, match=r"--model 'my_net' is not allowed: it takes a name "
-                                          r"registered in kbench.models \(convnet, "):
-        check(cifar_resnet.Config(model="my_net"))
-    monkeypatch.setitem(models._REGISTRY, "my_net", lambda **kwargs: None)
+    images = "it takes a name registered in kbench.models for images (convnet, preact_resnet18, "
+    for name in ("my_net", "text_lstm"):
+        with pytest.raises(KbenchError, match=re.escape(f"--model {name!r} is not allowed: "
+                                                        f"{images}")):
+            check(cifar_resnet.Config(model=name))
+    with pytest.raises(KbenchError, match=re.escape("--model 'resnet20' is not allowed: it "
+                                                    "takes a name registered in kbench.models "
+                                                    "for tokens (text_lstm, text_transformer)")):
+        check(imdb_transformer.Config(model="resnet20"))
+    monkeypatch.setitem(models._REGISTRY, "my_net", None)  # what register_model writes
+    monkeypatch.setitem(models._INPUTS, "my_net", "images")
     assert check(cifar_resnet.Config(model="my_net")).model == "my_net"
-    assert "my_net" in str(models.REGISTERED)
+    assert "my_net" in str(models.IMAGE_MODELS) and "my_net" not in str(models.TEXT_MODELS)
+    with pytest.raises(KbenchError, match="inputs is one of images, tokens"):
+        models.register_model("my_other_net", None, inputs="pixels")
+    assert "my_other_net" not in models.list_models()
 
 
 def test_seed_fixes_weights_independently_of_backend():

@@ -155,7 +155,7 @@ def test_bad_flags_are_one_line_errors(entry_point_error):
     for args, message in [
         (["--model", "resnet21", "--epochs", "1", "--steps-per-epoch", "1"],
          "error: --model 'resnet21' is not allowed: it takes a name registered in "
-         "kbench.models (convnet, preact_resnet18, resnet9, resnet20"),
+         "kbench.models for images (convnet, preact_resnet18, resnet9, resnet20"),
         (["--train-examples", "16", "--batch-size", "64"], "batch size 64 is impossible"),
     ]:
         status, err = entry_point_error(run_recipe, cifar_resnet.main, cifar_resnet.Config,

@@ -11,12 +11,20 @@ from kbench.errors import KbenchError
 from kbench.models import layers  # noqa: F401  (registers custom layers)
 from kbench.models import convnet, resnet, text
 
-_REGISTRY = {}
+_REGISTRY = {}  # name -> builder
+_INPUTS = {}  # name -> what its model takes: "images" or "tokens"
+INPUT_KINDS = ("images", "tokens")
 
 
-def register_model(name, builder):
-    """Add a builder `fn(num_classes, input_shape, seed, **kwargs) -> keras.Model`."""
+def register_model(name, builder, inputs="images"):
+    """Add a builder `fn(num_classes, input_shape, seed, **kwargs) -> keras.Model` whose model
+    takes `inputs`: "images" (0..255 pixels, input_shape (H, W, C)) or "tokens" (int32 ids,
+    input_shape (sequence_length,), vocab_size a keyword)."""
+    if inputs not in INPUT_KINDS:
+        raise KbenchError(f"register_model({name!r}, inputs={inputs!r}): inputs is one of "
+                          f"{', '.join(INPUT_KINDS)}")
     _REGISTRY[name] = builder
+    _INPUTS[name] = inputs
     return builder
 
 
@@ -25,27 +33,35 @@ for _depth in (20, 32, 44, 56, 110):
 register_model("preact_resnet18", resnet.preact_resnet18)
 register_model("resnet9", resnet.resnet9)
 register_model("convnet", convnet.convnet)
-register_model("text_transformer", text.text_transformer)
-register_model("text_lstm", text.text_lstm)
+register_model("text_transformer", text.text_transformer, inputs="tokens")
+register_model("text_lstm", text.text_lstm, inputs="tokens")
 
 
-def list_models():
-    return sorted(_REGISTRY, key=lambda n: (n.rstrip("0123456789"), len(n), n))
+def list_models(inputs=None):
+    """The registered names (those whose models take `inputs`, if given), in a stable order."""
+    names = [n for n in _REGISTRY if inputs is None or _INPUTS[n] == inputs]
+    return sorted(names, key=lambda n: (n.rstrip("0123456789"), len(n), n))
 
 
 class RegisteredModels:
     """The `allowed` of a recipe's model field (kbench.config.option): the names registered
-    when the config is checked, so a wrong --model is one line before any data or training
-    (and before compare starts a worker), and a model added with register_model counts."""
+    when the config is checked whose models take the recipe's `inputs`, so a wrong --model is
+    one line before any data or training (and before compare starts a worker), and a model
+    added with register_model counts."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
 
     def __contains__(self, name):
-        return name in _REGISTRY
+        return _INPUTS.get(name) == self.inputs
 
     def __str__(self):
-        return f"registered in kbench.models ({', '.join(list_models())})"
+        return (f"registered in kbench.models for {self.inputs} "
+                f"({', '.join(list_models(self.inputs))})")
 
 
-REGISTERED = RegisteredModels()
+IMAGE_MODELS = RegisteredModels("images")  # cifar_resnet's, mnist_convnet's --model
+TEXT_MODELS = RegisteredModels("tokens")  # imdb_transformer's
 
 
 def get_model(name, num_classes=10, input_shape=(32, 32, 3), seed=0, **kwargs):
