@@ -57,8 +57,9 @@ FRACTION = Range(0, 1, high_open=True)  # rates and probabilities: 0 <= x < 1
 
 def option(default, help=" ", choices=None, metavar=None, allowed=None):
     """A Config field with the help text and choices its command-line flag shows, and the
-    Range of numbers it takes (`allowed`; inherited from the base class's field when a
-    recipe overrides only the default)."""
+    values it takes (`allowed`: a Range of numbers, or an object that answers `in` and prints
+    what it takes, such as kbench.models.IMAGE_MODELS; inherited from the base class's field
+    when a recipe overrides only the default)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "metavar": metavar, "allowed": allowed})
 
@@ -181,7 +182,7 @@ FREE_TEXT = ("data_dir", "output_dir", "init_from")  # paths: any string (checke
 
 def check(config):
     """Raise KbenchError, one line, for the first field of `config` that holds a value of the
-    wrong type, outside its choices or its Range, or a float that is not finite. Flags name
+    wrong type, outside its choices or its allowed values, or a float that is not finite. Flags name
     the field (`--steps-per-epoch`), as a user sets it in any of the ways a Config arrives.
     Returns `config`, with NumPy numbers (a loop over np.array values) made Python's."""
     hints = typing.get_type_hints(type(config))
@@ -209,8 +210,9 @@ def check(config):
         if (isinstance(value, float) and not math.isfinite(value)) or (
                 allowed is not None and value not in allowed):
             unset = ", or leave it unset" if optional else ""
+            why = getattr(allowed, "why_not", lambda value: "")(value)  # a hint of its own
             raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
-                              f"{_describe(kinds, allowed)}{unset}")
+                              f"{_describe(kinds, allowed)}{unset}{why}")
     config.check_combination()
     return config
 

@@ -63,10 +63,20 @@ def test_a_recipes_model_flag_takes_the_names_registered_for_its_inputs(monkeypa
                                                     "takes a name registered in kbench.models "
                                                     "for tokens (text_lstm, text_transformer)")):
         check(imdb_transformer.Config(model="resnet20"))
-    monkeypatch.setitem(models._REGISTRY, "my_net", None)  # what register_model writes
-    monkeypatch.setitem(models._INPUTS, "my_net", "images")
+    assert check(imdb_transformer.Config(model="text_lstm")).model == "text_lstm"
+    # registered for real (in copies of the registry, which the test then drops)
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models, "_INPUTS", dict(models._INPUTS))
+    models.register_model("my_net", lambda **kwargs: None)  # images, by default
+    models.register_model("my_text_net", lambda **kwargs: None, inputs="tokens")
     assert check(cifar_resnet.Config(model="my_net")).model == "my_net"
+    assert check(imdb_transformer.Config(model="my_text_net")).model == "my_text_net"
     assert "my_net" in str(models.IMAGE_MODELS) and "my_net" not in str(models.TEXT_MODELS)
+    # a text model registered without inputs= is an image model: the refusal says how to fix it
+    with pytest.raises(KbenchError, match=re.escape(
+            "; my_net is registered for images: if it takes tokens, register it with "
+            "register_model(..., inputs='tokens')")):
+        check(imdb_transformer.Config(model="my_net"))
     with pytest.raises(KbenchError, match="inputs is one of images, tokens"):
         models.register_model("my_other_net", None, inputs="pixels")
     assert "my_other_net" not in models.list_models()

@@ -50,6 +50,8 @@ class RegisteredModels:
     added with register_model counts."""
 
     def __init__(self, inputs):
+        if inputs not in INPUT_KINDS:
+            raise ValueError(f"inputs is one of {', '.join(INPUT_KINDS)}, not {inputs!r}")
         self.inputs = inputs
 
     def __contains__(self, name):
@@ -58,6 +60,13 @@ class RegisteredModels:
     def __str__(self):
         return (f"registered in kbench.models for {self.inputs} "
                 f"({', '.join(list_models(self.inputs))})")
+
+    def why_not(self, name):
+        """kbench.config.check's hint for a name registered for the other inputs."""
+        if name not in _INPUTS:
+            return ""
+        return (f"; {name} is registered for {_INPUTS[name]}: if it takes {self.inputs}, "
+                f"register it with register_model(..., inputs={self.inputs!r})")
 
 
 IMAGE_MODELS = RegisteredModels("images")  # cifar_resnet's, mnist_convnet's --model
