@@ -79,6 +79,8 @@ def test_all_backends_and_native_twins(tmp_path):
         assert row["float32_precision"] == "highest"
         assert row["config"]["float32_precision"] == "highest"
         assert row["cudnn_benchmark"] is None  # no cuDNN on this CPU
+        assert row["memory_format"] == "channels_last"  # Keras' layers and the twins alike
+        assert row["autocast_dtype"] is None  # float32
         if row["backend"] == "tensorflow":  # Keras' tf.function pulls its batches itself
             assert row["input_wait_fraction"] is None  # (kbench.train.InputClock)
         else:
@@ -456,3 +458,24 @@ def test_a_record_names_the_model_its_run_built():
                                     "config": {"model": "convnet", "batch_size": 16}})
     assert row["model"] == "my_tiny" and row["params"] == 650
     assert row["config"]["model"] == "convnet"
+
+
+def test_a_keras_record_says_the_layout_and_compute_dtype_its_model_used():
+    """memory_format and autocast_dtype of a Keras row, as the twins report theirs: the
+    layers' data_format (None for a text model) and the compute dtype under a mixed policy."""
+    import keras
+
+    from kbench.bench import worker
+    from kbench.models import get_model
+
+    try:
+        for policy, compute in (("float32", None), ("mixed_bfloat16", "bfloat16"),
+                                ("mixed_float16", "float16")):
+            keras.config.set_dtype_policy(policy)
+            model = get_model("resnet20")
+            assert worker.layer_layout(model) == "channels_last"
+            assert worker.mixed_compute_dtype(model) == compute
+        text = get_model("text_lstm", input_shape=(16,), vocab_size=50)
+        assert worker.layer_layout(text) is None
+    finally:
+        keras.config.set_dtype_policy("float32")

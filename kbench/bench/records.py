@@ -21,8 +21,10 @@ TARGET_FIELDS = ("target_accuracy", "reached", "time_to_target_s", "steps_to_tar
                  "eval_seconds", "best_eval_accuracy")
 # How the run executed, as the worker reports it (None where it does not apply):
 # compiler: "xla" | "torch.compile" | "tf.function" | "eager"; memory_format: "channels_last" |
-# "channels_first" (the layout the convolutions ran in); cudnn_benchmark: bool on CUDA;
-# autocast_dtype: the compute dtype under a mixed policy; float32_precision: "tf32" | "highest".
+# "channels_first" (the layout the model hands the convolutions: Keras rows, their layers'
+# data_format; on a GPU, XLA and TensorFlow's layout optimizer may lay them out again);
+# cudnn_benchmark: bool on CUDA; autocast_dtype: the compute dtype under a mixed policy;
+# float32_precision: "tf32" | "highest".
 SETTING_FIELDS = ("compiler", "memory_format", "cudnn_benchmark", "autocast_dtype",
                   "float32_precision")
 # Every record has these keys (None where unknown or not applicable).

@@ -146,9 +146,28 @@ def run_keras(recipe, config, spec):
         "device": ", ".join(backend.devices()),
         "num_replicas": metrics.get("num_replicas", 1),
         "distribution": metrics.get("distribution", "none"),
+        "memory_format": layer_layout(model),
+        "autocast_dtype": mixed_compute_dtype(model),
         **backend.execution_settings(),  # float32_precision, cudnn_benchmark as set
         **(metrics.get("time_to_target") or {}),
     }
+
+
+def layer_layout(model):
+    """The record's memory_format for a Keras run: the data_format of the layers that have one
+    (Keras' default channels_last: NHWC under jax and TensorFlow; under torch, Keras and the
+    fast path hand its convolutions NCHW views of NHWC tensors, i.e. channels_last memory, as
+    native-torch runs); None for a model without such layers (the text models)."""
+    formats = {layer.data_format for layer in model._flatten_layers()
+               if isinstance(getattr(layer, "data_format", None), str)}
+    return ", ".join(sorted(formats)) or None
+
+
+def mixed_compute_dtype(model):
+    """The record's autocast_dtype for a Keras run: the compute dtype of the model's policy
+    under a mixed one (Keras casts per layer where torch's twin autocasts), None in float32."""
+    compute = model.dtype_policy.compute_dtype
+    return None if compute == model.dtype_policy.variable_dtype else compute
 
 
 # Native runner -> (the twin's module in kbench.bench, extra arguments of its run()).
