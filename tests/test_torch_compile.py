@@ -93,3 +93,36 @@ def test_traceable_bind_binds_as_inspect_does():
             inspect.signature(strict).bind(*args, **kwargs)
         with pytest.raises(TypeError):
             _bind(strict_params, args, kwargs)
+
+
+@torch_only
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_compiled_kernel_view_as_strides_is_the_permuted_kernel(dtype):
+    """kbench.torch_plan hands a compiled convolution its OIHW kernel as `torch.as_strided` of
+    the HWIO value (inductor copies a permuted weight, not a strided one). Under a mixed policy
+    that value is a cast, an intermediate buffer whose layout inductor chooses: the strided
+    view must still read the values the permute reads, for the fast path's kernel layout and
+    for a contiguous one. Exact: the same convolution of the same values."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h, w, i, o = 3, 3, 4, 8
+    contiguous = torch.randn(h, w, i, o)
+    laid_out = torch.empty_strided(contiguous.shape, (w * i, i, 1, h * w * i))  # fast_path's
+    laid_out.copy_(contiguous)
+    x = torch.randn(2, i, 6, 6).contiguous(memory_format=torch.channels_last)
+    cast = getattr(torch, dtype)
+
+    def strided(x, kernel):
+        value = kernel.to(cast)
+        view = value.permute(3, 2, 0, 1)
+        return F.conv2d(x.to(cast), torch.as_strided(value, view.shape, view.stride()))
+
+    def permuted(x, kernel):
+        return F.conv2d(x.to(cast), kernel.to(cast).permute(3, 2, 0, 1))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(strided)
+    for kernel in (laid_out, contiguous):
+        torch.testing.assert_close(compiled(x, kernel), permuted(x, kernel), rtol=0, atol=0)
