@@ -377,10 +377,54 @@ def test_resnet_runs_lowered_and_keeps_channels_first_between_its_layers(fast_pa
         == kinds["GlobalAveragePooling2D"] == "channels_first"
     assert kinds["ReLU"] == kinds["Add"] == "any"
     assert kinds["Normalization"] == kinds["Dense"] == "channels_last"
-    # One permute into channels first after the pixel normalization, and each convolution's
-    # kernel view (HWIO -> OIHW): none between layers, against 5 per conv-BN pair before.
+    # One permute into channels first after the pixel normalization, each convolution's
+    # kernel view (HWIO -> OIHW) and the shortcut pads' two (to NHWC and back, see
+    # test_resnet_gradients_keep_one_memory_format): none between layers, against 5 per
+    # conv-BN pair before.
     convs = sum(name == "Conv2D" for name, _ in steps)
-    assert forward_permutes(model, x) == 1 + convs
+    pads = sum(name == "ShortcutPad" for name, _ in steps)
+    assert forward_permutes(model, x) == 1 + convs + 2 * pads
+
+
+@torch_only
+def test_resnet_gradients_keep_one_memory_format(fast_path):
+    """In a lowered ResNet-20 training step no op mixes channels_last and contiguous NCHW
+    4-D tensors (a strided, slower pass; on a GPU, uncoalesced) but the one PyTorch's own
+    global average pooling makes: the mean's gradient, a broadcast, meets the last ReLU's
+    channels_last output (the native twin has it too). ShortcutPad's slice of the NCHW view
+    made its gradient contiguous NCHW, which autograd added to the convolution branch's
+    channels_last one in each downsampling block: 5 such ops then."""
+    import keras
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kbench.models import get_model
+
+    def layout(t):
+        if t.is_contiguous():
+            return "nchw"
+        return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "other"
+
+    mixed = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            images = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4
+                      and a.shape[1] > 1 and a.shape[2] * a.shape[3] > 1]
+            if len({layout(a) for a in images}) > 1:
+                mixed.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fast_path.set_enabled(True)
+    keras.utils.set_random_seed(0)
+    model = get_model("resnet20", num_classes=10, seed=0)
+    x = torch.as_tensor(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)),
+                        dtype=torch.float32)
+    model(x, training=True)  # the plan is built on the first call
+    with Watch():
+        logits = model(x, training=True)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    assert mixed == ["threshold_backward"], mixed
 
 
 @torch_only
