@@ -141,8 +141,8 @@ def ddp_train_step(ddp):
 # and cond create an Operation per call, named from a global counter that dynamo guards on.
 # Inside a trace such an operation is transient and its name unused: it gets the plain name.
 # Two more break the optimizer's part of the step:
-#   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch (in a
-#     learning-rate schedule, a pure function of the step, both branches can be computed);
+#   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch
+#     (`select_in_schedules`, below, which the fast path uses eagerly too);
 #   - torch SGD passes the learning rate, a tensor, as `alpha=` of torch._foreach_add_,
 #     which takes a Python number: a .item() per step, data-dependent.
 # `torch_compile_ready` replaces these six, for the traced code only: outside a
@@ -219,37 +219,9 @@ def _install_torch_compile_fixes():
 
     naming.uniquify = uniquify
 
-    from keras.src import ops
+    select_in_schedules()
     from keras.src.backend.torch.optimizers import torch_sgd
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
 
-    keras_cond = ops.cond
-    keras_learning_rate = BaseOptimizer._get_current_learning_rate
-    in_schedule = []  # non-empty while a learning-rate schedule runs in a trace
-
-    def cond(pred, true_fn, false_fn):
-        if in_schedule and torch.compiler.is_compiling() and isinstance(pred, torch.Tensor):
-            # A schedule is a pure function of the step: compute both branches, select.
-            # (torch.cond refuses them: Keras' name_scope mutates a stack; and Keras' own
-            # ops.cond makes a new Cond operation per call, whose unique name is a guard:
-            # a recompile every step.)
-            from keras.src import tree
-
-            return tree.map_structure(lambda a, b: torch.where(pred, a, b), true_fn(),
-                                      false_fn())
-        return keras_cond(pred, true_fn, false_fn)
-
-    def current_learning_rate(self):
-        if not torch.compiler.is_compiling():
-            return keras_learning_rate(self)
-        in_schedule.append(True)
-        try:
-            return keras_learning_rate(self)
-        finally:
-            in_schedule.pop()
-
-    ops.cond = cond
-    BaseOptimizer._get_current_learning_rate = current_learning_rate
     keras_sgd_update = torch_sgd.SGD._parallel_update_step
 
     def sgd_update(self, grads, variables, learning_rate):
@@ -269,6 +241,63 @@ def _install_torch_compile_fixes():
         return keras_can_use_flash(*args, raise_error=raise_error, **kwargs)
 
     torch_nn._can_use_flash_attention = can_use_flash_attention
+
+
+# A learning-rate schedule's keras.ops.cond (CosineDecay's warmup, CosineDecayRestarts) is a
+# Python `if` on a tensor under torch. The step counter it tests lives on the device, so
+# eagerly on a GPU that `if` waits for the device at every step: the host stops queueing
+# work until the step so far has run (the one device read left in the fast path's eager
+# step; tests/test_fast_path.py looks for others); under torch.compile it is a graph break.
+# A schedule is a pure function of the step, so both branches can be computed and the value
+# selected with torch.where: the same value, nothing read. (torch.cond refuses the branches:
+# Keras' name_scope mutates a stack; and Keras' own ops.cond makes a new Cond operation per
+# call, whose unique name is a dynamo guard: a recompile every step.)
+_schedules = {"installed": False, "eager": lambda: False}
+
+
+def select_in_schedules(eager=None):
+    """Make keras.ops.cond select instead of branching inside an optimizer's learning-rate
+    schedule: always under torch.compile, and in eager steps while `eager()` is true (the
+    fast path gives `enabled`) for Keras' own and kbench's schedules (a schedule of yours
+    may have branches that must not both run: Keras' cond). Installed once."""
+    if eager is not None:
+        _schedules["eager"] = eager
+    if _schedules["installed"]:
+        return
+    import torch
+    from keras.src import ops, tree
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+    from keras.src.optimizers.schedules.learning_rate_schedule import LearningRateSchedule
+
+    keras_cond = ops.cond
+    keras_learning_rate = BaseOptimizer._get_current_learning_rate
+    in_schedule = []  # non-empty while a learning-rate schedule is computed with selects
+
+    def cond(pred, true_fn, false_fn):
+        if in_schedule and isinstance(pred, torch.Tensor):
+            return tree.map_structure(lambda a, b: torch.where(pred, a, b), true_fn(),
+                                      false_fn())
+        return keras_cond(pred, true_fn, false_fn)
+
+    def selects(schedule):
+        if torch.compiler.is_compiling():
+            return True
+        return (isinstance(schedule, LearningRateSchedule) and _schedules["eager"]()
+                and type(schedule).__module__.startswith(
+                    ("keras.src.optimizers.schedules.", "kbench.")))
+
+    def current_learning_rate(self):
+        if not selects(self._learning_rate):
+            return keras_learning_rate(self)
+        in_schedule.append(True)
+        try:
+            return keras_learning_rate(self)
+        finally:
+            in_schedule.pop()
+
+    ops.cond = cond
+    BaseOptimizer._get_current_learning_rate = current_learning_rate
+    _schedules["installed"] = True
 
 
 def _traceable_sgd_update(optimizer, grads, variables, learning_rate):

@@ -510,6 +510,53 @@ def test_sgd_step_is_keras_own_to_the_bit(fast_path):
 
 
 @torch_only
+def test_an_eager_step_reads_no_tensor_value_but_a_cpu_rate(fast_path):
+    """Each host read of a tensor's value (bool(), .item(), float(), ...) waits for the
+    device on a GPU. kbench's eager train step (ResNet-20, its SGD, the recipes' warmup +
+    cosine schedule, across the warmup's end) makes one only where its learning rate is a
+    CPU tensor (kbench.torch_sgd); CosineDecay's warmup `ops.cond`, an `if` on the step
+    counter that read it at every step, selects instead (keras_fixes.select_in_schedules):
+    the same rates, to the bit (test_sgd_step_is_keras_own_to_the_bit)."""
+    import os
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from kbench import train
+    from kbench.config import TrainConfig
+    from kbench.models import get_model
+
+    reads = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item", "__float__", "__int__",
+                                                 "__index__", "tolist", "numpy", "__array__"):
+                caller = [f for f in traceback.extract_stack()[:-1]
+                          if f"{os.sep}torch{os.sep}" not in f.filename][-1]
+                reads.append(f"{os.path.basename(caller.filename)}:{func.__name__}")
+            return func(*args, **(kwargs or {}))
+
+    fast_path.set_enabled(True)
+    model = get_model("resnet20", num_classes=10, seed=0)
+    config = TrainConfig(epochs=2, warmup_epochs=1.0)
+    train.compile_model(model, config, steps_per_epoch=2)  # warmup: steps 0 and 1
+    x = torch.as_tensor(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)),
+                        dtype=torch.float32)
+    y = torch.nn.functional.one_hot(torch.tensor([1, 2]), 10).float()
+    model.make_train_function()
+    rates = []
+    for _ in range(4):
+        with Watch():
+            model.train_function([(x, y)])
+        rates.append(float(model.optimizer._get_current_learning_rate()))
+    assert reads == ["torch_sgd.py:item"] * 4, reads  # the CPU rate's, once a step
+    # the rate after each step: up the warmup to lr at its end, then down the cosine
+    assert rates == pytest.approx([config.lr / 2, config.lr, config.lr / 2, 0.0])
+
+
+@torch_only
 def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
     """`model.call(array)` skips Layer.__call__'s conversion; the plan converts the array
     before its first step permutes it, and computes what Keras' own call does."""
