@@ -44,6 +44,9 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
     and reads no device scalar (kbench.torch_sgd); nor does any optimizer's learning-rate
     schedule (CosineDecay's warmup `ops.cond`: kbench.keras_fixes.select_in_schedules).
+  - under torch on a CUDA GPU, eagerly, Keras' conversions of Python numbers, shapes and host
+    batches to device tensors make no blocking copy, each of which synchronized the stream
+    (kbench.torch_transfers).
 Each computes the same function as stock Keras, to float32 round-off (the tests compare
 outputs, gradients and moving statistics); where a channel's mean is far larger than its
 spread, the fused kernels are the more accurate (Keras' torch moments compute
@@ -142,10 +145,11 @@ def _install(backend):
         _TORCH_DTYPES.update({str(dtype)[6:]: dtype for dtype in floats})
         _install_direct_calls()
         _install_kernel_layout()
-        from kbench import keras_fixes, torch_sgd
+        from kbench import keras_fixes, torch_sgd, torch_transfers
 
         torch_sgd.install(_state)
         keras_fixes.select_in_schedules(eager=lambda: _state["enabled"])
+        torch_transfers.install(lambda: _state["enabled"])
         from kbench import torch_step
 
         torch_step.install(_state, planned)

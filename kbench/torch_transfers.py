@@ -1,0 +1,113 @@
+"""The fast path's conversions to device tensors under torch on a GPU: none waits for the device.
+
+Keras' torch `convert_to_tensor` makes a device tensor of a Python number with
+`torch.as_tensor(x, device=...)` and moves a host tensor with `x.to(device)`. On a CUDA device
+both are blocking copies from host memory, which PyTorch ends with `cudaStreamSynchronize`
+(`memcpy_and_sync` in ATen's copy kernel; pytorch/pytorch#120996: `torch.tensor(3.14,
+device="cuda")` syncs, `torch.full((), 3.14, device="cuda")` does not): the host waits until
+the GPU has run everything queued so far, and then cannot queue ahead. An eager Keras-torch
+step of kbench's recipes makes about a dozen such conversions (counted on this CPU by
+tests/test_fast_path.py): the learning-rate schedule's constants (5), the iteration counter's
+increment, the loss's class count and its divisor (the values' shape), the loss tracker's and
+the accuracy's sample counts, and the batch's images and labels; the native twin makes none
+(its batches move with `non_blocking=True`, its learning rate is a Python float).
+
+While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
+  - a Python bool, int or float becomes `torch.full((), x, dtype=..., device=...)`: a fill
+    kernel, no copy; the same value (both convert the Python number to the dtype alike; a
+    number `full` refuses, a float32 overflow that `as_tensor` makes inf, stays Keras');
+  - a host tensor moves with `non_blocking=True`, as the native twin's batches do (from
+    pageable memory the driver stages the copy; PyTorch adds no stream sync);
+  - anything Keras converts through NumPy (an array, a NumPy scalar, a TensorFlow tensor: the
+    batches of a tf.data pipeline, which Keras' DataLoader converts so), or a list or tuple of
+    Python numbers (a shape), becomes Keras' own host tensor (its dtype rules) and moves the
+    same way (a list or tuple, a few bytes, from pinned memory: a copy that is asynchronous
+    whatever the driver).
+Anything else (a Variable, a tensor already on the device, a list of tensors, complex
+numbers, symbolic sizes, sparse or ragged requests) and everything on a CPU, or under torch.compile (where constants are part of the
+graph), is Keras' own conversion.
+"""
+
+import torch
+
+_state = {"enabled": lambda: False, "stock": None, "accelerator": {}}
+_NUMBERS = (bool, int, float)
+
+
+def install(enabled, force=False):
+    """Replace Keras' torch convert_to_tensor wherever Keras holds it (every keras module that
+    imported it by name), once, where torch sees a CUDA GPU (or with `force`: the tests); the
+    replacement defers to Keras unless `enabled()`. Without CUDA nothing is replaced: the
+    replacement would only cost its checks (about a microsecond a call, 70 calls a step)."""
+    import sys
+
+    from keras.src.backend.torch import core
+
+    _state["enabled"] = enabled
+    if _state["stock"] is not None or not (force or torch.cuda.is_available()):
+        return
+    stock = _state["stock"] = core.convert_to_tensor
+
+    def convert_to_tensor(x, dtype=None, sparse=None, ragged=None):
+        if not sparse and not ragged and _state["enabled"]() \
+                and not torch.compiler.is_compiling():
+            device = core.get_device()
+            if accelerator(device):
+                found = without_sync(x, dtype, device)
+                if found is not None:
+                    return found
+        return stock(x, dtype=dtype, sparse=sparse, ragged=ragged)
+
+    convert_to_tensor.__doc__ = stock.__doc__
+    convert_to_tensor.__wrapped__ = stock
+    for name, module in list(sys.modules.items()):
+        if name.startswith("keras") and getattr(module, "convert_to_tensor", None) is stock:
+            module.convert_to_tensor = convert_to_tensor
+
+
+def accelerator(device):
+    """Whether Keras' `device` (a name: "cuda", "cuda:0", "cpu", "meta", ...) is a CUDA GPU."""
+    found = _state["accelerator"].get(device)
+    if found is None:
+        found = _state["accelerator"][device] = torch.device(device).type == "cuda"
+    return found
+
+
+def without_sync(x, dtype, device):
+    """Keras' convert_to_tensor(x, dtype) on `device` without a blocking host-to-device copy,
+    or None where this module leaves `x` to Keras (see the module doc)."""
+    from keras.src.backend.torch import core
+
+    kind = type(x)
+    if kind in _NUMBERS:
+        if dtype is not None:
+            torch_dtype = core.to_torch_dtype(dtype)
+        elif kind is bool:
+            torch_dtype = torch.bool
+        elif kind is int:  # Keras' rule: int32 unless the value needs 64 bits
+            torch_dtype = torch.int64 if x < -(2**31) or x >= 2**31 else torch.int32
+        else:
+            torch_dtype = core.to_torch_dtype(core.floatx())
+        try:
+            return torch.full((), x, dtype=torch_dtype, device=device)
+        except RuntimeError:  # e.g. 1e39 as float32: Keras' conversion makes it inf
+            return None
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            return None
+        moved = x.to(device, non_blocking=True)
+        return moved if dtype is None else moved.to(core.to_torch_dtype(dtype))
+    from keras.src.backend.common.variables import Variable
+
+    if isinstance(x, (Variable, torch.SymInt, torch.SymFloat, complex)):
+        return None  # its value on the device already, or symbolic, or complex: Keras'
+    small = isinstance(x, (list, tuple))
+    if small and not (len(x) > 0 and all(type(v) in _NUMBERS for v in x)):
+        return None  # empty, or holding tensors (Keras stacks them) or anything else
+    # A NumPy array or scalar, or what Keras makes one of (a TensorFlow tensor: the
+    # batches of a tf.data pipeline, which Keras' DataLoader converts here), or a shape.
+    with core.device_scope("cpu"):
+        host = _state["stock"](x, dtype=dtype)
+    if small and torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -1,0 +1,120 @@
+"""kbench.torch_transfers: on a CUDA GPU the fast path converts Python numbers, shapes and host
+batches to device tensors without PyTorch's blocking copies (each a stream sync). This machine
+has no GPU: the tests take the conversions' GPU route on the CPU (`accelerator` patched to say
+yes), where a non-blocking move to the CPU is the tensor itself, and check that the route gives
+Keras' own values, to the bit, and that an eager training step then leaves no conversion to
+Keras' blocking one."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.conftest import BACKEND
+
+pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="torch's host-to-device copies")
+
+
+@pytest.fixture
+def gpu_route(monkeypatch):
+    """The fast path on, and every device taken for a CUDA GPU by torch_transfers."""
+    from kbench import fast_path, torch_transfers
+
+    before = fast_path.enabled()
+    fast_path.set_enabled(True)
+    torch_transfers.install(fast_path.enabled, force=True)  # without CUDA it installs nothing
+    monkeypatch.setattr(torch_transfers, "accelerator", lambda device: True)
+    yield torch_transfers
+    fast_path.set_enabled(before)
+
+
+def same(a, b):
+    import torch
+
+    assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+    if a.dtype.is_floating_point:  # bit for bit, NaNs and signed zeros included
+        a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16", "float16", "float64", "int32",
+                                   "int64", "bool"])
+def test_each_conversion_is_keras_own(gpu_route, dtype):
+    import tensorflow as tf
+    import torch
+    from keras.src.backend.torch import core
+
+    stock = gpu_route._state["stock"]
+    numbers = [0.1, 1 / 3, -0.0, 1e-45, 65520.0, math.inf, -math.inf, math.nan, 0, 7, -3,
+               2**31, 2**40, True, False]
+    arrays = [(2, 10), [1], [3, 4, 5], (0.5, 2), np.arange(6, dtype="float32").reshape(2, 3),
+              np.array([1, 255], "uint8"), np.float32(2.5), np.int64(9),
+              tf.constant([[1.0, 2.0]]), torch.tensor([1.5, -2.0]),
+              torch.tensor([[3, 4]], dtype=torch.int64)]
+    checked = 0
+    for x in numbers + arrays:
+        try:
+            expected = stock(x, dtype=dtype)
+        except (RuntimeError, OverflowError):
+            continue  # Keras refuses it (nan as an int, 2**40 as int32): so may the route
+        found = gpu_route.without_sync(x, dtype, "cpu")
+        assert found is not None, x
+        same(found, expected)
+        checked += 1
+    assert checked >= 20
+    # What the route leaves to Keras: a float32 overflow (Keras makes it inf; torch.full
+    # refuses it), a Variable, a list of tensors, an empty list.
+    assert gpu_route.without_sync(1e39, "float32", "cpu") is None
+    assert gpu_route.without_sync(core.Variable(np.ones(2, "float32")), dtype, "cpu") is None
+    assert gpu_route.without_sync([torch.ones(2)], dtype, "cpu") is None
+    assert gpu_route.without_sync([], dtype, "cpu") is None
+
+
+def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
+    """Keras' conversions in kbench's eager ResNet-20 training (fit on a tf.data pipeline,
+    its DataLoader, the loss, the metrics, SGD and its warmup + cosine schedule) all take
+    the route, and training computes the same numbers as with Keras' own conversions."""
+    import torch
+    from keras.src.backend.common import global_state
+    from torch.overrides import TorchFunctionMode
+
+    from kbench import train
+    from kbench.recipe import load_recipe
+
+    blocking = []
+
+    class Watch(TorchFunctionMode):
+        # Keras' blocking conversion: torch.as_tensor(data, device=Keras' device); the route's
+        # own host conversion runs inside device_scope("cpu")
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (getattr(func, "__name__", "") in ("as_tensor", "tensor") and args
+                    and not isinstance(args[0], torch.Tensor)
+                    and (kwargs or {}).get("device") is not None
+                    and global_state.get_global_attribute("torch_device") is None):
+                blocking.append(type(args[0]).__name__)
+            return func(*args, **(kwargs or {}))
+
+    recipe = load_recipe("cifar_resnet")
+    config = recipe.Config(dataset="synthetic", model="resnet20", batch_size=2,
+                           train_examples=8, test_examples=8, epochs=2, warmup_epochs=1.0,
+                           jit_compile="off", verbose=0)
+
+    def trained(route):
+        if not route:
+            gpu_route.accelerator = lambda device: False  # (monkeypatch restores it)
+        train.setup_run(config)
+        model = recipe.build_model(config)
+        train.compile_model(model, config, steps_per_epoch=2)
+        train_ds, _ = recipe.build_datasets(config)
+        with Watch():
+            history = model.fit(train_ds.dataset.repeat(), steps_per_epoch=2, epochs=2,
+                                verbose=0)
+        return history.history["loss"], [v.numpy() for v in model.weights]
+
+    route_losses, route_weights = trained(route=True)
+    assert blocking == []
+    keras_losses, keras_weights = trained(route=False)
+    assert len(blocking) >= 4 * 12, blocking  # Keras' own: about a dozen a step
+    assert route_losses == keras_losses
+    for a, b in zip(route_weights, keras_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
