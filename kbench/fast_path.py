@@ -43,7 +43,8 @@ This module replaces exactly those things, and nothing else, while `enabled`:
     step instead of five times (kbench.torch_step).
   - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
     and reads no device scalar (kbench.torch_sgd); nor does any optimizer's learning-rate
-    schedule (CosineDecay's warmup `ops.cond`: kbench.keras_fixes.select_in_schedules).
+    schedule of Keras' or kbench's (CosineDecay's warmup `ops.cond`:
+    kbench.keras_fixes.select_in_schedules).
   - under torch on a CUDA GPU, eagerly, Keras' conversions of Python numbers, shapes and host
     batches to device tensors make no blocking copy, each of which synchronized the stream
     (kbench.torch_transfers).

@@ -269,12 +269,16 @@ def select_in_schedules(eager=None):
     from keras.src.optimizers.base_optimizer import BaseOptimizer
     from keras.src.optimizers.schedules.learning_rate_schedule import LearningRateSchedule
 
+    import threading
+
     keras_cond = ops.cond
     keras_learning_rate = BaseOptimizer._get_current_learning_rate
-    in_schedule = []  # non-empty while a learning-rate schedule is computed with selects
+    # depth > 0 while this thread computes a learning-rate schedule with selects (another
+    # thread's ops.cond, outside any schedule, stays Keras')
+    in_schedule = threading.local()
 
     def cond(pred, true_fn, false_fn):
-        if in_schedule and isinstance(pred, torch.Tensor):
+        if getattr(in_schedule, "depth", 0) and isinstance(pred, torch.Tensor):
             return tree.map_structure(lambda a, b: torch.where(pred, a, b), true_fn(),
                                       false_fn())
         return keras_cond(pred, true_fn, false_fn)
@@ -289,11 +293,11 @@ def select_in_schedules(eager=None):
     def current_learning_rate(self):
         if not selects(self._learning_rate):
             return keras_learning_rate(self)
-        in_schedule.append(True)
+        in_schedule.depth = getattr(in_schedule, "depth", 0) + 1
         try:
             return keras_learning_rate(self)
         finally:
-            in_schedule.pop()
+            in_schedule.depth -= 1
 
     ops.cond = cond
     BaseOptimizer._get_current_learning_rate = current_learning_rate

@@ -6,31 +6,35 @@ both are blocking copies from host memory, which PyTorch ends with `cudaStreamSy
 (`memcpy_and_sync` in ATen's copy kernel; pytorch/pytorch#120996: `torch.tensor(3.14,
 device="cuda")` syncs, `torch.full((), 3.14, device="cuda")` does not): the host waits until
 the GPU has run everything queued so far, and then cannot queue ahead. An eager Keras-torch
-step of kbench's recipes makes about a dozen such conversions (counted on this CPU by
-tests/test_fast_path.py): the learning-rate schedule's constants (5), the iteration counter's
-increment, the loss's class count and its divisor (the values' shape), the loss tracker's and
-the accuracy's sample counts, and the batch's images and labels; the native twin makes none
-(its batches move with `non_blocking=True`, its learning rate is a Python float).
+step of kbench's recipes makes 12 such conversions (counted on this CPU by
+tests/test_torch_transfers.py): the learning-rate schedule's constants (5), the iteration
+counter's increment, the loss's class count and its divisor (the values' shape), the loss
+tracker's and the accuracy's sample counts, and the batch's images and labels; the native twin
+makes none (its batches move with `non_blocking=True`, its learning rate is a Python float).
 
 While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
   - a Python bool, int or float becomes `torch.full((), x, dtype=..., device=...)`: a fill
-    kernel, no copy; the same value (both convert the Python number to the dtype alike; a
-    number `full` refuses, a float32 overflow that `as_tensor` makes inf, stays Keras');
+    kernel, no copy; the same value (both convert the Python number to the dtype alike, an
+    int to a float through a Python float; a number `full` refuses, such as a float32
+    overflow that `as_tensor` makes inf, stays Keras');
   - a host tensor moves with `non_blocking=True`, as the native twin's batches do (from
-    pageable memory the driver stages the copy; PyTorch adds no stream sync);
+    pageable memory the driver stages the copy, and may still wait for the stream; PyTorch
+    adds no sync of its own); one in pinned memory, which its owner may refill as soon as
+    the conversion returns, moves as Keras moves it;
   - anything Keras converts through NumPy (an array, a NumPy scalar, a TensorFlow tensor: the
     batches of a tf.data pipeline, which Keras' DataLoader converts so), or a list or tuple of
     Python numbers (a shape), becomes Keras' own host tensor (its dtype rules) and moves the
     same way (a list or tuple, a few bytes, from pinned memory: a copy that is asynchronous
     whatever the driver).
 Anything else (a Variable, a tensor already on the device, a list of tensors, complex
-numbers, symbolic sizes, sparse or ragged requests) and everything on a CPU, or under torch.compile (where constants are part of the
-graph), is Keras' own conversion.
+numbers, symbolic sizes, sparse or ragged requests), everything on a CPU, and everything under
+torch.compile (where constants are part of the graph) is Keras' own conversion.
 """
 
 import torch
 
-_state = {"enabled": lambda: False, "stock": None, "accelerator": {}}
+_state = {"enabled": lambda: False, "stock": None, "accelerator": {}, "core": None,
+          "Variable": None}
 _NUMBERS = (bool, int, float)
 
 
@@ -41,11 +45,13 @@ def install(enabled, force=False):
     replacement would only cost its checks (about a microsecond a call, 70 calls a step)."""
     import sys
 
+    from keras.src.backend.common.variables import Variable
     from keras.src.backend.torch import core
 
     _state["enabled"] = enabled
     if _state["stock"] is not None or not (force or torch.cuda.is_available()):
         return
+    _state["core"], _state["Variable"] = core, Variable
     stock = _state["stock"] = core.convert_to_tensor
 
     def convert_to_tensor(x, dtype=None, sparse=None, ragged=None):
@@ -76,8 +82,7 @@ def accelerator(device):
 def without_sync(x, dtype, device):
     """Keras' convert_to_tensor(x, dtype) on `device` without a blocking host-to-device copy,
     or None where this module leaves `x` to Keras (see the module doc)."""
-    from keras.src.backend.torch import core
-
+    core = _state["core"]
     kind = type(x)
     if kind in _NUMBERS:
         if dtype is not None:
@@ -89,17 +94,20 @@ def without_sync(x, dtype, device):
         else:
             torch_dtype = core.to_torch_dtype(core.floatx())
         try:
-            return torch.full((), x, dtype=torch_dtype, device=device)
-        except RuntimeError:  # e.g. 1e39 as float32: Keras' conversion makes it inf
+            # as_tensor makes a float of an int through a Python float (a double): so must
+            # full, which would round an int64 to float32 directly (once, not twice)
+            value = float(x) if kind is int and torch_dtype.is_floating_point else x
+            return torch.full((), value, dtype=torch_dtype, device=device)
+        except (RuntimeError, OverflowError):  # 1e39 as float32 (Keras: inf), 2**64, ...
             return None
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             return None
-        moved = x.to(device, non_blocking=True)
+        # (not from pinned memory, which its owner may refill once the conversion returns:
+        # from there a non-blocking copy would still be reading it)
+        moved = x.to(device, non_blocking=not x.is_pinned())
         return moved if dtype is None else moved.to(core.to_torch_dtype(dtype))
-    from keras.src.backend.common.variables import Variable
-
-    if isinstance(x, (Variable, torch.SymInt, torch.SymFloat, complex)):
+    if isinstance(x, (_state["Variable"], torch.SymInt, torch.SymFloat, complex)):
         return None  # its value on the device already, or symbolic, or complex: Keras'
     small = isinstance(x, (list, tuple))
     if small and not (len(x) > 0 and all(type(v) in _NUMBERS for v in x)):
@@ -108,6 +116,6 @@ def without_sync(x, dtype, device):
     # batches of a tf.data pipeline, which Keras' DataLoader converts here), or a shape.
     with core.device_scope("cpu"):
         host = _state["stock"](x, dtype=dtype)
-    if small and torch.device(device).type == "cuda":
+    if small and torch.device(device).type == "cuda":  # a new pinned buffer, ours alone
         host = host.pin_memory()
     return host.to(device, non_blocking=True)

@@ -46,7 +46,8 @@ def test_each_conversion_is_keras_own(gpu_route, dtype):
 
     stock = gpu_route._state["stock"]
     numbers = [0.1, 1 / 3, -0.0, 1e-45, 65520.0, math.inf, -math.inf, math.nan, 0, 7, -3,
-               2**31, 2**40, True, False]
+               2**31, 2**40, 2**60 + 2**36 + 1, 2**64, True, False]  # (2**60 + 2**36 + 1
+    # rounds twice as Keras makes it a float: through a double)
     arrays = [(2, 10), [1], [3, 4, 5], (0.5, 2), np.arange(6, dtype="float32").reshape(2, 3),
               np.array([1, 255], "uint8"), np.float32(2.5), np.int64(9),
               tf.constant([[1.0, 2.0]]), torch.tensor([1.5, -2.0]),
@@ -55,10 +56,18 @@ def test_each_conversion_is_keras_own(gpu_route, dtype):
     for x in numbers + arrays:
         try:
             expected = stock(x, dtype=dtype)
-        except (RuntimeError, OverflowError):
-            continue  # Keras refuses it (nan as an int, 2**40 as int32): so may the route
+        except (RuntimeError, OverflowError, ValueError):
+            # Keras refuses it (nan as an int, 2**40 as int32, 2**64 as any int): the route
+            # leaves it to Keras (None), or refuses it too
+            try:
+                assert gpu_route.without_sync(x, dtype, "cpu") is None, x
+            except (RuntimeError, OverflowError, ValueError):
+                pass
+            continue
         found = gpu_route.without_sync(x, dtype, "cpu")
-        assert found is not None, x
+        if found is None:  # left to Keras: only an int beyond int64 (as a bool, Keras takes it)
+            assert x == 2**64, x
+            continue
         same(found, expected)
         checked += 1
     assert checked >= 20
@@ -68,6 +77,41 @@ def test_each_conversion_is_keras_own(gpu_route, dtype):
     assert gpu_route.without_sync(core.Variable(np.ones(2, "float32")), dtype, "cpu") is None
     assert gpu_route.without_sync([torch.ones(2)], dtype, "cpu") is None
     assert gpu_route.without_sync([], dtype, "cpu") is None
+
+
+def test_every_copy_the_route_makes_is_non_blocking(gpu_route):
+    """To the `meta` device, a real move off the host that keeps no data: numbers become
+    fills there (no copy), and arrays, TensorFlow tensors, shapes and host tensors arrive by
+    non-blocking copies, with Keras' dtypes and shapes; a pinned host tensor, which its owner
+    may refill once the conversion returns, is copied as Keras copies it (blocking)."""
+    import tensorflow as tf
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copies = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None:
+                copies.append(kwargs.get("non_blocking", False))
+            return func(*args, **(kwargs or {}))
+
+    stock = gpu_route._state["stock"]
+    moved = [np.ones((2, 3), "float32"), np.array([1, 2], "uint8"), np.float32(2.5),
+             tf.constant([[1.0, 2.0]]), (2, 10), [0.5, 1], torch.ones(4)]
+    for x in moved + [0.5, 3, True]:
+        with Watch():
+            found = gpu_route.without_sync(x, None, "meta")
+        expected = stock(x)  # on the CPU: Keras' dtype and shape
+        assert (found.device.type, found.dtype, found.shape) == \
+            ("meta", expected.dtype, expected.shape), x
+    assert copies == [True] * len(moved)  # one each, non-blocking; none for the numbers
+    copies.clear()
+    pinned = torch.ones(4)
+    pinned.is_pinned = lambda: True  # (pinning itself needs CUDA)
+    with Watch():
+        gpu_route.without_sync(pinned, None, "meta")
+    assert copies == [False]
 
 
 def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
