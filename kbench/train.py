@@ -523,6 +523,8 @@ class StepTimer(keras.callbacks.Callback):
     logs to Python numbers, a sync per step. (Keras' tensorflow backend does that anyway: its
     callbacks are never dispatched asynchronously. An epoch's last window also holds Keras'
     end-of-epoch work, e.g. jax's state sync.)
+    Under torch on a CUDA GPU it counts the steps' own syncs over the warm-up steps
+    (kbench.sync_watch): `syncs_per_step` and `sync_sites`, None and [] elsewhere.
     """
 
     def __init__(self, batch_size, sync_every=None, warmup_steps=0):
@@ -538,6 +540,7 @@ class StepTimer(keras.callbacks.Callback):
         self._first_batch = None  # the epoch's first batch index (a resumed epoch's is 0 too)
         self._last_batch = None
         self._steps_run = 0
+        self._watch, self._watched_from = None, None  # a SyncWatch over the warm-up steps
 
     def on_train_begin(self, logs=None):
         self._train_begin = time.perf_counter()
@@ -555,9 +558,13 @@ class StepTimer(keras.callbacks.Callback):
             warming_up = self._steps_run <= 1 + self.warmup_steps
             if warming_up and self.compile_s is not None:
                 return  # no sync: nothing to read the clock for
+            if not warming_up:
+                self._stop_watch(self._steps_run - 1)
             now = self._now()
             if self.compile_s is None:
                 self.compile_s = now - self._train_begin
+                if warming_up:
+                    self._start_watch()
             if not warming_up:
                 self._open = (batch, now, self._waited())
         elif self.sync_every and batch - self._open[0] >= self.sync_every:
@@ -577,7 +584,28 @@ class StepTimer(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._end_of_training()
 
+    def _start_watch(self):
+        from kbench import sync_watch
+
+        if backend.name() == "torch" and sync_watch.available():
+            self._watch, self._watched_from = sync_watch.SyncWatch(), self._steps_run
+            self._watch.start()
+
+    def _stop_watch(self, steps_done):
+        """Stop the warm-up's SyncWatch after `steps_done` steps of the run have finished."""
+        if self._watch is not None and self._watch.watching:
+            self._watch.stop(steps_done - self._watched_from + 1)
+
+    @property
+    def syncs_per_step(self):
+        return None if self._watch is None else self._watch.syncs_per_step
+
+    @property
+    def sync_sites(self):
+        return [] if self._watch is None else self._watch.sites
+
     def _end_of_training(self):
+        self._stop_watch(self._steps_run)
         if self._last_batch is None:
             return  # evaluation outside fit, or the epoch's training already closed
         if self._open is not None:

@@ -151,8 +151,13 @@ def test_rows_name_compiled_torch_runs_and_divide_each_keras_row_by_its_twin():
         {"batch_size": 1024, "ms_per_batch": 12.5, "ms_per_batch_p90": 14.0,
          "batches_per_sec": 80.0, "examples_per_sec": 81920.0}],
         skipped=["resnet20 mixed_bfloat16 torch-compiled (torch-compiled)"])
-    assert "| 4.00x | 2.0% |" in table and "| 1024 | 12.50 | 14.00 | 80.0 | 81920 |" in table
+    assert "| 4.00x | 2.0% | - |" in table and "| 1024 | 12.50 | 14.00 | 80.0 | 81920 |" in table
     assert "Left out to stay within the GPU-time budget" in table
+    stock = gpu_check.rows_with_mfu([{**record("torch-stock", "cuda:0", 50.0), "jit": "False",
+                                      "syncs_per_step": 13.0,
+                                      "sync_sites": ["core.py:259 (12/step)"]}], None)
+    table = gpu_check.markdown(stock, "t")
+    assert "| 13 |" in table and "- resnet20 float32 torch-stock: core.py:259 (12/step)" in table
 
 
 def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():

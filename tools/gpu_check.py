@@ -286,7 +286,8 @@ def rows_with_mfu(records, peak):
             "step_time_ms": ms, "examples_per_sec": r.get("examples_per_sec"),
             "compile_s": r.get("compile_s"), "peak_device_mb": r.get("peak_device_mb"),
             "tflops": tflops, "mfu": tflops / dense if tflops and dense else None,
-            "input_wait": r.get("input_wait_fraction"), "error": r.get("error"),
+            "input_wait": r.get("input_wait_fraction"), "syncs": r.get("syncs_per_step"),
+            "sync_sites": r.get("sync_sites"), "error": r.get("error"),
         })
     for row in rows:  # each Keras row over its twin of the same case and compile mode
         twin = next((t for t in rows if t["backend"] == TWIN.get(row["backend"])
@@ -325,7 +326,7 @@ def _fmt(value, spec):
 
 
 COLUMNS = ("model", "dtype", "backend", "jit", "batch", "status", "ms/step", "examples/s",
-           "compile s", "device MB", "TFLOP/s", "MFU", "vs native", "input wait")
+           "compile s", "device MB", "TFLOP/s", "MFU", "vs native", "input wait", "syncs/step")
 
 
 def cells(row):
@@ -335,7 +336,8 @@ def cells(row):
             _fmt(row["peak_device_mb"], ".0f"), _fmt(row["tflops"], ".1f"),
             "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
             "-" if row.get("vs_native") is None else f"{row['vs_native']:.2f}x",
-            "-" if row.get("input_wait") is None else f"{100 * row['input_wait']:.1f}%"]
+            "-" if row.get("input_wait") is None else f"{100 * row['input_wait']:.1f}%",
+            _fmt(row.get("syncs"), "g")]
 
 
 def markdown(rows, header, input_rates=(), skipped=()):
@@ -344,6 +346,13 @@ def markdown(rows, header, input_rates=(), skipped=()):
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    sites = [r for r in rows if r.get("sync_sites")]
+    if sites:
+        lines += ["", "Where each torch run's syncs/step came from (PyTorch's synchronizing "
+                      "operations in its warm-up steps, by the line that called them; "
+                      "kbench.sync_watch):", ""]
+        lines += [f"- {r['model']} {r['dtype']} {r['backend']}: " + "; ".join(r["sync_sites"])
+                  for r in sites]
     if input_rates:
         lines += ["", "Input pipeline alone (kbench.bench.input_rate: the cifar_resnet "
                       "training pipeline read as NumPy batches on the host CPU, nothing "

@@ -319,7 +319,7 @@ def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
 
 
 def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=None,
-                   accuracy_fn=None):
+                   accuracy_fn=None, watch_syncs=False):
     """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
 
     `step_fn(step, images, labels)` takes a NumPy batch (NHWC float32 pixels, one-hot labels),
@@ -338,13 +338,20 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     The time spent in the input iterator's `next` inside the timed windows, over the windows'
     time, is kept for `input_wait_fraction()` (what kbench.train.InputClock measures for the
     Keras runs: the wait for tf.data plus the copy of the batch out of it).
+    With `watch_syncs` (the torch twin on CUDA), PyTorch's synchronizing operations in the
+    warm-up steps are counted for `syncs()`, as StepTimer counts the Keras runs' (not with a
+    probe, whose evaluations read the device).
     Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
     if steps < 1 or warmup_steps < 0 or (sync_every is not None and sync_every < 1):
         raise KbenchError(f"need steps >= 1, warmup_steps >= 0 and sync_every >= 1, got "
                           f"{steps}, {warmup_steps} and {sync_every}")
+    from kbench import sync_watch
+
     losses, pending, windows = [], [], []
     waited = [0.0, 0.0]  # input wait in the open window, in all closed windows
+    watch = (sync_watch.SyncWatch() if watch_syncs and probe is None and warmup_steps > 0
+             and sync_watch.available() else None)
 
     def synced_clock():
         first = len(losses)
@@ -380,7 +387,11 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
             opened = synced_clock()
             compile_s = opened - start
             waited[0] = 0.0
+            if watch is not None:
+                watch.start()
         elif step == warmup_steps:
+            if watch is not None:
+                watch.stop(warmup_steps)  # before the losses are read
             opened = synced_clock()
             waited[0] = 0.0
         elif step > warmup_steps:
@@ -396,9 +407,13 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
             if probe.evaluate(done, accuracy_fn):
                 break
             opened = synced_clock()  # the next window starts after the evaluation
+    if watch is not None and watch.watching:  # stopped inside its warm-up: nothing counted
+        watch.stop(None)
     synced_clock()
     timed = sum(seconds for _, seconds in windows)
     _measured["input_wait_fraction"] = waited[1] / timed if timed else None
+    _measured["syncs_per_step"] = watch.syncs_per_step if watch is not None else None
+    _measured["sync_sites"] = (watch.sites or None) if watch is not None else None
     return (compile_s, [seconds / n for n, seconds in windows], sum(n for n, _ in windows),
             losses)
 
@@ -412,6 +427,13 @@ def input_wait_fraction():
     """The share of the last timed_training's timed windows spent waiting for batches (None
     before any)."""
     return _measured.get("input_wait_fraction")
+
+
+def syncs():
+    """{"syncs_per_step", "sync_sites"} of the last timed_training that watched (else
+    empty)."""
+    return {key: _measured[key] for key in ("syncs_per_step", "sync_sites")
+            if _measured.get(key) is not None}
 
 
 def evaluate(test_ds, eval_fn):

@@ -376,7 +376,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False
 
     model.train()
     compile_s, step_times, steps_timed, losses = common.timed_training(
-        train_ds, step_fn, steps, warmup_steps, sync_every, probe, accuracy_fn=test_accuracy)
+        train_ds, step_fn, steps, warmup_steps, sync_every, probe, accuracy_fn=test_accuracy,
+        watch_syncs=device.type == "cuda")
     model.eval()
     test = common.evaluate(test_ds, eval_fn)
     return {

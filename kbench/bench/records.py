@@ -37,6 +37,8 @@ FIELDS = (
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
     "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
     *SETTING_FIELDS, "input_wait_fraction",
+    # Torch on CUDA: PyTorch's synchronizing operations a warm-up step made (kbench.sync_watch)
+    "syncs_per_step", "sync_sites",
     # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
     *TARGET_FIELDS,
     # Sweeps (kbench compare --sweep / --max-batch, kbench.bench.sweep); the memory cap.
@@ -71,7 +73,7 @@ def fill_measurements(record, result):
                 "flops_per_step", "flops_source", "versions", "device", "git_commit",
                 "git_dirty", "kbench_version", "jit",
                 "params", "num_replicas", "distribution", "fast_path", *SETTING_FIELDS,
-                "input_wait_fraction"):
+                "input_wait_fraction", "syncs_per_step", "sync_sites"):
         if result.get(key) is not None:
             record[key] = result[key]
     record["config"] = result.get("config") or record["config"]

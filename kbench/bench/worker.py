@@ -131,6 +131,8 @@ def run_keras(recipe, config, spec):
         "step_times": timer.step_times,
         "steps_timed": timer.steps_timed,
         "input_wait_fraction": timer.input_wait_fraction,
+        "syncs_per_step": timer.syncs_per_step,  # torch on CUDA: its warm-up steps'
+        "sync_sites": timer.sync_sites or None,
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "flops_per_step": flops.training_flops(model, config.batch_size),
@@ -193,6 +195,8 @@ def run_native(runner, config, spec):
     for key, value in backend.execution_settings().items():  # as the prologue set them
         result.setdefault(key, value)
     result.setdefault("input_wait_fraction", native_common.input_wait_fraction())
+    for key, value in native_common.syncs().items():  # the torch twin on CUDA
+        result.setdefault(key, value)
     result.setdefault("peak_device_mb", peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
