@@ -16,7 +16,9 @@ sublayers' in order, first occurrence kept) and one more for `losses`; under tor
 reads the tree on every step (nothing is cached: a weight made trainable or not, or a
 regularizer set, counts from the next step, as in Keras). What the model's class overrides
 (compute_loss, compute_metrics, the optimizer) runs as Keras calls it; a model whose class
-overrides `train_step`, `zero_grad`, `trainable_weights` or `losses` runs Keras' own.
+overrides `train_step`, `zero_grad`, `trainable_weights` or `losses` runs Keras' own. Where
+the model's loss and metrics are the recipes' standard ones and nothing else is asked of
+them, they run as kbench.torch_objective computes them (Keras' numbers, without keras.ops).
 """
 
 import torch
@@ -25,6 +27,8 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.common.variables import get_autocast_scope
 from keras.src.layers.layer import Layer
 from keras.src.trainers.data_adapters import data_adapter_utils
+
+from kbench import torch_objective
 
 
 _walks = {"skippable": lambda model: False}  # install sets it (False while the path is off)
@@ -90,16 +94,24 @@ def keras_train_step(model, data, forward=None, walk=False):
         y_pred = call(x, training=True)
     else:
         y_pred = call(x)
+    objective = None  # kbench.torch_objective's, where the model's objective is standard
     if walk:
         layers = layers_in_order(model)
         weights = _weights(layers)
         _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
+        objective = torch_objective.standard(
+            model, layers, lambda: model_losses(model, layers, weights), y, y_pred,
+            sample_weight)
     else:
         model.zero_grad()
-    loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                               training=True)
-    model._loss_tracker.update_state(
-        loss, sample_weight=next(i for i in tree.flatten(x) if i is not None).shape[0])
+    batch_size = next(i for i in tree.flatten(x) if i is not None).shape[0]
+    if objective is not None:
+        loss = objective.loss(y_pred)
+        objective.track(loss, batch_size)
+    else:
+        loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                   training=True)
+        model._loss_tracker.update_state(loss, sample_weight=batch_size)
     if model.optimizer is not None:
         loss = model.optimizer.scale_loss(loss)
     if walk:
@@ -115,6 +127,8 @@ def keras_train_step(model, data, forward=None, walk=False):
             model.optimizer.apply(gradients, trainable_weights)
     else:
         warnings.warn("The model does not have any trainable weights.")
+    if objective is not None:
+        return objective.metrics(y_pred)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 

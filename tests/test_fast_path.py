@@ -558,6 +558,99 @@ def test_an_eager_step_reads_no_tensor_value_but_a_cpu_rate(fast_path):
     assert rates == pytest.approx([config.lr / 2, config.lr, config.lr / 2, 0.0])
 
 
+def objective_run(fast_path, monkeypatch, objective, label_smoothing, steps=4):
+    """Per-step logs and every variable (weights, metric and optimizer variables) of
+    cifar_resnet's ResNet-20 under train_on_batch, with kbench.torch_objective's path or
+    Keras' own; and whether each step took kbench's."""
+    import keras
+
+    from kbench import torch_objective, train
+    from kbench.recipe import load_recipe
+
+    fast_path.set_enabled(True)
+    stock = torch_objective.standard
+    taken = []
+
+    def standard(*args):
+        found = stock(*args) if objective else None
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(torch_objective, "standard", standard)
+    recipe = load_recipe("cifar_resnet")
+    config = recipe.Config(dataset="synthetic", model="resnet20", batch_size=4,
+                           train_examples=16, test_examples=8, jit_compile="off", verbose=0,
+                           label_smoothing=label_smoothing)
+    train.setup_run(config)
+    keras.utils.set_random_seed(0)
+    model = recipe.build_model(config)
+    train.compile_model(model, config, steps_per_epoch=2)
+    train_ds, _ = recipe.build_datasets(config)
+    logs = [model.train_on_batch(x, y, return_dict=True)
+            for x, y in train_ds.dataset.take(steps).as_numpy_iterator()]
+    variables = [v.numpy() for v in model.weights + model.metrics_variables
+                 + model.optimizer.variables]
+    return logs, variables, taken
+
+
+@torch_only
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.0])
+def test_the_standard_objective_is_keras_own_to_the_bit(fast_path, monkeypatch,
+                                                         label_smoothing):
+    """kbench.torch_objective's loss, loss tracker and accuracy give Keras' own logs, weights,
+    metric and optimizer variables, to the bit, step after step."""
+    logs, variables, taken = objective_run(fast_path, monkeypatch, True, label_smoothing)
+    keras_logs, keras_variables, keras_taken = objective_run(fast_path, monkeypatch, False,
+                                                             label_smoothing)
+    assert taken == [True] * 4 and keras_taken == [False] * 4
+    assert logs == keras_logs and len(set(log["loss"] for log in logs)) == 4
+    for a, b in zip(variables, keras_variables, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@torch_only
+def test_the_objective_steps_aside_for_anything_else(fast_path):
+    """Sample weights, another metric, a weighted metric, a regularizer's loss, a loss of
+    another class or integer labels: Keras' own loss and metrics run."""
+    import keras
+    import torch
+
+    from kbench import torch_objective
+
+    fast_path.set_enabled(True)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    y = np.eye(4, dtype="float32")[[0, 1, 2, 3]]
+    found = []
+    stock = torch_objective.standard
+
+    def run(y=y, sample_weight=None, regularizer=None, loss=None, **compile_args):
+        keras.utils.set_random_seed(0)
+        model = conv_net()
+        if regularizer:  # (what Conv2D(kernel_regularizer=...) gives its kernel)
+            model.layers[1].kernel.regularizer = keras.regularizers.L2(1e-3)
+        model.compile(optimizer="sgd", loss=loss or keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=0.1), **{"metrics": [
+                keras.metrics.CategoricalAccuracy(name="accuracy")], **compile_args})
+        torch_objective.standard = lambda *args: found.append(stock(*args)) or found[-1]
+        try:  # (the first step builds Keras' compiled loss and metrics: Keras' own)
+            for _ in range(2):
+                model.train_on_batch(x, y, sample_weight=sample_weight)
+        finally:
+            torch_objective.standard = stock
+        return found.pop() is not None
+
+    assert run()  # the standard objective itself
+    assert not run(sample_weight=np.ones(4, "float32"))
+    assert not run(metrics=[keras.metrics.CategoricalAccuracy(), "mse"])
+    assert not run(weighted_metrics=["mse"])
+    assert not run(regularizer=True)
+    assert not run(loss=keras.losses.CategoricalCrossentropy())  # on probabilities
+    assert not run(y=np.arange(4), loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    assert torch.is_grad_enabled()
+
+
 @torch_only
 def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
     """`model.call(array)` skips Layer.__call__'s conversion; the plan converts the array
