@@ -374,41 +374,43 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     total = 1 + warmup_steps + steps
     compile_s = opened = None
     in_window = 0
-    for step in range(total):
-        fetch = time.perf_counter()
-        images, labels = next(batches)
-        waited[0] += time.perf_counter() - fetch
-        pending.append(step_fn(step, images, labels))
-        done = step + 1
-        evaluate = probe is not None and (
-            probe.due(done, epoch_end=done % probe.steps_per_epoch == 0)
-            or (step == total - 1 and probe.due_at_end(done)))
-        if step == 0:
-            opened = synced_clock()
-            compile_s = opened - start
-            waited[0] = 0.0
-            if watch is not None:
-                watch.start()
-        elif step == warmup_steps:
-            if watch is not None:
-                watch.stop(warmup_steps)  # before the losses are read
-            opened = synced_clock()
-            waited[0] = 0.0
-        elif step > warmup_steps:
-            in_window += 1
-            if in_window == sync_every or step == total - 1 or evaluate:  # None: never
-                now = synced_clock()
-                windows.append((in_window, now - opened))
-                opened, in_window = now, 0
-                waited[1] += waited[0]
+    try:
+        for step in range(total):
+            fetch = time.perf_counter()
+            images, labels = next(batches)
+            waited[0] += time.perf_counter() - fetch
+            pending.append(step_fn(step, images, labels))
+            done = step + 1
+            evaluate = probe is not None and (
+                probe.due(done, epoch_end=done % probe.steps_per_epoch == 0)
+                or (step == total - 1 and probe.due_at_end(done)))
+            if step == 0:
+                opened = synced_clock()
+                compile_s = opened - start
                 waited[0] = 0.0
-        if evaluate:
-            synced_clock()
-            if probe.evaluate(done, accuracy_fn):
-                break
-            opened = synced_clock()  # the next window starts after the evaluation
-    if watch is not None and watch.watching:  # stopped inside its warm-up: nothing counted
-        watch.stop(None)
+                if watch is not None:
+                    watch.start()
+            elif step == warmup_steps:
+                if watch is not None:
+                    watch.stop(warmup_steps)  # before the losses are read
+                opened = synced_clock()
+                waited[0] = 0.0
+            elif step > warmup_steps:
+                in_window += 1
+                if in_window == sync_every or step == total - 1 or evaluate:  # None: never
+                    now = synced_clock()
+                    windows.append((in_window, now - opened))
+                    opened, in_window = now, 0
+                    waited[1] += waited[0]
+                    waited[0] = 0.0
+            if evaluate:
+                synced_clock()
+                if probe.evaluate(done, accuracy_fn):
+                    break
+                opened = synced_clock()  # the next window starts after the evaluation
+    finally:
+        if watch is not None and watch.watching:  # failed or stopped inside the warm-up
+            watch.stop(None)
     synced_clock()
     timed = sum(seconds for _, seconds in windows)
     _measured["input_wait_fraction"] = waited[1] / timed if timed else None
