@@ -75,18 +75,23 @@ class Objective:
             return {tracker.name: _result(tracker), accuracy.name: _result(accuracy)}
 
 
-def standard(model, layers, extra_losses, y, y_pred, sample_weight):
+def standard(model, layers, has_losses, y, y_pred, sample_weight):
     """The step's Objective, or None where Keras' own path must run (the module doc says
-    when). `layers`: kbench.torch_step.layers_in_order(model); `extra_losses()`: the model's
-    losses (torch_step.model_losses), asked last (a regularizer's loss is computed then)."""
-    if isinstance(y, np.ndarray):  # (train_on_batch's labels) as Keras' loss converts them
-        from keras.src.backend.torch.core import convert_to_tensor
-
-        y = convert_to_tensor(y)
-    if (sample_weight is not None or not isinstance(y, torch.Tensor)
-            or not isinstance(y_pred, torch.Tensor) or y.ndim != 2 or y.shape != y_pred.shape
-            or y.shape[0] == 0 or y.dtype != torch.float32 or y_pred.dtype != torch.float32
-            or y.device != y_pred.device or getattr(y_pred, "_keras_mask", None) is not None):
+    when). `layers`: kbench.torch_step.layers_in_order(model); `has_losses()`: whether the
+    model has losses of its own (torch_step.has_losses: added ones, regularizers), asked last.
+    Eager steps only: under torch.compile Keras' path is traced as it is."""
+    if sample_weight is not None or torch.compiler.is_compiling():
+        return None
+    labels = y  # train_on_batch's may be a NumPy array, converted below as Keras' loss does
+    if isinstance(y, np.ndarray):
+        if y.dtype != np.float32:
+            return None
+        y = torch.from_numpy(y[:0])  # (only its dtype, rank and shape are checked first)
+    if (not isinstance(y, torch.Tensor) or not isinstance(y_pred, torch.Tensor)
+            or y.ndim != 2 or labels.shape != y_pred.shape or y_pred.shape[0] == 0
+            or y.dtype != torch.float32 or y_pred.dtype != torch.float32
+            or (y.device != y_pred.device and not isinstance(labels, np.ndarray))
+            or getattr(y_pred, "_keras_mask", None) is not None):
         return None
     from keras.src.losses.losses import CategoricalCrossentropy
     from keras.src.metrics.accuracy_metrics import CategoricalAccuracy
@@ -122,9 +127,15 @@ def standard(model, layers, extra_losses, y, y_pred, sample_weight):
         return None
     accuracy = lists[0].metrics[0]
     if type(accuracy) is not CategoricalAccuracy or accuracy.dtype != "float32" \
-            or accuracy.name == tracker.name or extra_losses():
+            or accuracy.name == tracker.name or has_losses():
         return None
-    return Objective(model, loss_fn, accuracy, y)
+    if isinstance(labels, np.ndarray):
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        labels = convert_to_tensor(labels)
+        if labels.device != y_pred.device:
+            return None
+    return Objective(model, loss_fn, accuracy, labels)
 
 
 def _number(value, like):

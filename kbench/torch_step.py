@@ -100,7 +100,7 @@ def keras_train_step(model, data, forward=None, walk=False):
         weights = _weights(layers)
         _zero_grad(layers)  # torch's Module.zero_grad(): every parameter is a layer's variable
         objective = torch_objective.standard(
-            model, layers, lambda: model_losses(model, layers, weights), y, y_pred,
+            model, layers, lambda: has_losses(model, layers, weights), y, y_pred,
             sample_weight)
     else:
         model.zero_grad()
@@ -161,6 +161,15 @@ def _zero_grad(layers):
             value = variable._value
             if value is not None and value.grad is not None:
                 value.grad = None
+
+
+def has_losses(model, layers, weights):
+    """Whether model_losses(model, layers, weights) would give any loss, without computing
+    one (a regularizer's is a pass over its weight)."""
+    return bool(model._losses_override or model._losses
+                or any(layer._losses for layer in layers[1:])
+                or (model.trainable and any(v.trainable and v.regularizer is not None
+                                            for v in weights)))
 
 
 def model_losses(model, layers, weights):

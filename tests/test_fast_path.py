@@ -558,10 +558,11 @@ def test_an_eager_step_reads_no_tensor_value_but_a_cpu_rate(fast_path):
     assert rates == pytest.approx([config.lr / 2, config.lr, config.lr / 2, 0.0])
 
 
-def objective_run(fast_path, monkeypatch, objective, label_smoothing, steps=4):
-    """Per-step logs and every variable (weights, metric and optimizer variables) of
-    cifar_resnet's ResNet-20 under train_on_batch, with kbench.torch_objective's path or
-    Keras' own; and whether each step took kbench's."""
+def objective_run(fast_path, monkeypatch, objective, label_smoothing, how, steps=4):
+    """The logs (each step's under train_on_batch, the epoch's under fit, whose labels come
+    from Keras' DataLoader as tensors) and every variable (weights, metric and optimizer
+    variables) of cifar_resnet's ResNet-20, with kbench.torch_objective's path or Keras' own;
+    and whether each step took kbench's."""
     import keras
 
     from kbench import torch_objective, train
@@ -586,24 +587,30 @@ def objective_run(fast_path, monkeypatch, objective, label_smoothing, steps=4):
     model = recipe.build_model(config)
     train.compile_model(model, config, steps_per_epoch=2)
     train_ds, _ = recipe.build_datasets(config)
-    logs = [model.train_on_batch(x, y, return_dict=True)
-            for x, y in train_ds.dataset.take(steps).as_numpy_iterator()]
+    if how == "fit":
+        logs = model.fit(train_ds.dataset.take(steps), epochs=1, verbose=0).history
+    else:
+        logs = [model.train_on_batch(x, y, return_dict=True)
+                for x, y in train_ds.dataset.take(steps).as_numpy_iterator()]
     variables = [v.numpy() for v in model.weights + model.metrics_variables
                  + model.optimizer.variables]
     return logs, variables, taken
 
 
 @torch_only
-@pytest.mark.parametrize("label_smoothing", [0.1, 0.0])
+@pytest.mark.parametrize("label_smoothing, how", [(0.1, "train_on_batch"),
+                                                  (0.0, "train_on_batch"), (0.1, "fit")])
 def test_the_standard_objective_is_keras_own_to_the_bit(fast_path, monkeypatch,
-                                                         label_smoothing):
+                                                         label_smoothing, how):
     """kbench.torch_objective's loss, loss tracker and accuracy give Keras' own logs, weights,
     metric and optimizer variables, to the bit, step after step."""
-    logs, variables, taken = objective_run(fast_path, monkeypatch, True, label_smoothing)
+    logs, variables, taken = objective_run(fast_path, monkeypatch, True, label_smoothing, how)
     keras_logs, keras_variables, keras_taken = objective_run(fast_path, monkeypatch, False,
-                                                             label_smoothing)
+                                                             label_smoothing, how)
     assert taken == [True] * 4 and keras_taken == [False] * 4
-    assert logs == keras_logs and len(set(log["loss"] for log in logs)) == 4
+    assert logs == keras_logs
+    if how == "train_on_batch":
+        assert len(set(log["loss"] for log in logs)) == 4
     for a, b in zip(variables, keras_variables, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -633,15 +640,20 @@ def test_the_objective_steps_aside_for_anything_else(fast_path):
             from_logits=True, label_smoothing=0.1), **{"metrics": [
                 keras.metrics.CategoricalAccuracy(name="accuracy")], **compile_args})
         torch_objective.standard = lambda *args: found.append(stock(*args)) or found[-1]
-        try:  # (the first step builds Keras' compiled loss and metrics: Keras' own)
-            for _ in range(2):
-                model.train_on_batch(x, y, sample_weight=sample_weight)
+        try:
+            model.train_on_batch(x, y, sample_weight=sample_weight)
         finally:
             torch_objective.standard = stock
         return found.pop() is not None
 
     assert run()  # the standard objective itself
+    assert run(metrics=["accuracy"])  # (Keras makes it CategoricalAccuracy("accuracy"))
     assert not run(sample_weight=np.ones(4, "float32"))
+    assert not run(y=y.astype("float64"))
+    assert not run(loss=keras.losses.CategoricalCrossentropy(from_logits=True, reduction="sum"))
+    assert not run(loss=keras.losses.CategoricalCrossentropy(from_logits=True, dtype="float64"))
+    assert not run(loss_weights=[0.5])
+    assert not run(metrics=[keras.metrics.CategoricalAccuracy(name="loss")])  # a name clash
     assert not run(metrics=[keras.metrics.CategoricalAccuracy(), "mse"])
     assert not run(weighted_metrics=["mse"])
     assert not run(regularizer=True)
