@@ -6,11 +6,12 @@ both are blocking copies from host memory, which PyTorch ends with `cudaStreamSy
 (`memcpy_and_sync` in ATen's copy kernel; pytorch/pytorch#120996: `torch.tensor(3.14,
 device="cuda")` syncs, `torch.full((), 3.14, device="cuda")` does not): the host waits until
 the GPU has run everything queued so far, and then cannot queue ahead. An eager Keras-torch
-step of kbench's recipes makes 12 such conversions (counted on this CPU by
-tests/test_torch_transfers.py): the learning-rate schedule's constants (5), the iteration
-counter's increment, the loss's class count and its divisor (the values' shape), the loss
-tracker's and the accuracy's sample counts, and the batch's images and labels; the native twin
-makes none (its batches move with `non_blocking=True`, its learning rate is a Python float).
+step of kbench's recipes made 12 such conversions (counted on this CPU as
+tests/test_torch_transfers.py counts them): the learning-rate schedule's constants (5), the
+iteration counter's increment, the loss's class count and its divisor (the values' shape), the
+loss tracker's and the accuracy's sample counts (those 4 are now kbench.torch_objective's, made
+on the device), and the batch's images and labels; the native twin makes none (its batches
+move with `non_blocking=True`, its learning rate is a Python float).
 
 While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
   - a Python bool, int or float becomes `torch.full((), x, dtype=..., device=...)`: a fill

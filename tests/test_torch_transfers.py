@@ -116,8 +116,8 @@ def test_every_copy_the_route_makes_is_non_blocking(gpu_route):
 
 def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
     """Keras' conversions in kbench's eager ResNet-20 training (fit on a tf.data pipeline,
-    its DataLoader, the loss, the metrics, SGD and its warmup + cosine schedule) all take
-    the route, and training computes the same numbers as with Keras' own conversions."""
+    its DataLoader, SGD and its warmup + cosine schedule) all take the route, and training
+    computes the same numbers as with Keras' own conversions."""
     import torch
     from keras.src.backend.common import global_state
     from torch.overrides import TorchFunctionMode
@@ -158,7 +158,10 @@ def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
     route_losses, route_weights = trained(route=True)
     assert blocking == []
     keras_losses, keras_weights = trained(route=False)
-    assert len(blocking) >= 4 * 12, blocking  # Keras' own: about a dozen a step
+    # Keras' own route: the batch's images and labels, the schedule's 5 constants and the
+    # step counter's increment, 8 a step (12 before kbench.torch_objective took the loss's
+    # and the metrics' 4), and a few at the epoch's end
+    assert blocking.count("ndarray") >= 2 * 4 and len(blocking) >= 8 * 4, blocking
     assert route_losses == keras_losses
     for a, b in zip(route_weights, keras_weights, strict=True):
         np.testing.assert_array_equal(a, b)
