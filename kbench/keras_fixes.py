@@ -264,12 +264,12 @@ def select_in_schedules(eager=None):
         _schedules["eager"] = eager
     if _schedules["installed"]:
         return
+    import threading
+
     import torch
     from keras.src import ops, tree
     from keras.src.optimizers.base_optimizer import BaseOptimizer
     from keras.src.optimizers.schedules.learning_rate_schedule import LearningRateSchedule
-
-    import threading
 
     keras_cond = ops.cond
     keras_learning_rate = BaseOptimizer._get_current_learning_rate

@@ -26,6 +26,11 @@ to Keras' losses, logs and metric variables to the bit.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from keras.src.losses.losses import CategoricalCrossentropy
+from keras.src.metrics.accuracy_metrics import CategoricalAccuracy
+from keras.src.metrics.reduction_metrics import Mean
+from keras.src.trainers.compile_utils import CompileLoss, CompileMetrics
+from keras.src.trainers.trainer import Trainer
 
 
 class Objective:
@@ -93,12 +98,6 @@ def standard(model, layers, has_losses, y, y_pred, sample_weight):
             or (y.device != y_pred.device and not isinstance(labels, np.ndarray))
             or getattr(y_pred, "_keras_mask", None) is not None):
         return None
-    from keras.src.losses.losses import CategoricalCrossentropy
-    from keras.src.metrics.accuracy_metrics import CategoricalAccuracy
-    from keras.src.metrics.reduction_metrics import Mean
-    from keras.src.trainers.compile_utils import CompileLoss, CompileMetrics
-    from keras.src.trainers.trainer import Trainer
-
     cls = type(model)
     if not (model.compiled and cls.compute_loss is Trainer.compute_loss
             and cls._compute_loss is Trainer._compute_loss
