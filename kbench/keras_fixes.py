@@ -164,6 +164,8 @@ def torch_compile_ready(model):
             # object.__setattr__: a plain attribute, not one for Keras' tracker
             object.__setattr__(layer, "_call_signature", _TraceableSignature(signature))
     # Build the optimizer's variables now, not inside the first compiled step.
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # a LossScaleOptimizer's inner too
     optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # loss scaling
     if optimizer is not None:
         if not optimizer.built:
@@ -220,6 +222,7 @@ def _install_torch_compile_fixes():
     naming.uniquify = uniquify
 
     select_in_schedules()
+    select_in_loss_scaling()
     from keras.src.backend.torch.optimizers import torch_sgd
 
     keras_sgd_update = torch_sgd.SGD._parallel_update_step
@@ -273,12 +276,19 @@ def select_in_schedules(eager=None):
 
     keras_cond = ops.cond
     keras_learning_rate = BaseOptimizer._get_current_learning_rate
-    # depth > 0 while this thread computes a learning-rate schedule with selects (another
-    # thread's ops.cond, outside any schedule, stays Keras')
-    in_schedule = threading.local()
+    class Depth(threading.local):
+        # > 0 while this thread computes a learning-rate schedule with selects (another
+        # thread's ops.cond, outside any schedule, stays Keras'). Set in every thread at its
+        # first use (threading.local runs __init__ per thread): an attribute that appeared
+        # after the first compiled step would fail dynamo's guard on it and compile the
+        # optimizer's graph again.
+        def __init__(self):
+            self.depth = 0
+
+    in_schedule = Depth()
 
     def cond(pred, true_fn, false_fn):
-        if getattr(in_schedule, "depth", 0) and isinstance(pred, torch.Tensor):
+        if in_schedule.depth and isinstance(pred, torch.Tensor):
             return tree.map_structure(lambda a, b: torch.where(pred, a, b), true_fn(),
                                       false_fn())
         return keras_cond(pred, true_fn, false_fn)
@@ -293,7 +303,7 @@ def select_in_schedules(eager=None):
     def current_learning_rate(self):
         if not selects(self._learning_rate):
             return keras_learning_rate(self)
-        in_schedule.depth = getattr(in_schedule, "depth", 0) + 1
+        in_schedule.depth += 1
         try:
             return keras_learning_rate(self)
         finally:
@@ -302,6 +312,78 @@ def select_in_schedules(eager=None):
     ops.cond = cond
     BaseOptimizer._get_current_learning_rate = current_learning_rate
     _schedules["installed"] = True
+
+
+# Keras' LossScaleOptimizer (mixed_float16) reads the device twice a step under torch, each
+# a keras.ops.cond, a Python `if` on a device tensor: whether the gradients are finite (apply
+# the update, or skip it and halve the scale), and, after a finite step, whether it is the
+# dynamic_growth_steps-th in a row (double the scale and reset the counter, or count the
+# step). torch.amp.GradScaler, the native twin's, reads the device once, for the first
+# question. The second needs no read: both outcomes are a select between two values of the
+# counter and of the scale. Under torch.compile each `if` is also a graph break, the first
+# one sending the update out of the graph: there the first is a select too, as optax's
+# apply_if_finite does it: the update is computed either way and every variable it changed
+# keeps its old value where the gradients were not finite (inductor folds the select into
+# the update's kernels).
+_loss_scaling = {"installed": False, "eager": lambda: False}
+
+
+def select_in_loss_scaling(eager=None):
+    """Under torch, LossScaleOptimizer's growth rule as selects instead of a branch on its
+    step counter, always under torch.compile and in eager steps while `eager()` is true (the
+    fast path gives `enabled`); and under torch.compile, its skip of a non-finite step as
+    selects too. The same variables after every step. Installed once."""
+    if eager is not None:
+        _loss_scaling["eager"] = eager
+    if _loss_scaling["installed"]:
+        return
+    import torch
+    from keras.src import backend, ops
+    from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
+
+    keras_handle_finite_grads = LossScaleOptimizer._stateful_handle_finite_grads
+    keras_common_apply = LossScaleOptimizer._common_apply
+
+    def common_apply(self, grads, trainable_variables=None):
+        if backend.backend() != "torch" or not torch.compiler.is_compiling():
+            return keras_common_apply(self, grads, trainable_variables)
+        finite = self.check_finite(grads)
+        changed = [*(trainable_variables or self._trainable_variables),
+                   *self.inner_optimizer.variables]
+        before = [variable.value.clone() for variable in changed]
+        scale = self.dynamic_scale.value.clone()
+        self._stateful_handle_finite_grads(grads, trainable_variables)
+        for variable, old in zip(changed, before):
+            variable.assign(torch.where(finite, variable.value, old))
+        # Keras' non-finite branch: counter 0, scale halved
+        counter = self.step_counter.value
+        self.step_counter.assign(torch.where(finite, counter, torch.zeros_like(counter)))
+        self.dynamic_scale.assign(
+            torch.where(finite, self.dynamic_scale.value, ops.multiply(scale, 0.5)))
+
+    def handle_finite_grads(self, grads, trainable_variables):
+        if backend.backend() != "torch" or not (
+                torch.compiler.is_compiling() or _loss_scaling["eager"]()):
+            return keras_handle_finite_grads(self, grads, trainable_variables)
+        # Keras 3.15's method up to its cond: unscale, then the inner optimizer's update.
+        scale = self.dynamic_scale
+        tvs = trainable_variables or self._trainable_variables
+        unscaled_grads = [
+            g if g is None or self._overwrite_variable_with_gradient(v)
+            else ops.divide(g, scale)
+            for g, v in zip(grads, tvs)]
+        self.inner_optimizer.apply(unscaled_grads, trainable_variables=trainable_variables)
+        # Its cond's two branches, upscale (counter 0, scale doubled) and increment (counter
+        # + 1), as selects.
+        grow = ops.equal(self.step_counter, self.dynamic_growth_steps - 1)
+        counter = self.step_counter.value
+        self.step_counter.assign(torch.where(grow, torch.zeros_like(counter), counter + 1))
+        value = self.dynamic_scale.value
+        self.dynamic_scale.assign(torch.where(grow, ops.multiply(value, 2.0), value))
+
+    LossScaleOptimizer._stateful_handle_finite_grads = handle_finite_grads
+    LossScaleOptimizer._common_apply = common_apply
+    _loss_scaling["installed"] = True
 
 
 def _traceable_sgd_update(optimizer, grads, variables, learning_rate):

@@ -558,6 +558,70 @@ def test_an_eager_step_reads_no_tensor_value_but_a_cpu_rate(fast_path):
     assert rates == pytest.approx([config.lr / 2, config.lr, config.lr / 2, 0.0])
 
 
+
+def loss_scaling_run(fast_path, on):
+    """Under mixed_float16, six train_on_batch steps of a small model with Keras'
+    LossScaleOptimizer (growth every 2 finite steps), the fifth step's gradients overflowing
+    float16: the losses, every variable after each step, and the steps' reads of tensor
+    values (bool(), .item(), ...) through Keras' `if`s."""
+    import keras
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    reads = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "item"):
+                reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fast_path.set_enabled(on)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.01, momentum=0.9), initial_scale=16.0,
+            dynamic_growth_steps=2), loss="mse")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(4, 6)).astype("float32")
+        losses, states = [], []
+        for step in range(6):
+            # 4e4 * 2 * 16 overflows float16's 65504 in the output layer's gradient
+            y = np.full((4, 1), 4e4 if step == 4 else 0.5, "float32")
+            with Watch():
+                losses.append(model.train_on_batch(x, y))
+            optimizer = model.optimizer
+            states.append([keras.ops.convert_to_numpy(v) for v in [
+                optimizer.dynamic_scale, optimizer.step_counter, *optimizer.variables,
+                *model.weights]])
+        return losses, states, reads
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+@torch_only
+def test_loss_scaling_reads_the_device_once_a_step_and_moves_as_keras(fast_path):
+    """Keras' LossScaleOptimizer branches twice a step under torch, each an `if` on a device
+    tensor (a wait for the GPU): whether the gradients are finite, and whether to double the
+    scale. The fast path selects for the second (keras_fixes.select_in_loss_scaling), as
+    GradScaler reads only the first: the same scale, counter and weights to the bit, across
+    two growths and a skipped step."""
+    fast = loss_scaling_run(fast_path, True)
+    stock = loss_scaling_run(fast_path, False)
+    assert fast[0] == stock[0]
+    for fast_step, stock_step in zip(fast[1], stock[1]):
+        for a, b in zip(fast_step, stock_step):
+            np.testing.assert_array_equal(a, b)
+    scales = [float(state[0]) for state in fast[1]]  # dynamic_scale after each step
+    counters = [int(state[1]) for state in fast[1]]
+    assert scales == [16.0, 32.0, 32.0, 64.0, 32.0, 32.0]  # grown twice, halved at the inf
+    assert counters == [1, 0, 1, 0, 0, 1]
+    # stock: both ifs every finite step; the fast path: the finite check alone
+    assert fast[2].count("__bool__") == 6 and stock[2].count("__bool__") == 11
+
 def objective_run(fast_path, monkeypatch, objective, label_smoothing, how, steps=4):
     """The logs (each step's under train_on_batch, the epoch's under fit, whose labels come
     from Keras' DataLoader as tensors) and every variable (weights, metric and optimizer
