@@ -44,7 +44,9 @@ This module replaces exactly those things, and nothing else, while `enabled`:
   - under torch, eagerly, Keras' SGD computes its learning rate once per step, not twice,
     and reads no device scalar (kbench.torch_sgd); nor does any optimizer's learning-rate
     schedule of Keras' or kbench's (CosineDecay's warmup `ops.cond`:
-    kbench.keras_fixes.select_in_schedules).
+    kbench.keras_fixes.select_in_schedules); mixed_float16's LossScaleOptimizer reads one
+    device value a step (whether the gradients are finite), not two
+    (kbench.keras_fixes.select_in_loss_scaling).
   - under torch on a CUDA GPU, eagerly, Keras' conversions of Python numbers, shapes and host
     batches to device tensors make no blocking copy, each of which synchronized the stream
     (kbench.torch_transfers).
