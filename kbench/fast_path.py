@@ -11,8 +11,10 @@ permuted to NCHW already is channels_last memory.
 This module replaces exactly those things, and nothing else, while `enabled`:
   - `BatchNormalization.call` in training (`training and trainable`, no mask, no renorm, not
     synchronized, the class's own moments, channels on the last axis) runs the framework's
-    fused kernel: under torch `torch.native_batch_norm` on the NHWC->NCHW permuted view (any
-    rank), under tensorflow `FusedBatchNormV3` (4D NHWC float16, bfloat16 or float32 inputs;
+    fused kernel: under torch `torch.batch_norm` (nn.BatchNorm2d's call: on a CUDA GPU
+    cuDNN's kernel where cuDNN takes the case, as in plain PyTorch) on the NHWC->NCHW
+    permuted view (any rank; `torch.native_batch_norm` where there are no moving statistics
+    to move), under tensorflow `FusedBatchNormV3` (4D NHWC float16, bfloat16 or float32 inputs;
     others stay Keras'; a 16-bit input goes in uncast, as in the native twin). The
     moving statistics move as Keras moves them: `moving * momentum + batch * (1 - momentum)`
     with the biased batch variance, in float32 under mixed precision. Inference is Keras'.
@@ -282,9 +284,13 @@ def torch_batch_norm_channels_first(layer, x, deferred=None):
         # recovering the variance from the kernel's 1/std and moving both in Python.
         bessel = n / (n - 1)
         scaled = moving_variance * bessel
-        out, _, _ = torch.native_batch_norm(
+        # torch.batch_norm, nn.BatchNorm2d's call: on a CUDA GPU it picks cuDNN's kernel
+        # where cuDNN takes the case (float32, or float16 with float32 weights; channels_last
+        # training in its persistent mode) and ATen's own otherwise (bfloat16), as plain
+        # PyTorch does; native_batch_norm is always ATen's. On a CPU both are ATen's.
+        out = torch.batch_norm(
             x, weight, bias, moving_mean, scaled, True, 1.0 - layer.momentum,
-            layer.epsilon)  # torch's momentum weighs the batch
+            layer.epsilon, torch.backends.cudnn.enabled)  # torch's momentum weighs the batch
         if deferred is None:
             moving_variance.copy_(scaled * (1.0 / bessel))  # (scaled is saved for backward)
         else:
