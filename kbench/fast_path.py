@@ -11,11 +11,12 @@ permuted to NCHW already is channels_last memory.
 This module replaces exactly those things, and nothing else, while `enabled`:
   - `BatchNormalization.call` in training (`training and trainable`, no mask, no renorm, not
     synchronized, the class's own moments, channels on the last axis) runs the framework's
-    fused kernel: under torch `torch.batch_norm` (nn.BatchNorm2d's call: on a CUDA GPU
-    cuDNN's kernel where cuDNN takes the case, as in plain PyTorch) on the NHWC->NCHW
-    permuted view (any rank; `torch.native_batch_norm` where there are no moving statistics
-    to move), under tensorflow `FusedBatchNormV3` (4D NHWC float16, bfloat16 or float32 inputs;
-    others stay Keras'; a 16-bit input goes in uncast, as in the native twin). The
+    fused kernel: under torch, on the NHWC->NCHW permuted view (any rank), `torch.batch_norm`
+    for images (nn.BatchNorm2d's call: on a CUDA GPU cuDNN's kernel where cuDNN takes the
+    case, as in plain PyTorch), else `torch.native_batch_norm` (ATen's kernel; also where
+    the kernel cannot move the moving statistics itself and kbench moves them); under
+    tensorflow `FusedBatchNormV3` (4D NHWC float16, bfloat16 or float32 inputs; others stay
+    Keras'; a 16-bit input goes in uncast, as in the native twin). The
     moving statistics move as Keras moves them: `moving * momentum + batch * (1 - momentum)`
     with the biased batch variance, in float32 under mixed precision. Inference is Keras'.
   - under torch, `keras.src.backend.torch.nn._transpose_spatial_inputs` returns the permuted
@@ -284,11 +285,14 @@ def torch_batch_norm_channels_first(layer, x, deferred=None):
         # recovering the variance from the kernel's 1/std and moving both in Python.
         bessel = n / (n - 1)
         scaled = moving_variance * bessel
-        # torch.batch_norm, nn.BatchNorm2d's call: on a CUDA GPU it picks cuDNN's kernel
-        # where cuDNN takes the case (float32, or float16 with float32 weights; channels_last
-        # training in its persistent mode) and ATen's own otherwise (bfloat16), as plain
-        # PyTorch does; native_batch_norm is always ATen's. On a CPU both are ATen's.
-        out = torch.batch_norm(
+        # Images (rank 4, and 5): torch.batch_norm, nn.BatchNorm2d's call, which on a CUDA
+        # GPU picks cuDNN's kernel where cuDNN takes the case (float32, or float16 with
+        # float32 weights; channels_last training in its persistent mode) and ATen's own
+        # otherwise (bfloat16 in torch 2.x), as plain PyTorch does. Rank 3: ATen's, which
+        # takes the permuted NLC view as it is (cuDNN would copy it to contiguous first).
+        # On a CPU both are ATen's kernel.
+        batch_norm = torch.batch_norm if x.ndim >= 4 else _native_batch_norm_output
+        out = batch_norm(
             x, weight, bias, moving_mean, scaled, True, 1.0 - layer.momentum,
             layer.epsilon, torch.backends.cudnn.enabled)  # torch's momentum weighs the batch
         if deferred is None:
@@ -305,6 +309,15 @@ def torch_batch_norm_channels_first(layer, x, deferred=None):
         variance = (wide.pow(-2) - layer.epsilon).clamp_(min=0).to(compute)
         _torch_move(layer, batch_mean, variance)
     return out.to(output_dtype)
+
+
+def _native_batch_norm_output(x, weight, bias, running_mean, running_var, training, momentum,
+                              epsilon, cudnn_enabled):
+    """torch.batch_norm's output, always from ATen's own kernel (torch.native_batch_norm)."""
+    import torch
+
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
+                                   momentum, epsilon)[0]
 
 
 def finish_moves(deferred):

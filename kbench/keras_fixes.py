@@ -141,11 +141,13 @@ def ddp_train_step(ddp):
 # and cond create an Operation per call, named from a global counter that dynamo guards on.
 # Inside a trace such an operation is transient and its name unused: it gets the plain name.
 # Two more break the optimizer's part of the step:
-#   - keras.ops.cond (CosineDecay's warmup) is a Python `if` on a tensor under torch
-#     (`select_in_schedules`, below, which the fast path uses eagerly too);
+#   - keras.ops.cond (CosineDecay's warmup; under mixed_float16 also LossScaleOptimizer's
+#     finite check and growth rule) is a Python `if` on a tensor under torch
+#     (`select_in_schedules` and `select_in_loss_scaling`, below, which the fast path uses
+#     eagerly too);
 #   - torch SGD passes the learning rate, a tensor, as `alpha=` of torch._foreach_add_,
 #     which takes a Python number: a .item() per step, data-dependent.
-# `torch_compile_ready` replaces these six, for the traced code only: outside a
+# `torch_compile_ready` replaces these, for the traced code only: outside a
 # torch.compile trace every call goes to Keras' own function. What stays is the one break
 # every compiled train step that calls loss.backward() has: dynamo compiles the forward
 # pass and loss as one graph (AOTAutograd compiles its backward), then the update.
@@ -348,8 +350,12 @@ def select_in_loss_scaling(eager=None):
         if backend.backend() != "torch" or not torch.compiler.is_compiling():
             return keras_common_apply(self, grads, trainable_variables)
         finite = self.check_finite(grads)
-        changed = [*(trainable_variables or self._trainable_variables),
-                   *self.inner_optimizer.variables]
+        inner = self.inner_optimizer
+        # What the update may change: the variables given, every variable the inner
+        # optimizer was built for (its EMA overwrite writes them all), its own variables.
+        changed = list({id(v): v for v in (*(trainable_variables or self._trainable_variables),
+                                           *inner._trainable_variables,
+                                           *inner.variables)}.values())
         before = [variable.value.clone() for variable in changed]
         scale = self.dynamic_scale.value.clone()
         self._stateful_handle_finite_grads(grads, trainable_variables)
@@ -358,8 +364,7 @@ def select_in_loss_scaling(eager=None):
         # Keras' non-finite branch: counter 0, scale halved
         counter = self.step_counter.value
         self.step_counter.assign(torch.where(finite, counter, torch.zeros_like(counter)))
-        self.dynamic_scale.assign(
-            torch.where(finite, self.dynamic_scale.value, ops.multiply(scale, 0.5)))
+        self.dynamic_scale.assign(torch.where(finite, self.dynamic_scale.value, scale * 0.5))
 
     def handle_finite_grads(self, grads, trainable_variables):
         if backend.backend() != "torch" or not (
@@ -374,12 +379,12 @@ def select_in_loss_scaling(eager=None):
             for g, v in zip(grads, tvs)]
         self.inner_optimizer.apply(unscaled_grads, trainable_variables=trainable_variables)
         # Its cond's two branches, upscale (counter 0, scale doubled) and increment (counter
-        # + 1), as selects.
-        grow = ops.equal(self.step_counter, self.dynamic_growth_steps - 1)
+        # + 1), as selects (Python numbers as operands: no number made a device tensor).
         counter = self.step_counter.value
+        grow = counter == self.dynamic_growth_steps - 1
         self.step_counter.assign(torch.where(grow, torch.zeros_like(counter), counter + 1))
         value = self.dynamic_scale.value
-        self.dynamic_scale.assign(torch.where(grow, ops.multiply(value, 2.0), value))
+        self.dynamic_scale.assign(torch.where(grow, value * 2.0, value))
 
     LossScaleOptimizer._stateful_handle_finite_grads = handle_finite_grads
     LossScaleOptimizer._common_apply = common_apply

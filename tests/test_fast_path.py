@@ -92,6 +92,16 @@ def test_batch_norm_equals_stock_keras(fast_path, policy, center, scale):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=2e-5 * np.abs(b).max(), err_msg=name)
 
 
+@fused_backends
+@pytest.mark.parametrize("shape", [(8, 5), (8, 6, 5), (4, 3, 3, 3, 5)])
+def test_batch_norm_of_other_ranks_equals_stock_keras(fast_path, shape):
+    """Ranks 2, 3 and 5 (under torch: ATen's kernel for ranks 2 and 3, torch.batch_norm
+    for 5, as for images)."""
+    fast = batch_norm_run(fast_path, True, "float32", True, True, shape)
+    stock = batch_norm_run(fast_path, False, "float32", True, True, shape)
+    for a, b in zip(fast, stock):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="FusedBatchNormV3 is tensorflow's")
 def test_tensorflow_fused_kernel_takes_16_bit_activations_uncast(fast_path):
     """Under a mixed policy the kernel gets the bfloat16 activation itself (it computes in
@@ -558,7 +568,6 @@ def test_an_eager_step_reads_no_tensor_value_but_a_cpu_rate(fast_path):
     assert rates == pytest.approx([config.lr / 2, config.lr, config.lr / 2, 0.0])
 
 
-
 def loss_scaling_run(fast_path, on):
     """Under mixed_float16, six train_on_batch steps of a small model with Keras'
     LossScaleOptimizer (growth every 2 finite steps), the fifth step's gradients overflowing
@@ -589,7 +598,8 @@ def loss_scaling_run(fast_path, on):
         x = rng.normal(size=(4, 6)).astype("float32")
         losses, states = [], []
         for step in range(6):
-            # 4e4 * 2 * 16 overflows float16's 65504 in the output layer's gradient
+            # the error's gradient, 2 * 4e4 times the scale (64 by then), overflows float16's
+            # 65504 in the float16 hidden layer's backward pass
             y = np.full((4, 1), 4e4 if step == 4 else 0.5, "float32")
             with Watch():
                 losses.append(model.train_on_batch(x, y))
@@ -621,6 +631,7 @@ def test_loss_scaling_reads_the_device_once_a_step_and_moves_as_keras(fast_path)
     assert counters == [1, 0, 1, 0, 0, 1]
     # stock: both ifs every finite step; the fast path: the finite check alone
     assert fast[2].count("__bool__") == 6 and stock[2].count("__bool__") == 11
+
 
 def objective_run(fast_path, monkeypatch, objective, label_smoothing, how, steps=4):
     """The logs (each step's under train_on_batch, the epoch's under fit, whose labels come

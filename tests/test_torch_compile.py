@@ -75,8 +75,8 @@ def test_compiled_training_matches_eager_without_graph_breaks():
     assert len(set(np.round(eager, 4))) > 1  # it trained: the loss moved
     # The only break is the one every compiled step that calls loss.backward() has (dynamo
     # counts it once per attempt at the frame: its first trace, and the restart at the break).
-    assert breaks and all(reason.startswith("Unsupported Tensor.backward()") for reason in breaks), \
-        breaks
+    assert breaks and all(reason.startswith("Unsupported Tensor.backward()")
+                          for reason in breaks), breaks
     assert graphs == graphs_after_1, "the steady state recompiled"
 
 
@@ -116,7 +116,8 @@ def _loss_scaling_run(jit_compile):
             optimizer = model.optimizer
             steps.append((loss, float(optimizer.dynamic_scale.value),
                           int(optimizer.step_counter.value), int(optimizer.iterations.value),
-                          [keras.ops.convert_to_numpy(w) for w in model.weights]))
+                          [keras.ops.convert_to_numpy(w)
+                           for w in (*model.weights, *optimizer.variables)]))
             if step == 0:
                 graphs_after_1 = counters["stats"]["unique_graphs"]
         return steps, dict(counters["graph_break"]), graphs_after_1, \
@@ -146,9 +147,63 @@ def test_loss_scaling_compiles_without_breaks_and_skips_as_eager():
     for compiled_step, eager_step in zip(compiled, eager):
         for a, b in zip(compiled_step[4], eager_step[4]):
             np.testing.assert_allclose(a, b, atol=1e-3)
-    assert breaks and all(reason.startswith("Unsupported Tensor.backward()") for reason in breaks), \
-        breaks
+    assert breaks and all(reason.startswith("Unsupported Tensor.backward()")
+                          for reason in breaks), breaks
     assert graphs == graphs_after_1, "the steady state recompiled"
+
+def _loss_scale_steps(traced, monkeypatch):
+    """Every variable after each of 8 LossScaleOptimizer.apply calls (Adam with weight decay
+    and an EMA that overwrites the weights every 2 steps, growth every 2 finite steps;
+    non-finite gradients at steps 2, 4 and 6; steps 4 and 5 update one of the two weights), with
+    Keras' branches, or with `traced`: the selects kbench's compiled step runs, here run
+    eagerly with torch.compiler.is_compiling() answering True."""
+    import keras
+    import torch
+
+    from kbench import fast_path, keras_fixes
+
+    keras_fixes.select_in_loss_scaling()
+    fast_path.set_enabled(False)  # eagerly: Keras' own code unless `traced`
+    if traced:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    a, b = keras.Variable(np.linspace(-1, 1, 3), name="a"), keras.Variable([0.5, 2.0], name="b")
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.Adam(0.1, weight_decay=0.01, use_ema=True, ema_overwrite_frequency=2),
+        initial_scale=16.0, dynamic_growth_steps=2)
+    optimizer.build([a, b])
+    states = []
+    for step in range(8):
+        grads = [torch.full((3,), 0.3 * (step + 1)), torch.full((2,), -0.2)]
+        if step in (2, 4):  # step 4: an EMA overwrite step (iterations 3), a subset
+            grads[0][1] = float("inf")
+        if step == 6:
+            grads[1][0] = float("nan")
+        if step in (4, 5):
+            optimizer.apply(grads[:1], [a])
+        else:
+            optimizer.apply(grads, [a, b])
+        states.append([keras.ops.convert_to_numpy(v) for v in (a, b, *optimizer.variables)])
+    return states
+
+
+@torch_only
+def test_compiled_loss_scaling_selects_what_keras_branches_choose(monkeypatch):
+    """The compiled step's LossScaleOptimizer (keras_fixes.select_in_loss_scaling) computes
+    the update either way and selects: every variable, the EMA's and the weights it
+    overwrites included, equals Keras' branches to the bit, across growths, skipped steps
+    and a step that updates a subset of the weights."""
+    from kbench import fast_path
+
+    before = fast_path.enabled()
+    try:
+        keras_branches = _loss_scale_steps(False, monkeypatch)
+        selects = _loss_scale_steps(True, monkeypatch)
+    finally:
+        fast_path.set_enabled(before)
+    for keras_state, select_state in zip(keras_branches, selects):
+        for expected, found in zip(keras_state, select_state):
+            np.testing.assert_array_equal(found, expected)
+            assert found.dtype == expected.dtype
 
 @pytest.mark.backend_independent
 def test_traceable_bind_binds_as_inspect_does():
