@@ -278,6 +278,7 @@ def select_in_schedules(eager=None):
 
     keras_cond = ops.cond
     keras_learning_rate = BaseOptimizer._get_current_learning_rate
+
     class Depth(threading.local):
         # > 0 while this thread computes a learning-rate schedule with selects (another
         # thread's ops.cond, outside any schedule, stays Keras'). Set in every thread at its
