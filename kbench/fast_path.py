@@ -154,8 +154,7 @@ def _install(backend):
         from kbench import keras_fixes, torch_sgd, torch_transfers
 
         torch_sgd.install(_state)
-        keras_fixes.select_in_schedules(eager=lambda: _state["enabled"])
-        keras_fixes.select_in_loss_scaling(eager=lambda: _state["enabled"])
+        keras_fixes.install_selects(eager=lambda: _state["enabled"])
         torch_transfers.install(lambda: _state["enabled"])
         from kbench import torch_step
 

@@ -223,8 +223,7 @@ def _install_torch_compile_fixes():
 
     naming.uniquify = uniquify
 
-    select_in_schedules()
-    select_in_loss_scaling()
+    install_selects()
     from keras.src.backend.torch.optimizers import torch_sgd
 
     keras_sgd_update = torch_sgd.SGD._parallel_update_step
@@ -257,17 +256,27 @@ def _install_torch_compile_fixes():
 # selected with torch.where: the same value, nothing read. (torch.cond refuses the branches:
 # Keras' name_scope mutates a stack; and Keras' own ops.cond makes a new Cond operation per
 # call, whose unique name is a dynamo guard: a recompile every step.)
-_schedules = {"installed": False, "eager": lambda: False}
+# `eager()`: whether eager steps select too (the fast path gives its `enabled`); under
+# torch.compile they always do. `installed`: the selects installed so far.
+_selects = {"eager": lambda: False, "installed": set()}
 
 
-def select_in_schedules(eager=None):
-    """Make keras.ops.cond select instead of branching inside an optimizer's learning-rate
-    schedule: always under torch.compile, and in eager steps while `eager()` is true (the
-    fast path gives `enabled`) for Keras' own and kbench's schedules (a schedule of yours
-    may have branches that must not both run: Keras' cond). Installed once."""
+def install_selects(eager=None):
+    """Under torch, compute instead of branching on device values where Keras' optimizers
+    branch with keras.ops.cond: select_in_schedules and select_in_loss_scaling, each
+    installed once; with `eager`, what says whether eager steps select as well."""
     if eager is not None:
-        _schedules["eager"] = eager
-    if _schedules["installed"]:
+        _selects["eager"] = eager
+    select_in_schedules()
+    select_in_loss_scaling()
+
+
+def select_in_schedules():
+    """Make keras.ops.cond select instead of branching inside an optimizer's learning-rate
+    schedule: always under torch.compile, and in eager steps while `_selects["eager"]()` is
+    true for Keras' own and kbench's schedules (a schedule of yours may have branches that
+    must not both run: Keras' cond)."""
+    if "schedules" in _selects["installed"]:
         return
     import threading
 
@@ -299,7 +308,7 @@ def select_in_schedules(eager=None):
     def selects(schedule):
         if torch.compiler.is_compiling():
             return True
-        return (isinstance(schedule, LearningRateSchedule) and _schedules["eager"]()
+        return (isinstance(schedule, LearningRateSchedule) and _selects["eager"]()
                 and type(schedule).__module__.startswith(
                     ("keras.src.optimizers.schedules.", "kbench.")))
 
@@ -314,7 +323,7 @@ def select_in_schedules(eager=None):
 
     ops.cond = cond
     BaseOptimizer._get_current_learning_rate = current_learning_rate
-    _schedules["installed"] = True
+    _selects["installed"].add("schedules")
 
 
 # Keras' LossScaleOptimizer (mixed_float16) reads the device twice a step under torch, each
@@ -326,19 +335,16 @@ def select_in_schedules(eager=None):
 # counter and of the scale. Under torch.compile each `if` is also a graph break, the first
 # one sending the update out of the graph: there the first is a select too, as optax's
 # apply_if_finite does it: the update is computed either way and every variable it changed
-# keeps its old value where the gradients were not finite (inductor folds the select into
-# the update's kernels).
-_loss_scaling = {"installed": False, "eager": lambda: False}
+# keeps its old value where the gradients were not finite (for the tests' small model,
+# inductor made the update, finite check and selects one fused kernel on a CPU).
 
 
-def select_in_loss_scaling(eager=None):
+def select_in_loss_scaling():
     """Under torch, LossScaleOptimizer's growth rule as selects instead of a branch on its
-    step counter, always under torch.compile and in eager steps while `eager()` is true (the
-    fast path gives `enabled`); and under torch.compile, its skip of a non-finite step as
-    selects too. The same variables after every step. Installed once."""
-    if eager is not None:
-        _loss_scaling["eager"] = eager
-    if _loss_scaling["installed"]:
+    step counter, always under torch.compile and in eager steps while `_selects["eager"]()`
+    is true; and under torch.compile, its skip of a non-finite step as selects too. The same
+    variables after every step."""
+    if "loss_scaling" in _selects["installed"]:
         return
     import torch
     from keras.src import backend, ops
@@ -369,7 +375,7 @@ def select_in_loss_scaling(eager=None):
 
     def handle_finite_grads(self, grads, trainable_variables):
         if backend.backend() != "torch" or not (
-                torch.compiler.is_compiling() or _loss_scaling["eager"]()):
+                torch.compiler.is_compiling() or _selects["eager"]()):
             return keras_handle_finite_grads(self, grads, trainable_variables)
         # Keras 3.15's method up to its cond: unscale, then the inner optimizer's update.
         scale = self.dynamic_scale
@@ -389,7 +395,7 @@ def select_in_loss_scaling(eager=None):
 
     LossScaleOptimizer._stateful_handle_finite_grads = handle_finite_grads
     LossScaleOptimizer._common_apply = common_apply
-    _loss_scaling["installed"] = True
+    _selects["installed"].add("loss_scaling")
 
 
 def _traceable_sgd_update(optimizer, grads, variables, learning_rate):

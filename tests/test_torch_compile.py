@@ -162,7 +162,7 @@ def _loss_scale_steps(traced, monkeypatch):
 
     from kbench import fast_path, keras_fixes
 
-    keras_fixes.select_in_loss_scaling()
+    keras_fixes.install_selects()
     fast_path.set_enabled(False)  # eagerly: Keras' own code unless `traced`
     if traced:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
