@@ -11,32 +11,45 @@ tests/test_torch_transfers.py counts them): the learning-rate schedule's constan
 iteration counter's increment, the loss's class count and its divisor (the values' shape), the
 loss tracker's and the accuracy's sample counts (those 4 are now kbench.torch_objective's, made
 on the device), and the batch's images and labels; the native twin makes none (its batches
-move with `non_blocking=True`, its learning rate is a Python float).
+move from pinned memory with `non_blocking=True`, its learning rate is a Python float).
 
 While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
   - a Python bool, int or float becomes `torch.full((), x, dtype=..., device=...)`: a fill
     kernel, no copy; the same value (both convert the Python number to the dtype alike, an
     int to a float through a Python float; a number `full` refuses, such as a float32
     overflow that `as_tensor` makes inf, stays Keras');
-  - a host tensor moves with `non_blocking=True`, as the native twin's batches do (from
-    pageable memory the driver stages the copy, and may still wait for the stream; PyTorch
+  - a host tensor, the caller's own, moves from where it is with `non_blocking=True` (from
+    pageable memory the driver stages the copy and may wait for the stream, below; PyTorch
     adds no sync of its own); one in pinned memory, which its owner may refill as soon as
     the conversion returns, moves as Keras moves it;
   - anything Keras converts through NumPy (an array, a NumPy scalar, a TensorFlow tensor: the
     batches of a tf.data pipeline, which Keras' DataLoader converts so), or a list or tuple of
-    Python numbers (a shape), becomes Keras' own host tensor (its dtype rules) and moves the
-    same way (a list or tuple, a few bytes, from pinned memory: a copy that is asynchronous
-    whatever the driver).
+    Python numbers (a shape), becomes Keras' own host tensor (its dtype rules), is copied into
+    new page-locked ("pinned") host memory (`page_locked`; up to PIN_LIMIT, 512 MiB, larger
+    ones move from where they are) and moves from there with
+    `non_blocking=True`, as PyTorch practitioners feed batches (a DataLoader with
+    `pin_memory=True`, then `.to(device, non_blocking=True)`). From pageable memory the CUDA
+    driver first copies the data into its own pinned staging buffers and may wait for the
+    stream to drain before it does (the CUDA runtime API's "API synchronization behavior"): the
+    host would wait for the step queued before. From pinned memory the copy is a DMA queued on
+    the stream, and the host goes on; it still copies the data once, as the staging did.
 Anything else (a Variable, a tensor already on the device, a list of tensors, complex
 numbers, symbolic sizes, sparse or ragged requests), everything on a CPU, and everything under
 torch.compile (where constants are part of the graph) is Keras' own conversion.
 """
 
+import warnings
+
+import numpy as np
 import torch
 
 _state = {"enabled": lambda: False, "stock": None, "accelerator": {}, "core": None,
           "Variable": None}
 _NUMBERS = (bool, int, float)
+# The largest conversion copied through pinned memory: batches are, a one-off array of a GB
+# (a big embedding's initial value) moves from where it is. PyTorch's caching host allocator
+# keeps every pinned buffer it made (rounded up to a power of two) for the process's life.
+PIN_LIMIT = 512 * 2**20
 
 
 def install(enabled, force=False):
@@ -110,13 +123,29 @@ def without_sync(x, dtype, device):
         return moved if dtype is None else moved.to(core.to_torch_dtype(dtype))
     if isinstance(x, (_state["Variable"], torch.SymInt, torch.SymFloat, complex)):
         return None  # its value on the device already, or symbolic, or complex: Keras'
-    small = isinstance(x, (list, tuple))
-    if small and not (len(x) > 0 and all(type(v) in _NUMBERS for v in x)):
+    if isinstance(x, (list, tuple)) and not (len(x) > 0 and all(type(v) in _NUMBERS for v in x)):
         return None  # empty, or holding tensors (Keras stacks them) or anything else
     # A NumPy array or scalar, or what Keras makes one of (a TensorFlow tensor: the
     # batches of a tf.data pipeline, which Keras' DataLoader converts here), or a shape.
     with core.device_scope("cpu"):
         host = _state["stock"](x, dtype=dtype)
-    if small and torch.device(device).type == "cuda":  # a new pinned buffer, ours alone
-        host = host.pin_memory()
+    if host.nbytes <= PIN_LIMIT:
+        host = page_locked(host)
     return host.to(device, non_blocking=True)
+
+
+def page_locked(x):
+    """A new copy of `x` (a host tensor, or a NumPy array: a read-only one too, as tf.data
+    hands out) in page-locked memory, ours alone: no one refills it, and PyTorch's caching
+    host allocator does not hand the buffer out again before the non-blocking copies made
+    from it have run (it records an event on their stream). Needs CUDA."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # (torch warns that a read-only array stays read-only:
+            warnings.simplefilter("ignore", UserWarning)  # the pinned copy only reads it)
+            x = torch.from_numpy(x)
+    return _pin(x)
+
+
+def _pin(host):
+    """host.pin_memory(): a pinned copy (tests stand in for it: pinning needs CUDA)."""
+    return host.pin_memory()

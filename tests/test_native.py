@@ -252,6 +252,32 @@ def test_loss_scaling_is_keras_loss_scale_optimizer():
     assert common.loss_scale(small_config()) is None
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="native-torch's batches")
+def test_torch_twin_feeds_a_gpu_from_pinned_memory(native, monkeypatch):
+    """On a CUDA device the twin's batches are copied into pinned memory of their own (as a
+    DataLoader with pin_memory=True hands them out) and moved without blocking; on the CPU,
+    into memory of their own. Pinning needs CUDA: a stand-in records what would be pinned."""
+    import torch
+
+    from kbench import torch_transfers
+
+    pinned = []
+    monkeypatch.setattr(torch_transfers, "_pin", lambda host: pinned.append(host) or host.clone())
+    images = np.arange(2 * 4 * 4 * 3, dtype="float32").reshape(2, 4, 4, 3)
+    labels = np.eye(10, dtype="float32")[[3, 7]]
+    for array in (images, labels):
+        array.setflags(write=False)  # as tf.data hands them out
+    for device, pins in ((torch.device("cuda"), 1), (torch.device("cpu"), 0)):
+        pinned.clear()
+        host = native.host_copy(images, device)
+        np.testing.assert_array_equal(host.numpy(), images)
+        assert len(pinned) == pins and host.data_ptr() != images.ctypes.data
+    x, y = native.to_device(images, labels, torch.device("cpu"))
+    np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), images)
+    np.testing.assert_array_equal(y.numpy(), labels)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="native-jax's own loss-scale update")
 def test_jax_loss_scale_follows_keras_rules(native):
     update = lambda scale, count, finite: tuple(  # noqa: E731

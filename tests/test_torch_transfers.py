@@ -17,15 +17,23 @@ pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="torch's host-to-devi
 
 @pytest.fixture
 def gpu_route(monkeypatch):
-    """The fast path on, and every device taken for a CUDA GPU by torch_transfers."""
+    """The fast path on, and every device taken for a CUDA GPU by torch_transfers; pinning
+    (which needs CUDA) stands in as a new copy, and `gpu_route.pinned` lists what was."""
     from kbench import fast_path, torch_transfers
 
     before = fast_path.enabled()
     fast_path.set_enabled(True)
     torch_transfers.install(fast_path.enabled, force=True)  # without CUDA it installs nothing
     monkeypatch.setattr(torch_transfers, "accelerator", lambda device: True)
+    monkeypatch.setattr(torch_transfers, "pinned", [], raising=False)
+    monkeypatch.setattr(torch_transfers, "_pin", lambda host: _stand_in_pin(torch_transfers, host))
     yield torch_transfers
     fast_path.set_enabled(before)
+
+
+def _stand_in_pin(torch_transfers, host):
+    torch_transfers.pinned.append(host)
+    return host.clone()  # a buffer of its own, as pin_memory() makes
 
 
 def same(a, b):
@@ -106,12 +114,51 @@ def test_every_copy_the_route_makes_is_non_blocking(gpu_route):
         assert (found.device.type, found.dtype, found.shape) == \
             ("meta", expected.dtype, expected.shape), x
     assert copies == [True] * len(moved)  # one each, non-blocking; none for the numbers
+    # each from a pinned copy of its own, but a host tensor (the caller's, moved from where
+    # it is); nothing pinned for a number
+    assert len(gpu_route.pinned) == len(moved) - 1
     copies.clear()
     pinned = torch.ones(4)
     pinned.is_pinned = lambda: True  # (pinning itself needs CUDA)
     with Watch():
         gpu_route.without_sync(pinned, None, "meta")
     assert copies == [False]
+
+
+def test_batches_move_from_pinned_memory_of_their_own(gpu_route):
+    """A batch (a read-only NumPy array, as tf.data hands out, or a TensorFlow tensor) is
+    copied once into pinned memory, which no one else holds, and its values, Keras' dtype
+    (dtype= included) and shape arrive; no warning about the read-only array."""
+    import warnings
+
+    import tensorflow as tf
+    import torch
+
+    stock = gpu_route._state["stock"]
+    images = np.arange(24, dtype="float32").reshape(2, 2, 2, 3)
+    images.setflags(write=False)
+    for x, dtype in [(images, None), (images, "bfloat16"), (tf.constant(images), None),
+                     (np.array([[0, 1]], "uint8"), "float32")]:
+        gpu_route.pinned.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            found = gpu_route.without_sync(x, dtype, "cpu")
+        same(found, stock(x, dtype=dtype))
+        (host,) = gpu_route.pinned
+        same(host, stock(x, dtype=dtype))  # what was pinned: Keras' host tensor
+    # beyond PIN_LIMIT an array moves from where it is (non-blocking), not pinned
+    gpu_route.pinned.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_route, "PIN_LIMIT", images.nbytes - 1)
+        same(gpu_route.without_sync(images, None, "cpu"), stock(images))
+    assert gpu_route.pinned == []
+    # page_locked takes NumPy arrays too (the native twin's batches), read-only ones quietly
+    gpu_route.pinned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy = gpu_route.page_locked(images)
+    same(copy, torch.from_numpy(images.copy()))
+    assert copy.data_ptr() != gpu_route.pinned[0].data_ptr()  # not the array's memory
 
 
 def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
@@ -157,6 +204,10 @@ def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):
 
     route_losses, route_weights = trained(route=True)
     assert blocking == []
+    # every step's images and labels came through pinned memory (as did the initial weights,
+    # NumPy arrays made variables)
+    shapes = [tuple(t.shape) for t in gpu_route.pinned]
+    assert shapes.count((2, 32, 32, 3)) >= 4 and shapes.count((2, 10)) >= 4, shapes
     keras_losses, keras_weights = trained(route=False)
     # Keras' own route: the batch's images and labels, the schedule's 5 constants and the
     # step counter's increment, 8 a step (12 before kbench.torch_objective took the loss's

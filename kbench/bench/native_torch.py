@@ -2,7 +2,8 @@
 
 Same network, initial weights, batches, loss and optimizer as `recipes/cifar_resnet.py` (see
 native_common), written the way PyTorch practitioners train a CNN: an nn.Module with nn.Conv2d
-and nn.BatchNorm2d, model and inputs in `channels_last` memory, autograd, the optimizer update
+and nn.BatchNorm2d, model and inputs in `channels_last` memory, on a GPU each batch copied
+from pinned host memory without blocking (`host_copy`), autograd, the optimizer update
 as `torch._foreach_*` ops, and under a mixed dtype policy `torch.autocast` to its compute dtype
 over float32 master weights (a `torch.amp.GradScaler` with Keras' LossScaleOptimizer settings
 under mixed_float16). Two twins:
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kbench import torch_transfers
 from kbench.bench import native_common as common
 
 
@@ -263,14 +265,26 @@ class KerasSGD:
 
 def to_device(images, labels, device):
     """A NumPy batch (NHWC images, one-hot labels) -> (NCHW images, labels) on `device`."""
-    labels = torch.from_numpy(labels.copy())  # tf.data hands out read-only arrays
-    return images_to_device(images, device), labels.to(device, non_blocking=True)
+    return (images_to_device(images, device),
+            host_copy(labels, device).to(device, non_blocking=True))
 
 
 def images_to_device(images, device):
-    # The NCHW view of NHWC memory already is channels_last: on CPU no second copy is made.
-    x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2)
+    # The NCHW view of NHWC memory already is channels_last: on CPU no second copy is made,
+    # and to a GPU the copy is one transfer of the whole buffer.
+    x = host_copy(images, device).permute(0, 3, 1, 2)
     return x.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
+
+
+def host_copy(array, device):
+    """`array` (tf.data's, read-only) as a host tensor of its own to move to `device`: for a
+    CUDA GPU in page-locked memory, as a DataLoader with pin_memory=True hands batches out, so
+    that the non-blocking copy to the GPU never waits for the steps queued before it (from
+    pageable memory the driver stages it and may wait: kbench.torch_transfers); one copy
+    either way."""
+    if device.type == "cuda":
+        return torch_transfers.page_locked(array)
+    return torch.from_numpy(array.copy())
 
 
 def _device():
