@@ -28,17 +28,17 @@ While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
     new page-locked ("pinned") host memory (`page_locked`; up to PIN_LIMIT, 512 MiB, larger
     ones move from where they are) and moves from there with
     `non_blocking=True`, as PyTorch practitioners feed batches (a DataLoader with
-    `pin_memory=True`, then `.to(device, non_blocking=True)`). From pageable memory the CUDA
+    `pin_memory=True`, which pins on a thread of its own, then `.to(device,
+    non_blocking=True)`; here the training thread pins). From pageable memory the CUDA
     driver first copies the data into its own pinned staging buffers and may wait for the
-    stream to drain before it does (the CUDA runtime API's "API synchronization behavior"): the
-    host would wait for the step queued before. From pinned memory the copy is a DMA queued on
-    the stream, and the host goes on; it still copies the data once, as the staging did.
+    stream to drain before it does (the CUDA runtime API's "API synchronization behavior"): a
+    host that queues steps ahead would wait for the step queued before. From pinned memory
+    the copy is a DMA queued on the stream, and the host goes on; the copy into pinned memory
+    takes the place of the driver's staging copy.
 Anything else (a Variable, a tensor already on the device, a list of tensors, complex
 numbers, symbolic sizes, sparse or ragged requests), everything on a CPU, and everything under
 torch.compile (where constants are part of the graph) is Keras' own conversion.
 """
-
-import warnings
 
 import numpy as np
 import torch
@@ -140,12 +140,12 @@ def page_locked(x):
     host allocator does not hand the buffer out again before the non-blocking copies made
     from it have run (it records an event on their stream). Needs CUDA."""
     if isinstance(x, np.ndarray):
-        with warnings.catch_warnings():  # (torch warns that a read-only array stays read-only:
-            warnings.simplefilter("ignore", UserWarning)  # the pinned copy only reads it)
-            x = torch.from_numpy(x)
-    return _pin(x)
+        copy = _pinned_empty(x.shape, torch.from_numpy(np.empty(0, x.dtype)).dtype)
+        copy.numpy()[...] = x  # (torch.from_numpy(x) would warn of a read-only x)
+        return copy
+    return _pinned_empty(x.shape, x.dtype).copy_(x)
 
 
-def _pin(host):
-    """host.pin_memory(): a pinned copy (tests stand in for it: pinning needs CUDA)."""
-    return host.pin_memory()
+def _pinned_empty(shape, dtype):
+    """A new contiguous pinned host tensor (tests stand in for it: pinning needs CUDA)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)

@@ -91,6 +91,24 @@ def entry_point(capsys):
     return call
 
 
+@pytest.fixture
+def pinned_memory(monkeypatch):
+    """Pinned host memory stood in for by ordinary tensors (pinning needs CUDA, this machine
+    has none): the list of every pinned buffer kbench.torch_transfers made, as filled."""
+    import torch
+
+    from kbench import torch_transfers
+
+    made = []
+
+    def stand_in(shape, dtype):
+        made.append(torch.empty(shape, dtype=dtype))
+        return made[-1]
+
+    monkeypatch.setattr(torch_transfers, "_pinned_empty", stand_in)
+    return made
+
+
 def fake_compare_interpreter(path, record, stopped_marker=None):
     """An 'interpreter' for the tools that run `kbench compare` as a child (gpu-check,
     overhead), standing in for the framework: it says "NVIDIA H200" to a framework probe

@@ -253,29 +253,34 @@ def test_loss_scaling_is_keras_loss_scale_optimizer():
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="native-torch's batches")
-def test_torch_twin_feeds_a_gpu_from_pinned_memory(native, monkeypatch):
-    """On a CUDA device the twin's batches are copied into pinned memory of their own (as a
-    DataLoader with pin_memory=True hands them out) and moved without blocking; on the CPU,
-    into memory of their own. Pinning needs CUDA: a stand-in records what would be pinned."""
+def test_torch_twin_feeds_a_gpu_from_pinned_memory(native, pinned_memory, monkeypatch):
+    """On a CUDA device the twin's batches are copied into pinned memory of their own and
+    moved without blocking (conftest's stand-in pinned memory records them); on the CPU they
+    are copied into memory of their own. Both arrays of a batch go through host_copy (the
+    `meta` device stands in for the GPU's as their destination)."""
     import torch
 
-    from kbench import torch_transfers
-
-    pinned = []
-    monkeypatch.setattr(torch_transfers, "_pin", lambda host: pinned.append(host) or host.clone())
     images = np.arange(2 * 4 * 4 * 3, dtype="float32").reshape(2, 4, 4, 3)
     labels = np.eye(10, dtype="float32")[[3, 7]]
     for array in (images, labels):
         array.setflags(write=False)  # as tf.data hands them out
-    for device, pins in ((torch.device("cuda"), 1), (torch.device("cpu"), 0)):
-        pinned.clear()
-        host = native.host_copy(images, device)
-        np.testing.assert_array_equal(host.numpy(), images)
-        assert len(pinned) == pins and host.data_ptr() != images.ctypes.data
+    copied, host_copy = [], native.host_copy
+    monkeypatch.setattr(native, "host_copy",
+                        lambda array, device: copied.append((array, device))
+                        or host_copy(array, device))
+    meta = torch.device("meta")
+    x, y = native.to_device(images, labels, meta)
+    assert [(id(a), d) for a, d in copied] == [(id(images), meta), (id(labels), meta)]
+    assert (x.device, x.shape, y.device, y.shape) == (meta, (2, 3, 4, 4), meta, (2, 10))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    host = native.host_copy(images, torch.device("cuda"))
+    (pinned,) = pinned_memory
+    assert host is pinned and host.data_ptr() != images.ctypes.data
+    np.testing.assert_array_equal(host.numpy(), images)
     x, y = native.to_device(images, labels, torch.device("cpu"))
     np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), images)
     np.testing.assert_array_equal(y.numpy(), labels)
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last) and len(pinned_memory) == 1
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="native-jax's own loss-scale update")

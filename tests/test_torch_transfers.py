@@ -16,24 +16,18 @@ pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="torch's host-to-devi
 
 
 @pytest.fixture
-def gpu_route(monkeypatch):
-    """The fast path on, and every device taken for a CUDA GPU by torch_transfers; pinning
-    (which needs CUDA) stands in as a new copy, and `gpu_route.pinned` lists what was."""
+def gpu_route(monkeypatch, pinned_memory):
+    """The fast path on, and every device taken for a CUDA GPU by torch_transfers; pinned
+    memory stood in for (conftest's `pinned_memory`), `gpu_route.pinned` lists what was."""
     from kbench import fast_path, torch_transfers
 
     before = fast_path.enabled()
     fast_path.set_enabled(True)
     torch_transfers.install(fast_path.enabled, force=True)  # without CUDA it installs nothing
     monkeypatch.setattr(torch_transfers, "accelerator", lambda device: True)
-    monkeypatch.setattr(torch_transfers, "pinned", [], raising=False)
-    monkeypatch.setattr(torch_transfers, "_pin", lambda host: _stand_in_pin(torch_transfers, host))
+    monkeypatch.setattr(torch_transfers, "pinned", pinned_memory, raising=False)
     yield torch_transfers
     fast_path.set_enabled(before)
-
-
-def _stand_in_pin(torch_transfers, host):
-    torch_transfers.pinned.append(host)
-    return host.clone()  # a buffer of its own, as pin_memory() makes
 
 
 def same(a, b):
@@ -145,20 +139,26 @@ def test_batches_move_from_pinned_memory_of_their_own(gpu_route):
             found = gpu_route.without_sync(x, dtype, "cpu")
         same(found, stock(x, dtype=dtype))
         (host,) = gpu_route.pinned
-        same(host, stock(x, dtype=dtype))  # what was pinned: Keras' host tensor
+        same(host, stock(x, dtype=dtype))  # what was pinned: Keras' host tensor, copied
     # beyond PIN_LIMIT an array moves from where it is (non-blocking), not pinned
     gpu_route.pinned.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gpu_route, "PIN_LIMIT", images.nbytes - 1)
         same(gpu_route.without_sync(images, None, "cpu"), stock(images))
     assert gpu_route.pinned == []
-    # page_locked takes NumPy arrays too (the native twin's batches), read-only ones quietly
+    # page_locked takes NumPy arrays too (the native twin's batches), read-only ones quietly,
+    # and copies a host tensor even where it is pinned already: a buffer of its own
     gpu_route.pinned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copy = gpu_route.page_locked(images)
     same(copy, torch.from_numpy(images.copy()))
-    assert copy.data_ptr() != gpu_route.pinned[0].data_ptr()  # not the array's memory
+    assert copy is gpu_route.pinned[0] and copy.data_ptr() != images.ctypes.data
+    host = torch.ones(3)
+    host.is_pinned = lambda: True
+    copy = gpu_route.page_locked(host)
+    same(copy, host)
+    assert copy is gpu_route.pinned[1] and copy.data_ptr() != host.data_ptr()
 
 
 def test_an_eager_step_leaves_no_conversion_to_a_blocking_copy(gpu_route):

@@ -278,10 +278,11 @@ def images_to_device(images, device):
 
 def host_copy(array, device):
     """`array` (tf.data's, read-only) as a host tensor of its own to move to `device`: for a
-    CUDA GPU in page-locked memory, as a DataLoader with pin_memory=True hands batches out, so
-    that the non-blocking copy to the GPU never waits for the steps queued before it (from
-    pageable memory the driver stages it and may wait: kbench.torch_transfers); one copy
-    either way."""
+    CUDA GPU in page-locked memory, as a DataLoader with pin_memory=True hands batches out
+    (pinned here on the training thread), so that the non-blocking copy to the GPU never
+    waits for the steps queued before it (from pageable memory the driver stages it and may
+    wait: kbench.torch_transfers); one host copy, where the private copy and the driver's
+    staging made two."""
     if device.type == "cuda":
         return torch_transfers.page_locked(array)
     return torch.from_numpy(array.copy())
