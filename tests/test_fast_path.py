@@ -102,6 +102,7 @@ def test_batch_norm_of_other_ranks_equals_stock_keras(fast_path, shape):
     for a, b in zip(fast, stock):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
 
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="FusedBatchNormV3 is tensorflow's")
 def test_tensorflow_fused_kernel_takes_16_bit_activations_uncast(fast_path):
     """Under a mixed policy the kernel gets the bfloat16 activation itself (it computes in
