@@ -183,19 +183,34 @@ def apply_execution_settings(float32_precision="tf32", cudnn_benchmark="on"):
     else:
         import torch
 
-        mode = "tf32" if tf32 else "ieee"
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-            # The new API only: torch refuses to read a precision set through both.
-            torch.backends.cuda.matmul.fp32_precision = mode
-            torch.backends.cudnn.conv.fp32_precision = mode
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+        _set_torch_float32_precision(torch, tf32)
         if torch.cuda.is_available() and torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = benchmark = cudnn_benchmark == "on"
     _settings.clear()
     _settings.update(float32_precision=float32_precision, cudnn_benchmark=benchmark)
     return dict(_settings)
+
+
+def _set_torch_float32_precision(torch, tf32):
+    """TF32 for torch's float32 matmuls and cuDNN convolutions, or full float32, through both
+    of torch's APIs. Since torch 2.9 each getter raises when the legacy flag and the new
+    `fp32_precision` disagree ("... mix of the legacy and new APIs"), and inductor still
+    reads the legacy ones (`torch.get_float32_matmul_precision()` in its cache keys, for
+    one): a precision written through the new API alone has been reported to make
+    torch.compile fail on CUDA GPUs (pytorch/pytorch#166387, torch 2.9-2.10). The legacy
+    setters first (they fill in the new API too), then the new API, explicitly for
+    convolutions: every getter then agrees."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch 2.9-2.10 warn that the legacy setters "will be deprecated": set on purpose.
+        warnings.filterwarnings("ignore", message=".*new API settings to control TF32")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        mode = "tf32" if tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
 
 
 def keras_compiler(jit_compile, framework=None):

@@ -92,7 +92,13 @@ def framework_precision():
 
     modes = {torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision}
     assert len(modes) == 1, modes  # matmuls and convolutions alike
-    return {"tf32": True, "ieee": False}[modes.pop()]
+    tf32 = {"tf32": True, "ieee": False}[modes.pop()]
+    # torch's legacy getters, which inductor reads, are readable (they raise where the two
+    # APIs disagree: torch.compile failed on CUDA so) and say the same
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    return tf32
 
 
 def test_one_float32_precision_is_set_on_the_framework_and_recorded():
@@ -108,6 +114,8 @@ def test_one_float32_precision_is_set_on_the_framework_and_recorded():
         # cudnn.benchmark exists only under torch on CUDA: None elsewhere, never a guess.
         gpu_torch = BACKEND == "torch" and backend.accelerator() == "gpu"
         assert settings["cudnn_benchmark"] is (True if gpu_torch else None)
+        backend.apply_execution_settings("highest")  # and back: each setting replaces the last
+        assert framework_precision() is False
         with pytest.raises(KbenchError, match="--float32-precision must be one of tf32, highest"):
             backend.apply_execution_settings("fp32")
     finally:
