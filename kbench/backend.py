@@ -77,12 +77,17 @@ def versions():
     from importlib import metadata
 
     found = {"python": platform.python_version()}
-    for dist in ("keras", "jax", "jaxlib", "tensorflow", "torch", "numpy", "optax",
-                 "tensorflow-datasets"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
+    # Each name, then the other distributions that install the same module (a GPU machine
+    # whose TensorFlow serves only tf.data has tensorflow-cpu)
+    for dist, *others in (("keras",), ("jax",), ("jaxlib",), ("tensorflow", "tensorflow-cpu"),
+                          ("torch",), ("numpy",), ("optax",), ("tensorflow-datasets",)):
+        found[dist] = None
+        for name in (dist, *others):
+            try:
+                found[dist] = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                pass
     try:
         from kbench import __version__
 

@@ -60,9 +60,12 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def run_child(command, grace_s=30.0, sigint_reach_s=30.0, **popen_kwargs):
+def run_child(command, grace_s=30.0, sigint_reach_s=30.0, timeout=None, **popen_kwargs):
     """subprocess.run(command).returncode for a child that stops cleanly on a signal (a
     `kbench compare`, which stops its workers' process groups and keeps what finished).
+
+    A child still running after `timeout` seconds is stopped as a SIGTERM stops it (SIGTERM,
+    then grace_s before SIGKILL), and subprocess.TimeoutExpired is raised once it has ended.
 
     Ctrl-C reaches the child with the terminal's whole process group, so the child is let
     stop by itself for up to sigint_reach_s (a Ctrl-C'd compare kills its worker, then
@@ -75,7 +78,14 @@ def run_child(command, grace_s=30.0, sigint_reach_s=30.0, **popen_kwargs):
     the workers it started in groups of their own.)"""
     proc = subprocess.Popen(command, **popen_kwargs)
     try:
-        code = proc.wait()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _terminate(proc)
+            if not _exits_within(proc, grace_s):
+                proc.kill()
+                proc.wait()
+            raise
     except KeyboardInterrupt as stop:
         termed = isinstance(stop, Terminated)
         try:

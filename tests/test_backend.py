@@ -17,6 +17,25 @@ def test_backend_reports_itself():
     assert info["devices"] and all(isinstance(d, str) for d in info["devices"])
 
 
+def test_versions_name_tensorflow_installed_as_tensorflow_cpu(monkeypatch):
+    """The GPU machine's TensorFlow (tf.data only) is the tensorflow-cpu distribution."""
+    from importlib import metadata
+
+    from kbench import backend
+
+    installed = {"keras": "3.15.1", "tensorflow-cpu": "2.21.0", "torch": "2.11.0"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    found = backend.versions()
+    assert (found["keras"], found["tensorflow"], found["torch"]) == ("3.15.1", "2.21.0", "2.11.0")
+    assert found["jax"] is None and "tensorflow-cpu" not in found
+
+
 def test_set_seed_makes_backend_randomness_repeat():
     import keras
 
@@ -101,7 +120,7 @@ def framework_precision():
     return tf32
 
 
-def test_one_float32_precision_is_set_on_the_framework_and_recorded():
+def test_one_float32_precision_is_set_on_the_framework_and_recorded(monkeypatch):
     from kbench import backend
     from kbench.errors import KbenchError
 
@@ -116,6 +135,16 @@ def test_one_float32_precision_is_set_on_the_framework_and_recorded():
         assert settings["cudnn_benchmark"] is (True if gpu_torch else None)
         backend.apply_execution_settings("highest")  # and back: each setting replaces the last
         assert framework_precision() is False
+        if BACKEND == "torch":  # on CUDA: as asked, and recorded (cuDNN stood in for)
+            import torch
+
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+            monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+            for asked, on in (("off", False), ("on", True)):
+                settings = backend.apply_execution_settings("tf32", asked)
+                assert settings["cudnn_benchmark"] is on and torch.backends.cudnn.benchmark is on
+            monkeypatch.undo()
         with pytest.raises(KbenchError, match="--float32-precision must be one of tf32, highest"):
             backend.apply_execution_settings("fp32")
     finally:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -207,13 +208,14 @@ JAX_ON_H200 = {**record("jax", "gpu:0 (NVIDIA H200)", 10.25, flops=4.947e12 * 0.
                "examples_per_sec": 99902.0}
 
 
-def fake_gpu_machine(tmp_path, stopped_marker=None):
+def fake_gpu_machine(tmp_path, stopped_marker=None, compare_fails=False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
     smi.write_text('#!/bin/sh\necho "NVIDIA H200, 143771, 580.95"\n')
     smi.chmod(0o755)
-    python = fake_compare_interpreter(tmp_path / "python", JAX_ON_H200, stopped_marker)
+    python = fake_compare_interpreter(tmp_path / "python", JAX_ON_H200, stopped_marker,
+                                      compare_fails)
     command = [sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--python", python,
                "--backends", "jax", "--cases", "resnet20:float32", "--output",
                str(tmp_path / "out")]
@@ -232,6 +234,40 @@ def test_a_check_writes_its_tables_from_what_compare_wrote(tmp_path):
     assert "| 1024 | 12.50 | 14.00 | 80.0 | 81920 |" in table  # the input pipeline's rate
     kept = [json.loads(line) for line in (tmp_path / "out" / "gpu-check.jsonl").open()]
     assert kept and all(r["backend"] == "jax" for r in kept)
+    # The output folder's top holds what a remote machine should hand back, and no more
+    # (the device tool returns 8 files, 2 folders down): the compares' folders are deeper
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "gpu-check-logs.tar.gz", "gpu-check.jsonl", "gpu-check.md", "passes"]
+    with tarfile.open(tmp_path / "out" / "gpu-check-logs.tar.gz") as archive:
+        assert archive.getnames() == ["passes/00-resnet20-float32/logs/jax-r0.log"]
+
+
+def test_a_pass_running_when_the_budget_ends_is_stopped_and_the_check_ends(tmp_path):
+    """The budget is a limit, not a wish: a pass still running when it ends is stopped as
+    SIGTERM stops a compare (its finished runs kept), no run is given longer than what is
+    left, and the passes after it are named as left out."""
+    marker = tmp_path / "compare-got"
+    command, env = fake_gpu_machine(tmp_path, stopped_marker=marker)
+    command += ["--cases", "resnet20:float32,preact_resnet18:mixed_bfloat16",
+                "--budget-s", "4"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text().strip() == "SIGTERM"
+    argv = (tmp_path / "out" / "passes" / "00-resnet20-float32" / "argv").read_text().split()
+    assert float(argv[argv.index("--timeout") + 1]) <= 4
+    table = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 |" in table
+    assert "Not as planned: resnet20 float32 was stopped when the budget ran out" in table
+    assert "Left out to stay within the GPU-time budget (--budget-s): preact_resnet18" in table
+
+
+def test_a_compare_that_records_nothing_is_named_and_the_check_exits_1(tmp_path):
+    command, env = fake_gpu_machine(tmp_path, compare_fails=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "compare: cannot start" in done.stderr  # the compare's own words reach the output
+    assert ("Not as planned: resnet20 float32: compare exited 3 without recording a run"
+            in (tmp_path / "out" / "gpu-check.md").read_text())
 
 
 def test_sigterm_to_the_check_alone_stops_its_compare_and_keeps_what_finished(tmp_path):

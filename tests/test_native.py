@@ -283,6 +283,24 @@ def test_torch_twin_feeds_a_gpu_from_pinned_memory(native, pinned_memory, monkey
     assert x.is_contiguous(memory_format=torch.channels_last) and len(pinned_memory) == 1
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="native-torch's cuDNN setting")
+def test_torch_twin_keeps_the_runs_cudnn_benchmark_setting(native, monkeypatch):
+    """--cudnn-benchmark off reaches the twin as it reaches the Keras runs: set in the
+    prologue (kbench.backend, tested there), and left as it is when the twin builds its
+    model for a CUDA device (a stand-in model: this machine has none)."""
+    import torch
+
+    class OnAnyDevice(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            return self
+
+    monkeypatch.setattr(native, "build_model", lambda weights: OnAnyDevice())
+    for asked in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", asked)
+        native._prepare(small_config(), torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is asked
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="native-jax's own loss-scale update")
 def test_jax_loss_scale_follows_keras_rules(native):
     update = lambda scale, count, finite: tuple(  # noqa: E731

@@ -168,6 +168,19 @@ def test_out_of_memory_errors_are_recognised_by_framework():
     assert not worker.is_out_of_memory(ValueError("shapes (3,) and (4,) do not match"))
 
 
+def test_out_of_memory_record_asks_the_runs_own_framework_for_its_peak(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(worker, "peak_device_mb", lambda framework: asked.append(framework))
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    for runner in ("keras", "native-jax", "native-tensorflow", "native-torch",
+                   "native-torch-compiled"):
+        path = tmp_path / f"{runner}.json"
+        assert worker.report_out_of_memory(MemoryError(), {"runner": runner}, str(path)) == \
+            worker.OOM_EXIT
+        assert "MemoryError" in path.read_text()
+    assert asked == ["jax", "jax", "tensorflow", "torch", "torch"]
+
+
 def test_the_memory_cap_stops_a_process_tree_that_passes_it():
     """The parent's poll counts the worker's children too (torchrun's ranks) and stops the
     whole group; under the cap the run is left alone."""

@@ -17,16 +17,20 @@ telling first, each case in two passes:
   - Keras-torch compiled: compare's `torch-compiled` variant with its twin
     `native-torch-compiled` where compare has them, else torch under `--jit-compile on`
     (with the twins, whose native-torch then compiles too).
-Each pass has an estimate of its seconds (RUN_ESTIMATE_S, COMPILE_ESTIMATE_S below); a pass that would end past
-`--budget-s` (counted from the start, framework probes included, and rescaled by how long
-the passes so far took against their estimates) is skipped and named in the table, so the
-check stays within its GPU time. `--dry-run` prints the plan with its estimates and exits,
-on any machine.
+Each pass has an estimate of its seconds (RUN_ESTIMATE_S, COMPILE_ESTIMATE_S below); a pass
+that would end past `--budget-s` (counted from the start, framework probes included, and
+rescaled by how long the passes so far took against their estimates) is skipped and named in
+the table. The budget is also a hard limit: no run gets a `--timeout` past it, and a pass
+still running when it ends is stopped as SIGTERM stops a compare (its finished runs kept),
+the passes after it named as left out. `--dry-run` prints the plan with its estimates and
+exits, on any machine.
 It prints one table with achieved TFLOP/s, MFU (model FLOPs utilisation) against the GPU's
 dense peak from PEAKS below, each Keras row over its native twin and the share of time spent
-waiting for input, and writes gpu-check.jsonl (every compare record) and gpu-check.md (the
-tables) into the output folder after every pass. Without a GPU it says so in one line and
-exits 0.
+waiting for input, and writes gpu-check.jsonl (every compare record), gpu-check.md (the
+tables, and any pass that failed or was stopped) and gpu-check-logs.tar.gz (every run's log)
+at the top of the output folder after every pass; the compares' own folders are under
+passes/. Without a GPU it says so in one line and exits 0; a pass whose compare recorded no
+run at all makes the exit status 1.
 
 FLOPs are kbench's analytic count of one model (convolutions and dense layers, training step
 = 3x forward; kbench/bench/flops.py), the same number for every row of a model and batch, so
@@ -126,7 +130,7 @@ def backend_sees_gpu(name, python):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
         out = subprocess.run([python, "-c", PROBES[name]], capture_output=True, text=True,
-                             timeout=300, env=env)
+                             timeout=PROBE_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         return False, "timed out asking for its GPUs"
     if out.returncode != 0:
@@ -148,6 +152,8 @@ RUN_ESTIMATE_S = 15
 COMPILE_ESTIMATE_S = {"torch-compiled": 60, "native-torch-compiled": 35}  # 34 s: native, H200
 INPUT_RATE_ESTIMATE_S = 15  # per batch size
 PROBE_ESTIMATE_S = 8  # per framework asked whether it sees the GPU
+PROBE_TIMEOUT_S = 120  # an import and a device query; H200: a few seconds each
+INPUT_RATE_TIMEOUT_S = 120  # for all batch sizes
 
 
 @dataclasses.dataclass
@@ -229,6 +235,10 @@ class Budget:
     @property
     def scale(self):
         return self.actual / self.estimated if self.estimated else 1.0
+
+    @property
+    def remaining(self):
+        return self.seconds - self.elapsed
 
     def allows(self, estimate):
         return self.elapsed + estimate * self.scale <= self.seconds
@@ -340,9 +350,9 @@ def cells(row):
             _fmt(row.get("syncs"), "g")]
 
 
-def markdown(rows, header, input_rates=(), skipped=()):
-    """The tables: every run; the input pipeline's own rate per batch size; what the
-    budget left out."""
+def markdown(rows, header, input_rates=(), skipped=(), failed=()):
+    """The tables: every run; the input pipeline's own rate per batch size; the passes that
+    failed or were stopped; what the budget left out."""
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(" --- " for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
@@ -361,6 +371,8 @@ def markdown(rows, header, input_rates=(), skipped=()):
         lines += [f"| {r['batch_size']} | {r['ms_per_batch']:.2f} | {r['ms_per_batch_p90']:.2f} "
                   f"| {r['batches_per_sec']:.1f} | {r['examples_per_sec']:.0f} |"
                   for r in input_rates]
+    if failed:
+        lines += [""] + [f"Not as planned: {line}." for line in failed]
     if skipped:
         lines += ["", "Left out to stay within the GPU-time budget (--budget-s): "
                   + "; ".join(skipped) + "."]
@@ -378,6 +390,22 @@ def print_table(rows, header):
     for row in rows:
         table.add_row(*cells(row))
     Console(width=200).print(table)
+
+
+LOGS_ARCHIVE = "gpu-check-logs.tar.gz"
+
+
+def write_logs_archive(out_dir):
+    """Every run's log (passes/*/logs/*.log, where a failed run's traceback is) in one
+    archive at the top of out_dir, rewritten after every pass."""
+    import glob
+    import tarfile
+
+    path = os.path.join(out_dir, LOGS_ARCHIVE)
+    with tarfile.open(path + ".tmp", "w:gz") as archive:
+        for log in sorted(glob.glob(os.path.join(out_dir, "passes", "*", "logs", "*.log"))):
+            archive.add(log, arcname=os.path.relpath(log, out_dir))
+    os.replace(path + ".tmp", path)
 
 
 def write_atomic(path, text):
@@ -444,8 +472,15 @@ def input_rates(python, batch_sizes, steps, budget):
     print(f"\ngpu-check: input pipeline: {' '.join(command[1:])}", flush=True)
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     start = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    budget.spent(INPUT_RATE_ESTIMATE_S * len(batch_sizes), time.monotonic() - start)
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=min(INPUT_RATE_TIMEOUT_S, max(budget.remaining, 1)))
+    except subprocess.TimeoutExpired as late:
+        print(f"gpu-check: the input pipeline's rate was not measured: no answer within "
+              f"{late.timeout:.0f} s")
+        return []
+    finally:
+        budget.spent(INPUT_RATE_ESTIMATE_S * len(batch_sizes), time.monotonic() - start)
     if done.returncode != 0:
         print("gpu-check: the input pipeline's rate was not measured: "
               + (done.stderr.strip().splitlines() or ["?"])[-1])
@@ -530,7 +565,8 @@ def main(argv=None):
               f"CIFAR data, {args.steps} timed steps after {args.warmup_steps} warm-up, synced "
               f"every {args.sync_every}, float32 in TF32 on every backend; MFU "
               "against the dense peak of the policy's compute dtype (TF32 for float32)")
-    records, skipped = [], []
+    records, skipped, failed = [], [], []
+    compare_failed = False
     keras_variants, natives = compare_names()
     rates = input_rates(args.python, sorted(set(used_sizes.values())), 30, budget)
 
@@ -538,7 +574,8 @@ def main(argv=None):
         write_atomic(os.path.join(out_dir, "gpu-check.jsonl"),
                      "".join(json.dumps(r) + "\n" for r in records))
         write_atomic(os.path.join(out_dir, "gpu-check.md"),
-                     markdown(rows_with_mfu(records, peak), header, rates, skipped))
+                     markdown(rows_with_mfu(records, peak), header, rates, skipped, failed))
+        write_logs_archive(out_dir)
 
     write()
     passes = plan(cases, backends, batch_sizes, args.sync_every, keras_variants, natives)
@@ -549,15 +586,30 @@ def main(argv=None):
             skipped.append(f"{step.label} ({', '.join(step.runs)})")
             write()
             continue
-        pass_dir = os.path.join(out_dir, f"{index:02d}-{step.label.replace(' ', '-')}")
+        # The compares' own folders one level down, so that the output folder's top holds
+        # only the tables and the logs' archive (what a remote machine hands back)
+        pass_dir = os.path.join(out_dir, "passes",
+                                f"{index:02d}-{step.label.replace(' ', '-')}")
+        # No run, and no pass, outlasts the budget: a pass that is still running when it
+        # ends is stopped as SIGTERM stops it (its finished runs kept), and the check ends.
+        run_timeout = max(1.0, min(args.timeout, budget.remaining))
         command = [args.python, "-m", "kbench.cli", "compare", *step.args,
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
-                   "--timeout", str(args.timeout), "--output", pass_dir]
+                   "--timeout", f"{run_timeout:.0f}", "--output", pass_dir]
         print(f"\ngpu-check: {step.label} (~{step.estimate_s} s): {' '.join(command[1:])}",
               flush=True)
-        start = time.monotonic()
-        try:  # a failed pass is in its records; go on
-            run_child(command, cwd=ROOT)
+        start, before = time.monotonic(), len(records)
+        try:  # a failed run is in its records; go on
+            code = run_child(command, cwd=ROOT, timeout=max(1.0, budget.remaining))
+        except subprocess.TimeoutExpired:
+            records += read_results(pass_dir)
+            failed.append(f"{step.label} was stopped when the budget ran out, after "
+                          f"{time.monotonic() - start:.0f} s; its finished runs are above")
+            skipped += [f"{p.label} ({', '.join(p.runs)})" for p in passes[index + 1:]]
+            write()
+            print(f"gpu-check: {step.label}: stopped at the end of the budget "
+                  f"({args.budget_s:g} s)", flush=True)
+            break
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the compare stopped cleanly; keep what
             records += read_results(pass_dir)  # finished, then stop
             write()
@@ -566,6 +618,10 @@ def main(argv=None):
             raise
         budget.spent(step.estimate_s, time.monotonic() - start)
         records += read_results(pass_dir)
+        if code != 0 and len(records) == before:  # compare itself failed: no run recorded
+            compare_failed = True
+            failed.append(f"{step.label}: compare exited {code} without recording a run "
+                          "(its output is in the check's)")
         write()
     rows = rows_with_mfu(records, peak)
     print()
@@ -573,11 +629,13 @@ def main(argv=None):
     for rate in rates:
         print(f"gpu-check: input pipeline alone at batch {rate['batch_size']}: "
               f"{rate['ms_per_batch']:.2f} ms/batch, {rate['examples_per_sec']:.0f} examples/s")
+    for line in failed:
+        print(f"gpu-check: not as planned: {line}")
     if skipped:
         print("gpu-check: left out for the budget: " + "; ".join(skipped))
-    print(f"gpu-check: {budget.elapsed:.0f} s in all; wrote {out_dir}/gpu-check.md and "
-          "gpu-check.jsonl")
-    return 0
+    print(f"gpu-check: {budget.elapsed:.0f} s in all; wrote {out_dir}/gpu-check.md, "
+          f"gpu-check.jsonl and {LOGS_ARCHIVE}")
+    return 1 if compare_failed else 0
 
 
 if __name__ == "__main__":

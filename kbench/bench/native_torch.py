@@ -299,10 +299,9 @@ def _describe(device):
 
 
 def _prepare(config, device):
-    """(ResNetWeights, model on device in channels_last, autocast context factory). On CUDA,
-    cuDNN benchmarks its convolution algorithms for each new shape first (cudnn.benchmark)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    """(ResNetWeights, model on device in channels_last, autocast context factory).
+    cudnn.benchmark is the run's setting (--cudnn-benchmark, on by default), set with the
+    Keras runs' in the prologue (native_common.training_plan), not here."""
     weights = common.initial_weights(config)
     model = build_model(weights).to(device, memory_format=MEMORY_FORMAT)
     dtype = common.autocast_dtype(config)

@@ -269,8 +269,9 @@ def report_out_of_memory(exc, spec, result_path):
     from kbench.files import write_json_atomic
 
     traceback.print_exc()  # into the run's log
-    framework = {"keras": os.environ.get("KERAS_BACKEND")}.get(
-        spec["runner"], spec["runner"].split("-", 1)[-1])
+    runner = spec["runner"]
+    framework = (os.environ.get("KERAS_BACKEND") if runner == "keras"  # native_torch -> torch
+                 else NATIVE_RUNNERS[runner][0].removeprefix("native_"))
     message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(result_path, {"out_of_memory": message[:500],
