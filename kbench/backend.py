@@ -204,7 +204,8 @@ def _set_torch_float32_precision(torch, tf32):
     one): a precision written through the new API alone has been reported to make
     torch.compile fail on CUDA GPUs (pytorch/pytorch#166387, torch 2.9-2.10). The legacy
     setters first (they fill in the new API too), then the new API, explicitly for
-    convolutions: every getter then agrees."""
+    convolutions and recurrent layers (the legacy cuDNN setter leaves them "none", which
+    defers to a process-wide setting): every getter then agrees."""
     import warnings
 
     with warnings.catch_warnings():
@@ -216,6 +217,7 @@ def _set_torch_float32_precision(torch, tf32):
         mode = "tf32" if tf32 else "ieee"
         torch.backends.cuda.matmul.fp32_precision = mode
         torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cudnn.rnn.fp32_precision = mode  # the LSTM recipe's cuDNN kernels
 
 
 def keras_compiler(jit_compile, framework=None):

@@ -65,7 +65,8 @@ def run_child(command, grace_s=30.0, sigint_reach_s=30.0, timeout=None, **popen_
     `kbench compare`, which stops its workers' process groups and keeps what finished).
 
     A child still running after `timeout` seconds is stopped as a SIGTERM stops it (SIGTERM,
-    then grace_s before SIGKILL), and subprocess.TimeoutExpired is raised once it has ended.
+    then grace_s before SIGKILL), and subprocess.TimeoutExpired is raised once it has ended
+    (a stop during that grace is raised at once: the child has its SIGTERM already).
 
     Ctrl-C reaches the child with the terminal's whole process group, so the child is let
     stop by itself for up to sigint_reach_s (a Ctrl-C'd compare kills its worker, then
@@ -78,14 +79,13 @@ def run_child(command, grace_s=30.0, sigint_reach_s=30.0, timeout=None, **popen_
     the workers it started in groups of their own.)"""
     proc = subprocess.Popen(command, **popen_kwargs)
     try:
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _terminate(proc)
-            if not _exits_within(proc, grace_s):
-                proc.kill()
-                proc.wait()
-            raise
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _terminate(proc)
+        if not _exits_within(proc, grace_s):  # a stop meanwhile ends the wait, as below
+            proc.kill()
+            proc.wait()
+        raise
     except KeyboardInterrupt as stop:
         termed = isinstance(stop, Terminated)
         try:

@@ -109,8 +109,9 @@ def framework_precision():
         return tf.config.experimental.tensor_float_32_execution_enabled()
     import torch
 
-    modes = {torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision}
-    assert len(modes) == 1, modes  # matmuls and convolutions alike
+    modes = {torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.rnn.fp32_precision}
+    assert len(modes) == 1, modes  # matmuls, convolutions and cuDNN's RNNs alike
     tf32 = {"tf32": True, "ieee": False}[modes.pop()]
     # torch's legacy getters, which inductor reads, are readable (they raise where the two
     # APIs disagree: torch.compile failed on CUDA so) and say the same
@@ -138,13 +139,14 @@ def test_one_float32_precision_is_set_on_the_framework_and_recorded(monkeypatch)
         if BACKEND == "torch":  # on CUDA: as asked, and recorded (cuDNN stood in for)
             import torch
 
-            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-            monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-            monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
-            for asked, on in (("off", False), ("on", True)):
-                settings = backend.apply_execution_settings("tf32", asked)
-                assert settings["cudnn_benchmark"] is on and torch.backends.cudnn.benchmark is on
-            monkeypatch.undo()
+            with monkeypatch.context() as cuda:
+                cuda.setattr(torch.cuda, "is_available", lambda: True)
+                cuda.setattr(torch.backends.cudnn, "is_available", lambda: True)
+                cuda.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+                for asked, on in (("off", False), ("on", True)):
+                    settings = backend.apply_execution_settings("tf32", asked)
+                    assert settings["cudnn_benchmark"] is on
+                    assert torch.backends.cudnn.benchmark is on
         with pytest.raises(KbenchError, match="--float32-precision must be one of tf32, highest"):
             backend.apply_execution_settings("fp32")
     finally:

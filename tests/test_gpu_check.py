@@ -248,6 +248,8 @@ def test_a_pass_running_when_the_budget_ends_is_stopped_and_the_check_ends(tmp_p
     left, and the passes after it are named as left out."""
     marker = tmp_path / "compare-got"
     command, env = fake_gpu_machine(tmp_path, stopped_marker=marker)
+    # The first pass (jax and its twin, ~30 s estimated) starts within 4 s because the fake
+    # input rate answers at once against its 15 s estimate: the budget's scale is then ~0
     command += ["--cases", "resnet20:float32,preact_resnet18:mixed_bfloat16",
                 "--budget-s", "4"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -258,6 +260,7 @@ def test_a_pass_running_when_the_budget_ends_is_stopped_and_the_check_ends(tmp_p
     table = (tmp_path / "out" / "gpu-check.md").read_text()
     assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 |" in table
     assert "Not as planned: resnet20 float32 was stopped when the budget ran out" in table
+    assert "its finished runs are above, not run: native-jax." in table
     assert "Left out to stay within the GPU-time budget (--budget-s): preact_resnet18" in table
 
 

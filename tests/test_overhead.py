@@ -186,3 +186,27 @@ def test_a_child_stopped_by_a_signal_of_its_own_stops_the_tool(child_status, sta
     done = subprocess.run(run_child_program(call), cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert (done.returncode, done.stderr.strip()) == (status, message)
+
+
+def test_a_child_past_its_timeout_is_stopped_as_sigterm_stops_it_then_killed(tmp_path):
+    """run_child(timeout=...) (gpu-check's budget): a compare still running is sent SIGTERM,
+    so it stops its worker and keeps what finished, and TimeoutExpired follows; a child that
+    ignores SIGTERM is killed once the grace is over."""
+    import time
+
+    from kbench.errors import run_child
+
+    marker = tmp_path / "child-got"
+    child = fake_compare_interpreter(tmp_path / "python", rec("jax", 1.0), marker)
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([child, "-m", "kbench.cli", "compare", "--output", str(tmp_path / "out")],
+                  timeout=2.0)
+    assert marker.read_text().strip() == "SIGTERM"
+    assert (tmp_path / "out" / "results.jsonl").read_text().strip()  # what finished is kept
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-c", "import signal, time; "
+                   "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"],
+                  timeout=1.0, grace_s=0.5)
+    assert time.monotonic() - start < 30  # killed, not waited for
+    assert run_child([sys.executable, "-c", "raise SystemExit(4)"], timeout=30) == 4

@@ -125,14 +125,14 @@ PROBES = {
 }
 
 
-def backend_sees_gpu(name, python):
+def backend_sees_gpu(name, python, timeout_s):
     """(sees it, what it said): whether this framework, as installed, computes on the GPU."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
         out = subprocess.run([python, "-c", PROBES[name]], capture_output=True, text=True,
-                             timeout=PROBE_TIMEOUT_S, env=env)
+                             timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
-        return False, "timed out asking for its GPUs"
+        return False, f"no answer within {timeout_s:.0f} s when asked for its GPUs"
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["exit status %d" % out.returncode])[-1]
         return False, f"not usable here ({last})"
@@ -154,6 +154,7 @@ INPUT_RATE_ESTIMATE_S = 15  # per batch size
 PROBE_ESTIMATE_S = 8  # per framework asked whether it sees the GPU
 PROBE_TIMEOUT_S = 120  # an import and a device query; H200: a few seconds each
 INPUT_RATE_TIMEOUT_S = 120  # for all batch sizes
+RUN_TIMEOUT_MARGIN_S = 10  # a run's --timeout ends this long before the budget
 
 
 @dataclasses.dataclass
@@ -476,15 +477,16 @@ def input_rates(python, batch_sizes, steps, budget):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env,
                               timeout=min(INPUT_RATE_TIMEOUT_S, max(budget.remaining, 1)))
     except subprocess.TimeoutExpired as late:
+        # (not counted into the budget's scale: a host pipeline that hung says nothing of
+        # how long the GPU passes take)
         print(f"gpu-check: the input pipeline's rate was not measured: no answer within "
               f"{late.timeout:.0f} s")
         return []
-    finally:
-        budget.spent(INPUT_RATE_ESTIMATE_S * len(batch_sizes), time.monotonic() - start)
     if done.returncode != 0:
         print("gpu-check: the input pipeline's rate was not measured: "
               + (done.stderr.strip().splitlines() or ["?"])[-1])
         return []
+    budget.spent(INPUT_RATE_ESTIMATE_S * len(batch_sizes), time.monotonic() - start)
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -531,12 +533,12 @@ def main(argv=None):
         passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives)
         print(dry_run(passes, args.budget_s, names, used_sizes))
         return 0
+    budget = Budget(args.budget_s)
     found = gpus()
     if not found:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to "
               "measure.")
         return 0
-    budget = Budget(args.budget_s)
     gpu_name, memory_mib, driver = found[0]
     peak = peak_for(gpu_name)
     print(f"gpu-check: {len(found)} GPU(s), using the first: {gpu_name}, {memory_mib} MiB, "
@@ -550,7 +552,8 @@ def main(argv=None):
 
     backends = []
     for name in names:
-        sees, said = backend_sees_gpu(name, args.python)
+        sees, said = backend_sees_gpu(name, args.python,
+                                      min(PROBE_TIMEOUT_S, max(budget.remaining, 1)))
         print(f"gpu-check: {name}: {'sees ' + said if sees else said + '; left out'}")
         if sees:
             backends.append(name)
@@ -592,7 +595,9 @@ def main(argv=None):
                                 f"{index:02d}-{step.label.replace(' ', '-')}")
         # No run, and no pass, outlasts the budget: a pass that is still running when it
         # ends is stopped as SIGTERM stops it (its finished runs kept), and the check ends.
-        run_timeout = max(1.0, min(args.timeout, budget.remaining))
+        # Each run's own limit ends RUN_TIMEOUT_MARGIN_S before, so that compare itself
+        # times out the run in flight then and records it.
+        run_timeout = max(1.0, min(args.timeout, budget.remaining - RUN_TIMEOUT_MARGIN_S))
         command = [args.python, "-m", "kbench.cli", "compare", *step.args,
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                    "--timeout", f"{run_timeout:.0f}", "--output", pass_dir]
@@ -603,8 +608,11 @@ def main(argv=None):
             code = run_child(command, cwd=ROOT, timeout=max(1.0, budget.remaining))
         except subprocess.TimeoutExpired:
             records += read_results(pass_dir)
+            ran = {row_name(r) for r in records[before:]}
+            unrun = [run for run in step.runs if run not in ran]
             failed.append(f"{step.label} was stopped when the budget ran out, after "
-                          f"{time.monotonic() - start:.0f} s; its finished runs are above")
+                          f"{time.monotonic() - start:.0f} s; its finished runs are above"
+                          + (f", not run: {', '.join(unrun)}" if unrun else ""))
             skipped += [f"{p.label} ({', '.join(p.runs)})" for p in passes[index + 1:]]
             write()
             print(f"gpu-check: {step.label}: stopped at the end of the budget "

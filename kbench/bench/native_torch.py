@@ -8,7 +8,8 @@ as `torch._foreach_*` ops, and under a mixed dtype policy `torch.autocast` to it
 over float32 master weights (a `torch.amp.GradScaler` with Keras' LossScaleOptimizer settings
 under mixed_float16). Two twins:
 
-- `native-torch` (run(config, ...)): eager; on CUDA with `torch.backends.cudnn.benchmark = True`.
+- `native-torch` (run(config, ...)): eager; on CUDA with `torch.backends.cudnn.benchmark` as
+  the run's --cudnn-benchmark sets it (on by default, as for the Keras runs).
 - `native-torch-compiled` (run(config, ..., compiled=True)): the same step under torch.compile
   (inductor, default mode), in the two regions PyTorch's own tutorials compile: the forward
   pass with the loss (dynamo cannot trace `loss.backward()`, so AOTAutograd compiles the
