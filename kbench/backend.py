@@ -197,8 +197,8 @@ def apply_execution_settings(float32_precision="tf32", cudnn_benchmark="on"):
 
 
 def _set_torch_float32_precision(torch, tf32):
-    """TF32 for torch's float32 matmuls and cuDNN convolutions, or full float32, through both
-    of torch's APIs. Since torch 2.9 each getter raises when the legacy flag and the new
+    """TF32 for torch's float32 matmuls, cuDNN convolutions and RNNs, or full float32, through
+    both of torch's APIs. Since torch 2.9 each getter raises when the legacy flag and the new
     `fp32_precision` disagree ("... mix of the legacy and new APIs"), and inductor still
     reads the legacy ones (`torch.get_float32_matmul_precision()` in its cache keys, for
     one): a precision written through the new API alone has been reported to make
