@@ -24,10 +24,14 @@ While the fast path is on, eagerly, where Keras' device is a CUDA GPU:
     the conversion returns, moves as Keras moves it;
   - anything Keras converts through NumPy (an array, a NumPy scalar, a TensorFlow tensor: the
     batches of a tf.data pipeline, which Keras' DataLoader converts so), or a list or tuple of
-    Python numbers (a shape), becomes Keras' own host tensor (its dtype rules), is copied into
-    new page-locked ("pinned") host memory (`page_locked`; up to PIN_LIMIT, 512 MiB, larger
-    ones move from where they are) and moves from there with
-    `non_blocking=True`, as PyTorch practitioners feed batches (a DataLoader with
+    Python numbers (a shape), is copied into new page-locked ("pinned") host memory
+    (`page_locked`; up to PIN_LIMIT, 512 MiB, larger ones move from where they are) and moves
+    from there with `non_blocking=True`. An array or a TensorFlow tensor whose dtype Keras
+    keeps (KEPT_DTYPES, and no other dtype asked) is copied there directly, once: Keras would
+    first copy it into an array of its own (`np.array`; 0.9 ms for a batch of 1024 CIFAR
+    images here), where a TensorFlow tensor's NumPy view costs nothing. Anything else becomes
+    Keras' own host tensor first (its dtype rules), then is pinned. So batches reach the GPU
+    as PyTorch practitioners feed them (a DataLoader with
     `pin_memory=True`, which pins on a thread of its own, then `.to(device,
     non_blocking=True)`; here the training thread pins). From pageable memory the CUDA
     driver first copies the data into its own pinned staging buffers and may wait for the
@@ -127,11 +131,32 @@ def without_sync(x, dtype, device):
         return None  # empty, or holding tensors (Keras stacks them) or anything else
     # A NumPy array or scalar, or what Keras makes one of (a TensorFlow tensor: the
     # batches of a tf.data pipeline, which Keras' DataLoader converts here), or a shape.
+    array = _array_kept_as_is(x)
+    if array is not None and array.nbytes <= PIN_LIMIT and (
+            dtype is None or core.standardize_dtype(dtype) == array.dtype.name):
+        return page_locked(array).to(device, non_blocking=True)
     with core.device_scope("cpu"):
         host = _state["stock"](x, dtype=dtype)
     if host.nbytes <= PIN_LIMIT:
         host = page_locked(host)
     return host.to(device, non_blocking=True)
+
+
+# NumPy dtypes Keras' torch conversion keeps as they are (it turns uint32 into int64, and
+# ml_dtypes' bfloat16 into float32 first)
+KEPT_DTYPES = frozenset(map(np.dtype, ("bool", "uint8", "int8", "int16", "int32", "int64",
+                                       "float16", "float32", "float64")))
+
+
+def _array_kept_as_is(x):
+    """`x` as a NumPy array without a copy, where it is a NumPy array or a TensorFlow eager
+    tensor (np.asarray views its buffer) of a dtype Keras keeps; else None."""
+    if not isinstance(x, np.ndarray):
+        kind = type(x)
+        if kind.__name__ != "EagerTensor" or not kind.__module__.startswith("tensorflow."):
+            return None
+        x = np.asarray(x)
+    return x if x.dtype in KEPT_DTYPES else None
 
 
 def page_locked(x):

@@ -140,6 +140,22 @@ def test_batches_move_from_pinned_memory_of_their_own(gpu_route):
         same(found, stock(x, dtype=dtype))
         (host,) = gpu_route.pinned
         same(host, stock(x, dtype=dtype))  # what was pinned: Keras' host tensor, copied
+    # A batch of a dtype Keras keeps goes into pinned memory directly, without Keras' own
+    # copy (np.array) first; a dtype Keras changes (asked for, or its own rules: uint32 ->
+    # int64, the TF tensor's float64 when float32 is asked) goes through Keras
+    through_keras = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(gpu_route._state, "stock",
+                      lambda x, dtype=None, **kw: through_keras.append(dtype) or stock(x, dtype))
+        for x, dtype, keras_copies in [
+                (images, None, 0), (images, "float32", 0), (tf.constant(images), None, 0),
+                (np.array([[0, 1]], "int64"), None, 0), (np.array([True]), "bool", 0),
+                (images, "bfloat16", 1), (np.array([7], "uint32"), None, 1),
+                (tf.constant([1.5], tf.float64), "float32", 1)]:
+            through_keras.clear()
+            gpu_route.pinned.clear()
+            same(gpu_route.without_sync(x, dtype, "cpu"), stock(x, dtype=dtype))
+            assert len(through_keras) == keras_copies and len(gpu_route.pinned) == 1, (x, dtype)
     # beyond PIN_LIMIT an array moves from where it is (non-blocking), not pinned
     gpu_route.pinned.clear()
     with pytest.MonkeyPatch.context() as patch:
