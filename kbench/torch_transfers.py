@@ -142,8 +142,8 @@ def without_sync(x, dtype, device):
     return host.to(device, non_blocking=True)
 
 
-# NumPy dtypes Keras' torch conversion keeps as they are (it turns uint32 into int64, and
-# ml_dtypes' bfloat16 into float32 first)
+# NumPy dtypes (native byte order) Keras' torch conversion keeps as they are (it turns
+# uint16 into int32, uint32 into int64, and ml_dtypes' bfloat16 into float32 first)
 KEPT_DTYPES = frozenset(map(np.dtype, ("bool", "uint8", "int8", "int16", "int32", "int64",
                                        "float16", "float32", "float64")))
 

@@ -139,7 +139,7 @@ def test_batches_move_from_pinned_memory_of_their_own(gpu_route):
             found = gpu_route.without_sync(x, dtype, "cpu")
         same(found, stock(x, dtype=dtype))
         (host,) = gpu_route.pinned
-        same(host, stock(x, dtype=dtype))  # what was pinned: Keras' host tensor, copied
+        same(host, stock(x, dtype=dtype))  # what was pinned: the batch in Keras' dtype
     # A batch of a dtype Keras keeps goes into pinned memory directly, without Keras' own
     # copy (np.array) first; a dtype Keras changes (asked for, or its own rules: uint32 ->
     # int64, the TF tensor's float64 when float32 is asked) goes through Keras
@@ -150,12 +150,19 @@ def test_batches_move_from_pinned_memory_of_their_own(gpu_route):
         for x, dtype, keras_copies in [
                 (images, None, 0), (images, "float32", 0), (tf.constant(images), None, 0),
                 (np.array([[0, 1]], "int64"), None, 0), (np.array([True]), "bool", 0),
+                (images[:, ::-1], None, 0), (np.asfortranarray(images[0, 0]), None, 0),
+                (np.array(2.5, "float16"), None, 0), (images, torch.float32, 0),
+                (tf.constant([1.5], tf.float64), None, 0),  # Keras keeps an array's float64
                 (images, "bfloat16", 1), (np.array([7], "uint32"), None, 1),
                 (tf.constant([1.5], tf.float64), "float32", 1)]:
             through_keras.clear()
             gpu_route.pinned.clear()
             same(gpu_route.without_sync(x, dtype, "cpu"), stock(x, dtype=dtype))
             assert len(through_keras) == keras_copies and len(gpu_route.pinned) == 1, (x, dtype)
+        through_keras.clear()
+        with pytest.raises(ValueError, match="byte order"):  # Keras' to refuse, as it does
+            gpu_route.without_sync(np.array([1.5], ">f4"), None, "cpu")
+        assert through_keras == [None]
     # beyond PIN_LIMIT an array moves from where it is (non-blocking), not pinned
     gpu_route.pinned.clear()
     with pytest.MonkeyPatch.context() as patch:
