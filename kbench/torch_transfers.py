@@ -131,15 +131,14 @@ def without_sync(x, dtype, device):
         return None  # empty, or holding tensors (Keras stacks them) or anything else
     # A NumPy array or scalar, or what Keras makes one of (a TensorFlow tensor: the
     # batches of a tf.data pipeline, which Keras' DataLoader converts here), or a shape.
-    array = _array_kept_as_is(x)
-    if array is not None and array.nbytes <= PIN_LIMIT and (
-            dtype is None or core.standardize_dtype(dtype) == array.dtype.name):
-        return page_locked(array).to(device, non_blocking=True)
-    with core.device_scope("cpu"):
-        host = _state["stock"](x, dtype=dtype)
-    if host.nbytes <= PIN_LIMIT:
-        host = page_locked(host)
-    return host.to(device, non_blocking=True)
+    host = _array_kept_as_is(x)  # pinned from where it is, or from Keras' host tensor
+    if host is None or host.nbytes > PIN_LIMIT or (
+            dtype is not None and core.standardize_dtype(dtype) != host.dtype.name):
+        with core.device_scope("cpu"):
+            host = _state["stock"](x, dtype=dtype)
+        if host.nbytes > PIN_LIMIT:
+            return host.to(device, non_blocking=True)
+    return page_locked(host).to(device, non_blocking=True)
 
 
 # NumPy dtypes (native byte order) Keras' torch conversion keeps as they are (it turns

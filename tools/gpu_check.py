@@ -241,6 +241,11 @@ class Budget:
     def remaining(self):
         return self.seconds - self.elapsed
 
+    def limit(self, cap, margin=0.0):
+        """Seconds a step may take: `cap`, but no later than `margin` before the budget's
+        end (at least 1 s: a limit of 0 would mean none to subprocess and compare)."""
+        return max(1.0, min(cap, self.remaining - margin))
+
     def allows(self, estimate):
         return self.elapsed + estimate * self.scale <= self.seconds
 
@@ -475,7 +480,7 @@ def input_rates(python, batch_sizes, steps, budget):
     start = time.monotonic()
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=min(INPUT_RATE_TIMEOUT_S, max(budget.remaining, 1)))
+                              timeout=budget.limit(INPUT_RATE_TIMEOUT_S))
     except subprocess.TimeoutExpired as late:
         # (not counted into the budget's scale: a host pipeline that hung says nothing of
         # how long the GPU passes take)
@@ -552,8 +557,7 @@ def main(argv=None):
 
     backends = []
     for name in names:
-        sees, said = backend_sees_gpu(name, args.python,
-                                      min(PROBE_TIMEOUT_S, max(budget.remaining, 1)))
+        sees, said = backend_sees_gpu(name, args.python, budget.limit(PROBE_TIMEOUT_S))
         print(f"gpu-check: {name}: {'sees ' + said if sees else said + '; left out'}")
         if sees:
             backends.append(name)
@@ -597,7 +601,7 @@ def main(argv=None):
         # ends is stopped as SIGTERM stops it (its finished runs kept), and the check ends.
         # Each run's own limit ends RUN_TIMEOUT_MARGIN_S before, so that compare itself
         # times out the run in flight then and records it.
-        run_timeout = max(1.0, min(args.timeout, budget.remaining - RUN_TIMEOUT_MARGIN_S))
+        run_timeout = budget.limit(args.timeout, margin=RUN_TIMEOUT_MARGIN_S)
         command = [args.python, "-m", "kbench.cli", "compare", *step.args,
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                    "--timeout", f"{run_timeout:.0f}", "--output", pass_dir]
@@ -605,7 +609,7 @@ def main(argv=None):
               flush=True)
         start, before = time.monotonic(), len(records)
         try:  # a failed run is in its records; go on
-            code = run_child(command, cwd=ROOT, timeout=max(1.0, budget.remaining))
+            code = run_child(command, cwd=ROOT, timeout=budget.limit(float("inf")))
         except subprocess.TimeoutExpired:
             records += read_results(pass_dir)
             ran = {row_name(r) for r in records[before:]}
