@@ -34,7 +34,8 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert lines == ["gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); "
-                     "nothing to measure."]
+                     "nothing to measure (--rehearse runs every pass on the CPU, at tiny "
+                     "sizes)."]
 
 
 def test_peaks_match_the_names_nvidia_smi_reports():
@@ -179,6 +180,16 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     assert rows[3]["mfu"] == pytest.approx(2 * 4.947 / 989.4)  # against the bf16 peak
     table = gpu_check.markdown(rows, "title")
     assert "| resnet20 | float32 | jax |" in table and "1.0%" in table
+    # A rehearsal expects the CPU: its rows are ok, over their twins, checked for a NaN
+    # loss, with no MFU (no peak); a row on a GPU would be the one flagged
+    rehearsal = gpu_check.rows_with_mfu([
+        {**record("torch", "cpu:0", 20.0), "jit": "False"},
+        {**record("native-torch", "cpu (2 threads)", 16.0), "jit": "eager"},
+        {**record("jax", "cpu:0", 10.0), "test_loss": float("nan")},
+        record("jax", "gpu:0", 10.0)], None, rehearsal=True)
+    assert [r["status"] for r in rehearsal] == ["ok", "ok", "ok, but test loss nan",
+                                                "ok, but on gpu:0"]
+    assert rehearsal[0]["vs_native"] == 1.25 and all(r["mfu"] is None for r in rehearsal)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -281,3 +292,54 @@ def test_sigterm_to_the_check_alone_stops_its_compare_and_keeps_what_finished(tm
     sigterm_to_the_tool_alone(command, marker, env=env)
     assert "| resnet20 | float32 | jax | True | 1024 | ok | 10.25 |" in (
         tmp_path / "out" / "gpu-check.md").read_text()
+
+
+# --------------------------------------------------------------------------- rehearsal
+
+def test_a_rehearsal_runs_every_pass_on_the_cpu_at_tiny_sizes_and_says_so(tmp_path):
+    """--rehearse on a machine with a GPU (the stand-in nvidia-smi) still runs on the CPU:
+    every child is told to hide the GPU, the passes get the rehearsal's sizes, and the tables
+    say first that they hold no GPU figures (no MFU either)."""
+    command, env = fake_gpu_machine(tmp_path)
+    done = subprocess.run(command + ["--rehearse"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "NVIDIA H200, 143771" not in done.stdout  # nvidia-smi was not asked
+    pass_dir = tmp_path / "out" / "passes" / "00-resnet20-float32"
+    argv = (pass_dir / "argv").read_text().split()
+    assert (arg(argv, "--batch-size"), arg(argv, "--steps"), arg(argv, "--warmup-steps")) == (
+        "8", "3", "1")
+    assert (pass_dir / "env").read_text().split() == ["CUDA_VISIBLE_DEVICES=",
+                                                      "JAX_PLATFORMS=cpu"]
+    table = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert table.startswith("kbench gpu-check REHEARSAL on the CPU of ")
+    assert "no GPU: these figures say only that each run runs" in table
+    assert "| 6.0 | - |" in table  # TFLOP/s from the record, no MFU: no peak on a CPU
+    # the stand-in's record says it ran on a GPU: in a rehearsal, that is the odd one out
+    assert "| ok, but on gpu:0 (NVIDIA H200) |" in table
+    # a GPU check's children are told nothing (the fake records what they got)
+    (tmp_path / "gpu").mkdir()
+    command, env = fake_gpu_machine(tmp_path / "gpu")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0
+    assert (tmp_path / "gpu" / "out" / "passes" / "00-resnet20-float32" / "env").read_text(
+    ).split() == ["CUDA_VISIBLE_DEVICES=unset", "JAX_PLATFORMS=unset"]
+
+
+def test_a_rehearsal_with_the_real_compare_records_every_run_ok(tmp_path):
+    """The rehearsal as a session runs it before renting a GPU, smallest: jax and its twin
+    through the real compare, pipeline and tables (about 40 s here)."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--rehearse",
+         "--backends", "jax", "--cases", "resnet20:float32", "--batch-size", "resnet20=4",
+         "--steps", "2", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "gpu-check: jax: sees cpu, jax " in done.stdout
+    records = [json.loads(line) for line in (out / "gpu-check.jsonl").open()]
+    assert sorted((r["backend"], r["status"]) for r in records) == [
+        ("jax", "ok"), ("native-jax", "ok")]
+    assert all(r["batch_size"] == 4 and r["steps_timed"] == 2 for r in records)
+    table = (out / "gpu-check.md").read_text()
+    assert table.startswith("kbench gpu-check REHEARSAL")
+    assert "| 4 | " in table.split("Input pipeline alone")[1]  # its rate at the batch size

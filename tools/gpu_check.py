@@ -3,6 +3,7 @@
     .venv/bin/python tools/gpu_check.py [--output DIR]
         [--cases resnet20:float32,preact_resnet18:mixed_bfloat16,resnet20:mixed_bfloat16]
         [--batch-size resnet20=1024,preact_resnet18=512] [--budget-s 450] [--dry-run]
+        [--rehearse]
 
 On a machine with an NVIDIA GPU it installs nothing: it asks each framework whether it sees
 the GPU (a framework that does not is named and left out, never timed on the CPU instead),
@@ -32,6 +33,13 @@ at the top of the output folder after every pass; the compares' own folders are 
 passes/. Without a GPU it says so in one line and exits 0; a pass whose compare recorded no
 run at all makes the exit status 1.
 
+`--rehearse` runs all of this on the machine's CPU instead (GPUs hidden from every child), at
+sizes that show each run runs, not how fast: batch 8, 3 timed steps after 1 warm-up, a budget
+of 3600 s, unless given. Run under the GPU machine's interpreter and packages (or copies of
+them: docs/development.md), it finds before any GPU time is spent what would stop a pass
+there: an import, an API that moved between versions, a compile that fails. Its tables say in
+their first line that they hold no GPU figures.
+
 FLOPs are kbench's analytic count of one model (convolutions and dense layers, training step
 = 3x forward; kbench/bench/flops.py), the same number for every row of a model and batch, so
 MFU compares like with like. The peak is the tensor-core dense rate for the policy's compute
@@ -44,6 +52,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -80,6 +89,12 @@ PEAKS = (
 PEAK_KEY = {"mixed_bfloat16": "bf16", "mixed_float16": "fp16", "float32": "tf32"}
 
 DEFAULT_BATCH = {"resnet20": 1024, "preact_resnet18": 512}
+# --rehearse: every pass on the CPU at sizes that show it runs, not how fast (our 2-core CPU
+# ran the six passes for jax and torch in 10 minutes at batch 8, 3 timed steps; compiling
+# dominates).
+REHEARSAL = {"batch_size": 8, "steps": 3, "warmup_steps": 1, "budget_s": 3600.0}
+# What a rehearsal's children are told, so that a machine with a GPU rehearses on its CPU too
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
 
 
 def gpus():
@@ -125,11 +140,21 @@ PROBES = {
 }
 
 
-def backend_sees_gpu(name, python, timeout_s):
-    """(sees it, what it said): whether this framework, as installed, computes on the GPU."""
+# A rehearsal's probes: the framework imports here and computes on the CPU
+CPU_PROBES = {
+    "jax": "import jax; d = jax.devices()[0]; print(f'{d.platform}, jax {jax.__version__}')",
+    "tensorflow": ("import tensorflow as tf; d = tf.config.list_logical_devices()[0]; "
+                   "print(f'{d.device_type}, tensorflow {tf.__version__}')"),
+    "torch": "import torch; print(f'{torch.ones(1).device}, torch {torch.__version__}')",
+}
+
+
+def backend_sees_gpu(name, python, timeout_s, probes=PROBES):
+    """(sees it, what it said): whether this framework, as installed, computes on the GPU
+    (with `probes=CPU_PROBES`: whether it imports and computes at all)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
-        out = subprocess.run([python, "-c", PROBES[name]], capture_output=True, text=True,
+        out = subprocess.run([python, "-c", probes[name]], capture_output=True, text=True,
                              timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return False, f"no answer within {timeout_s:.0f} s when asked for its GPUs"
@@ -254,10 +279,11 @@ class Budget:
         self.actual += actual
 
 
-def dry_run(passes, budget_s, backends, batch_sizes):
+def dry_run(passes, budget_s, backends, batch_sizes, where="GPU"):
     """The plan as text: each step with its estimate and whether it fits the budget."""
     budget = Budget(budget_s, clock=lambda: 0.0)
-    lines = [f"gpu-check plan (budget {budget_s:g} s of GPU time; estimates, not measurements):"]
+    lines = [f"gpu-check plan (budget {budget_s:g} s of {where} time; estimates, not "
+             "measurements):"]
     steps = [("probe frameworks: " + ", ".join(backends), PROBE_ESTIMATE_S * len(backends),
               None),
              ("input pipeline rate at batch " + ", ".join(map(str, sorted(set(
@@ -275,8 +301,10 @@ def dry_run(passes, budget_s, backends, batch_sizes):
     return "\n".join(lines)
 
 
-def rows_with_mfu(records, peak):
-    """One table row per compare record, with TFLOP/s from the model's analytic count."""
+def rows_with_mfu(records, peak, rehearsal=False):
+    """One table row per compare record, with TFLOP/s from the model's analytic count. A row
+    that ran where the check did not mean it to (the CPU in a GPU check, a GPU in a
+    rehearsal) says so in its status, and is neither divided by its twin nor given an MFU."""
     analytic = {}
     for r in records:
         if (r.get("flops_source") or "").startswith("analytic") and r.get("flops_per_step"):
@@ -289,8 +317,9 @@ def rows_with_mfu(records, peak):
         dense = peak.get(PEAK_KEY.get(r.get("dtype_policy") or "float32")) if peak else None
         device = r.get("device") or ""
         status = r["status"]
-        if status == "ok" and not any(k in device.lower() for k in ("gpu", "cuda")):
-            status = f"ok, but on {device or 'an unknown device'}"  # never pass it off as GPU
+        on_gpu = any(k in device.lower() for k in ("gpu", "cuda"))
+        if status == "ok" and on_gpu == rehearsal:  # a CPU row never passed off as GPU
+            status = f"ok, but on {device or 'an unknown device'}"
             dense = None  # and no utilisation of a GPU it did not use
         elif status == "ok" and not_finite(r.get("test_loss")):
             # timed, but what it computed is garbage (jax 0.11.2's XLA:CPU returns NaN for
@@ -426,8 +455,8 @@ def _fail(message):
     raise SystemExit(2)
 
 
-def parse_batch_sizes(text, models):
-    sizes = dict(DEFAULT_BATCH)
+def parse_batch_sizes(text, models, defaults=DEFAULT_BATCH):
+    sizes = dict(defaults)
     for item in filter(None, (text or "").split(",")):
         model, _, value = item.partition("=")
         if not value.isdigit() or int(value) < 1:
@@ -436,7 +465,7 @@ def parse_batch_sizes(text, models):
     missing = [m for m in models if m not in sizes]
     if missing:
         _fail(f"gpu-check: no batch size for {', '.join(missing)} (it has defaults for "
-              f"{', '.join(DEFAULT_BATCH)}); for another kbench model add "
+              f"{', '.join(defaults)}); for another kbench model add "
               f"--batch-size {missing[0]}=N")
     return sizes
 
@@ -505,22 +534,39 @@ def main(argv=None):
                         help="backends to try (each is asked first whether it sees the GPU)")
     parser.add_argument("--batch-size", default=None, metavar="MODEL=N,...",
                         help="per-model batch size (default: resnet20=1024,preact_resnet18=512)")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
-    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per run (default 50; rehearsal 3)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="untimed steps before them (default 10; rehearsal 1)")
     parser.add_argument("--sync-every", type=int, default=10, metavar="K",
                         help="compare --sync-every: a device sync every K steps (a sync per "
                              "step holds a GPU's host back)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    parser.add_argument("--budget-s", type=float, default=450.0, metavar="S",
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
                         help="GPU seconds for the whole check: a pass that would end past "
-                             "it is skipped and named (default 450: under 8 minutes)")
+                             "it is skipped and named (default 450: under 8 minutes; "
+                             "rehearsal 3600)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan with its time estimates and exit (any machine)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run every pass on this machine's CPU (GPUs hidden) at tiny "
+                             "sizes (batch 8, 3 timed steps unless given): whether the whole "
+                             "check runs under this interpreter's packages, before spending "
+                             "GPU time on it; its tables say they hold no GPU figures")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run")
     args = parser.parse_args(argv)
 
     cases = parse_cases(args.cases)
-    batch_sizes = parse_batch_sizes(args.batch_size, [m for m, _ in cases])
+    models = [m for m, _ in cases]
+    if args.rehearse:
+        batch_sizes = parse_batch_sizes(args.batch_size, models,
+                                        dict.fromkeys(DEFAULT_BATCH, REHEARSAL["batch_size"]))
+    else:
+        batch_sizes = parse_batch_sizes(args.batch_size, models)
+    for name in ("steps", "warmup_steps", "budget_s"):  # unset: the mode's default
+        if getattr(args, name) is None:
+            setattr(args, name, REHEARSAL[name] if args.rehearse else
+                    {"steps": 50, "warmup_steps": 10, "budget_s": 450.0}[name])
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
@@ -536,42 +582,53 @@ def main(argv=None):
     if args.dry_run:  # as if every framework named saw the GPU
         keras_variants, natives = compare_names()
         passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives)
-        print(dry_run(passes, args.budget_s, names, used_sizes))
+        print(dry_run(passes, args.budget_s, names, used_sizes,
+                      "CPU (a rehearsal)" if args.rehearse else "GPU"))
         return 0
     budget = Budget(args.budget_s)
-    found = gpus()
-    if not found:
-        print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to "
-              "measure.")
-        return 0
-    gpu_name, memory_mib, driver = found[0]
-    peak = peak_for(gpu_name)
-    print(f"gpu-check: {len(found)} GPU(s), using the first: {gpu_name}, {memory_mib} MiB, "
-          f"driver {driver}")
-    if peak:
-        print(f"gpu-check: peaks (dense TFLOP/s) bf16 {peak['bf16']}, fp16 {peak['fp16']}, "
-              f"tf32 {peak['tf32']} from the {peak['source']}")
+    if args.rehearse:
+        os.environ.update(CPU_ONLY_ENV)  # for every child: the probes, pipeline, compares
+        peak, probes = None, CPU_PROBES
+        print("gpu-check: a rehearsal on this machine's CPU: every pass at tiny sizes, to see "
+              "that it runs; no figure it prints is a GPU figure")
+        header = (f"kbench gpu-check REHEARSAL on the CPU of {platform.node()} (no GPU: these "
+                  "figures say only that each run runs), synthetic CIFAR data, "
+                  f"{args.steps} timed steps after {args.warmup_steps} warm-up")
     else:
-        print(f"gpu-check: no peak known for {gpu_name!r}: MFU left out; add it to PEAKS in "
-              "tools/gpu_check.py")
+        found = gpus()
+        if not found:
+            print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing "
+                  "to measure (--rehearse runs every pass on the CPU, at tiny sizes).")
+            return 0
+        gpu_name, memory_mib, driver = found[0]
+        peak, probes = peak_for(gpu_name), PROBES
+        print(f"gpu-check: {len(found)} GPU(s), using the first: {gpu_name}, {memory_mib} "
+              f"MiB, driver {driver}")
+        if peak:
+            print(f"gpu-check: peaks (dense TFLOP/s) bf16 {peak['bf16']}, fp16 "
+                  f"{peak['fp16']}, tf32 {peak['tf32']} from the {peak['source']}")
+        else:
+            print(f"gpu-check: no peak known for {gpu_name!r}: MFU left out; add it to PEAKS "
+                  "in tools/gpu_check.py")
+        header = (f"kbench gpu-check on {gpu_name} ({memory_mib} MiB, driver {driver}), "
+                  f"synthetic CIFAR data, {args.steps} timed steps after {args.warmup_steps} "
+                  f"warm-up, synced every {args.sync_every}, float32 in TF32 on every backend; "
+                  "MFU against the dense peak of the policy's compute dtype (TF32 for float32)")
 
     backends = []
     for name in names:
-        sees, said = backend_sees_gpu(name, args.python, budget.limit(PROBE_TIMEOUT_S))
+        sees, said = backend_sees_gpu(name, args.python, budget.limit(PROBE_TIMEOUT_S), probes)
         print(f"gpu-check: {name}: {'sees ' + said if sees else said + '; left out'}")
         if sees:
             backends.append(name)
     if not backends:
-        print("gpu-check: no framework here sees the GPU; nothing to measure.")
+        print("gpu-check: no framework here " + ("runs" if args.rehearse else "sees the GPU")
+              + "; nothing to measure.")
         return 1
 
     out_dir = os.path.abspath(args.output or os.path.join("runs", "gpu-check",
                                                           time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(out_dir, exist_ok=True)
-    header = (f"kbench gpu-check on {gpu_name} ({memory_mib} MiB, driver {driver}), synthetic "
-              f"CIFAR data, {args.steps} timed steps after {args.warmup_steps} warm-up, synced "
-              f"every {args.sync_every}, float32 in TF32 on every backend; MFU "
-              "against the dense peak of the policy's compute dtype (TF32 for float32)")
     records, skipped, failed = [], [], []
     compare_failed = False
     keras_variants, natives = compare_names()
@@ -581,7 +638,8 @@ def main(argv=None):
         write_atomic(os.path.join(out_dir, "gpu-check.jsonl"),
                      "".join(json.dumps(r) + "\n" for r in records))
         write_atomic(os.path.join(out_dir, "gpu-check.md"),
-                     markdown(rows_with_mfu(records, peak), header, rates, skipped, failed))
+                     markdown(rows_with_mfu(records, peak, args.rehearse), header, rates,
+                              skipped, failed))
         write_logs_archive(out_dir)
 
     write()
@@ -635,7 +693,7 @@ def main(argv=None):
             failed.append(f"{step.label}: compare exited {code} without recording a run "
                           "(its output is in the check's)")
         write()
-    rows = rows_with_mfu(records, peak)
+    rows = rows_with_mfu(records, peak, args.rehearse)
     print()
     print_table(rows, header)
     for rate in rates:
