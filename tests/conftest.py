@@ -113,10 +113,11 @@ def fake_compare_interpreter(path, record, stopped_marker=None, compare_fails=Fa
     """An 'interpreter' for the tools that run `kbench compare` as a child (gpu-check,
     overhead), standing in for the framework: it says "NVIDIA H200" to a framework probe
     (`-c`), prints one input-rate record to `-m kbench.bench.input_rate`, and plays a compare:
-    writes its arguments (`argv`), the GPU-hiding variables it got (`env`), a worker's log (`logs/jax-r0.log`) and `record` as a
-    finished run into its --output folder (its last argument), then exits 0, or, with
-    stopped_marker, waits for SIGTERM, which it writes into that file before it exits 143 as
-    compare does. With compare_fails, the compare exits 3 having recorded nothing."""
+    writes its arguments (`argv`), the GPU-hiding variables it got (`env`), a worker's
+    log (`logs/jax-r0.log`) and `record` as a finished run into its --output folder (its
+    last argument), then exits 0, or, with stopped_marker, waits for SIGTERM, which it
+    writes into that file before it exits 143 as compare does. With compare_fails, the
+    compare exits 3 having recorded nothing."""
     import json
     import shlex
     import stat
@@ -135,7 +136,8 @@ if [ "$2" = kbench.bench.input_rate ]; then echo {shlex.quote(json.dumps(rate))}
 for arg; do out=$arg; done
 mkdir -p "$out/logs"
 echo "$@" > "$out/argv"
-echo "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}} JAX_PLATFORMS=${{JAX_PLATFORMS-unset}}" > "$out/env"
+echo "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" \
+     "JAX_PLATFORMS=${{JAX_PLATFORMS-unset}}" > "$out/env"
 {"echo 'compare: cannot start' >&2; exit 3" if compare_fails else ""}
 echo "a worker's log" > "$out/logs/jax-r0.log"
 echo {shlex.quote(json.dumps(record))} > "$out/results.jsonl"

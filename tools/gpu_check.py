@@ -149,15 +149,16 @@ CPU_PROBES = {
 }
 
 
-def backend_sees_gpu(name, python, timeout_s, probes=PROBES):
+def backend_sees_gpu(name, python, timeout_s, probes=PROBES, env=None):
     """(sees it, what it said): whether this framework, as installed, computes on the GPU
-    (with `probes=CPU_PROBES`: whether it imports and computes at all)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    (with `probes=CPU_PROBES`: whether it imports and computes at all). `env`: the child's
+    environment (os.environ by default)."""
+    env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="3")
     try:
         out = subprocess.run([python, "-c", probes[name]], capture_output=True, text=True,
                              timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
-        return False, f"no answer within {timeout_s:.0f} s when asked for its GPUs"
+        return False, f"no answer within {timeout_s:.0f} s when asked for its devices"
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["exit status %d" % out.returncode])[-1]
         return False, f"not usable here ({last})"
@@ -279,11 +280,11 @@ class Budget:
         self.actual += actual
 
 
-def dry_run(passes, budget_s, backends, batch_sizes, where="GPU"):
+def dry_run(passes, budget_s, backends, batch_sizes, where="GPU", steps=""):
     """The plan as text: each step with its estimate and whether it fits the budget."""
     budget = Budget(budget_s, clock=lambda: 0.0)
     lines = [f"gpu-check plan (budget {budget_s:g} s of {where} time; estimates, not "
-             "measurements):"]
+             f"measurements){steps}:"]
     steps = [("probe frameworks: " + ", ".join(backends), PROBE_ESTIMATE_S * len(backends),
               None),
              ("input pipeline rate at batch " + ", ".join(map(str, sorted(set(
@@ -409,7 +410,7 @@ def markdown(rows, header, input_rates=(), skipped=(), failed=()):
     if failed:
         lines += [""] + [f"Not as planned: {line}." for line in failed]
     if skipped:
-        lines += ["", "Left out to stay within the GPU-time budget (--budget-s): "
+        lines += ["", "Left out to stay within the time budget (--budget-s): "
                   + "; ".join(skipped) + "."]
     return "\n".join(lines) + "\n"
 
@@ -499,13 +500,14 @@ def compare_names():
     return compare.KERAS_VARIANTS, compare.NATIVE
 
 
-def input_rates(python, batch_sizes, steps, budget):
+def input_rates(python, batch_sizes, steps, budget, env=None):
     """kbench.bench.input_rate's records, one per batch size; [] (with the reason printed)
-    when it fails."""
+    when it fails. `env`: the child's environment (os.environ by default)."""
     command = [python, "-m", "kbench.bench.input_rate", "--batch-sizes",
                ",".join(map(str, batch_sizes)), "--steps", str(steps)]
     print(f"\ngpu-check: input pipeline: {' '.join(command[1:])}", flush=True)
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ if env is None else env, KERAS_BACKEND="jax",
+               TF_CPP_MIN_LOG_LEVEL="3")
     start = time.monotonic()
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env,
@@ -533,7 +535,8 @@ def main(argv=None):
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="backends to try (each is asked first whether it sees the GPU)")
     parser.add_argument("--batch-size", default=None, metavar="MODEL=N,...",
-                        help="per-model batch size (default: resnet20=1024,preact_resnet18=512)")
+                        help="per-model batch size (default: resnet20=1024,preact_resnet18=512;"
+                             " rehearsal 8)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per run (default 50; rehearsal 3)")
     parser.add_argument("--warmup-steps", type=int, default=None,
@@ -543,16 +546,18 @@ def main(argv=None):
                              "step holds a GPU's host back)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
-                        help="GPU seconds for the whole check: a pass that would end past "
-                             "it is skipped and named (default 450: under 8 minutes; "
-                             "rehearsal 3600)")
+                        help="seconds of GPU time (of CPU time in a rehearsal) for the "
+                             "whole check: a pass that would end past it is skipped and "
+                             "named (default 450: under 8 minutes; rehearsal 3600)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan with its time estimates and exit (any machine)")
     parser.add_argument("--rehearse", action="store_true",
                         help="run every pass on this machine's CPU (GPUs hidden) at tiny "
                              "sizes (batch 8, 3 timed steps unless given): whether the whole "
-                             "check runs under this interpreter's packages, before spending "
-                             "GPU time on it; its tables say they hold no GPU figures")
+                             "check runs under --python's packages, before spending GPU time "
+                             "on it; its tables say they hold no GPU figures. Name the "
+                             "backends the GPU run will have (--backends jax,torch where "
+                             "TensorFlow is a CPU build)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter to run")
     args = parser.parse_args(argv)
 
@@ -583,14 +588,19 @@ def main(argv=None):
         keras_variants, natives = compare_names()
         passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives)
         print(dry_run(passes, args.budget_s, names, used_sizes,
-                      "CPU (a rehearsal)" if args.rehearse else "GPU"))
+                      "CPU (a rehearsal)" if args.rehearse else "GPU",
+                      f", each run {args.steps} timed steps after {args.warmup_steps} warm-up"))
         return 0
     budget = Budget(args.budget_s)
+    child_env = dict(os.environ)  # every child's: the probes, the pipeline, the compares
     if args.rehearse:
-        os.environ.update(CPU_ONLY_ENV)  # for every child: the probes, pipeline, compares
+        child_env.update(CPU_ONLY_ENV)
         peak, probes = None, CPU_PROBES
         print("gpu-check: a rehearsal on this machine's CPU: every pass at tiny sizes, to see "
               "that it runs; no figure it prints is a GPU figure")
+        for name, _, _ in gpus()[:1]:
+            print(f"gpu-check: this machine's {name} stays unused (GPUs hidden from every "
+                  "run); without --rehearse the check measures it")
         header = (f"kbench gpu-check REHEARSAL on the CPU of {platform.node()} (no GPU: these "
                   "figures say only that each run runs), synthetic CIFAR data, "
                   f"{args.steps} timed steps after {args.warmup_steps} warm-up")
@@ -617,7 +627,8 @@ def main(argv=None):
 
     backends = []
     for name in names:
-        sees, said = backend_sees_gpu(name, args.python, budget.limit(PROBE_TIMEOUT_S), probes)
+        sees, said = backend_sees_gpu(name, args.python, budget.limit(PROBE_TIMEOUT_S),
+                                      probes, child_env)
         print(f"gpu-check: {name}: {'sees ' + said if sees else said + '; left out'}")
         if sees:
             backends.append(name)
@@ -632,7 +643,7 @@ def main(argv=None):
     records, skipped, failed = [], [], []
     compare_failed = False
     keras_variants, natives = compare_names()
-    rates = input_rates(args.python, sorted(set(used_sizes.values())), 30, budget)
+    rates = input_rates(args.python, sorted(set(used_sizes.values())), 30, budget, child_env)
 
     def write():  # after every pass: a stopped check still leaves what it measured
         write_atomic(os.path.join(out_dir, "gpu-check.jsonl"),
@@ -667,7 +678,8 @@ def main(argv=None):
               flush=True)
         start, before = time.monotonic(), len(records)
         try:  # a failed run is in its records; go on
-            code = run_child(command, cwd=ROOT, timeout=budget.limit(float("inf")))
+            code = run_child(command, cwd=ROOT, timeout=budget.limit(float("inf")),
+                             env=child_env)
         except subprocess.TimeoutExpired:
             records += read_results(pass_dir)
             ran = {row_name(r) for r in records[before:]}
