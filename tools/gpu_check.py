@@ -90,7 +90,7 @@ PEAK_KEY = {"mixed_bfloat16": "bf16", "mixed_float16": "fp16", "float32": "tf32"
 
 DEFAULT_BATCH = {"resnet20": 1024, "preact_resnet18": 512}
 # --rehearse: every pass on the CPU at sizes that show it runs, not how fast (our 2-core CPU
-# ran the six passes for jax and torch in 10 minutes at batch 8, 3 timed steps; compiling
+# ran the six passes for jax and torch in 10-12 minutes at batch 8, 3 timed steps; compiling
 # dominates).
 REHEARSAL = {"batch_size": 8, "steps": 3, "warmup_steps": 1, "budget_s": 3600.0}
 # What a rehearsal's children are told, so that a machine with a GPU rehearses on its CPU too
