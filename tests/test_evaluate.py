@@ -148,6 +148,35 @@ def test_evaluate_model_matches_keras_evaluate():
     assert sum(map(sum, result["confusion_matrix"])) == 200
 
 
+def test_predictions_see_one_input_shape_and_keep_every_example_once():
+    """A compiled predict step compiles once per input shape: the last, shorter batch is
+    padded to the others' size (its last example repeated) and the padding cut off."""
+    import keras
+
+    from kbench.evaluation import pad_rows, predict_all
+
+    model = digits_model()
+    shapes = []
+    keras_predict = model.predict_on_batch
+
+    def predict_on_batch(x):
+        shapes.append(tuple(x.shape))
+        return keras_predict(x)
+
+    model.predict_on_batch = predict_on_batch
+    arrays = data.load_dataset("digits", test_examples=200)
+    test_ds = data.make_pipeline(arrays.x_test, arrays.y_test, 10, 64, training=False)
+    logits, labels = predict_all(model, test_ds)
+    assert set(shapes) == {(64, 8, 8, 1)} and len(shapes) == 4  # 64, 64, 64, and 8 padded
+    assert logits.shape == (200, 10) and len(labels) == 200
+    one_pass = keras.ops.convert_to_numpy(model(keras.ops.convert_to_tensor(
+        np.concatenate([x for x, _ in test_ds.dataset.as_numpy_iterator()])), training=False))
+    np.testing.assert_allclose(logits, one_pass, rtol=1e-5, atol=1e-5)
+    # structures too (a model with several inputs), each array padded alike
+    padded = pad_rows({"a": np.arange(3), "b": np.ones((3, 2))}, 5)
+    assert padded["a"].tolist() == [0, 1, 2, 2, 2] and padded["b"].shape == (5, 2)
+
+
 def test_load_model_round_trip_and_bad_files(tmp_path):
     model = get_model("resnet20", num_classes=10, seed=0)  # custom layers: ShortcutPad
     model.save(tmp_path / "model.keras")

@@ -324,31 +324,3 @@ def test_a_rehearsal_runs_every_pass_on_the_cpu_at_tiny_sizes_and_says_so(tmp_pa
     assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0
     assert (tmp_path / "gpu" / "out" / "passes" / "00-resnet20-float32" / "env").read_text(
     ).split() == ["CUDA_VISIBLE_DEVICES=unset", "JAX_PLATFORMS=unset"]
-
-
-def test_a_rehearsal_with_the_real_compare_records_every_run_ok(tmp_path):
-    """The rehearsal as a session runs it before renting a GPU, smallest: jax and its twin
-    through the real compare, pipeline and tables (about 40 s here)."""
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "gpu_check.py"), "--rehearse",
-         "--backends", "jax", "--cases", "resnet20:float32", "--batch-size", "resnet20=4",
-         "--steps", "2", "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "gpu-check: jax: sees cpu, jax " in done.stdout
-    records = [json.loads(line) for line in (out / "gpu-check.jsonl").open()]
-    assert sorted((r["backend"], r["status"]) for r in records) == [
-        ("jax", "ok"), ("native-jax", "ok")]
-    assert all(r["batch_size"] == 4 and r["steps_timed"] == 2 for r in records)
-    table = (out / "gpu-check.md").read_text()
-    assert table.startswith("kbench gpu-check REHEARSAL")
-    # in the table, CPU rows are as they should be: ok, the Keras row over its twin, no MFU
-    keras_row = next(line for line in table.splitlines()
-                     if line.startswith("| resnet20 | float32 | jax |"))
-    cells = [c.strip() for c in keras_row.strip("|").split("|")]
-    columns = dict(zip(gpu_check.COLUMNS, cells))
-    assert (columns["batch"], columns["status"], columns["MFU"]) == ("4", "ok", "-")
-    assert columns["vs native"].endswith("x")
-    assert "| native-jax |" in table
-    assert "| 4 | " in table.split("Input pipeline alone")[1]  # its rate at the batch size
