@@ -51,10 +51,11 @@ def predict_all(model, test_ds):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise KbenchError("the test data must yield (inputs, labels) pairs")
         x, y = batch[0], batch[1]
-        rows = len(y)
+        arrays = keras.tree.flatten(x)
+        rows = len(next((a for a in arrays if a is not None), y))
         full = full or rows
-        if rows < full:  # the last batch: padded to the others' shape (see pad_rows)
-            x = pad_rows(x, full)
+        if 0 < rows < full and all(a is None or isinstance(a, np.ndarray) for a in arrays):
+            x = pad_rows(x, full)  # the last batch, to the others' shape (see pad_rows)
         if torch_backend:  # Keras' torch predict_on_batch hands NumPy to a compiled step as is
             x = keras.ops.convert_to_tensor(x)
         outputs = model(x, training=False) if replicated else model.predict_on_batch(x)
@@ -71,16 +72,18 @@ def pad_rows(x, rows):
     repeated up to `rows` rows. A compiled predict step (jax.jit, XLA, torch.compile) is
     compiled for its input's shape: a shorter last batch is another compile, for a handful
     of examples (ResNet-20's under torch.compile: 9 s on our 2-core CPU, as long as the
-    first; under jax.jit 0.4 s). In inference each example's output depends on it alone
+    first; under jax.jit 0.4 s). In inference each example's output of kbench's models, and
+    of any model without a layer that mixes the examples of a batch, depends on it alone
     (BatchNormalization uses its moving statistics), so the extra rows change nothing but
-    the work, and are cut off the output."""
+    the work (to float rounding: kernels may differ by batch size), and the caller cuts
+    them off the output. Used by predict_all (NumPy inputs only) and the native twins'
+    evaluations (kbench.bench.native_common.evaluate), so that both compile alike."""
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
     import keras
 
-    def pad(a):
-        a = np.asarray(a)
-        return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)])
-
-    return keras.tree.map_structure(pad, x)
+    return keras.tree.map_structure(
+        lambda a: None if a is None else pad_rows(np.asarray(a), rows), x)
 
 
 def smoothed_loss(logits, labels, label_smoothing):

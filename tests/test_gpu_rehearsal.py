@@ -1,6 +1,7 @@
 """`make gpu-check --rehearse` through the real compare (tools/gpu_check.py; the rest of its
 tests, with stand-ins for the GPU machine, are in test_gpu_check.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +10,11 @@ import sys
 import pytest
 
 from tests.conftest import BACKEND, REPO
-from tests.test_gpu_check import gpu_check
+
+spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "tools",
+                                                                        "gpu_check.py"))
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
 
 # Its runs set their own backends, so it runs once: in the torch pass, the shortest
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="runs once, in the torch pass")

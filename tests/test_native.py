@@ -148,6 +148,29 @@ def test_a_twin_whose_loss_is_not_finite_fails_as_a_keras_run_does():
 
 
 @pytest.mark.backend_independent
+def test_twin_evaluations_see_one_batch_shape_and_count_every_example_once():
+    """common.evaluate pads a shorter last batch to the others' size, as Keras' evaluation
+    is padded (kbench.evaluation.predict_all): a compiled evaluation step compiles once in
+    the twin as in Keras; the padding's losses and hits are cut off."""
+    from kbench import data
+
+    arrays = data.load_dataset("synthetic", test_examples=100, train_examples=8)
+    test_ds = data.make_pipeline(arrays.x_test, arrays.y_test, 10, 32, training=False)
+    shapes = []
+
+    def eval_fn(images, labels):  # loss: the label's class id; hit: an even class
+        shapes.append((images.shape, labels.shape))
+        classes = labels.argmax(-1)
+        return classes.astype("float32"), classes % 2 == 0
+
+    result = common.evaluate(test_ds, eval_fn)
+    assert set(shapes) == {((32, 32, 32, 3), (32, 10))} and len(shapes) == 4  # 3x32 + 4
+    classes = arrays.y_test[:100].ravel()
+    assert result["test_loss"] == pytest.approx(classes.mean())
+    assert result["test_accuracy"] == pytest.approx(np.mean(classes % 2 == 0))
+
+
+@pytest.mark.backend_independent
 def test_models_without_twin_are_one_line_errors():
     with pytest.raises(KbenchError, match="native reference has no model 'resnet9'"):
         common.check_config(small_config(model="resnet9"))

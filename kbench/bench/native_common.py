@@ -17,6 +17,7 @@ import numpy as np
 from kbench import train
 from kbench.bench.compare import CIFAR_RESNETS, TWIN_MODELS  # what each framework's twin has
 from kbench.errors import KbenchError
+from kbench.evaluation import pad_rows
 
 # The data sets whose images the twins' networks take (32x32x3).
 CIFAR_DATASETS = ("cifar10", "cifar100", "synthetic")
@@ -441,13 +442,20 @@ def syncs():
 def evaluate(test_ds, eval_fn):
     """Test loss and accuracy over every test example, as keras' model.evaluate reports them.
 
-    `eval_fn(images, labels)` returns (sum of per-example losses, number of correct argmaxes)
-    for one batch; Keras weights each batch's mean loss by its size, which is the same mean.
+    `eval_fn(images, labels)` returns (per-example losses, per-example hits: whether the
+    argmax is the label) for one batch, as arrays. A shorter last batch is padded to the
+    others' size, as kbench.evaluation.predict_all pads Keras' (a compiled evaluation step
+    then compiles once, in the twin as in Keras), and its padding cut off the results.
+    Keras weights each batch's mean loss by its size, which is the same mean.
     """
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, full = 0.0, 0, 0, None
     for images, labels in test_ds.dataset.as_numpy_iterator():
-        loss_sum, hits = eval_fn(images, labels)
-        total_loss += float(loss_sum)
-        correct += int(hits)
-        count += len(images)
+        rows = len(images)
+        full = full or rows
+        if 0 < rows < full:
+            images, labels = pad_rows(images, full), pad_rows(labels, full)
+        losses, hits = eval_fn(images, labels)
+        total_loss += float(np.sum(np.asarray(losses)[:rows], dtype=np.float64))
+        correct += int(np.sum(np.asarray(hits)[:rows]))
+        count += rows
     return {"test_loss": total_loss / count, "test_accuracy": correct / count}

@@ -378,10 +378,11 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False
         with autocast():
             logits = model(x)
         # Keras' model.evaluate reports the compiled loss, label smoothing included.
-        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing,
-                               reduction="sum")
-        hits = (logits.argmax(-1) == y.argmax(-1)).sum()
-        return loss.item(), hits.item()
+        losses = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing,
+                                 reduction="none")
+        hits = logits.argmax(-1) == y.argmax(-1)
+        # per example: common.evaluate cuts off a padded batch's extra
+        return losses.cpu().numpy(), hits.cpu().numpy()
 
     def test_accuracy():  # of the weights trained so far, BN in inference mode; then train on
         model.eval()
