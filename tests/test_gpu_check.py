@@ -200,6 +200,8 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     (["--backends", "jx"], "unknown backend 'jx'"),
     (["--sync-every", "0"], "--sync-every 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
+    (["--python", "/no/such/python"], "--python /no/such/python: no executable interpreter"),
+    (["--rehearse", "--steps", "0"], "--steps 0 is not allowed"),
     (["--steps", "many"], "invalid int value: 'many'"),
     (["--cases", "resnet50:float32"], "no batch size for resnet50"),
 ])

@@ -95,6 +95,7 @@ def test_profile_table_says_where_keras_spends_its_time():
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--threads", "-1"], "--threads -1 is not allowed"),
     (["--repeats", "0"], "--repeats 0 is not allowed"),
+    (["--python", "/no/such/python"], "--python /no/such/python: no executable interpreter"),
     (["--model", "nope"], "--model nope is not allowed: every framework's native twins cover "
                           "resnet20, resnet32, resnet44, resnet56, resnet110, preact_resnet18"),
 ])

@@ -63,7 +63,8 @@ sys.path.insert(0, ROOT)
 
 from kbench.bench.compare import COMPILED_TWINS, TWIN_MODELS  # noqa: E402  (nor does this)
 from kbench.bench.records import not_finite, read_results  # noqa: E402  (loads no framework)
-from kbench.errors import exit_on_error, run_child, sigterm_interrupts  # noqa: E402
+from kbench.bench.cli import check_interpreter  # noqa: E402  (nor does this)
+from kbench.errors import KbenchError, exit_on_error, run_child, sigterm_interrupts  # noqa: E402
 BACKENDS = ("jax", "tensorflow", "torch")
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, keyed by a word sequence of the
@@ -584,6 +585,10 @@ def main(argv=None):
                                      ("--budget-s", args.budget_s, 1, "a number of seconds")):
         if not value >= least:  # NaN too
             _fail(f"gpu-check: {flag} {value} is not allowed: it takes {kind} >= {least}")
+    try:
+        check_interpreter(args.python, f"--python {args.python}")
+    except KbenchError as bad:
+        _fail(f"gpu-check: {bad}")
     used_sizes = {m: batch_sizes[m] for m, _ in cases}
     if args.dry_run:  # as if every framework named saw the GPU
         keras_variants, natives = compare_names()

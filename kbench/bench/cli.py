@@ -5,6 +5,14 @@ import os
 from kbench.errors import KbenchError, sigterm_interrupts
 
 
+def check_interpreter(path, flag):
+    """`path`, where it is an executable file (an interpreter to run children with); else a
+    one-line KbenchError naming `flag` as the user gave it."""
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise KbenchError(f"{flag}: no executable interpreter there")
+    return path
+
+
 def _python_map(values):
     """['jax=/envs/jax/bin/python', ...] -> {'jax': '/envs/jax/bin/python'}."""
     mapping = {}
@@ -13,9 +21,7 @@ def _python_map(values):
         if not sep or not path:
             raise KbenchError(f"--python takes BACKEND=PATH (e.g. jax=/envs/jax/bin/python), "
                               f"not {value!r}")
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise KbenchError(f"--python {backend}={path}: no executable interpreter there")
-        mapping[backend] = path
+        mapping[backend] = check_interpreter(path, f"--python {backend}={path}")
     return mapping
 
 

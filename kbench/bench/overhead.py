@@ -42,8 +42,9 @@ import subprocess
 import sys
 import time
 
+from kbench.bench.cli import check_interpreter
 from kbench.bench.records import read_results
-from kbench.errors import exit_on_error, run_child, sigterm_interrupts
+from kbench.errors import KbenchError, exit_on_error, run_child, sigterm_interrupts
 from kbench.files import write_text_atomic
 
 ROWS = ("jax", "tensorflow", "torch", "torch-compiled", "native-jax", "native-tensorflow",
@@ -397,6 +398,10 @@ def parse_args(argv):
                                ("--timeout", args.timeout, 1)):
         if not value >= least:  # NaN too
             _fail(f"{flag} {value} is not allowed: it takes a number >= {least}")
+    try:
+        check_interpreter(args.python, f"--python {args.python}")
+    except KbenchError as bad:
+        _fail(str(bad))
     if not (args.plan or args.report):  # every row has its twin
         from kbench.bench.compare import TWIN_MODELS
 
