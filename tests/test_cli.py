@@ -161,3 +161,16 @@ def test_filter_keeps_errors_and_unknown_lines():
     assert filter_startup_lines(text, 2) == ("E0000 00:00:1796399522.045199    2654 cuda.cc:31] "
                                              "an error\nUserWarning: something to do\n")
     assert "W0000" in filter_startup_lines(text, 1)
+
+
+@pytest.mark.backend_independent
+def test_an_interpreter_that_is_not_there_is_one_line_for_compare(tmp_path):
+    from kbench.bench.cli import _python_map
+    from kbench.errors import KbenchError
+
+    assert _python_map([f"jax={sys.executable}"]) == {"jax": sys.executable}
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    for path in ("/no/such/python", str(not_executable)):
+        with pytest.raises(KbenchError, match=f"--python jax={path}: no executable interpreter"):
+            _python_map([f"jax={path}"])
