@@ -151,6 +151,54 @@ def test_loss_scaling_compiles_without_breaks_and_skips_as_eager():
                           for reason in breaks), breaks
     assert graphs == graphs_after_1, "the steady state recompiled"
 
+def _numpy_batches_run(jit_compile):
+    """train_on_batch (plain, then with class_weight, whose sample weights Keras computes as
+    NumPy), test_on_batch and predict_on_batch of a small model, every batch a NumPy array
+    (float64 inputs, NumPy's default): each call's results and the dynamo graph breaks."""
+    import keras
+    import torch
+    from torch._dynamo.utils import counters
+
+    from kbench import fast_path, keras_fixes
+
+    before = fast_path.enabled()
+    fast_path.set_enabled(True)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu"),
+                                  keras.layers.Dense(3)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=jit_compile)
+        if jit_compile:
+            keras_fixes.torch_compile_ready(model)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(4, 6))
+        y = np.eye(3, dtype="float32")[[0, 1, 2, 1]]
+        results = [model.train_on_batch(x, y),
+                   model.train_on_batch(x, y, class_weight={0: 2.0, 1: 1.0, 2: 0.5}),
+                   model.test_on_batch(x, y), model.predict_on_batch(x)]
+        return results, dict(counters["graph_break"])
+    finally:
+        fast_path.set_enabled(before)
+
+
+@torch_only
+def test_numpy_batches_reach_the_compiled_steps_as_tensors():
+    """Keras' *_on_batch calls hand NumPy arrays to the compiled step as they come, where
+    reading an array's dtype is a graph break at every layer: kbench converts them before the
+    step (keras_fixes._hand_compiled_steps_tensors). Compiled: no break but loss.backward()'s,
+    and the eager run's numbers."""
+    eager, _ = _numpy_batches_run(False)
+    compiled, breaks = _numpy_batches_run(True)
+    for found, expected in zip(compiled, eager):
+        np.testing.assert_allclose(np.asarray(found), np.asarray(expected), rtol=1e-5)
+    assert breaks and all(reason.startswith("Unsupported Tensor.backward()")
+                          for reason in breaks), breaks
+
+
 def _loss_scale_steps(traced, monkeypatch):
     """Every variable after each of 8 LossScaleOptimizer.apply calls (Adam with weight decay
     and an EMA that overwrites the weights every 2 steps, growth every 2 finite steps;
