@@ -253,19 +253,23 @@ def _install_torch_compile_fixes():
 # dynamo will not read an ndarray's dtype: a graph break where the step converts them, the
 # rest of the step in pieces (ResNet-20's train step: 21 breaks, ten graphs to compile
 # instead of two; its steady step on our CPU at batch 64 was within noise of the tensor-fed
-# one, 125 against 123 ms in one process). fit, evaluate and predict feed torch tensors
-# (Keras' DataLoader), so only these calls, and `class_weight`'s NumPy sample weights,
-# met it.
+# one, 125 against 123 ms in one process; one-off scripts). fit, evaluate and predict over
+# arrays or tf.data feed torch tensors (Keras' DataLoader); these calls, `class_weight`'s
+# NumPy sample weights, a Grain dataset or a DataLoader of yours yielding NumPy met it.
+# Installed once, on Keras' class: every model with jit_compile in the process gets it, and
+# a train_step of yours sees the tensors.
 def _hand_compiled_steps_tensors():
     """Wrap the step functions Keras compiles (jit_compile) so that NumPy arrays in a
     step's data reach them as torch tensors, converted outside the trace by Keras' own
-    convert_to_tensor (the array's dtype kept, on Keras' device)."""
+    convert_to_tensor (Keras' dtype mapping, Keras' device), as eager layers convert them."""
     import numpy as np
     from keras.src import ops, tree
+    from keras.src.backend import standardize_dtype
     from keras.src.backend.torch.trainer import TorchTrainer
 
-    def as_tensor(leaf):  # numbers only: any other array goes as it came, Keras' way
-        if isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc":
+    def as_tensor(leaf):  # numbers only (bfloat16's kind is "V"): any other array as it came
+        if isinstance(leaf, np.ndarray) and (leaf.dtype.kind in "biufc"
+                                             or standardize_dtype(leaf.dtype) == "bfloat16"):
             return ops.convert_to_tensor(leaf)
         return leaf
 

@@ -180,7 +180,7 @@ def _numpy_batches_run(jit_compile):
         results = [model.train_on_batch(x, y),
                    model.train_on_batch(x, y, class_weight={0: 2.0, 1: 1.0, 2: 0.5}),
                    model.test_on_batch(x, y), model.predict_on_batch(x)]
-        return results, dict(counters["graph_break"])
+        return results, dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     finally:
         fast_path.set_enabled(before)
 
@@ -188,15 +188,17 @@ def _numpy_batches_run(jit_compile):
 @torch_only
 def test_numpy_batches_reach_the_compiled_steps_as_tensors():
     """Keras' *_on_batch calls hand NumPy arrays to the compiled step as they come, where
-    reading an array's dtype is a graph break at every layer: kbench converts them before the
-    step (keras_fixes._hand_compiled_steps_tensors). Compiled: no break but loss.backward()'s,
-    and the eager run's numbers."""
-    eager, _ = _numpy_batches_run(False)
-    compiled, breaks = _numpy_batches_run(True)
+    reading an array's dtype breaks the graph where the step converts them, the rest in
+    pieces: kbench converts them before the step (keras_fixes._hand_compiled_steps_tensors).
+    Compiled: no break but loss.backward()'s, two graphs per train step (its two calls), one
+    each for test and predict, and the eager run's numbers (the fast path's eager step)."""
+    eager, *_ = _numpy_batches_run(False)
+    compiled, breaks, graphs = _numpy_batches_run(True)
     for found, expected in zip(compiled, eager):
         np.testing.assert_allclose(np.asarray(found), np.asarray(expected), rtol=1e-5)
     assert breaks and all(reason.startswith("Unsupported Tensor.backward()")
                           for reason in breaks), breaks
+    assert graphs == 2 + 2 + 1 + 1, graphs  # without the conversion: 24
 
 
 def _loss_scale_steps(traced, monkeypatch):
