@@ -264,12 +264,11 @@ def _hand_compiled_steps_tensors():
     convert_to_tensor (Keras' dtype mapping, Keras' device), as eager layers convert them."""
     import numpy as np
     from keras.src import ops, tree
-    from keras.src.backend import standardize_dtype
     from keras.src.backend.torch.trainer import TorchTrainer
 
-    def as_tensor(leaf):  # numbers only (bfloat16's kind is "V"): any other array as it came
+    def as_tensor(leaf):  # numbers only (ml_dtypes' bfloat16 has kind "V"); others as they came
         if isinstance(leaf, np.ndarray) and (leaf.dtype.kind in "biufc"
-                                             or standardize_dtype(leaf.dtype) == "bfloat16"):
+                                             or leaf.dtype.name == "bfloat16"):
             return ops.convert_to_tensor(leaf)
         return leaf
 
