@@ -341,9 +341,10 @@ def select_in_schedules():
     class Depth(threading.local):
         # > 0 while this thread computes a learning-rate schedule with selects (another
         # thread's ops.cond, outside any schedule, stays Keras'). Set in every thread at its
-        # first use (threading.local runs __init__ per thread): an attribute that appeared
-        # after the first compiled step would fail dynamo's guard on it and compile the
-        # optimizer's graph again.
+        # first use (threading.local runs __init__ per thread): at ed91b83 an attribute that
+        # appeared after the first compiled step failed dynamo's guard on it and compiled the
+        # optimizer's graph again (no longer seen on 2026-12-06 with torch 2.13:
+        # docs/compare.md).
         def __init__(self):
             self.depth = 0
 
