@@ -156,6 +156,7 @@ def test_loss_scaling_compiles_without_breaks_and_skips_as_eager():
                           for reason in breaks), breaks
     assert graphs == graphs_after_1, "the steady state recompiled"
 
+
 def _numpy_batches_run(jit_compile):
     """train_on_batch (plain, then with class_weight, whose sample weights Keras computes as
     NumPy), test_on_batch and predict_on_batch of a small model, every batch a NumPy array
@@ -195,8 +196,9 @@ def test_numpy_batches_reach_the_compiled_steps_as_tensors():
     """Keras' *_on_batch calls hand NumPy arrays to the compiled step as they come, where
     reading an array's dtype breaks the graph where the step converts them, the rest in
     pieces: kbench converts them before the step (keras_fixes._hand_compiled_steps_tensors).
-    Compiled: no break but loss.backward()'s, two graphs per train step (its two calls), one
-    each for test and predict, and the eager run's numbers (the fast path's eager step)."""
+    Compiled: no break but loss.backward()'s; two graphs for each train call (the second,
+    with sample weights, is a new input structure), one each for test and predict; and the
+    eager run's numbers (the fast path's eager step)."""
     eager, *_ = _numpy_batches_run(False)
     compiled, breaks, graphs = _numpy_batches_run(True)
     for found, expected in zip(compiled, eager):
