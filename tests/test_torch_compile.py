@@ -79,7 +79,8 @@ def test_compiled_training_matches_eager_without_graph_breaks(run_python):
     np.testing.assert_allclose(np.array(compiled, "float32"), eager, rtol=1e-4)
     assert len(set(np.round(eager, 4))) > 1  # it trained: the loss moved
     # The only break is the one every compiled step that calls loss.backward() has (dynamo
-    # counts it once per attempt at the frame: its first trace, and the restart at the break).
+    # counts it once for each frame it breaks: Keras' one_step_on_data and each train step
+    # function it calls; docs/compare.md).
     assert breaks and all(reason.startswith("Unsupported Tensor.backward()")
                           for reason in breaks), breaks
     assert graphs == graphs_after_1, "the steady state recompiled"
