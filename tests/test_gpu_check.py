@@ -42,6 +42,8 @@ def test_peaks_match_the_names_nvidia_smi_reports():
     assert gpu_check.peak_for("NVIDIA H200")["bf16"] == 989.4
     assert gpu_check.peak_for("NVIDIA H100 80GB HBM3")["tf32"] == 494.7
     assert gpu_check.peak_for("NVIDIA H100 PCIe")["bf16"] == 756.5
+    assert gpu_check.peak_for("NVIDIA H200 NVL")["bf16"] == 835.5  # not the SXM figure
+    assert gpu_check.peak_for("NVIDIA H100 NVL")["tf32"] == 417.5
     assert gpu_check.peak_for("NVIDIA A100-SXM4-80GB")["bf16"] == 312.0
     assert gpu_check.peak_for("NVIDIA L4")["bf16"] == 121.0
     assert gpu_check.peak_for("NVIDIA L40S")["bf16"] == 362.1  # not taken for an L4

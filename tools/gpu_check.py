@@ -73,9 +73,12 @@ BACKENDS = ("jax", "tensorflow", "torch")
 PEAKS = (
     # name substring, bf16, fp16, tf32, source
     ("H200", 989.4, 989.4, 494.7, "H200 SXM datasheet (same SMs and clocks as H100 SXM)"),
+    # The NVL cards (PCIe, up to 600 W) have lower clocks: the datasheets' sparse 1,671 bf16
+    # and 835 TF32 TFLOP/s, halved
+    ("H200 NVL", 835.5, 835.5, 417.5, "H200 NVL datasheet (per GPU)"),
     ("GH200", 989.4, 989.4, 494.7, "GH200 datasheet (H100 SXM rates)"),
     ("H100 PCIe", 756.5, 756.5, 378.0, "H100 PCIe datasheet"),
-    ("H100 NVL", 835.0, 835.0, 417.5, "H100 NVL datasheet (per GPU)"),
+    ("H100 NVL", 835.5, 835.5, 417.5, "H100 NVL datasheet (per GPU)"),
     ("H100", 989.4, 989.4, 494.7, "H100 SXM datasheet"),
     ("B200", 2250.0, 2250.0, 1100.0, "B200 datasheet (HGX B200, per GPU)"),
     ("A100", 312.0, 312.0, 156.0, "A100 datasheet (SXM and PCIe)"),
