@@ -175,6 +175,10 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     assert rows[0]["tflops"] == pytest.approx(4.947) and rows[0]["mfu"] == pytest.approx(0.01)
     assert rows[1]["tflops"] == pytest.approx(4.947 / 2) and rows[1]["mfu"] == pytest.approx(0.005)
     assert rows[2]["status"] == "ok, but on cpu:0" and rows[2]["mfu"] is None
+    # A twin carries the same analytic count: its MFU needs no Keras row beside it
+    alone = gpu_check.rows_with_mfu(
+        [record("native-torch", "cuda:0 (NVIDIA H200)", 20.0, flops=4.947e12 * 0.02)], peak)
+    assert alone[0]["tflops"] == pytest.approx(4.947) and alone[0]["mfu"] == pytest.approx(0.01)
     diverged = gpu_check.rows_with_mfu(
         [{**record("jax", "gpu:0", 10.0), "test_loss": float("nan")},
          {**record("jax", "gpu:0", 10.0), "test_loss": 2.3}], peak)

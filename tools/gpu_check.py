@@ -676,9 +676,11 @@ def main(argv=None):
         pass_dir = os.path.join(out_dir, "passes",
                                 f"{index:02d}-{step.label.replace(' ', '-')}")
         # No run, and no pass, outlasts the budget: a pass that is still running when it
-        # ends is stopped as SIGTERM stops it (its finished runs kept), and the check ends.
-        # Each run's own limit ends RUN_TIMEOUT_MARGIN_S before, so that compare itself
-        # times out the run in flight then and records it.
+        # ends is stopped as SIGTERM stops it (its finished runs kept, the one in flight
+        # listed as not run), and the check ends. compare's --timeout is per run, from the
+        # run's start: set to end RUN_TIMEOUT_MARGIN_S before the budget, it lets compare
+        # record the pass's first run as timed out itself; a later run still in flight at
+        # the budget's end is stopped with the pass.
         run_timeout = budget.limit(args.timeout, margin=RUN_TIMEOUT_MARGIN_S)
         command = [args.python, "-m", "kbench.cli", "compare", *step.args,
                    "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),

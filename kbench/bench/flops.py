@@ -3,13 +3,16 @@
 Counts the multiply-adds of convolutions and dense layers (2 FLOPs each), which dominate conv
 nets; a training step is taken as 3x the forward pass (forward, gradient w.r.t. activations,
 gradient w.r.t. weights), the usual approximation. BatchNorm, activations, pooling and the
-optimizer update are left out, so this is a slight undercount. Native JAX runs report XLA's own
-count (cost analysis) instead.
+optimizer update are left out, so this is a slight undercount. The native twins report this same
+count of the Keras model they copy their weights from, so every row's TFLOP/s is on one basis;
+native JAX also records XLA's own count (cost analysis) as `xla_flops_per_step`.
 """
 
 import math
 
 import keras
+
+SOURCE = "analytic: 3 x forward conv/dense multiply-adds x 2"  # a record's flops_source
 
 
 def forward_flops(model):

@@ -37,8 +37,9 @@ COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_flo
 
 # What each twin's result reports (records.SETTING_FIELDS says what the settings mean).
 SETTING_KEYS = ("compiler", "memory_format", "cudnn_benchmark", "autocast_dtype")
-RESULT_KEYS = ("compile_s", "step_times", "steps_timed", "train_loss_history", "test_loss", "test_accuracy",
-               "peak_device_mb", "flops_per_step", "device", "jit", "params", *SETTING_KEYS)
+RESULT_KEYS = ("compile_s", "step_times", "steps_timed", "train_loss_history", "test_loss",
+               "test_accuracy", "peak_device_mb", "flops_per_step", "flops_source", "device",
+               "jit", "params", *SETTING_KEYS)
 
 
 # --------------------------------------------------------------------------- config
@@ -179,6 +180,9 @@ class ResNetWeights:
     dense_bias: np.ndarray
     model: str = "cifar_resnet"  # or "preact_resnet18"
     shortcuts: list = dataclasses.field(default_factory=list)  # PreAct's 1x1 projections
+    # The Keras model's analytic FLOPs of one example's forward pass (kbench.bench.flops), so
+    # that a twin's TFLOP/s is counted as its Keras row's is, with or without that row.
+    forward_flops: int | None = None
 
     def count(self):
         """Number of values incl. BN moving statistics (what keras' count_params() counts); the
@@ -186,6 +190,13 @@ class ResNetWeights:
         arrays = [*self.convs, *self.shortcuts, *(v for bn in self.bns for v in bn.values()),
                   self.dense_kernel, self.dense_bias]
         return int(sum(a.size for a in arrays))
+
+    def flops_result(self, batch_size):
+        """A twin result's FLOP count of one training step and where it comes from."""
+        from kbench.bench import flops
+
+        return {"flops_per_step": 3 * self.forward_flops * batch_size if self.forward_flops
+                else None, "flops_source": flops.SOURCE if self.forward_flops else None}
 
 
 def build_keras_model(config):
@@ -202,6 +213,8 @@ def build_keras_model(config):
 def initial_weights(config):
     """Copy the initial weights out of the recipe's Keras model (see ResNetWeights)."""
     import keras
+
+    from kbench.bench import flops
 
     model = build_keras_model(config)
     preact = config.model == "preact_resnet18"
@@ -236,6 +249,7 @@ def initial_weights(config):
         dense_bias=as_numpy(dense.bias),
         model="preact_resnet18" if preact else "cifar_resnet",
         shortcuts=[as_numpy(layer.kernel) for layer in shortcuts],
+        forward_flops=flops.forward_flops(model) or None,
     )
 
 

@@ -316,7 +316,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         "train_loss_history": losses,
         **test,
         "peak_device_mb": _peak_device_mb(device),
-        "flops_per_step": _flops(compiled),
+        **weights.flops_result(config.batch_size),
+        "xla_flops_per_step": _flops(compiled),  # XLA's own count, beside the analytic one
         "device": _describe(device),
         "jit": "jax.jit (XLA), train state donated",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()

@@ -248,7 +248,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
         **test,
         "peak_device_mb": (tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
                            if gpus else None),
-        "flops_per_step": None,
+        **weights.flops_result(config.batch_size),
         "device": _describe(gpus),
         "jit": "tf.function (XLA)" if xla else "tf.function",
         "params": weights.count(),  # incl. BN moving statistics, as keras count_params()

@@ -341,8 +341,9 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False
     # one flag per step from the device to decide whether to skip the update).
     scaler = None if scaling is None else torch.amp.GradScaler(
         device.type, init_scale=scaling.initial_scale, growth_interval=scaling.growth_steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    # No reset of the peak memory statistics here: every row's peak_device_mb is its whole
+    # process's (setup, compiling, cudnn.benchmark's trials, training, evaluation), as JAX,
+    # which cannot reset its peak, and Keras-torch's rows report theirs.
 
     def forward_loss(x, y):
         with autocast():
@@ -404,7 +405,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False
         **test,
         "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),
-        "flops_per_step": None,
+        **weights.flops_result(config.batch_size),
         "device": _describe(device),
         "jit": ("torch.compile (inductor, default mode): forward + loss, optimizer step"
                 if compiled else "eager"),

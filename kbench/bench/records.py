@@ -32,6 +32,7 @@ FIELDS = (
     "backend", "status", "error", "step_time_ms", "step_time_p10_ms", "step_time_p90_ms",
     "steps_timed", "examples_per_sec", "compile_s", "peak_rss_mb", "peak_device_mb",
     "test_accuracy", "test_loss", "flops_per_step", "flops_source", "achieved_tflops",
+    "xla_flops_per_step",  # native-jax: XLA's cost analysis of its step, beside the analytic
     "versions", "device", "config", "command", "git_commit", "git_dirty", "kbench_version",
     "timestamp",
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
@@ -70,8 +71,8 @@ def fill_measurements(record, result):
     times_ms = sorted(1000.0 * t for t in result.get("step_times") or [])
     record.update(status="ok", error=None)
     for key in ("compile_s", "peak_rss_mb", "peak_device_mb", "test_accuracy", "test_loss",
-                "flops_per_step", "flops_source", "versions", "device", "git_commit",
-                "git_dirty", "kbench_version", "jit",
+                "flops_per_step", "flops_source", "xla_flops_per_step", "versions", "device",
+                "git_commit", "git_dirty", "kbench_version", "jit",
                 "params", "num_replicas", "distribution", "fast_path", *SETTING_FIELDS,
                 "input_wait_fraction", "syncs_per_step", "sync_sites"):
         if result.get(key) is not None:

@@ -136,7 +136,7 @@ def run_keras(recipe, config, spec):
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "flops_per_step": flops.training_flops(model, config.batch_size),
-        "flops_source": "analytic: 3 x forward conv/dense multiply-adds x 2",
+        "flops_source": flops.SOURCE,
         "peak_device_mb": peak_device_mb(backend.name()),
         "jit": str(metrics["jit_compile"]),
         "compiler": metrics.get("compiler") or backend.keras_compiler(metrics["jit_compile"]),
