@@ -68,8 +68,13 @@ def parse_config(config_cls, argv=None, description=None):
 
     `--config FILE` (a run's config.json or metrics.json, or any JSON object of settings)
     supplies the defaults; flags given beside it override them. So
-    `python recipes/x.py --config runs/x/jax/metrics.json` re-runs a run exactly.
+    `python recipes/x.py --config runs/x/jax/metrics.json` re-runs a run exactly, into the
+    folder a fresh run of the running backend gets (or --output-dir): not the saved run's
+    own, which it would replace (under another backend, with that backend's results). Only
+    with --resume does it continue in the saved folder.
     """
+    import sys
+
     from kbench.config import check
 
     parser = build_parser(config_cls, description)
@@ -78,8 +83,13 @@ def parse_config(config_cls, argv=None, description=None):
                              "flags given as well override it")
     args = parser.parse_args(argv)
     if args.config:
-        parser.set_defaults(**load_settings(args.config, config_cls))
+        saved = load_settings(args.config, config_cls)
+        parser.set_defaults(**saved)
         args = parser.parse_args(argv)
+        given = sys.argv[1:] if argv is None else argv
+        if not args.resume and not any(a == "--output-dir" or a.startswith("--output-dir=")
+                                       for a in given):
+            args.output_dir = None  # runs/<recipe>/<backend>, as a fresh run's
     settings = vars(args)
     settings.pop("config")
     config = config_cls(**settings)

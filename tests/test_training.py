@@ -477,6 +477,14 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path):
     path.write_text(json.dumps({"backend": "jax", "config": saved}))
     config = parse_config(cifar_resnet.Config, ["--config", str(path), "--lr", "0.05"])
     assert config.epochs == 7 and config.schedule == "one_cycle" and config.lr == 0.05
+    # A re-run is a new run: it goes where a fresh run of this backend goes, never into the
+    # saved run's folder (which it would replace), unless told so or resuming that run
+    assert saved["output_dir"] and config.output_dir is None
+    elsewhere = str(tmp_path / "rerun")
+    assert parse_config(cifar_resnet.Config, ["--config", str(path), "--output-dir",
+                                              elsewhere]).output_dir == elsewhere
+    assert parse_config(cifar_resnet.Config, ["--config", str(path), "--resume"]
+                        ).output_dir == saved["output_dir"]
     (tmp_path / "other.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(KbenchError, match="does not know: vocab_size"):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
