@@ -199,6 +199,14 @@ def test_report_rerenders_saved_results(tmp_path, entry_point):
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.startswith("backend,status,runs,step_time_ms")
     assert "tensorflow,failed" in csv_text
+    # The compare's folder stands for its results.jsonl; --output says where each file is
+    from kbench import cli
+
+    status, out, _ = entry_point(cli.main, ["report", str(tmp_path), "--output",
+                                            str(tmp_path / "elsewhere")])
+    assert status == 0 and "1.25x" in out
+    assert f"results: {tmp_path / 'results.jsonl'}; {tmp_path / 'elsewhere' / 'results.csv'}" in out
+    assert not (tmp_path / "elsewhere" / "results.jsonl").exists()
 
 
 def test_baseline_marks_only_changes_beyond_noise():
@@ -214,6 +222,12 @@ def test_baseline_marks_only_changes_beyond_noise():
     windowed = [dict(record("jax", 70, 69, 71), sync_every=10)]
     summary = report.compare_to_baseline(report.summarize(windowed), baseline)
     assert summary[0]["vs_baseline"] == "not comparable: synced every 10 vs 1 steps"
+    # A baseline of another batch size (or model, dataset, policy, recipe) measured
+    # something else: no verdict, and why
+    bigger = [dict(record("torch", 70, 69, 71), batch_size=256, dtype_policy="mixed_bfloat16")]
+    summary = report.compare_to_baseline(report.summarize(bigger), baseline)
+    assert summary[0]["vs_baseline"] == ("not comparable: batch size 256 vs 128, dtype policy "
+                                         "mixed_bfloat16 vs float32")
     # A time-to-target baseline (whole epochs, no warm-up) says nothing of step times.
     to_target = [dict(r, target_accuracy=0.9) for r in baseline]
     summary = report.compare_to_baseline(report.summarize(current), to_target)

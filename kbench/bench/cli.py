@@ -122,9 +122,12 @@ def cmd_report(args):
     from kbench.bench.records import read_jsonl
     from kbench.bench.report import render
 
-    rows = read_jsonl(args.results)
-    out_dir = args.output or os.path.dirname(os.path.abspath(args.results))
-    render(rows, out_dir, baseline=args.baseline)
+    # A compare's folder stands for the results.jsonl in it (so does a baseline's)
+    results, baseline = (os.path.join(p, "results.jsonl") if p and os.path.isdir(p) else p
+                         for p in (args.results, args.baseline))
+    rows = read_jsonl(results)
+    out_dir = args.output or os.path.dirname(os.path.abspath(results))
+    render(rows, out_dir, baseline=baseline, results=os.path.abspath(results))
     return 0
 
 
@@ -222,8 +225,9 @@ def add_verbs(verbs):
     compare.set_defaults(func=cmd_compare)
 
     report = verbs.add_parser("report", help="re-render table, CSV and chart from results.jsonl")
-    report.add_argument("results", help="a results.jsonl written by kbench compare")
-    report.add_argument("--baseline", default=None, help="results.jsonl to compare against")
+    report.add_argument("results", help="a results.jsonl written by kbench compare, or its folder")
+    report.add_argument("--baseline", default=None,
+                        help="results.jsonl (or its folder) to compare against")
     report.add_argument("--output", default=None, help="where results.csv/png go "
                                                        "(default: next to results.jsonl)")
     report.set_defaults(func=cmd_report)

@@ -32,6 +32,11 @@ CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
 INPUT_WAIT_FLAG = 0.05
 
 
+# What a row measured, beyond its backend: a baseline row that differs in any of these
+# measured something else, and gets no verdict.
+SETUP_KEYS = ("recipe", "model", "dataset", "batch_size", "dtype_policy")
+
+
 def _median(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -99,6 +104,7 @@ def summarize(rows):
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
         item["sync_every"] = runs[0].get("sync_every") or 1
+        item["setup"] = {key: runs[0].get(key) for key in SETUP_KEYS}
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
     for item in summary:
@@ -137,6 +143,12 @@ def compare_to_baseline(summary, baseline_rows):
         if item["sync_every"] != ref["sync_every"]:  # a sync per step is slower by itself
             item["vs_baseline"] = (f"not comparable: synced every {item['sync_every']} vs "
                                    f"{ref['sync_every']} steps")
+            continue
+        differ = [f"{key.replace('_', ' ')} {item['setup'][key]} vs {ref['setup'][key]}"
+                  for key in SETUP_KEYS
+                  if item.get("setup", {}).get(key) != ref.get("setup", {}).get(key)]
+        if differ:
+            item["vs_baseline"] = "not comparable: " + ", ".join(differ)
             continue
         delta = item["step_time_ms"] - ref["step_time_ms"]
         noise = max(noise_ms(item), noise_ms(ref))
@@ -323,8 +335,19 @@ def make_console():
     return console if console.is_terminal else Console(width=200)
 
 
-def render(rows, out_dir, baseline=None, console=None):
-    """Print the table and write results.csv and results.png into out_dir; returns the summary."""
+def results_line(out_dir, written, results=None):
+    """The line that says where a report's files are: the records (`results`, a
+    results.jsonl elsewhere than out_dir, or out_dir's) and the files `written` to out_dir."""
+    listed = os.path.join(out_dir, "results.jsonl")
+    if results and os.path.abspath(results) != os.path.abspath(listed):
+        return f"results: {results}; {os.path.join(out_dir, written[0])}, {', '.join(written[1:])}"
+    return f"results: {listed}, {', '.join(written)}"
+
+
+def render(rows, out_dir, baseline=None, console=None, results=None):
+    """Print the table and write results.csv and results.png into out_dir; returns the summary.
+    `results`: the results.jsonl the rows came from, where not in out_dir (kbench report
+    --output)."""
     console = console or make_console()
     if not rows:
         console.print("no runs finished")
@@ -332,11 +355,13 @@ def render(rows, out_dir, baseline=None, console=None):
     if any(r.get("target_accuracy") is not None for r in rows):
         from kbench.bench import report_target
 
-        return report_target.render(rows, out_dir, baseline=baseline, console=console)
+        return report_target.render(rows, out_dir, baseline=baseline, console=console,
+                                    results=results)
     if any(r.get("sweep_field") for r in rows):
         from kbench.bench import report_sweep
 
-        return report_sweep.render(rows, out_dir, baseline=baseline, console=console)
+        return report_sweep.render(rows, out_dir, baseline=baseline, console=console,
+                                   results=results)
     summary = summarize(rows)
     if baseline:
         compare_to_baseline(summary, read_jsonl(baseline))
@@ -348,5 +373,5 @@ def render(rows, out_dir, baseline=None, console=None):
     os.makedirs(out_dir, exist_ok=True)
     write_csv(summary, os.path.join(out_dir, "results.csv"))
     write_chart(summary, os.path.join(out_dir, "results.png"), title)
-    console.print(f"results: {os.path.join(out_dir, 'results.jsonl')}, results.csv, results.png")
+    console.print(results_line(out_dir, ("results.csv", "results.png"), results))
     return summary

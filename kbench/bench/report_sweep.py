@@ -326,7 +326,7 @@ def write_chart(items, rows, path, title):
     report.save_figure(fig, path)
 
 
-def render(rows, out_dir, baseline=None, console=None):
+def render(rows, out_dir, baseline=None, console=None, results=None):
     """Print the sweep's tables and write results.csv, results.png (and cost_model.csv or
     max_batch.csv) into out_dir; returns the per-point summary."""
     rows = [r for r in rows if r.get("sweep_field")]
@@ -367,5 +367,5 @@ def render(rows, out_dir, baseline=None, console=None):
                          fields=MAX_BATCH_FIELDS)
         written.append("max_batch.csv")
     write_chart(items, rows, os.path.join(out_dir, "results.png"), title)
-    console.print(f"results: {os.path.join(out_dir, 'results.jsonl')}, {', '.join(written)}")
+    console.print(report.results_line(out_dir, written, results))
     return items

@@ -232,7 +232,7 @@ def describe(rows):
             f"evaluated every {_eval_every(first)}")
 
 
-def render(rows, out_dir, baseline=None, console=None):
+def render(rows, out_dir, baseline=None, console=None, results=None):
     """Print the time-to-target table and write results.csv and results.png into out_dir."""
     console = console or report.make_console()
     summary = summarize(rows)
@@ -247,5 +247,5 @@ def render(rows, out_dir, baseline=None, console=None):
     os.makedirs(out_dir, exist_ok=True)
     report.write_csv(summary, os.path.join(out_dir, "results.csv"), CSV_FIELDS)
     write_chart(rows, os.path.join(out_dir, "results.png"), title)
-    console.print(f"results: {os.path.join(out_dir, 'results.jsonl')}, results.csv, results.png")
+    console.print(report.results_line(out_dir, ("results.csv", "results.png"), results))
     return summary
