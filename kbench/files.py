@@ -83,8 +83,9 @@ class FolderLock:
 
     NAME = ".kbench.lock"
 
-    def __init__(self, folder):
+    def __init__(self, folder, flag="--output-dir"):
         self.folder = folder
+        self.flag = flag  # the option that names the folder, for the refusal message
         self._file = None
 
     def acquire(self):
@@ -103,7 +104,7 @@ class FolderLock:
             holder = lock_file.read().strip() or "another process"
             lock_file.close()
             raise KbenchError(f"{self.folder} is in use by another run ({holder}); wait for "
-                              "it to end, or give this run another --output-dir") from None
+                              f"it to end, or give this run another {self.flag}") from None
         except OSError as exc:  # a filesystem without flock (some NFS / FUSE mounts)
             lock_file.close()
             print(f"note: cannot lock {self.folder} ({exc.strerror}): a second run into it "

@@ -142,6 +142,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
         assert message in err
     status, err = entry_point_error(cli.main, ["report", str(tmp_path / "missing.jsonl")])
     assert status == 2 and "does not exist" in err
+    # An --output that holds a compare's results is refused before anything runs (not
+    # overwritten), so is one that cannot be a folder; nothing in them is touched
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "results.jsonl").write_text('{"kept": true}\n')
+    (tmp_path / "a-file").write_text("mine")
+    for output, message in [(done, "already holds a compare's results.jsonl"),
+                            (tmp_path / "a-file", "cannot write results there")]:
+        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", "--output",
+                                                   str(output)])
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err
+    assert (done / "results.jsonl").read_text() == '{"kept": true}\n'
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_error):

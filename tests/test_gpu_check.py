@@ -219,6 +219,14 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_an_output_folder_with_a_check_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "gpu-check.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--output", str(tmp_path)])
+    assert stop.value.code == 2 and "already holds" in capsys.readouterr().err
+    assert (tmp_path / "gpu-check.jsonl").read_text() == "{}\n"
+
+
 # --------------------------------------------------------------------------- the whole tool
 # The GPU machine played by stand-ins (nvidia-smi, and an interpreter that answers the probes
 # and plays compare): what is checked is gpu-check's own part, from probes to tables.

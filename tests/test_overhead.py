@@ -107,6 +107,16 @@ def test_bad_arguments_are_one_line(argv, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_an_output_folder_with_a_measurement_is_refused(tmp_path, capsys):
+    (tmp_path / "overhead.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(["--output", str(tmp_path)])
+    assert stop.value.code == 2 and "already holds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a plan checks the model too
+        overhead.main(["--plan", "--model", "convnet"])
+    assert (tmp_path / "overhead.jsonl").read_text() == "{}\n"
+
+
 def test_plan_flag_prints_the_commands(capsys):
     assert overhead.main(["--plan"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -592,6 +592,10 @@ def main(argv=None):
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
         _fail(f"gpu-check: {bad}")
+    if args.output and not args.dry_run and os.path.exists(
+            os.path.join(args.output, "gpu-check.jsonl")):  # before any GPU time is spent
+        _fail(f"gpu-check: --output {args.output} already holds a check's gpu-check.jsonl; "
+              "give this check another folder")
     used_sizes = {m: batch_sizes[m] for m, _ in cases}
     if args.dry_run:  # as if every framework named saw the GPU
         keras_variants, natives = compare_names()

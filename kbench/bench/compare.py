@@ -434,14 +434,39 @@ def _user_command():
     return "kbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "kbench"
 
 
+def open_output(options):
+    """(results folder, its FolderLock held) for one compare, sweep or search: --output, or
+    runs/compare/<timestamp>. A folder that already holds a compare's results.jsonl is
+    refused rather than overwritten, and no two compares write into one folder at once."""
+    from kbench.files import FolderLock
+
+    out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(out_dir, "results.jsonl")):
+        raise KbenchError(f"--output {out_dir} already holds a compare's results.jsonl; give "
+                          "this compare another folder (or move those results away first)")
+    try:
+        return out_dir, FolderLock(out_dir, flag="--output").acquire()
+    except OSError as exc:  # not a folder, not writable, ...
+        raise KbenchError(f"--output {out_dir}: cannot write results there ({exc.strerror or exc})"
+                          ) from None
+
+
 def compare(options, console=None):
     """Run every planned run, write results as they finish; returns the list of records."""
     from kbench.bench import report
 
     runs = plan_runs(options)
     check_recipe_settings(options)
-    out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir, lock = open_output(options)
+    try:
+        return _compare(options, runs, out_dir, console)
+    finally:
+        lock.release()
+
+
+def _compare(options, runs, out_dir, console):
+    from kbench.bench import report
+
     results_path = os.path.join(out_dir, "results.jsonl")
     done = []
     def say(text):

@@ -402,7 +402,11 @@ def parse_args(argv):
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
         _fail(str(bad))
-    if not (args.plan or args.report):  # every row has its twin
+    if args.output and not (args.plan or args.report) and os.path.exists(
+            os.path.join(args.output, "overhead.jsonl")):
+        _fail(f"--output {args.output} already holds a measurement's overhead.jsonl; give "
+              "this one another folder")
+    if not args.report:  # every row has its twin (a plan shows what would run)
         from kbench.bench.compare import TWIN_MODELS
 
         everywhere = [m for m in TWIN_MODELS["torch"]

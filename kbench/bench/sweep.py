@@ -174,9 +174,7 @@ class Session:
     def __init__(self, options, console):
         self.options = options
         self.console = console
-        self.out_dir = options.output or os.path.join("runs", "compare",
-                                                      time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(self.out_dir, exist_ok=True)
+        self.out_dir, self._lock = comparing.open_output(options)
         self.results_path = os.path.join(self.out_dir, "results.jsonl")
         self.done = []
 
@@ -202,10 +200,15 @@ class Session:
         return record
 
     def render(self):
+        """The tables and files of every finished run: the session's last act (at its end, or
+        when interrupted), after which its folder is free."""
         from kbench.bench import report
 
-        return report.render(self.done, self.out_dir, baseline=self.options.baseline,
-                             console=self.console)
+        try:
+            return report.render(self.done, self.out_dir, baseline=self.options.baseline,
+                                 console=self.console)
+        finally:
+            self._lock.release()
 
     def interrupted(self):
         self.say(f"[compare] interrupted: {len(self.done)} finished run(s) kept in "
