@@ -116,6 +116,17 @@ def load_state(output_dir):
             from None
 
 
+def finished(output_dir):
+    """Whether the run in output_dir finished: its metrics.json (written last, by
+    Run.finish) is newer than its checkpoint.json. A run stopped after its last checkpoint
+    but before its results has not, and --resume completes it."""
+    try:
+        return (os.path.getmtime(os.path.join(output_dir, "metrics.json"))
+                >= os.path.getmtime(os.path.join(output_dir, STATE_FILE)))
+    except OSError:
+        return False
+
+
 def clear(output_dir):
     """Forget a previous run's progress in output_dir, so a fresh run can never resume into
     it. Its metrics.json and model.keras stay until this run replaces them."""

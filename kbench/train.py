@@ -55,6 +55,10 @@ class Run:
         self._stages = 0  # `fit` calls so far: the next stage's index
         self._epochs_trained = 0
         self._resume_stage = None  # the stage the checkpoint is from, when resuming
+        # With --resume, config.json is rewritten only once this run trains (its checkpoint
+        # restored): a resume that fails, or finds nothing to train, leaves the run's own.
+        self._config_unwritten = False
+        self._finished_before = False  # resuming a run whose metrics.json followed its checkpoint
         self._lock = None  # the chief's FolderLock on the output dir, while the run lives
         self._stop_signal = None  # "SIGTERM" / "SIGINT" once one asked the run to stop
         self._signal_handlers = {}  # the handlers ours replaced, restored on exit
@@ -176,6 +180,9 @@ class Run:
             model = given if given is not None else build(self.config)
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief)
+        if self.config.resume and self.is_chief:
+            self._config_unwritten = True
+            self._finished_before = checkpoint.finished(self.config.output_dir)
         if self.state is not None and self.state.batches_done:  # epoch or step checkpoint
             self._resume_stage = self.state.stage
         return model
@@ -234,6 +241,7 @@ class Run:
         """model.fit over epochs [start, end) of the stage; the first of them from its batch
         `first_batch` on (the rest of an epoch a step checkpoint interrupted). The progress
         bar counts epochs of `total_epochs` when it is given (the stage's end)."""
+        self._write_config()
         state = self.state
         if state is not None:
             train_ds = train_ds.starting_at(state.stage_batches_done)
@@ -305,6 +313,11 @@ class Run:
         return (f"checkpoint in {self.config.output_dir}; continue with the same command "
                 "and --resume")
 
+    def _write_config(self):
+        if self._config_unwritten:
+            write_config(self.config, self.recipe)
+            self._config_unwritten = False
+
     def finish(self, model, test_ds=None, **extra):
         """Evaluate on the test split (`test_ds`, default the last one fit saw), write
         metrics.json, eval.json and model.keras (chief only, atomically), print the summary
@@ -313,6 +326,12 @@ class Run:
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
         config = self.process_config
+        if self._config_unwritten and self._finished_before:
+            raise KbenchError(
+                f"nothing to resume in {config.output_dir}: its run had finished "
+                f"({self.state.epochs_done} epochs) and its results are kept; raise --epochs "
+                "to train on, or run without --resume to start afresh")
+        self._write_config()  # a resume that only finishes a run stopped after its training
         if self.target is not None:  # before the final evaluation, which is off the clock
             self._target_callback.evaluate_last_step()
         test_metrics = final_evaluation(model, test_ds, config, self.dist)
@@ -684,7 +703,8 @@ def run_callbacks(config, steps_per_epoch, state, processes=1):
 def start_or_resume(config, recipe, model_name, write=True):
     """The RunState this run records into: a fresh one (forgetting any previous run's
     checkpoint in the output dir), or with --resume the checkpoint's, checked against this run.
-    Also writes config.json, the run's resolved settings, before any training. `write=False`
+    Also writes config.json, the run's resolved settings, before any training (a resumed
+    run: once it trains, Run._write_config). `write=False`
     (a data-parallel process other than the chief) reads but never writes."""
     if not config.output_dir:
         if config.resume:
@@ -698,11 +718,16 @@ def start_or_resume(config, recipe, model_name, write=True):
     if not write:
         return state
     os.makedirs(config.output_dir, exist_ok=True)
-    if not config.resume:
+    if not config.resume:  # a resumed run writes it once it trains (Run._write_config)
         checkpoint.clear(config.output_dir)
+        write_config(config, recipe)
+    return state
+
+
+def write_config(config, recipe):
+    """config.json: the run's resolved settings (`--config` reads them back)."""
     write_json_atomic(os.path.join(config.output_dir, "config.json"),
                       {"recipe": recipe, "backend": backend.name(), **dataclasses.asdict(config)})
-    return state
 
 
 # --------------------------------------------------------------------------- results

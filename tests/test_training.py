@@ -210,8 +210,11 @@ def test_resume_errors_are_one_line(tmp_path):
         cifar_resnet.main(tiny(tmp_path, model="resnet20", resume=True))
     state = checkpoint.load_state(tmp_path / "run")
     (tmp_path / "run" / state.weights).write_bytes(b"not an h5 file")
+    saved = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(KbenchError, match="cannot load checkpoint"):
         cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
+    # A resume that failed leaves the run's settings as they were (what --config reads back)
+    assert (tmp_path / "run" / "config.json").read_text() == saved
 
 
 class SignalAt(keras.callbacks.Callback):
@@ -331,11 +334,26 @@ def test_an_interrupted_run_exits_143_or_130_with_one_line(capsys):
     assert Interrupted("SIGINT", "").status == 130
 
 
-def test_resume_of_a_finished_run_trains_no_more(tmp_path):
+def test_resume_of_a_finished_run_is_refused_and_keeps_its_results(tmp_path):
+    """A finished run (its metrics.json newer than its checkpoint) has nothing to resume: the
+    refusal keeps its results, speed figures included, and its config.json. A run stopped
+    after its last checkpoint but before its results is completed by --resume, no epoch
+    trained again."""
     cifar_resnet.main(tiny(tmp_path, epochs=2))
+    run = tmp_path / "run"
+    kept = {name: (run / name).read_bytes() for name in ("metrics.json", "config.json")}
+    for epochs in (2, 1):
+        with pytest.raises(KbenchError, match="nothing to resume .* had finished \\(2 epochs"):
+            cifar_resnet.main(tiny(tmp_path, epochs=epochs, resume=True))
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    (run / "metrics.json").unlink()  # stopped before Run.finish wrote it
     metrics = cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
     assert metrics["epochs"] == 2
-    assert [r["epoch"] for r in history_rows(tmp_path / "run" / "history.csv")] == [0, 1]
+    assert [r["epoch"] for r in history_rows(run / "history.csv")] == [0, 1]
+    # ... and a finished run resumed with more epochs trains on
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=3, resume=True))
+    assert metrics["epochs"] == 3 and metrics["step_time_ms"] > 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
 
 # --------------------------------------------------------------------------- callbacks
