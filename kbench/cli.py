@@ -75,9 +75,22 @@ def cmd_predict(args):
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _tolerance(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a finite difference >= 0, not {text}")
     return value
 
 
@@ -128,7 +141,7 @@ def add_model_verbs(verbs):
                         help="onnx: one .onnx file; savedmodel: TensorFlow's SavedModel folder")
     export.add_argument("--output", required=True,
                         help="file (onnx) or folder (savedmodel) to write")
-    export.add_argument("--tolerance", type=float, default=None,
+    export.add_argument("--tolerance", type=_tolerance, default=None,
                         help="largest allowed output difference from Keras "
                              "(default: 1e-4 x the largest |logit|, at least 1e-4)")
     export.add_argument("--backend", choices=("jax", "tensorflow", "torch"), default=None,

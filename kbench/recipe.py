@@ -35,6 +35,9 @@ def recipe_path(name_or_path):
         path = os.path.abspath(os.path.expanduser(name_or_path))
         if not os.path.isfile(path):
             raise KbenchError(f"recipe file {name_or_path}: no such file")
+        if not path.endswith(".py"):
+            raise KbenchError(f"recipe file {name_or_path} is not a Python file (.py); pass "
+                              "a recipe script, e.g. --recipe ./my_recipe.py")
         return path
     path = os.path.join(KBENCH_RECIPES, f"{name_or_path}.py")
     if not os.path.isfile(path):

@@ -29,6 +29,7 @@ import dataclasses
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 from kbench import data, tasks
 from kbench.config import FRACTION, Range, TrainConfig, option
+from kbench.errors import KbenchError
 from kbench.flags import run_recipe
 from kbench.models import TEXT_MODELS, get_model
 from kbench.optim import OPTIMIZERS
@@ -60,6 +61,16 @@ class Config(TrainConfig):
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(1e-2, "decoupled weight decay on kernels and embeddings")
     warmup_epochs: float = option(0.1, "linear learning-rate warmup before the cosine decay")
+
+    def check_combination(self):
+        super().check_combination()
+        if self.model and self.arch != "transformer" and ARCHS[self.arch] != self.model:
+            raise KbenchError(f"--model {self.model} and --arch {self.arch} name different "
+                              "models: drop one")
+        if (self.model or ARCHS[self.arch]) == "text_transformer" \
+                and self.embed_dim % self.num_heads:
+            raise KbenchError(f"--embed-dim {self.embed_dim} is not a multiple of --num-heads "
+                              f"{self.num_heads}: each head takes an equal share of it")
 
 
 def build_datasets(config, shard=(0, 1)):

@@ -53,9 +53,14 @@ def kbench_probe(*argv, env=None):
     (["compare", "--target-accuracy", "1.5", "--backends", "jax"], 2),
     (["compare", "--recipe", "no_such_recipe"], 2),
     (["compare", "--set", "epochs=3"], 2),
+    (["compare", "--epochs", "0"], 2),  # would time --steps instead
+    (["compare", "--recipe", "./README.md"], 2),  # not a Python file
     (["report", "/no/such/results.jsonl"], 2),
     (["evaluate", "--test-examples", "0", "m.keras"], 2),
     (["evaluate", "/no/such/model.keras"], 2),
+    (["evaluate", "--batch-size", "abc", "m.keras"], 2),
+    (["export", "README.md", "--format", "onnx", "--output", "/tmp/x.onnx", "--tolerance",
+      "nan"], 2),
     (["export", "/no/such/model.keras", "--format", "onnx", "--output", "/tmp/x.onnx"], 2),
     (["predict", "/no/such/model.keras", "digit.png"], 2),
 ])

@@ -84,3 +84,17 @@ def test_every_config_field_is_a_flag():
     options = {s for a in parser._actions for s in a.option_strings}
     assert {"--dataset", "--data-dir", "--arch", "--vocab-size", "--sequence-length",
             "--epochs", "--batch-size", "--output-dir"} <= options
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(embed_dim=7, num_heads=3), "--embed-dim 7 is not a multiple of --num-heads 3"),
+    (dict(arch="lstm", model="text_transformer"), "name different models: drop one"),
+])
+def test_settings_that_build_no_model_are_one_line_errors_before_anything_runs(settings,
+                                                                               message):
+    from kbench.config import check
+    from kbench.errors import KbenchError
+
+    with pytest.raises(KbenchError, match=message):
+        check(tiny(**settings))
+    check(tiny(arch="lstm", embed_dim=7, num_heads=3))  # an LSTM has no heads

@@ -112,6 +112,9 @@ def plan_runs(options):
         raise KbenchError(f"sync_every must be at least 1, not {options.sync_every}")
     if not 0 < options.timeout < float("inf"):  # NaN too
         raise KbenchError(f"--timeout {options.timeout:g} is not allowed: it takes seconds > 0")
+    if options.epochs is not None and options.epochs < 1:  # (0 would time --steps instead)
+        raise KbenchError(f"--epochs {options.epochs} is not allowed: it takes a number of "
+                          "whole epochs >= 1 (or leave it out to time --steps)")
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
                           f"{options.distribute!r}")
