@@ -150,6 +150,9 @@ def synchronize(model):
 
 
 FLOAT32_PRECISIONS = ("tf32", "highest")
+# --simulate-devices' ceiling: TensorFlow's runtime, asked for 1000 CPU devices, made thousands
+# of threads and hung past SIGTERM; a simulation of more splits the CPU no more usefully.
+MAX_SIMULATED_DEVICES = 64
 _settings = {}  # what apply_execution_settings set last in this process
 
 

@@ -16,7 +16,7 @@ import types
 import typing
 
 from kbench import backend
-from kbench.backend import FLOAT32_PRECISIONS
+from kbench.backend import FLOAT32_PRECISIONS, MAX_SIMULATED_DEVICES
 from kbench.errors import KbenchError
 from kbench.optim import OPTIMIZERS, SCHEDULES
 
@@ -144,7 +144,7 @@ class TrainConfig:
                              choices=("none", "data_parallel"))
     simulate_devices: int | None = option(None, "CPU only (jax, tensorflow): split the host "
                                                 "CPU into N devices for --distribute",
-                                         allowed=Range(1))
+                                         allowed=Range(1, MAX_SIMULATED_DEVICES))
     resume: bool = option(False, "continue the run in --output-dir from its last checkpoint")
     epoch_checkpoints: bool = option(True, "checkpoint (weights, optimizer, RNG state) at "
                                            "every epoch's end, for --resume; off: only "

@@ -352,6 +352,10 @@ def test_simulate_devices_needs_distribute(tmp_path, entry_point_error):
                                                str(tmp_path / "x")])
     assert status == 2
     assert err == "error: --simulate-devices N goes with --distribute data_parallel\n"
+    status, err = entry_point_error(cli.main, ["compare", "--simulate-devices", "1000",
+                                               "--distribute", "data_parallel", "--output",
+                                               str(tmp_path / "x")])
+    assert status == 2 and "--simulate-devices 1000 is not allowed: it takes 1 to 64" in err
 
 
 def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from kbench import backend
 from kbench.bench import records
 from kbench.errors import KbenchError
 from kbench.recipe import recipe_path
@@ -118,9 +119,11 @@ def plan_runs(options):
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
                           f"{options.distribute!r}")
-    if options.simulate_devices is not None and (options.distribute == "none"
-                                                 or options.simulate_devices < 1):
-        raise KbenchError("--simulate-devices N (N >= 1) goes with --distribute data_parallel")
+    if options.simulate_devices is not None and (
+            options.distribute == "none"
+            or not 1 <= options.simulate_devices <= backend.MAX_SIMULATED_DEVICES):
+        raise KbenchError(f"--simulate-devices N (1 to {backend.MAX_SIMULATED_DEVICES}) goes "
+                          "with --distribute data_parallel")
     runs = []
     for b in backends:
         framework = KERAS_VARIANTS[b][0] if b in KERAS_VARIANTS else b
