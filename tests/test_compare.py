@@ -142,6 +142,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
         assert message in err
     status, err = entry_point_error(cli.main, ["report", str(tmp_path / "missing.jsonl")])
     assert status == 2 and "does not exist" in err
+    for content, message in [(b"\xff\xfe\n", "is not a text file"),
+                             (b"[1, 2]\n", "a JSON list, not an object"),
+                             (b"{}\n", "no backend name"),
+                             (b'{"backend": "jax", "status": "ok", "step_time_ms": "fast"}\n',
+                              "step_time_ms is 'fast', not a number")]:
+        (tmp_path / "bad.jsonl").write_bytes(content)
+        for argv in (["report", str(tmp_path / "bad.jsonl")],
+                     ["report", str(tmp_path / "bad.jsonl"), "--baseline",
+                      str(tmp_path / "bad.jsonl")]):
+            status, err = entry_point_error(cli.main, argv)
+            assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+            assert message in err
     # An --output that holds a compare's results is refused before anything runs (not
     # overwritten), so is one that cannot be a folder; nothing in them is touched
     done = tmp_path / "done"

@@ -141,15 +141,44 @@ def read_jsonl(path):
     if not os.path.isfile(path):
         raise KbenchError(f"{path} does not exist; pass the results.jsonl that kbench compare wrote")
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise KbenchError(f"{path}:{number} is not a JSON record") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise KbenchError(f"{path}:{number} is not a JSON record") from None
+                why = not_a_record(row)
+                if why:
+                    raise KbenchError(f"{path}:{number} is not a kbench compare record: {why}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise KbenchError(f"{path} is not a text file of JSON records; pass the results.jsonl "
+                          "that kbench compare wrote") from None
     return rows
+
+
+# A record's numbers, as report and its tables read them: each a number or null.
+NUMBER_FIELDS = ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
+                 "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
+                 "test_accuracy", "test_loss", "batch_size", "sync_every", "num_replicas",
+                 "input_wait_fraction")
+
+
+def not_a_record(row):
+    """Why a parsed line is not a record report can read (None when it is one)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key in ("backend", "status"):
+        if not isinstance(row.get(key), str):
+            return f"no {key} name"
+    for key in NUMBER_FIELDS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} is {value!r}, not a number"
+    return None
 
 
 def read_results(out_dir):

@@ -277,7 +277,7 @@ def write_chart(summary, path, title):
     # Throughput at the p90 and p10 step times: the error bar's low and high ends.
     err_low, err_high = [], []
     for s, v in zip(summary, speed):
-        if v and s["step_time_p10_ms"] and s["step_time_p90_ms"]:
+        if v and s["step_time_ms"] and s["step_time_p10_ms"] and s["step_time_p90_ms"]:
             err_low.append(v - v * s["step_time_ms"] / s["step_time_p90_ms"])
             err_high.append(v * s["step_time_ms"] / s["step_time_p10_ms"] - v)
         else:
