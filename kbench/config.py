@@ -154,7 +154,12 @@ class TrainConfig:
                                       "--output-dir stopped by SIGTERM / SIGINT in training "
                                       "checkpoints first anyway)",
                                    allowed=NON_NEGATIVE)
-    monitor: str = option("val_accuracy", "metric that picks best.keras and drives early stopping")
+    # What fit logs: every kbench run compiles its loss and accuracy (train.compile_model),
+    # with val_ twins when it validates; a name outside these was never logged, and the run
+    # wrote no best.keras without a word (with --early-stopping: an error after an epoch).
+    monitor: str = option("val_accuracy", "metric that picks best.keras and drives early "
+                                          "stopping", choices=("val_accuracy", "val_loss",
+                                                               "accuracy", "loss"))
     monitor_mode: str = option("auto", "whether --monitor improves up (max) or down (min); auto: "
                                        "Keras' rule (losses down, a compiled metric its own "
                                        "direction)", choices=("auto", "min", "max"))
@@ -172,6 +177,11 @@ class TrainConfig:
         if self.checkpoint_every and not self.epoch_checkpoints:
             raise KbenchError("--checkpoint-every N checkpoints mid-epoch, which "
                               "--no-epoch-checkpoints turns off at epoch ends: drop one")
+        if self.early_stopping and self.monitor.startswith("val_") \
+                and not self.validate_every_epoch:
+            raise KbenchError(f"--early-stopping watches --monitor {self.monitor}, which only "
+                              "--validate-every-epoch logs: turn it on, or monitor "
+                              f"{self.monitor.removeprefix('val_')}")
         if self.target_accuracy is not None and self.resume:
             raise KbenchError("--target-accuracy times one uninterrupted run, from its first "
                               "step: it cannot --resume; start the run again")

@@ -108,6 +108,15 @@ def test_messages_say_what_is_allowed(entry_point_error):
     check(finetune.Config(head_epochs=0, epochs=1))
     with pytest.raises(KbenchError, match="--head-epochs and --epochs are both 0"):
         check(finetune.Config(head_epochs=0, epochs=0))
+    # --monitor names what fit logs; early stopping on a val_ metric needs validation
+    with pytest.raises(KbenchError, match="--monitor 'val_acc' is not allowed: it takes one of "
+                                          "val_accuracy, val_loss, accuracy, loss"):
+        check(cifar_resnet.Config(monitor="val_acc"))
+    with pytest.raises(KbenchError, match="only --validate-every-epoch logs: turn it on, or "
+                                          "monitor loss"):
+        check(cifar_resnet.Config(monitor="val_loss", early_stopping=2,
+                                  validate_every_epoch=False))
+    check(cifar_resnet.Config(monitor="loss", early_stopping=2, validate_every_epoch=False))
 
 
 def test_a_config_file_is_checked_like_flags(tmp_path):
