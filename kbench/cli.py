@@ -40,8 +40,11 @@ def cmd_evaluate(args):
     """Evaluate a saved model on its dataset's test split; write eval.json and the PNG."""
     from kbench.evaluation import evaluate_saved_model, summary_line
 
+    from kbench.files import writable_folder
+
     if args.output_dir is None:  # beside the model, as its metrics.json is
         args.output_dir = os.path.dirname(os.path.abspath(args.model))
+    writable_folder(args.output_dir, "--output-dir")  # before the evaluation, not after it
     result = evaluate_saved_model(args.model, args.output_dir, dataset=args.dataset,
                                   data_dir=args.data_dir, test_examples=args.test_examples,
                                   batch_size=args.batch_size, recipe=args.recipe,
@@ -55,7 +58,9 @@ def cmd_evaluate(args):
 def cmd_export(args):
     """Export a saved model to ONNX or a SavedModel and check it against Keras."""
     from kbench.export import export_model
+    from kbench.files import writable_folder
 
+    writable_folder(os.path.dirname(os.path.abspath(args.output)), "--output", args.output)
     info = export_model(args.model, args.output, args.format, tolerance=args.tolerance,
                         backend=args.backend)
     print(f"exported {info['model']} as {info['format']} under {info['backend']} to "

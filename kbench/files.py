@@ -69,6 +69,24 @@ def save_weights_atomic(model, path):
             os.remove(tmp)
 
 
+def writable_folder(path, flag, given=None):
+    """Make `path` a folder this process can write into (creating it and its parents), or
+    raise KbenchError naming `flag`, the option that gave it (`given`: its value, where
+    `path` is the folder it names a file in): before any work is spent."""
+    import tempfile
+
+    from kbench.errors import KbenchError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise KbenchError(f"{flag} {given or path}: cannot write there ({exc.strerror or exc}); "
+                          f"pass another {flag}") from None
+    return path
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -94,7 +112,7 @@ class FolderLock:
 
         from kbench.errors import KbenchError
 
-        os.makedirs(self.folder, exist_ok=True)
+        writable_folder(self.folder, self.flag)
         path = os.path.join(self.folder, self.NAME)
         lock_file = open(path, "a+")
         try:

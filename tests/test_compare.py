@@ -158,15 +158,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
     # overwritten), so is one that cannot be a folder; nothing in them is touched
     done = tmp_path / "done"
     done.mkdir()
-    (done / "results.jsonl").write_text('{"kept": true}\n')
+    kept = '{"backend": "jax", "status": "failed"}\n'
+    (done / "results.jsonl").write_text(kept)
     (tmp_path / "a-file").write_text("mine")
     for output, message in [(done, "already holds a compare's results.jsonl"),
-                            (tmp_path / "a-file", "cannot write results there")]:
+                            (tmp_path / "a-file", "cannot write there")]:
         status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", "--output",
                                                    str(output)])
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err
-    assert (done / "results.jsonl").read_text() == '{"kept": true}\n'
+    assert (done / "results.jsonl").read_text() == kept
+    status, err = entry_point_error(cli.main, ["report", str(done), "--output",
+                                               str(tmp_path / "a-file")])
+    assert status == 2 and "cannot write there" in err
     assert (tmp_path / "a-file").read_text() == "mine"
 
 

@@ -309,3 +309,8 @@ def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
     assert "kbench has no dataset 'nope'" in error_of(bare, "--dataset", "nope")
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 truncated")
     assert "not a readable .keras file" in error_of(tmp_path / "broken.keras")
+    # An --output-dir it cannot write is refused before the evaluation, not after it
+    (tmp_path / "a-file").write_text("mine")
+    assert run_cli("evaluate", bare, "--dataset", "digits", "--output-dir",
+                   tmp_path / "a-file" / "eval") == 2
+    assert "cannot write there" in capsys.readouterr().err

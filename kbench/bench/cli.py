@@ -124,12 +124,14 @@ def _sweep_options(args):
 def cmd_report(args):
     from kbench.bench.records import read_jsonl
     from kbench.bench.report import render
+    from kbench.files import writable_folder
 
     # A compare's folder stands for the results.jsonl in it (so does a baseline's)
     results, baseline = (os.path.join(p, "results.jsonl") if p and os.path.isdir(p) else p
                          for p in (args.results, args.baseline))
     rows = read_jsonl(results)
     out_dir = args.output or os.path.dirname(os.path.abspath(results))
+    writable_folder(out_dir, "--output")
     render(rows, out_dir, baseline=baseline, results=os.path.abspath(results))
     return 0
 

@@ -450,11 +450,7 @@ def open_output(options):
     if os.path.exists(os.path.join(out_dir, "results.jsonl")):
         raise KbenchError(f"--output {out_dir} already holds a compare's results.jsonl; give "
                           "this compare another folder (or move those results away first)")
-    try:
-        return out_dir, FolderLock(out_dir, flag="--output").acquire()
-    except OSError as exc:  # not a folder, not writable, ...
-        raise KbenchError(f"--output {out_dir}: cannot write results there ({exc.strerror or exc})"
-                          ) from None
+    return out_dir, FolderLock(out_dir, flag="--output").acquire()
 
 
 def compare(options, console=None):

@@ -402,10 +402,16 @@ def parse_args(argv):
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
         _fail(str(bad))
-    if args.output and not (args.plan or args.report) and os.path.exists(
-            os.path.join(args.output, "overhead.jsonl")):
-        _fail(f"--output {args.output} already holds a measurement's overhead.jsonl; give "
-              "this one another folder")
+    if args.output and not (args.plan or args.report):
+        if os.path.exists(os.path.join(args.output, "overhead.jsonl")):
+            _fail(f"--output {args.output} already holds a measurement's overhead.jsonl; give "
+                  "this one another folder")
+        from kbench.files import writable_folder
+
+        try:
+            writable_folder(args.output, "--output")
+        except KbenchError as bad:
+            _fail(str(bad))
     if not args.report:  # every row has its twin (a plan shows what would run)
         from kbench.bench.compare import TWIN_MODELS
 
