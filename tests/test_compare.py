@@ -527,3 +527,22 @@ def test_a_keras_record_says_the_layout_and_compute_dtype_its_model_used():
         assert worker.layer_layout(text) is None
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def test_a_compare_stops_when_two_backends_are_refused_alike():
+    """Data that is not there (or a setting the recipe refuses) fails every run the same
+    way: two different runs refused alike, and none ok, stop the compare."""
+    from kbench.bench import compare
+
+    def refused(backend, text="KbenchError: MNIST not found in /data: pass --data-dir DIR"):
+        return {**dict.fromkeys(records.FIELDS), "backend": backend, "status": "failed",
+                "error": text + "\nmore"}
+
+    assert compare.refused_alike([refused("jax")]) is None  # one backend says nothing yet
+    assert compare.refused_alike([refused("jax"), refused("jax")]) is None  # a repeat neither
+    assert compare.refused_alike([refused("jax"), refused("torch")]) == (
+        "every run was refused alike: MNIST not found in /data: pass --data-dir DIR")
+    assert compare.refused_alike([refused("jax"), refused("torch", "KbenchError: other")]) is None
+    assert compare.refused_alike([refused("jax"), refused("torch", "ValueError: bug")]) is None
+    assert compare.refused_alike([record("jax", 1, 1, 1), refused("torch"),
+                                  refused("native-torch")]) is None  # one backend ran

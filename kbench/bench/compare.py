@@ -436,6 +436,20 @@ def _explain(returncode, tail, failure=None):
             + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 
 
+def refused_alike(done):
+    """The error line when two different runs, and every run so far, were refused with the
+    same kbench error (data that is not there, a setting the recipe refuses, ...): every
+    other run would be refused alike, each after its start-up; None otherwise."""
+    if len(done) < 2 or any(r["status"] != "ok" and not (r.get("error") or "").startswith(
+            "KbenchError: ") for r in done) or any(r["status"] == "ok" for r in done):
+        return None
+    messages = {(r.get("error") or "").strip().splitlines()[0] for r in done}
+    names = {r["backend"] for r in done}
+    if len(messages) == 1 and len(names) > 1:
+        return "every run was refused alike: " + messages.pop().removeprefix("KbenchError: ")
+    return None
+
+
 def _user_command():
     return "kbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "kbench"
 
@@ -487,6 +501,9 @@ def _compare(options, runs, out_dir, console):
                 done.append(record)
                 records.write_jsonl_atomic(results_path, done)
                 say(f"[compare] {label}: {records.one_line(record, folder=out_dir)}")
+                refused = refused_alike(done)
+                if refused:
+                    raise KbenchError(f"{refused} (the runs so far are in {results_path})")
     except KeyboardInterrupt:
         say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
         report.render(done, out_dir, baseline=options.baseline, console=console)
