@@ -779,7 +779,19 @@ def save_model_float32(model, path):
         from kbench.models.saving import float32_copy
 
         model = float32_copy(model)
-    save_model_atomic(model, path)
+    # Keras saves the jit_compile it resolved here (True under JAX), and load_model compiles
+    # with it: under torch that is torch.compile, 20-30 s of it for a 4-image predict of a
+    # JAX-trained model. Saved as "auto", each backend resolves it as it would its own.
+    saved = getattr(model, "_compile_config", None)
+    settings = getattr(saved, "config", None)
+    if not isinstance(settings, dict) or "jit_compile" not in settings:
+        save_model_atomic(model, path)
+        return
+    resolved, settings["jit_compile"] = settings["jit_compile"], "auto"
+    try:
+        save_model_atomic(model, path)
+    finally:
+        settings["jit_compile"] = resolved
 
 
 def write_results(config, model, history, timer, test_metrics, extra=None, recipe=None,

@@ -550,3 +550,19 @@ def test_dropout_rng_state_is_checkpointed_and_restored(tmp_path):
     x = np.ones((4, 4), np.float32)
     assert np.array_equal(keras.ops.convert_to_numpy(model(x, training=True)),
                           keras.ops.convert_to_numpy(fresh(x, training=True)))
+
+
+def test_saved_models_leave_jit_compile_to_the_backend_that_loads_them(tmp_path):
+    """Keras saves the jit_compile it resolved (True under JAX) and load_model compiles with
+    it: under torch, torch.compile for every predict. kbench saves "auto" instead, and the
+    trained model keeps what it resolved."""
+    import zipfile
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=BACKEND == "jax")
+    train.save_model_float32(model, tmp_path / "model.keras")
+    with zipfile.ZipFile(tmp_path / "model.keras") as saved:
+        config = json.loads(saved.read("config.json"))
+    assert config["compile_config"]["jit_compile"] == "auto"
+    assert model._compile_config.config["jit_compile"] == (BACKEND == "jax")
+    assert keras.saving.load_model(tmp_path / "model.keras").jit_compile == (BACKEND == "jax")
