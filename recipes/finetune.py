@@ -28,6 +28,7 @@ its classifier (e.g. `with_new_head(my_pretrained, num_classes)`).
 """
 
 import dataclasses
+import os
 
 import kbench  # validates KERAS_BACKEND and registers kbench layers; import before keras
 import keras
@@ -73,12 +74,19 @@ def build_datasets(config, shard=(0, 1)):
     return tasks.image_streams(config, shard=shard, synthetic_like="cifar100")
 
 
-def load_pretrained(path):
-    """The trained model at `path`; a missing or unreadable file is a one-line error."""
+def init_from_exists(path):
+    """A one-line error unless `path` (--init-from) names a file."""
     if not path:
         raise KbenchError("pass --init-from PATH, a model.keras another recipe saved (e.g. "
                           "`python recipes/cifar_resnet.py` writes "
                           "runs/cifar_resnet/<backend>/model.keras)")
+    if not os.path.isfile(path):
+        raise KbenchError(f"--init-from {path}: no such file")
+
+
+def load_pretrained(path):
+    """The trained model at `path`; a missing or unreadable file is a one-line error."""
+    init_from_exists(path)
     try:
         return load_model(path)
     except KbenchError as exc:
@@ -144,6 +152,8 @@ def main(config, model=None, datasets=None, callbacks=()):
     both (stage 2 follows stage 1 in history.csv), every epoch is checkpointed, and
     `--resume` continues in the stage the checkpoint is from (early stopping ends a stage).
     """
+    if model is None:  # before the data is loaded (or downloaded), not after
+        init_from_exists(config.init_from)
     with Run(config, "finetune", callbacks) as run:  # devices, seed, dtype policy, resume
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)

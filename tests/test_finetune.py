@@ -119,6 +119,10 @@ def test_missing_or_corrupt_init_from_is_one_line_error(tmp_path, checkpoint):
         with pytest.raises(KbenchError) as err:
             finetune.build_model(tiny(path if path else None))
         assert expected in str(err.value) and "\n" not in str(err.value)
+    # ... said before the data is looked for (here: CIFAR-100 that is not there)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KbenchError, match="pass --init-from PATH"):
+        finetune.main(tiny(None, dataset="cifar100", data_dir=str(tmp_path / "empty")))
     with pytest.raises(KbenchError, match="images of shape"):
         finetune.build_model(tiny(checkpoint, dataset="digits"))
     with pytest.raises(KbenchError, match="drop --model"):
