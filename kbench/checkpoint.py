@@ -75,6 +75,28 @@ class RunState:
     metric_states: list = dataclasses.field(default_factory=list)
     steps_per_epoch: int = 0  # the epoch length progress was counted in (0: not yet)
 
+    def wrong_field(self):
+        """What is wrong with a state read back from disk (None: nothing): each count an
+        integer >= 0, each list a list, the rest of its declared type."""
+        import typing
+
+        for name, kind in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if kind is int and (type(value) is not int or value < 0):
+                return f"{name} is {value!r}, not an integer >= 0"
+            if kind is str and not isinstance(value, str):
+                return f"{name} is {value!r}, not a name"
+            if kind is list and not isinstance(value, list):
+                return f"{name} is {value!r}, not a list"
+            if kind is bool and not isinstance(value, bool):
+                return f"{name} is {value!r}, not true or false"
+            if kind == (float | None) and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                return f"{name} is {value!r}, not a number"
+        if not all(isinstance(row, dict) for row in self.rows):
+            return "rows holds something other than one object per epoch"
+        return None
+
     def begin_stage(self, stage):
         """Start stage `stage` here; its early-stopping count starts afresh."""
         self.stage, self.stage_first_epoch, self.stage_first_batch = (
@@ -110,7 +132,11 @@ def load_state(output_dir):
         return None
     try:
         with open(path) as f:
-            return RunState(**json.load(f))
+            state = RunState(**json.load(f))
+        wrong = state.wrong_field()
+        if wrong:
+            raise ValueError(wrong)
+        return state
     except (OSError, ValueError, TypeError) as exc:
         raise KbenchError(f"{path} is unreadable ({exc}); delete it to start the run afresh") \
             from None

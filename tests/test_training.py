@@ -215,6 +215,15 @@ def test_resume_errors_are_one_line(tmp_path):
         cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
     # A resume that failed leaves the run's settings as they were (what --config reads back)
     assert (tmp_path / "run" / "config.json").read_text() == saved
+    # A checkpoint.json whose fields are not what a run writes is refused before training
+    state_path = tmp_path / "run" / "checkpoint.json"
+    written = json.loads(state_path.read_text())
+    for field, value, message in (("epochs_done", "two", "epochs_done is 'two', not an integer"),
+                                  ("epochs_done", -5, "epochs_done is -5, not an integer >= 0"),
+                                  ("rows", 5, "rows is 5, not a list")):
+        state_path.write_text(json.dumps({**written, field: value}))
+        with pytest.raises(KbenchError, match=f"is unreadable \\({message}"):
+            checkpoint.load_state(tmp_path / "run")
 
 
 class SignalAt(keras.callbacks.Callback):
