@@ -713,6 +713,7 @@ def start_or_resume(config, recipe, model_name, write=True):
     if config.resume:
         state = checkpoint.state_to_resume(config.output_dir, recipe, model_name,
                                            config.dataset)
+        check_resumed_settings(config)
     else:
         state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset)
     if not write:
@@ -722,6 +723,32 @@ def start_or_resume(config, recipe, model_name, write=True):
         checkpoint.clear(config.output_dir)
         write_config(config, recipe)
     return state
+
+
+# The settings a checkpoint's contents depend on: its optimizer's variables (optimizer; a
+# loss-scale optimizer's under mixed_float16), the data stream's position (batch_size).
+RESUME_SETTINGS = ("optimizer", "batch_size", "dtype_policy")
+
+
+def check_resumed_settings(config):
+    """A one-line error when --resume asks for other RESUME_SETTINGS than the run's
+    config.json holds (Keras would skip the optimizer state it cannot place, and the
+    resumed run would be another run)."""
+    import json
+
+    try:
+        with open(os.path.join(config.output_dir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # no settings to hold it to (a run from before config.json, or damaged)
+    differ = [f"--{key.replace('_', '-')} {saved[key]} (not {getattr(config, key)})"
+              for key in RESUME_SETTINGS
+              if isinstance(saved, dict) and key in saved and hasattr(config, key)
+              and saved[key] != getattr(config, key)]
+    if differ:
+        raise KbenchError(f"the run in {config.output_dir} was trained with "
+                          f"{', '.join(differ)}: resume it with the same settings, or start "
+                          "afresh without --resume")
 
 
 def write_config(config, recipe):

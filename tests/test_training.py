@@ -208,6 +208,9 @@ def test_resume_errors_are_one_line(tmp_path):
     cifar_resnet.main(tiny(tmp_path, epochs=1))
     with pytest.raises(KbenchError, match="from model 'convnet', this run is model 'resnet20'"):
         cifar_resnet.main(tiny(tmp_path, model="resnet20", resume=True))
+    with pytest.raises(KbenchError, match="trained with --optimizer sgd \\(not adam\\), "
+                                          "--batch-size 16 \\(not 8\\): resume it with the same"):
+        cifar_resnet.main(tiny(tmp_path, epochs=2, optimizer="adam", batch_size=8, resume=True))
     state = checkpoint.load_state(tmp_path / "run")
     (tmp_path / "run" / state.weights).write_bytes(b"not an h5 file")
     saved = (tmp_path / "run" / "config.json").read_text()
