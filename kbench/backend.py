@@ -13,17 +13,45 @@ BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def requested_backend():
-    """The backend KERAS_BACKEND names (Keras' default, tensorflow, when unset), validated.
+    """The backend Keras will run, validated: KERAS_BACKEND's, else (as Keras decides) the
+    "backend" of $KERAS_HOME/keras.json (default ~/.keras), else tensorflow.
 
-    Called before keras is imported: Keras would otherwise fail with a long traceback.
+    Called before keras is imported: Keras would otherwise fail with a long traceback. A
+    name with spaces around it (` torch`) is set back into KERAS_BACKEND without them, so
+    that Keras reads the backend kbench checked.
     """
-    name = os.environ.get("KERAS_BACKEND", "tensorflow").strip()
+    given = os.environ.get("KERAS_BACKEND")
+    if given is not None:
+        name, source = given.strip(), None
+        if name != given and name in BACKENDS:
+            os.environ["KERAS_BACKEND"] = name
+    else:
+        name, source = _keras_json_backend()
     if name not in BACKENDS:
-        raise KbenchError(
-            f"unknown KERAS_BACKEND={name!r}; use one of: {', '.join(BACKENDS)} "
-            "(e.g. KERAS_BACKEND=jax)"
-        )
+        where = f"KERAS_BACKEND={name!r}" if source is None else f"backend {name!r} in {source}"
+        raise KbenchError(f"unknown {where}; use one of: {', '.join(BACKENDS)} "
+                          "(e.g. KERAS_BACKEND=jax)")
     return name
+
+
+def _keras_json_backend():
+    """(backend, the file it was read from) from Keras' config file, or ("tensorflow", None)
+    without one; a file Keras could not read either leaves Keras at its default."""
+    import json
+
+    if "KERAS_HOME" in os.environ:  # where keras.src.backend.config looks, as it looks
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    path = os.path.expanduser(os.path.join(home, "keras.json"))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return "tensorflow", None
+    backend = saved.get("backend", "tensorflow") if isinstance(saved, dict) else "tensorflow"
+    return backend, path  # as Keras reads it: not stripped
 
 
 def keep_tensorflow_off_the_gpus():

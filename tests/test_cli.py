@@ -93,6 +93,25 @@ def test_bad_keras_backend_is_one_line_and_status_2(run_python):
 
 
 @pytest.mark.backend_independent
+def test_the_backend_is_the_one_keras_will_run(tmp_path, monkeypatch):
+    """KERAS_BACKEND (spaces around it are dropped, also for Keras), else keras.json's, as
+    Keras decides: a bad name from either is one line naming where it came from."""
+    from kbench.backend import requested_backend
+    from kbench.errors import KbenchError
+
+    monkeypatch.setenv("KERAS_BACKEND", " torch ")
+    assert requested_backend() == "torch" and os.environ["KERAS_BACKEND"] == "torch"
+    monkeypatch.delenv("KERAS_BACKEND")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert requested_backend() == "tensorflow"  # no keras.json: Keras' default
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    assert requested_backend() == "jax"
+    (tmp_path / "keras.json").write_text('{"backend": "garbage"}')
+    with pytest.raises(KbenchError, match=f"unknown backend 'garbage' in {tmp_path}/keras.json"):
+        requested_backend()
+
+
+@pytest.mark.backend_independent
 def test_every_flag_of_every_command_has_help_and_shows_its_default():
     from kbench.cli import build_parser
 
