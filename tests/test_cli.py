@@ -54,6 +54,7 @@ def kbench_probe(*argv, env=None):
     (["compare", "--recipe", "no_such_recipe"], 2),
     (["compare", "--set", "epochs=3"], 2),
     (["compare", "--epochs", "0"], 2),  # would time --steps instead
+    (["compare", "--max-batch", "--epochs", "1"], 2),
     (["compare", "--recipe", "./README.md"], 2),  # not a Python file
     (["report", "/no/such/results.jsonl"], 2),
     (["evaluate", "--test-examples", "0", "m.keras"], 2),

@@ -130,6 +130,13 @@ def test_one_intra_op_thread_unless_asked_otherwise(monkeypatch):
     assert "OMP_NUM_THREADS" not in overhead.thread_env(0)
 
 
+def test_report_of_a_damaged_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "overhead.jsonl").write_text('{"broken\n')
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(["--report", str(tmp_path)])
+    assert stop.value.code == 2 and "is not a JSON record" in capsys.readouterr().err
+
+
 def test_report_renders_a_folder_again(tmp_path, capsys):
     import json
 

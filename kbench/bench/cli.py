@@ -112,6 +112,8 @@ def _sweep_options(args):
     if (args.sweep or args.max_batch) and args.target_accuracy is not None:
         raise KbenchError(f"{'--sweep' if args.sweep else '--max-batch'} times steps; it does "
                           "not go with --target-accuracy")
+    if args.max_batch and args.epochs is not None:  # a big batch has too few steps an epoch
+        raise KbenchError("--max-batch times steps; it does not go with --epochs")
     sweep = None
     if args.sweep:
         from kbench.bench.sweep import parse_sweep

@@ -43,7 +43,7 @@ import sys
 import time
 
 from kbench.bench.cli import check_interpreter
-from kbench.bench.records import read_results
+from kbench.bench.records import read_jsonl, read_results
 from kbench.errors import KbenchError, exit_on_error, run_child, sigterm_interrupts
 from kbench.files import write_text_atomic
 
@@ -428,14 +428,21 @@ def report(out_dir):
     path = os.path.join(out_dir, "overhead.jsonl")
     if not os.path.isfile(path):
         _fail(f"{path} does not exist; pass the folder tools/overhead.py wrote")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    try:
+        records = read_jsonl(path)  # each line checked: a compare record
+    except KbenchError as bad:
+        _fail(str(bad))
     named = [(r["overhead_row"], r) for r in records if r.get("overhead_row")]
     text = host_table(summarize(named))
     profile_path = os.path.join(out_dir, "profile.json")
     if os.path.isfile(profile_path):
-        with open(profile_path) as f:
-            text += "\n" + profile_tables(json.load(f))
+        try:
+            with open(profile_path) as f:
+                profile = json.load(f)
+            text += "\n" + profile_tables(profile)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            _fail(f"{profile_path} is not a profile tools/overhead.py wrote ({exc!r}); delete it "
+                  "to render the host table alone")
     old = os.path.join(out_dir, "overhead.md")
     header = ""
     if os.path.isfile(old):
