@@ -65,6 +65,27 @@ def test_a_missing_or_damaged_part_is_named_in_one_line(tmp_path):
     done = unpack(kit, there)
     assert done.returncode == 2 and f"{parts[0]} in " in done.stderr
     assert "differ from the MANIFEST" in done.stderr and not there.exists()
+    (kit / "MANIFEST").write_text("not a manifest line\n")
+    done = unpack(kit, there)
+    assert done.returncode == 2 and "is not a kit's MANIFEST" in done.stderr
+    # Parts that match their MANIFEST but are no xz tar, or hold no site/: one line each
+    import hashlib
+
+    for content in (b"not xz at all", None):
+        if content is None:  # an xz tar of something else
+            import io
+            import tarfile
+
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+                info = tarfile.TarInfo("other.txt")
+                tar.addfile(info, io.BytesIO(b""))
+            content = buffer.getvalue()
+        (kit / "part-01").write_bytes(content)
+        (kit / "MANIFEST").write_text(f"{hashlib.sha256(content).hexdigest()} part-01\n")
+        done = unpack(kit, there)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "not a kit `pack` wrote" in done.stderr and not there.exists()
     (kit / "MANIFEST").unlink()
     done = unpack(kit, there)
     assert done.returncode == 2 and "no " in done.stderr and "gpu_kit.py pack" in done.stderr

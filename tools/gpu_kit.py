@@ -97,7 +97,11 @@ def unpack(kit_dir, site):
     if not os.path.isfile(manifest):
         raise KitError(f"no {manifest}: run `python3 tools/gpu_kit.py pack` where pip has a "
                        "network, and carry its MANIFEST with the first part")
-    expected = [line.split() for line in open(manifest) if line.strip()]
+    with open(manifest) as f:
+        expected = [line.split() for line in f if line.strip()]
+    if not expected or any(len(entry) != 2 for entry in expected):
+        raise KitError(f"{manifest} is not a kit's MANIFEST (lines of: sha256 part-name): "
+                       "carry the one `pack` wrote")
     missing = [name for _, name in expected
                if not os.path.isfile(os.path.join(kit_dir, name))]
     if missing:
@@ -117,8 +121,15 @@ def unpack(kit_dir, site):
             for _, name in expected:
                 with open(os.path.join(kit_dir, name), "rb") as part:
                     shutil.copyfileobj(part, out)
-        with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive, "r:xz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:  # lzma.LZMAError is an OSError
+            raise KitError(f"the parts in {kit_dir} are not a kit `pack` wrote ({exc}); pack "
+                           "it again") from None
+        if not os.path.isdir(os.path.join(tmp, "site")):
+            raise KitError(f"the parts in {kit_dir} hold no site/ folder: not a kit `pack` "
+                           "wrote; pack it again")
         open(os.path.join(tmp, "site", SITE_MARK), "w").close()
         shutil.rmtree(site, ignore_errors=True)  # an earlier unpack's (checked above)
         shutil.move(os.path.join(tmp, "site"), site)
@@ -154,8 +165,15 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error as one `error:` line, exit status 2, as kbench's own commands say it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     packing = verbs.add_parser("pack", help="here: build the parts (needs pip and a network)")
     packing.add_argument("--dir", default=os.path.join(ROOT, ".gpukit"))
