@@ -186,3 +186,20 @@ def test_predict_bad_inputs_are_one_line_errors(saved_digits_model, tmp_path, ca
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (name, lines)
+
+
+def test_the_automatic_choice_passes_over_an_exporter_known_to_fail_on_the_model():
+    """torch's ONNX exporter fails on attention (text_transformer), onnxruntime on jax2onnx's
+    MaxPool: the default backend is then another (the module doc's table)."""
+    import keras
+
+    from kbench.export import known_to_fail
+
+    tokens = keras.Input((6, 4))
+    attention = keras.Model(tokens, keras.layers.MultiHeadAttention(2, 2)(tokens, tokens))
+    images = keras.Input((8, 8, 1))
+    pooling = keras.Model(images, keras.layers.MaxPooling2D()(images))
+    assert known_to_fail(attention, "onnx", "torch")
+    assert not known_to_fail(attention, "onnx", "tensorflow")
+    assert known_to_fail(pooling, "onnx", "jax") and not known_to_fail(pooling, "onnx", "torch")
+    assert not known_to_fail(attention, "savedmodel", "torch")  # check_supported says that one
