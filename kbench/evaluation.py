@@ -292,6 +292,10 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     model = load_model(model_path)
     run = run_info(model_path) or {"recipe": None, "config": {}}
     saved = run["config"]
+    if run.get("data_given") and not dataset and not recipe:
+        raise KbenchError(f"{model_path} was trained on data given to main(), not on its "
+                          f"config's dataset {saved.get('dataset')!r}: pass --dataset NAME, or "
+                          "--recipe FILE whose build_datasets gives that data")
     dataset = dataset or saved.get("dataset")
     if not dataset:
         raise KbenchError(f"no metrics.json next to {model_path} says which dataset trained "

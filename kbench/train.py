@@ -59,6 +59,9 @@ class Run:
         # restored): a resume that fails, or finds nothing to train, leaves the run's own.
         self._config_unwritten = False
         self._finished_before = False  # resuming a run whose metrics.json followed its checkpoint
+        # Data a caller passed to main() (datasets=...): config.dataset then names what was
+        # not used, and the results say so (kbench evaluate asks for --dataset).
+        self.data_given = False
         self._lock = None  # the chief's FolderLock on the output dir, while the run lives
         self._stop_signal = None  # "SIGTERM" / "SIGINT" once one asked the run to stop
         self._signal_handlers = {}  # the handlers ours replaced, restored on exit
@@ -161,6 +164,7 @@ class Run:
         """The (train, test) Streams: `given` (a caller's pair of Streams or tf.data
         pipelines) or `build(config)`, which under data-parallel training with several
         feeding processes (torch DDP) is called as `build(config, shard=(index, count))`."""
+        self.data_given = given is not None
         if given is not None:
             train_ds, test_ds = given
         else:
@@ -179,7 +183,7 @@ class Run:
         with self.dist.scope():
             model = given if given is not None else build(self.config)
         self.state = start_or_resume(self.config, self.recipe, model.name,
-                                     write=self.is_chief)
+                                     write=self.is_chief, data_given=self.data_given)
         if self.config.resume and self.is_chief:
             self._config_unwritten = True
             self._finished_before = checkpoint.finished(self.config.output_dir)
@@ -315,7 +319,7 @@ class Run:
 
     def _write_config(self):
         if self._config_unwritten:
-            write_config(self.config, self.recipe)
+            write_config(self.config, self.recipe, self.data_given)
             self._config_unwritten = False
 
     def finish(self, model, test_ds=None, **extra):
@@ -339,6 +343,8 @@ class Run:
             extra = {"time_to_target": self.target.summary(), **extra}
             if self.is_chief:
                 print(self.target.describe())
+        if self.data_given:
+            extra = {"data_given": True, **extra}
         return write_results(config, model, self.history, self.timer, test_metrics,
                              extra={**extra, **self.dist.describe()}, recipe=self.recipe,
                              state=self.state, announce=self.is_chief)
@@ -700,7 +706,7 @@ def run_callbacks(config, steps_per_epoch, state, processes=1):
     return found
 
 
-def start_or_resume(config, recipe, model_name, write=True):
+def start_or_resume(config, recipe, model_name, write=True, data_given=False):
     """The RunState this run records into: a fresh one (forgetting any previous run's
     checkpoint in the output dir), or with --resume the checkpoint's, checked against this run.
     Also writes config.json, the run's resolved settings, before any training (a resumed
@@ -721,7 +727,7 @@ def start_or_resume(config, recipe, model_name, write=True):
     os.makedirs(config.output_dir, exist_ok=True)
     if not config.resume:  # a resumed run writes it once it trains (Run._write_config)
         checkpoint.clear(config.output_dir)
-        write_config(config, recipe)
+        write_config(config, recipe, data_given)
     return state
 
 
@@ -751,10 +757,13 @@ def check_resumed_settings(config):
                           "afresh without --resume")
 
 
-def write_config(config, recipe):
-    """config.json: the run's resolved settings (`--config` reads them back)."""
+def write_config(config, recipe, data_given=False):
+    """config.json: the run's resolved settings (`--config` reads them back); with
+    `data_given`, data passed to main() trained it, not config.dataset."""
     write_json_atomic(os.path.join(config.output_dir, "config.json"),
-                      {"recipe": recipe, "backend": backend.name(), **dataclasses.asdict(config)})
+                      {"recipe": recipe, "backend": backend.name(),
+                       **({"data_given": True} if data_given else {}),
+                       **dataclasses.asdict(config)})
 
 
 # --------------------------------------------------------------------------- results
@@ -868,7 +877,8 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
     speed = metrics["train_examples_per_sec"]
     if not announce:
         return metrics
-    print(f"{metrics['model']} on {config.dataset} under {metrics['backend']}: "
+    data = "the data given to main()" if metrics.get("data_given") else config.dataset
+    print(f"{metrics['model']} on {data} under {metrics['backend']}: "
           f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}, "
           f"{epochs_done} epochs, "
           + (f"{speed:.1f} train examples/s" if speed else "no steady-state steps timed")

@@ -578,3 +578,25 @@ def test_saved_models_leave_jit_compile_to_the_backend_that_loads_them(tmp_path)
     assert config["compile_config"]["jit_compile"] == "auto"
     assert model._compile_config.config["jit_compile"] == (BACKEND == "jax")
     assert keras.saving.load_model(tmp_path / "model.keras").jit_compile == (BACKEND == "jax")
+
+
+def test_a_run_on_data_given_to_main_says_so(tmp_path, capsys):
+    """main(config, datasets=...) trains on the caller's data, not config.dataset: the
+    results say so, and kbench evaluate asks which data to score the model on."""
+    import tensorflow as tf
+
+    from kbench.evaluation import evaluate_saved_model
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (32, 32, 32, 3)).astype(np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]
+    train_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat()
+    test_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=1), datasets=(train_ds, test_ds))
+    assert metrics["data_given"] is True
+    assert "convnet on the data given to main() under" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_given"] is True
+    with pytest.raises(KbenchError, match="trained on data given to main\\(\\), not on its "
+                                          "config's dataset 'synthetic': pass --dataset"):
+        evaluate_saved_model(tmp_path / "run" / "model.keras", tmp_path / "eval")
+    parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "run" / "config.json")])

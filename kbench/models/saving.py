@@ -82,8 +82,10 @@ def run_info(model_path):
             config = dict(saved.get("config") or {})
             config.setdefault("dataset", saved.get("dataset"))
         else:  # the settings themselves, labelled with recipe and backend
-            config = {k: v for k, v in saved.items() if k not in ("recipe", "backend")}
-        return {"recipe": saved.get("recipe"), "config": config}
+            config = {k: v for k, v in saved.items()
+                      if k not in ("recipe", "backend", "data_given")}
+        return {"recipe": saved.get("recipe"), "config": config,
+                "data_given": bool(saved.get("data_given"))}
     return None
 
 
