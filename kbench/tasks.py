@@ -65,11 +65,13 @@ def test_stream(dataset, model, settings):
     takes_ids = "int" in str(model.inputs[0].dtype)
     known = (data.TEXT_DATASETS if takes_ids else data.IMAGE_DATASETS)
     if dataset not in known:
-        everything = sorted(set(data.IMAGE_DATASETS) | set(data.TEXT_DATASETS))
-        raise KbenchError(f"kbench has no dataset {dataset!r} for a model that takes "
-                          f"{'token ids' if takes_ids else 'images'} (it knows: "
-                          f"{', '.join(everything)}); for your own data pass --recipe "
-                          "path/to/recipe.py, whose build_datasets makes it")
+        everything = set(data.IMAGE_DATASETS) | set(data.TEXT_DATASETS)
+        what = "token ids" if takes_ids else "images"
+        named = (f"dataset {dataset!r} holds {'images' if takes_ids else 'token ids'}, "
+                 f"not the {what} this model takes" if dataset in everything else
+                 f"kbench has no dataset {dataset!r}")
+        raise KbenchError(f"{named} (for {what} it knows: {', '.join(known)}); for your own "
+                          "data pass --recipe path/to/recipe.py, whose build_datasets makes it")
     config = types.SimpleNamespace(
         dataset=dataset, data_dir=settings.get("data_dir"), download=settings.get("download", False),
         train_examples=settings.get("train_examples"), test_examples=settings.get("test_examples"),

@@ -307,6 +307,8 @@ def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
     assert "takes images (8, 8, 1) but synthetic gives images (32, 32, 3)" in error_of(
         bare, "--dataset", "synthetic", "--recipe", "cifar_resnet", "--test-examples", "8")
     assert "kbench has no dataset 'nope'" in error_of(bare, "--dataset", "nope")
+    assert "dataset 'imdb' holds token ids, not the images this model takes" in error_of(
+        bare, "--dataset", "imdb")
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 truncated")
     assert "not a readable .keras file" in error_of(tmp_path / "broken.keras")
     # An --output-dir it cannot write is refused before the evaluation, not after it

@@ -56,7 +56,9 @@ def load_mnist(name="mnist", data_dir=None, download=False):
         return _load_mnist_npz(spec, fetch_archive(spec, target))
     where = data_dir or ", ".join(searched)
     npz = f", {spec['npz']}" if spec["npz"] else ""
-    fetch = ", add --download to fetch it" if "url" in spec else ""
+    fetch = (", add --download to fetch it" if "url" in spec else
+             f" (--download cannot fetch {spec['title']}: kbench knows no archive of it; "
+             "tfds or keras.datasets can)" if download else "")
     raise KbenchError(
         f"{spec['title']} not found in {where}: pass --data-dir DIR holding the four IDX files "
         f"(train-images-idx3-ubyte.gz, ...){npz} or a TFDS data dir{fetch}, "
