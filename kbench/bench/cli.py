@@ -78,13 +78,15 @@ def cmd_compare(args):
         epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
         float32_precision=args.float32_precision,
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
-        output=args.output, baseline=args.baseline, extra_config=_config_overrides(args.set),
+        output=args.output, baseline=_results_file(args.baseline), extra_config=_config_overrides(args.set),
         distribute=args.distribute, simulate_devices=args.simulate_devices,
         target_accuracy=args.target_accuracy, eval_every=args.eval_every,
         max_epochs=args.max_epochs, **sweep_options,
     )
-    if options.baseline and not os.path.isfile(options.baseline):
-        raise KbenchError(f"--baseline {options.baseline}: no such file")
+    if options.baseline:
+        if not os.path.isfile(options.baseline):
+            raise KbenchError(f"--baseline {options.baseline}: no such file")
+        _check_baseline(options.baseline)  # now, not after every run
     # SIGTERM stops compare as Ctrl-C does: the running worker's process group is killed
     # and the finished runs' results kept (the workers run in groups of their own, which a
     # signal to compare alone would leave running)
@@ -123,15 +125,29 @@ def _sweep_options(args):
             "max_batch_tries": 10 if args.max_batch_tries is None else args.max_batch_tries}
 
 
+def _results_file(path):
+    """A compare's folder stands for the results.jsonl in it."""
+    return os.path.join(path, "results.jsonl") if path and os.path.isdir(path) else path
+
+
+def _check_baseline(path):
+    """A baseline that holds records report can read, or a one-line error."""
+    from kbench.bench.records import read_jsonl
+
+    if not read_jsonl(path):
+        raise KbenchError(f"--baseline {path} holds no runs; pass the results.jsonl of a "
+                          "compare that finished some")
+
+
 def cmd_report(args):
     from kbench.bench.records import read_jsonl
     from kbench.bench.report import render
     from kbench.files import writable_folder
 
-    # A compare's folder stands for the results.jsonl in it (so does a baseline's)
-    results, baseline = (os.path.join(p, "results.jsonl") if p and os.path.isdir(p) else p
-                         for p in (args.results, args.baseline))
+    results, baseline = _results_file(args.results), _results_file(args.baseline)
     rows = read_jsonl(results)
+    if baseline:
+        _check_baseline(baseline)
     out_dir = args.output or os.path.dirname(os.path.abspath(results))
     writable_folder(out_dir, "--output")
     render(rows, out_dir, baseline=baseline, results=os.path.abspath(results))
@@ -228,7 +244,8 @@ def add_verbs(verbs):
                          help="any other recipe Config field, e.g. --set cutout=8; repeatable")
     compare.add_argument("--output", default=None,
                          help="results folder (default runs/compare/<timestamp>)")
-    compare.add_argument("--baseline", default=None, help="results.jsonl to compare against")
+    compare.add_argument("--baseline", default=None,
+                         help="results.jsonl (or its folder) to compare against")
     compare.set_defaults(func=cmd_compare)
 
     report = verbs.add_parser("report", help="re-render table, CSV and chart from results.jsonl")
