@@ -125,6 +125,9 @@ def _read_npy(path, shape):
                           "save one with numpy.save") from None
     if not np.issubdtype(array.dtype, np.number):
         raise KbenchError(f"{path} holds {array.dtype} values, not numbers")
+    if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        raise KbenchError(f"{path} holds NaN or infinite values: its predictions would be "
+                          "NaN; pass finite pixel values")
     readings = [array]
     if len(shape) == 3 and shape[-1] == 1:
         readings.append(array[..., None])  # grey images given without their channel axis

@@ -178,9 +178,11 @@ def test_predict_bad_inputs_are_one_line_errors(saved_digits_model, tmp_path, ca
     (tmp_path / "bad.png").write_bytes(b"not an image")
     np.save(tmp_path / "wrong.npy", pixels(2, 5, 5, 3))
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(tmp_path / "nan.npy", np.full((2, 8, 8, 1), np.nan, np.float32))
     for name, message in (("bad.png", "not a readable image"), ("missing.jpg", "no such file"),
                           ("wrong.npy", "has shape (2, 5, 5, 3)"),
-                          ("bad.npy", "not a readable .npy array")):
+                          ("bad.npy", "not a readable .npy array"),
+                          ("nan.npy", "holds NaN or infinite values")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["predict", str(model_path), str(tmp_path / name)])
         assert exit_info.value.code == 2
