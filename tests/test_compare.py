@@ -546,3 +546,24 @@ def test_a_compare_stops_when_two_backends_are_refused_alike():
     assert compare.refused_alike([refused("jax"), refused("torch", "ValueError: bug")]) is None
     assert compare.refused_alike([record("jax", 1, 1, 1), refused("torch"),
                                   refused("native-torch")]) is None  # one backend ran
+
+
+def test_other_work_on_the_machine_is_measured_and_flagged(capsys):
+    """A run that shared the CPU with other processes measured them too: its record says how
+    much (other_cpu_share), and the table flags the row."""
+    import time
+
+    from kbench.bench import machine_load
+
+    others = machine_load.OtherLoad()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\n"
+                             "while time.time() < end: pass"])
+    time.sleep(1.5)  # this process idles while the other one spins a core
+    share = others.share()
+    busy.wait()
+    assert share > 0.3 / (os.cpu_count() or 1), share  # most of one core, of cpu_count
+    loaded = [dict(record("torch", 100, 95, 105), other_cpu_share=0.6),
+              dict(record("jax", 100, 95, 105), other_cpu_share=0.01)]
+    report.print_load_warnings(report.summarize(loaded), report.make_console())
+    out = capsys.readouterr().out
+    assert "torch: other processes took 60% of this machine's CPU" in out and "jax:" not in out

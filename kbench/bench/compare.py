@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from kbench import backend
-from kbench.bench import records
+from kbench.bench import machine_load, records
 from kbench.errors import KbenchError
 from kbench.recipe import recipe_path
 
@@ -301,7 +301,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
         if point is not None:
             record.update(sweep_field=point[0], sweep_value=point[1])
         record["max_memory_mb"] = options.max_memory
-        start = time.monotonic()
+        start, others = time.monotonic(), machine_load.OtherLoad()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)  # its own group: killable as one
@@ -311,6 +311,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
                 _kill_group(proc)
                 raise
         record["wall_s"] = time.monotonic() - start
+        record["other_cpu_share"] = others.share()
         result = _read_result(result_path)
         if over_cap_mb is not None:
             record.update(status="oom", peak_rss_mb=over_cap_mb,

@@ -38,6 +38,8 @@ FIELDS = (
     "recipe", "model", "dataset", "batch_size", "dtype_policy", "jit", "params", "repeat",
     "python", "wall_s", "num_replicas", "distribution", "sync_every", "fast_path", "seed",
     *SETTING_FIELDS, "input_wait_fraction",
+    # Other processes' share of the machine's CPU during the run (kbench.bench.machine_load)
+    "other_cpu_share",
     # Torch on CUDA: PyTorch's synchronizing operations a warm-up step made (kbench.sync_watch)
     "syncs_per_step", "sync_sites",
     # Time-to-target mode (kbench compare --target-accuracy; kbench.target.TargetProbe).
@@ -164,7 +166,7 @@ def read_jsonl(path):
 NUMBER_FIELDS = ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
                  "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                  "test_accuracy", "test_loss", "batch_size", "sync_every", "num_replicas",
-                 "input_wait_fraction")
+                 "input_wait_fraction", "other_cpu_share")
 
 
 def not_a_record(row):

@@ -26,7 +26,7 @@ CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
               "vs_native", "vs_baseline", "baseline_step_time_ms", "num_replicas",
-              "scaling_efficiency", "input_wait_fraction", "error")
+              "scaling_efficiency", "input_wait_fraction", "other_cpu_share", "error")
 # A row whose timed steps waited longer than this share of their time for the input
 # pipeline measured the pipeline as much as the framework: the table flags it.
 INPUT_WAIT_FLAG = 0.05
@@ -100,6 +100,9 @@ def summarize(rows):
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
+        # The busiest its runs' machine was: one run under load is enough to doubt the median
+        item["other_cpu_share"] = max((r["other_cpu_share"] for r in ok
+                                       if r.get("other_cpu_share") is not None), default=None)
         item["test_loss"] = median_test_loss(ok)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
@@ -223,6 +226,22 @@ def print_input_wait_warnings(summary, console):
                       "timed steps' time went waiting for the input pipeline (over "
                       f"{100 * INPUT_WAIT_FLAG:.0f}%): its step time measures the pipeline "
                       "too: speed the pipeline up (parallel map calls, cache, prefetch)[/yellow]", markup=True, highlight=False)
+
+
+def print_load_warnings(summary, console):
+    """One line under the table per row whose runs shared the machine with other work past
+    machine_load.OTHER_LOAD_FLAG of its CPU time."""
+    from kbench.bench.machine_load import OTHER_LOAD_FLAG
+
+    for s in summary:
+        share = s.get("other_cpu_share")
+        if share is not None and share > OTHER_LOAD_FLAG:
+            where = f" {s['sweep_field']}={s['sweep_value']}" if s.get("sweep_field") else ""
+            console.print(f"[yellow]{s['backend']}{where}: other processes took "
+                          f"{100 * share:.0f}% of this machine's CPU while it ran (over "
+                          f"{100 * OTHER_LOAD_FLAG:.0f}%): its times measure that contention "
+                          "too (torch's and TensorFlow's threads suffer most); rerun it on an "
+                          "idle machine[/yellow]", markup=True, highlight=False)
 
 
 def print_garbage_warnings(summary, console):
@@ -368,6 +387,7 @@ def render(rows, out_dir, baseline=None, console=None, results=None):
     title = describe(rows)
     console.print(table(summary, title))
     print_input_wait_warnings(summary, console)
+    print_load_warnings(summary, console)
     print_garbage_warnings(summary, console)
     print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)

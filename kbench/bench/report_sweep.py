@@ -336,6 +336,7 @@ def render(rows, out_dir, baseline=None, console=None, results=None):
     title = describe(rows)
     console.print(table(items, title))
     print_problems(items, console)
+    report.print_load_warnings(items, console)
     report.print_garbage_warnings(items, console)
     os.makedirs(out_dir, exist_ok=True)
     report.write_csv(items, os.path.join(out_dir, "results.csv"), fields=CSV_FIELDS)

@@ -1,0 +1,57 @@
+"""How much of the machine other work took while a run ran: `kbench compare` records it per
+run (`other_cpu_share`) and flags rows past OTHER_LOAD_FLAG under its table.
+
+A timing taken while other processes compete for the CPU measures the competition too: on
+our 2-core machine, with other jobs holding the load average near 2.5, Keras-torch and plain
+PyTorch (whose OpenMP threads spin for cores they do not get) ran 15-30x slower than alone,
+and nothing in the results said so. The share is the machine's busy CPU time over the run
+(user, nice, system, irq, softirq, and steal: time a hypervisor gave another machine), less
+this process's and its reaped children's (the run itself), over the run's wall time times
+the CPU count. It covers the whole run (start-up included), not only its timed steps.
+"""
+
+import os
+import resource
+import time
+
+# A row whose run shared the machine with other work past this share is flagged: a quarter
+# of a 2-core machine is half a core, enough to slow a run measurably.
+OTHER_LOAD_FLAG = 0.25
+
+
+def _own_cpu_s():
+    """CPU seconds of this process and of its children it has waited for."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _busy_cpu_s():
+    """The whole machine's busy CPU seconds so far (None where psutil cannot say)."""
+    import psutil
+
+    try:
+        times = psutil.cpu_times()
+    except (OSError, AttributeError):
+        return None
+    busy = times.user + times.system
+    for field in ("nice", "irq", "softirq", "steal"):  # guest time is already in user
+        busy += getattr(times, field, 0.0)
+    return busy
+
+
+class OtherLoad:
+    """Start before a run's process, `share()` after it has been waited for."""
+
+    def __init__(self):
+        self._wall, self._busy, self._own = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+
+    def share(self):
+        """Other work's share of the machine's CPU time since start (0..1), or None."""
+        busy, wall = _busy_cpu_s(), time.monotonic() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return None
+        other = (busy - self._busy) - (_own_cpu_s() - self._own)
+        return min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))
