@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 	    --epochs 2 --steps-per-epoch 20 --batch-size 64 --output-dir runs/demo/$$b || exit 1; \
 	done
 	@echo "=== demo: kbench compare (defaults: ResNet-20, synthetic data, every installed backend) ==="
+	@rm -rf runs/demo/compare  # the last demo's: compare refuses a folder that holds results
 	$(VENV)/bin/kbench compare --output runs/demo/compare
 
 # The whole suite once per backend: KERAS_BACKEND is read once per interpreter. Each pass

@@ -21,7 +21,7 @@ def requested_backend():
     that Keras reads the backend kbench checked.
     """
     given = os.environ.get("KERAS_BACKEND")
-    if given is not None:
+    if given:  # an empty one Keras ignores too (its config falls back to keras.json)
         name, source = given.strip(), None
         if name != given and name in BACKENDS:
             os.environ["KERAS_BACKEND"] = name

@@ -93,7 +93,12 @@ class RunState:
             if kind == (float | None) and value is not None and (
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 return f"{name} is {value!r}, not a number"
-        if not all(isinstance(row, dict) for row in self.rows):
+            if kind == (int | None) and value is not None and (type(value) is not int
+                                                               or value < 0):
+                return f"{name} is {value!r}, not an integer >= 0"
+            if kind == (str | None) and value is not None and not isinstance(value, str):
+                return f"{name} is {value!r}, not a name"
+        if not all(isinstance(row, dict) and type(row.get("epoch")) is int for row in self.rows):
             return "rows holds something other than one object per epoch"
         return None
 
@@ -142,15 +147,20 @@ def load_state(output_dir):
             from None
 
 
-def finished(output_dir):
-    """Whether the run in output_dir finished: its metrics.json (written last, by
-    Run.finish) is newer than its checkpoint.json. A run stopped after its last checkpoint
-    but before its results has not, and --resume completes it."""
+def finished_epochs(output_dir):
+    """The epochs of the run in output_dir if it finished, else None. Finished: its
+    metrics.json (written last, by Run.finish) is newer than its checkpoint.json. A run
+    stopped after its last checkpoint but before its results has not, and --resume
+    completes it."""
+    metrics = os.path.join(output_dir, "metrics.json")
     try:
-        return (os.path.getmtime(os.path.join(output_dir, "metrics.json"))
-                >= os.path.getmtime(os.path.join(output_dir, STATE_FILE)))
-    except OSError:
-        return False
+        if os.path.getmtime(metrics) < os.path.getmtime(os.path.join(output_dir, STATE_FILE)):
+            return None
+        with open(metrics) as f:
+            epochs = json.load(f).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if type(epochs) is int else 0
 
 
 def clear(output_dir):

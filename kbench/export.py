@@ -138,7 +138,8 @@ def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
     model.save(saved)
     here = keras.backend.backend()
     why = (f"{format} export does not work under {here} here" if not can_export(format, here)
-           else f"--backend {backend}")
+           else f"{here}'s {format} exporter fails on {model.name}"
+           if known_to_fail(model, format, here) else f"--backend {backend}")
     print(f"note: {why}; exporting under {backend} in a subprocess")
     done = subprocess.run(
         [sys.executable, "-m", "kbench.export", saved, format, artifact,
@@ -354,10 +355,21 @@ def _quiet():
             yield
     finally:
         sys.stdout.flush()
+        _flush_c_stdio()  # C++'s buffered output goes to the null device, not after it
         os.dup2(saved_fd, 1)
         os.close(saved_fd)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _flush_c_stdio():
+    """fflush(NULL): C stdio buffers (full when stdout is a pipe) written out now."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def _installed(module):

@@ -73,23 +73,20 @@ def parse_config(config_cls, argv=None, description=None):
     own, which it would replace (under another backend, with that backend's results). Only
     with --resume does it continue in the saved folder.
     """
-    import sys
-
     from kbench.config import check
 
     parser = build_parser(config_cls, description)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="take every setting from a saved config.json / metrics.json; "
                              "flags given as well override it")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the command line alone: its --resume, its --output-dir
     if args.config:
         saved = load_settings(args.config, config_cls)
+        if not args.resume:  # a re-run: a fresh run's folder, unless --output-dir names one
+            saved.pop("output_dir", None)
+            saved.pop("resume", None)  # a resumed run's file says resume: true
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
-        given = sys.argv[1:] if argv is None else argv
-        if not args.resume and not any(a == "--output-dir" or a.startswith("--output-dir=")
-                                       for a in given):
-            args.output_dir = None  # runs/<recipe>/<backend>, as a fresh run's
     settings = vars(args)
     settings.pop("config")
     config = config_cls(**settings)

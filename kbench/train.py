@@ -184,9 +184,19 @@ class Run:
             model = given if given is not None else build(self.config)
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief, data_given=self.data_given)
+        stale = None
         if self.config.resume and self.is_chief:
             self._config_unwritten = True
-            self._finished_before = checkpoint.finished(self.config.output_dir)
+            done = checkpoint.finished_epochs(self.config.output_dir)
+            self._finished_before = done is not None
+            if done is not None and self.state.epochs_done < done:  # --no-epoch-checkpoints
+                stale = KbenchError(
+                    f"the checkpoint in {self.config.output_dir} is from epoch "
+                    f"{self.state.epochs_done}, older than its finished run's {done} epochs "
+                    "(epoch checkpoints were off): nothing to resume; run without --resume "
+                    "to start afresh")
+        if self.config.resume and self.dist.any_process(stale is not None):  # all agree
+            raise stale or KbenchError("the chief process found nothing to resume")
         if self.state is not None and self.state.batches_done:  # epoch or step checkpoint
             self._resume_stage = self.state.stage
         return model
@@ -330,15 +340,21 @@ class Run:
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
         config = self.process_config
-        if self._config_unwritten and self._finished_before:
+        refused = self._config_unwritten and self._finished_before
+        if config.resume and self.dist.any_process(refused):  # every process stops
+            if not refused:
+                raise KbenchError("the chief process found nothing to resume")
+            how = ("it stopped early, so more --epochs train nothing" if
+                   self.state.stopped_early else "raise --epochs to train on")
             raise KbenchError(
                 f"nothing to resume in {config.output_dir}: its run had finished "
-                f"({self.state.epochs_done} epochs) and its results are kept; raise --epochs "
-                "to train on, or run without --resume to start afresh")
+                f"({self.state.epochs_done} epochs) and its results are kept; {how}, or run "
+                "without --resume to start afresh")
         self._write_config()  # a resume that only finishes a run stopped after its training
         if self.target is not None:  # before the final evaluation, which is off the clock
             self._target_callback.evaluate_last_step()
-        test_metrics = final_evaluation(model, test_ds, config, self.dist)
+        test_metrics = final_evaluation(model, test_ds, config, self.dist,
+                                        data_given=self.data_given)
         if self.target is not None:
             extra = {"time_to_target": self.target.summary(), **extra}
             if self.is_chief:
@@ -777,12 +793,13 @@ def evaluate(model, test_ds, verbose=0):
     return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"])}
 
 
-def final_evaluation(model, test_ds, config, dist=None):
+def final_evaluation(model, test_ds, config, dist=None, data_given=False):
     """The end-of-training evaluation every recipe runs, from one pass over the test split:
     eval.json + confusion_matrix.png in the output dir (what `kbench evaluate` writes for a
     saved model), and metrics.json's test figures. `test_loss` stays the training objective
     (label smoothing included, as model.evaluate reports it); eval.json's `loss` is the plain
-    cross-entropy."""
+    cross-entropy. `data_given`: the test split is a caller's (main(datasets=...)), not
+    config.dataset's: its classes are numbered, and eval.json says so."""
     from kbench import evaluation
     from kbench.data.registry import class_names
 
@@ -792,14 +809,16 @@ def final_evaluation(model, test_ds, config, dist=None):
         return evaluate(model, test_ds)
     logits, labels = evaluation.predict_all(model, test_ds)
     try:
-        names = class_names(config.dataset)
+        names = None if data_given else class_names(config.dataset)
     except KbenchError:  # a dataset the caller brought: classes are numbered
         names = None
     if names is not None and len(names) != logits.shape[1]:
         names = None
     result = evaluation.evaluate_predictions(logits, labels, names)
     if config.output_dir:
-        result.update(model=model.name, dataset=config.dataset, backend=backend.name())
+        result.update(model=model.name, backend=backend.name(),
+                      **({"dataset": None, "data_given": True} if data_given
+                         else {"dataset": config.dataset}))
         evaluation.write_evaluation(result, config.output_dir)
     found = {"test_loss": evaluation.smoothed_loss(logits, labels, config.label_smoothing),
              "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]}
@@ -817,10 +836,11 @@ def save_model_float32(model, path):
         model = float32_copy(model)
     # Keras saves the jit_compile it resolved here (True under JAX), and load_model compiles
     # with it: under torch that is torch.compile, 20-30 s of it for a 4-image predict of a
-    # JAX-trained model. Saved as "auto", each backend resolves it as it would its own.
+    # JAX-trained model. True is saved as "auto", which each backend resolves as it would its
+    # own; False (--jit-compile off, say where a compiler fails on the model) stays.
     saved = getattr(model, "_compile_config", None)
     settings = getattr(saved, "config", None)
-    if not isinstance(settings, dict) or "jit_compile" not in settings:
+    if not isinstance(settings, dict) or settings.get("jit_compile") is not True:
         save_model_atomic(model, path)
         return
     resolved, settings["jit_compile"] = settings["jit_compile"], "auto"

@@ -107,6 +107,8 @@ def test_the_backend_is_the_one_keras_will_run(tmp_path, monkeypatch):
     assert requested_backend() == "tensorflow"  # no keras.json: Keras' default
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')
     assert requested_backend() == "jax"
+    monkeypatch.setenv("KERAS_BACKEND", "")  # empty: Keras reads keras.json, and so do we
+    assert requested_backend() == "jax"
     (tmp_path / "keras.json").write_text('{"backend": "garbage"}')
     with pytest.raises(KbenchError, match=f"unknown backend 'garbage' in {tmp_path}/keras.json"):
         requested_backend()

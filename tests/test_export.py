@@ -205,3 +205,21 @@ def test_the_automatic_choice_passes_over_an_exporter_known_to_fail_on_the_model
     assert not known_to_fail(attention, "onnx", "tensorflow")
     assert known_to_fail(pooling, "onnx", "jax") and not known_to_fail(pooling, "onnx", "torch")
     assert not known_to_fail(attention, "savedmodel", "torch")  # check_supported says that one
+
+
+def test_exporters_narration_is_kept_off_the_terminal_down_to_the_file_descriptor():
+    """torch's ONNX exporter prints its graph from C++, past sys.stdout (30 KB when it fails):
+    _quiet silences file descriptor 1 too, C stdio's buffer included, and restores it."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, os, sys\n"
+            "from kbench.export import _quiet\n"
+            "with _quiet():\n"
+            "    os.write(1, b'from fd 1\\n'); print('from python')\n"
+            "    ctypes.CDLL(None).printf(b'from C stdio\\n')\n"
+            "print('after')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "after\n"

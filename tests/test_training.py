@@ -223,7 +223,9 @@ def test_resume_errors_are_one_line(tmp_path):
     written = json.loads(state_path.read_text())
     for field, value, message in (("epochs_done", "two", "epochs_done is 'two', not an integer"),
                                   ("epochs_done", -5, "epochs_done is -5, not an integer >= 0"),
-                                  ("rows", 5, "rows is 5, not a list")):
+                                  ("rows", 5, "rows is 5, not a list"),
+                                  ("weights", 5, "weights is 5, not a name"),
+                                  ("rows", [{"loss": 1.0}], "rows holds something other")):
         state_path.write_text(json.dumps({**written, field: value}))
         with pytest.raises(KbenchError, match=f"is unreadable \\({message}"):
             checkpoint.load_state(tmp_path / "run")
@@ -358,6 +360,12 @@ def test_resume_of_a_finished_run_is_refused_and_keeps_its_results(tmp_path):
         with pytest.raises(KbenchError, match="nothing to resume .* had finished \\(2 epochs"):
             cifar_resnet.main(tiny(tmp_path, epochs=epochs, resume=True))
     assert {name: (run / name).read_bytes() for name in kept} == kept
+    # A checkpoint older than the finished results (epoch checkpoints off after a resume
+    # from a step checkpoint) is not resumed from: it would train the run again
+    finished = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**finished, "epochs": 3}))
+    with pytest.raises(KbenchError, match="is from epoch 2, older than its finished run's 3"):
+        cifar_resnet.main(tiny(tmp_path, epochs=4, resume=True))
     (run / "metrics.json").unlink()  # stopped before Run.finish wrote it
     metrics = cifar_resnet.main(tiny(tmp_path, epochs=2, resume=True))
     assert metrics["epochs"] == 2
@@ -515,6 +523,12 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path):
                                               elsewhere]).output_dir == elsewhere
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--resume"]
                         ).output_dir == saved["output_dir"]
+    assert parse_config(cifar_resnet.Config, ["--config", str(path), "--output",  # argparse's
+                                              elsewhere]).output_dir == elsewhere  # short form
+    # A resumed run's settings say resume: true; re-run from them, they start afresh
+    path.write_text(json.dumps({"backend": "jax", "config": {**saved, "resume": True}}))
+    config = parse_config(cifar_resnet.Config, ["--config", str(path)])
+    assert not config.resume and config.output_dir is None
     (tmp_path / "other.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(KbenchError, match="does not know: vocab_size"):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
@@ -571,13 +585,17 @@ def test_saved_models_leave_jit_compile_to_the_backend_that_loads_them(tmp_path)
     import zipfile
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    model.compile(optimizer="sgd", loss="mse", jit_compile=BACKEND == "jax")
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)  # as JAX resolves "auto"
     train.save_model_float32(model, tmp_path / "model.keras")
     with zipfile.ZipFile(tmp_path / "model.keras") as saved:
         config = json.loads(saved.read("config.json"))
     assert config["compile_config"]["jit_compile"] == "auto"
-    assert model._compile_config.config["jit_compile"] == (BACKEND == "jax")
+    assert model._compile_config.config["jit_compile"] is True
     assert keras.saving.load_model(tmp_path / "model.keras").jit_compile == (BACKEND == "jax")
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)  # --jit-compile off stays
+    train.save_model_float32(model, tmp_path / "off.keras")
+    with zipfile.ZipFile(tmp_path / "off.keras") as saved:
+        assert json.loads(saved.read("config.json"))["compile_config"]["jit_compile"] is False
 
 
 def test_a_run_on_data_given_to_main_says_so(tmp_path, capsys):
@@ -596,6 +614,9 @@ def test_a_run_on_data_given_to_main_says_so(tmp_path, capsys):
     assert metrics["data_given"] is True
     assert "convnet on the data given to main() under" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data_given"] is True
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluated["data_given"] is True and evaluated["dataset"] is None
+    assert "airplane" not in json.dumps(evaluated)  # not CIFAR-10's class names
     with pytest.raises(KbenchError, match="trained on data given to main\\(\\), not on its "
                                           "config's dataset 'synthetic': pass --dataset"):
         evaluate_saved_model(tmp_path / "run" / "model.keras", tmp_path / "eval")

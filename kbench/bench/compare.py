@@ -437,16 +437,22 @@ def _explain(returncode, tail, failure=None):
             + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 
 
+def framework_of(name):
+    """The framework a run's name runs on ("torch-stock" -> "torch", "native-jax" -> "jax")."""
+    return NATIVE.get(name) or KERAS_VARIANTS.get(name, (name,))[0]
+
+
 def refused_alike(done):
-    """The error line when two different runs, and every run so far, were refused with the
-    same kbench error (data that is not there, a setting the recipe refuses, ...): every
-    other run would be refused alike, each after its start-up; None otherwise."""
+    """The error line when runs under two different frameworks, and every run so far, were
+    refused with the same kbench error (data that is not there, a setting the recipe
+    refuses, ...): every other run would be refused alike, each after its start-up; None
+    otherwise (torch and torch-stock, or torch and native-torch, are one framework)."""
     if len(done) < 2 or any(r["status"] != "ok" and not (r.get("error") or "").startswith(
             "KbenchError: ") for r in done) or any(r["status"] == "ok" for r in done):
         return None
     messages = {(r.get("error") or "").strip().splitlines()[0] for r in done}
-    names = {r["backend"] for r in done}
-    if len(messages) == 1 and len(names) > 1:
+    frameworks = {framework_of(r["backend"]) for r in done}
+    if len(messages) == 1 and len(frameworks) > 1:
         return "every run was refused alike: " + messages.pop().removeprefix("KbenchError: ")
     return None
 
@@ -462,10 +468,16 @@ def open_output(options):
     from kbench.files import FolderLock
 
     out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(os.path.join(out_dir, "results.jsonl")):
-        raise KbenchError(f"--output {out_dir} already holds a compare's results.jsonl; give "
-                          "this compare another folder (or move those results away first)")
-    return out_dir, FolderLock(out_dir, flag="--output").acquire()
+    lock = None
+    for _ in range(2):  # before the lock (no folder made for nothing), and under it (a race)
+        if os.path.exists(os.path.join(out_dir, "results.jsonl")):
+            if lock is not None:
+                lock.release()
+            raise KbenchError(f"--output {out_dir} already holds a compare's results.jsonl; "
+                              "give this compare another folder (or move those results away "
+                              "first)")
+        lock = lock or FolderLock(out_dir, flag="--output").acquire()
+    return out_dir, lock
 
 
 def compare(options, console=None):

@@ -7,7 +7,9 @@ PyTorch (whose OpenMP threads spin for cores they do not get) ran 15-30x slower 
 and nothing in the results said so. The share is the machine's busy CPU time over the run
 (user, nice, system, irq, softirq, and steal: time a hypervisor gave another machine), less
 this process's and its reaped children's (the run itself), over the run's wall time times
-the CPU count. It covers the whole run (start-up included), not only its timed steps.
+the number of CPUs this process may run on (its affinity: a container's cpuset, not the
+host's every core), counted on those CPUs alone. It covers the whole run (start-up
+included), not only its timed steps.
 """
 
 import os
@@ -28,17 +30,30 @@ def _own_cpu_s():
     return total
 
 
-def _busy_cpu_s():
-    """The whole machine's busy CPU seconds so far (None where psutil cannot say)."""
+def _cpus():
+    """The CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _busy_cpu_s(cpus):
+    """Busy CPU seconds so far on `cpus` (None where psutil cannot say)."""
     import psutil
 
     try:
-        times = psutil.cpu_times()
+        per_cpu = psutil.cpu_times(percpu=True)
     except (OSError, AttributeError):
         return None
-    busy = times.user + times.system
-    for field in ("nice", "irq", "softirq", "steal"):  # guest time is already in user
-        busy += getattr(times, field, 0.0)
+    busy = 0.0
+    for cpu in cpus:
+        if cpu >= len(per_cpu):
+            return None
+        times = per_cpu[cpu]
+        busy += times.user + times.system
+        for field in ("nice", "irq", "softirq", "steal"):  # guest time is already in user
+            busy += getattr(times, field, 0.0)
     return busy
 
 
@@ -46,12 +61,14 @@ class OtherLoad:
     """Start before a run's process, `share()` after it has been waited for."""
 
     def __init__(self):
-        self._wall, self._busy, self._own = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+        self._cpus = _cpus()
+        self._wall, self._busy = time.monotonic(), _busy_cpu_s(self._cpus)
+        self._own = _own_cpu_s()
 
     def share(self):
-        """Other work's share of the machine's CPU time since start (0..1), or None."""
-        busy, wall = _busy_cpu_s(), time.monotonic() - self._wall
+        """Other work's share of this process's CPUs' time since start (0..1), or None."""
+        busy, wall = _busy_cpu_s(self._cpus), time.monotonic() - self._wall
         if busy is None or self._busy is None or wall <= 0:
             return None
         other = (busy - self._busy) - (_own_cpu_s() - self._own)
-        return min(1.0, max(0.0, other / (wall * (os.cpu_count() or 1))))
+        return min(1.0, max(0.0, other / (wall * len(self._cpus))))

@@ -503,6 +503,7 @@ def main(argv=None):
                 row_of[id(record)] = name
         write()
 
+    write()  # overhead.jsonl first: a rerun into this folder is refused even if pass 1 dies
     for label, compare_args, renames in passes:
         pass_dir = os.path.join(out_dir, label)
         try:

@@ -37,6 +37,14 @@ INPUT_WAIT_FLAG = 0.05
 SETUP_KEYS = ("recipe", "model", "dataset", "batch_size", "dtype_policy")
 
 
+def setup_of(row):
+    """SETUP_KEYS of a record; a recipe file by its name (`recipes/x.py` and `x` alike)."""
+    setup = {key: row.get(key) for key in SETUP_KEYS}
+    if isinstance(setup["recipe"], str):
+        setup["recipe"] = os.path.splitext(os.path.basename(setup["recipe"]))[0]
+    return setup
+
+
 def _median(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -107,7 +115,7 @@ def summarize(rows):
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")
         item["sync_every"] = runs[0].get("sync_every") or 1
-        item["setup"] = {key: runs[0].get(key) for key in SETUP_KEYS}
+        item["setup"] = setup_of((ok or runs)[0])  # a failed run keeps only what was asked
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
     for item in summary:

@@ -24,7 +24,8 @@ FRAMEWORK_COLORS = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab
 CSV_FIELDS = ("backend", "sweep_field", "sweep_value", "status", "runs", "step_time_ms",
               "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec", "compile_s",
               "peak_rss_mb", "peak_device_mb", "vs_native", "num_replicas",
-              "scaling_efficiency", "vs_baseline", "baseline_step_time_ms", "error")
+              "scaling_efficiency", "vs_baseline", "baseline_step_time_ms", "other_cpu_share",
+              "error")
 FIT_FIELDS = ("backend", "a_ms", "a_se_ms", "b_ms_per_example", "b_se_ms_per_example", "r2",
               "runs_fitted", "batch_min", "batch_max", "a_minus_twin_ms")
 MAX_BATCH_FIELDS = ("backend", "largest_batch", "smallest_oom_batch", "tries",

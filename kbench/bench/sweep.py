@@ -208,7 +208,10 @@ class Session:
             return report.render(self.done, self.out_dir, baseline=self.options.baseline,
                                  console=self.console)
         finally:
-            self._lock.release()
+            self.close()
+
+    def close(self):
+        self._lock.release()
 
     def interrupted(self):
         self.say(f"[compare] interrupted: {len(self.done)} finished run(s) kept in "
@@ -243,6 +246,9 @@ def sweep(options, console=None):
                         ran_out[key] = record
     except KeyboardInterrupt:
         session.interrupted()
+        raise
+    except BaseException:  # a failure of its own: the folder is free again
+        session.close()
         raise
     session.render()
     return session.done
@@ -305,6 +311,9 @@ def max_batch(options, console=None):
                         f"batch that fits {fit if fit else 'none'} ({why})")
     except KeyboardInterrupt:
         session.interrupted()
+        raise
+    except BaseException:  # a failure of its own: the folder is free again
+        session.close()
         raise
     session.render()
     return session.done
