@@ -345,6 +345,7 @@ def _quiet():
         logger.setLevel(logging.ERROR)
     # torch prints the graph from C++, past Python's sys.stdout: the file descriptor too
     sys.stdout.flush()
+    _flush_c_stdio()  # what C wrote before goes where it was meant to
     saved_fd = os.dup(1)
     try:
         with open(os.devnull, "w") as devnull:
@@ -354,12 +355,14 @@ def _quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        sys.stdout.flush()
-        _flush_c_stdio()  # C++'s buffered output goes to the null device, not after it
-        os.dup2(saved_fd, 1)
-        os.close(saved_fd)
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        try:
+            sys.stdout.flush()
+            _flush_c_stdio()  # C++'s buffered output goes to the null device, not after it
+        finally:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _flush_c_stdio():

@@ -457,6 +457,7 @@ def compile_model(model, config, steps_per_epoch):
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=resolve_jit_compile(config.jit_compile),
     )
+    model._kbench_jit_compile = config.jit_compile  # what was asked: save_model_float32
     if backend.name() == "torch" and model.jit_compile:
         from kbench import keras_fixes
 
@@ -830,17 +831,19 @@ def final_evaluation(model, test_ds, config, dist=None, data_given=False):
 def save_model_float32(model, path):
     """Save model.keras so that it loads and predicts in float32 whatever policy trained it:
     a mixed-precision model is saved as a float32 copy with the same (float32) weights."""
+    # Keras saves the jit_compile it resolved here (True under JAX, False under torch), and
+    # load_model compiles with it: a JAX-trained model under torch ran every predict through
+    # torch.compile (20-30 s for 4 images), a torch-trained one under JAX op by op. Saved as
+    # "auto", each backend resolves it as it would its own; only --jit-compile off (say where
+    # a compiler fails on the model) is kept as False.
+    asked = getattr(model, "_kbench_jit_compile", "auto")  # compile_model's setting
     if any(layer.dtype_policy.name != "float32" for layer in model.layers):
         from kbench.models.saving import float32_copy
 
         model = float32_copy(model)
-    # Keras saves the jit_compile it resolved here (True under JAX), and load_model compiles
-    # with it: under torch that is torch.compile, 20-30 s of it for a 4-image predict of a
-    # JAX-trained model. True is saved as "auto", which each backend resolves as it would its
-    # own; False (--jit-compile off, say where a compiler fails on the model) stays.
     saved = getattr(model, "_compile_config", None)
     settings = getattr(saved, "config", None)
-    if not isinstance(settings, dict) or settings.get("jit_compile") is not True:
+    if not isinstance(settings, dict) or "jit_compile" not in settings or asked == "off":
         save_model_atomic(model, path)
         return
     resolved, settings["jit_compile"] = settings["jit_compile"], "auto"

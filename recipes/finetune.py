@@ -152,9 +152,10 @@ def main(config, model=None, datasets=None, callbacks=()):
     both (stage 2 follows stage 1 in history.csv), every epoch is checkpointed, and
     `--resume` continues in the stage the checkpoint is from (early stopping ends a stage).
     """
-    with Run(config, "finetune", callbacks) as run:  # devices, seed, dtype policy, resume
-        if model is None:  # (the settings checked) before the data is loaded, not after
-            init_from_exists(config.init_from)
+    run = Run(config, "finetune", callbacks)  # its settings checked, nothing set up yet
+    if model is None:  # before the output folder is locked and the data loaded, not after
+        init_from_exists(config.init_from)
+    with run:  # devices, seed, dtype policy, resume
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)
         freeze_all_but_head(model)  # stage 1: the new head learns the new classes

@@ -135,7 +135,7 @@ def test_command_line_corrupt_checkpoint(entry_point_error, tmp_path):
     bad.write_text("not a model")
     status, err = entry_point_error(run_recipe, finetune.main, finetune.Config,
                                     ["--init-from", str(bad), "--dataset", "synthetic",
-                                     "--epochs", "1"])
+                                     "--epochs", "1", "--output-dir", str(tmp_path / "run")])
     assert status == 2 and err.count("\n") == 1
     assert err.startswith(f"error: --init-from {bad} is not a readable .keras file")
 

@@ -587,13 +587,21 @@ def test_saved_models_leave_jit_compile_to_the_backend_that_loads_them(tmp_path)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse", jit_compile=True)  # as JAX resolves "auto"
     train.save_model_float32(model, tmp_path / "model.keras")
+    # A kbench run's model, whatever its backend resolved "auto" to (False under torch)
+    run_config = tiny(tmp_path)
+    run_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(10)])
+    train.compile_model(run_model, run_config, steps_per_epoch=2)
+    train.save_model_float32(run_model, tmp_path / "run.keras")
+    with zipfile.ZipFile(tmp_path / "run.keras") as saved:
+        assert json.loads(saved.read("config.json"))["compile_config"]["jit_compile"] == "auto"
     with zipfile.ZipFile(tmp_path / "model.keras") as saved:
         config = json.loads(saved.read("config.json"))
     assert config["compile_config"]["jit_compile"] == "auto"
     assert model._compile_config.config["jit_compile"] is True
     assert keras.saving.load_model(tmp_path / "model.keras").jit_compile == (BACKEND == "jax")
-    model.compile(optimizer="sgd", loss="mse", jit_compile=False)  # --jit-compile off stays
-    train.save_model_float32(model, tmp_path / "off.keras")
+    off = dataclasses.replace(run_config, jit_compile="off")  # --jit-compile off stays
+    train.compile_model(run_model, off, steps_per_epoch=2)
+    train.save_model_float32(run_model, tmp_path / "off.keras")
     with zipfile.ZipFile(tmp_path / "off.keras") as saved:
         assert json.loads(saved.read("config.json"))["compile_config"]["jit_compile"] is False
 

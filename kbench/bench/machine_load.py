@@ -39,22 +39,22 @@ def _cpus():
 
 
 def _busy_cpu_s(cpus):
-    """Busy CPU seconds so far on `cpus` (None where psutil cannot say)."""
-    import psutil
-
+    """Busy CPU seconds so far on `cpus`, from /proc/stat's `cpuN` lines by their number
+    (an offline CPU is left out of it, so a position in the list is not a CPU's number);
+    None where there is no /proc/stat or it lacks one of them."""
     try:
-        per_cpu = psutil.cpu_times(percpu=True)
-    except (OSError, AttributeError):
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
         return None
-    busy = 0.0
-    for cpu in cpus:
-        if cpu >= len(per_cpu):
-            return None
-        times = per_cpu[cpu]
-        busy += times.user + times.system
-        for field in ("nice", "irq", "softirq", "steal"):  # guest time is already in user
-            busy += getattr(times, field, 0.0)
-    return busy
+    # user nice system idle iowait irq softirq steal guest guest_nice (guest is in user)
+    busy = {int(fields[0][3:]): sum(int(v) for i, v in enumerate(fields[1:9], start=1)
+                                    if i not in (4, 5))
+            for fields in lines}
+    if any(cpu not in busy for cpu in cpus):
+        return None
+    return sum(busy[cpu] for cpu in cpus) / tick
 
 
 class OtherLoad:
