@@ -187,6 +187,8 @@ class TrainConfig:
                               "step: it cannot --resume; start the run again")
 
 
+# What config.json holds beside the settings (train.write_config): labels, not settings
+CONFIG_LABELS = ("recipe", "backend", "data_given")
 FREE_TEXT = ("data_dir", "output_dir", "init_from")  # paths: any string (checked where opened)
 
 

@@ -87,6 +87,18 @@ def writable_folder(path, flag, given=None):
     return path
 
 
+def new_results_folder(path, results, what):
+    """writable_folder(path, "--output"), refused (one KbenchError line) when it already holds
+    `results`, a tool's own results file (compare's results.jsonl, gpu-check's
+    gpu-check.jsonl, ...): a second run would replace the first one's. `what`: whose."""
+    from kbench.errors import KbenchError
+
+    if os.path.exists(os.path.join(path, results)):
+        raise KbenchError(f"--output {path} already holds {what} {results}; give this one "
+                          "another folder (or move those results away first)")
+    return writable_folder(path, "--output")
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -110,8 +110,9 @@ def load_settings(path, config_cls):
     if not isinstance(saved, dict):
         raise KbenchError(f"{path} holds no settings (expected a JSON object of flag values)")
     fields = {field.name for field in dataclasses.fields(config_cls)}
-    saved = {k: v for k, v in saved.items()  # config.json's labels
-             if k not in ("recipe", "backend", "data_given")}
+    from kbench.config import CONFIG_LABELS
+
+    saved = {k: v for k, v in saved.items() if k not in CONFIG_LABELS}
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise KbenchError(f"{path} has settings this recipe does not know: {', '.join(unknown)} "

@@ -65,7 +65,7 @@ from kbench.bench.compare import COMPILED_TWINS, TWIN_MODELS  # noqa: E402  (nor
 from kbench.bench.records import not_finite, read_results  # noqa: E402  (loads no framework)
 from kbench.bench.cli import check_interpreter  # noqa: E402  (nor does this)
 from kbench.errors import KbenchError, exit_on_error, run_child, sigterm_interrupts  # noqa: E402
-from kbench.files import writable_folder  # noqa: E402  (nor does this)
+from kbench.files import new_results_folder  # noqa: E402  (nor does this)
 BACKENDS = ("jax", "tensorflow", "torch")
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, keyed by a word sequence of the
@@ -593,13 +593,9 @@ def main(argv=None):
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
         _fail(f"gpu-check: {bad}")
-    if args.output and not args.dry_run and os.path.exists(
-            os.path.join(args.output, "gpu-check.jsonl")):  # before any GPU time is spent
-        _fail(f"gpu-check: --output {args.output} already holds a check's gpu-check.jsonl; "
-              "give this check another folder")
-    if args.output and not args.dry_run:
+    if args.output and not args.dry_run:  # before any GPU time is spent
         try:
-            writable_folder(args.output, "--output")
+            new_results_folder(args.output, "gpu-check.jsonl", "a check's")
         except KbenchError as bad:
             _fail(f"gpu-check: {bad}")
     used_sizes = {m: batch_sizes[m] for m, _ in cases}

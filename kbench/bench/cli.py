@@ -2,7 +2,6 @@
 
 import os
 
-from kbench import backend
 from kbench.errors import KbenchError, sigterm_interrupts
 
 
@@ -63,10 +62,6 @@ def cmd_compare(args):
                           "integer >= 0")
     if args.simulate_devices is not None and args.distribute != "data_parallel":
         raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
-    if args.simulate_devices is not None and not (
-            1 <= args.simulate_devices <= backend.MAX_SIMULATED_DEVICES):
-        raise KbenchError(f"--simulate-devices {args.simulate_devices} is not allowed: it "
-                          f"takes 1 to {backend.MAX_SIMULATED_DEVICES} devices")
     sweep_options = _sweep_options(args)
     options = CompareOptions(
         recipe=args.recipe,

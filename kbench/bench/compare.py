@@ -119,11 +119,12 @@ def plan_runs(options):
     if options.distribute not in ("none", "data_parallel"):
         raise KbenchError(f"--distribute must be none or data_parallel, not "
                           f"{options.distribute!r}")
-    if options.simulate_devices is not None and (
-            options.distribute == "none"
-            or not 1 <= options.simulate_devices <= backend.MAX_SIMULATED_DEVICES):
-        raise KbenchError(f"--simulate-devices N (1 to {backend.MAX_SIMULATED_DEVICES}) goes "
-                          "with --distribute data_parallel")
+    if options.simulate_devices is not None and options.distribute == "none":
+        raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
+    if options.simulate_devices is not None and not (
+            1 <= options.simulate_devices <= backend.MAX_SIMULATED_DEVICES):
+        raise KbenchError(f"--simulate-devices {options.simulate_devices} is not allowed: it "
+                          f"takes 1 to {backend.MAX_SIMULATED_DEVICES} devices")
     runs = []
     for b in backends:
         framework = KERAS_VARIANTS[b][0] if b in KERAS_VARIANTS else b
@@ -465,25 +466,21 @@ def open_output(options):
     """(results folder, its FolderLock held) for one compare, sweep or search: --output, or
     runs/compare/<timestamp>. A folder that already holds a compare's results.jsonl is
     refused rather than overwritten, and no two compares write into one folder at once."""
-    from kbench.files import FolderLock
+    from kbench.files import FolderLock, new_results_folder
 
     out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
-    lock = None
-    for _ in range(2):  # before the lock (no folder made for nothing), and under it (a race)
-        if os.path.exists(os.path.join(out_dir, "results.jsonl")):
-            if lock is not None:
-                lock.release()
-            raise KbenchError(f"--output {out_dir} already holds a compare's results.jsonl; "
-                              "give this compare another folder (or move those results away "
-                              "first)")
-        lock = lock or FolderLock(out_dir, flag="--output").acquire()
+    new_results_folder(out_dir, "results.jsonl", "a compare's")
+    lock = FolderLock(out_dir, flag="--output").acquire()
+    try:  # again under the lock: a compare that raced this one may have written meanwhile
+        new_results_folder(out_dir, "results.jsonl", "a compare's")
+    except KbenchError:
+        lock.release()
+        raise
     return out_dir, lock
 
 
 def compare(options, console=None):
     """Run every planned run, write results as they finish; returns the list of records."""
-    from kbench.bench import report
-
     runs = plan_runs(options)
     check_recipe_settings(options)
     out_dir, lock = open_output(options)

@@ -403,13 +403,10 @@ def parse_args(argv):
     except KbenchError as bad:
         _fail(str(bad))
     if args.output and not (args.plan or args.report):
-        if os.path.exists(os.path.join(args.output, "overhead.jsonl")):
-            _fail(f"--output {args.output} already holds a measurement's overhead.jsonl; give "
-                  "this one another folder")
-        from kbench.files import writable_folder
+        from kbench.files import new_results_folder
 
         try:
-            writable_folder(args.output, "--output")
+            new_results_folder(args.output, "overhead.jsonl", "a measurement's")
         except KbenchError as bad:
             _fail(str(bad))
     if not args.report:  # every row has its twin (a plan shows what would run)

@@ -82,8 +82,9 @@ def run_info(model_path):
             config = dict(saved.get("config") or {})
             config.setdefault("dataset", saved.get("dataset"))
         else:  # the settings themselves, labelled with recipe and backend
-            config = {k: v for k, v in saved.items()
-                      if k not in ("recipe", "backend", "data_given")}
+            from kbench.config import CONFIG_LABELS
+
+            config = {k: v for k, v in saved.items() if k not in CONFIG_LABELS}
         return {"recipe": saved.get("recipe"), "config": config,
                 "data_given": bool(saved.get("data_given"))}
     return None
