@@ -34,7 +34,7 @@ import os
 import keras
 import numpy as np
 
-from kbench.errors import Interrupted, KbenchError
+from kbench.errors import Interrupted, KbenchError, first_line
 from kbench.files import save_weights_atomic, write_json_atomic, write_text_atomic
 
 STATE_FILE = "checkpoint.json"
@@ -200,8 +200,7 @@ def restore(model, state, output_dir):
     try:
         model.load_weights(path)
     except Exception as exc:  # noqa: BLE001 - h5py/keras raise many kinds; all mean the same
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first[:200]} "
+        raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first_line(exc)} "
                           "(written by a different model or settings?)") from None
     _assign(rng_variables(model), state.rng_states)
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))

@@ -14,6 +14,20 @@ class KbenchError(ValueError):
     """
 
 
+def first_line(exc, limit=200):
+    """An exception's message cut to its first non-empty line of at most `limit` characters
+    (tarfile, Keras and h5py put lists and arguments on the lines below), or its type's name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    line = lines[0].rstrip(":") if lines else type(exc).__name__  # tarfile: "...:\n- method gz"
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def reason(exc, limit=200):
+    """`TypeName: first line` of an exception, for the parenthesis of a one-line KbenchError."""
+    line = first_line(exc, limit)
+    return line if line == type(exc).__name__ else f"{type(exc).__name__}: {line}"
+
+
 class Interrupted(Exception):
     """A run stopped on a signal (SIGTERM: a preempted machine; SIGINT: Ctrl-C) once it had
     checkpointed. `status` is the exit status a shell gives that signal (143 / 130); the

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 # Our format names -> Keras' names.
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
@@ -58,7 +58,6 @@ def export_model(model, output, format, tolerance=None, backend=None):
     """
     import keras
 
-    from kbench.models.saving import first_line
 
     if format not in FORMATS:
         raise KbenchError(f"unknown export format {format!r}; use one of: {', '.join(FORMATS)}")
@@ -95,7 +94,7 @@ def export_model(model, output, format, tolerance=None, backend=None):
             raise
         except Exception as exc:  # onnxruntime / TensorFlow refusing the artifact
             raise KbenchError(f"the {format} export of {model.name} made under {backend} does "
-                              f"not run ({type(exc).__name__}: {first_line(exc)})"
+                              f"not run ({reason(exc)})"
                               f"{_try_others(format, backend)}") from None
         diff = max([_compare(got, expected, format, tolerance), *diffs])
         _move_into_place(artifact, output, scratch)
@@ -110,7 +109,6 @@ def _export_here(model, artifact, format):
     """Keras' model.export in this process; any exporter failure is one line."""
     import keras
 
-    from kbench.models.saving import first_line
 
     backend = keras.backend.backend()
     if backend == "tensorflow" and format == "onnx":
@@ -120,7 +118,7 @@ def _export_here(model, artifact, format):
             model.export(artifact, format=FORMATS[format], verbose=False)
     except Exception as exc:  # exporters fail in many ways; all mean "not this backend"
         raise KbenchError(f"{format} export of {model.name} failed under {backend} "
-                          f"({type(exc).__name__}: {first_line(exc)})"
+                          f"({reason(exc)})"
                           f"{_try_others(format, backend)}") from None
 
 

@@ -30,6 +30,8 @@ import sys
 import time
 import traceback
 
+from kbench.errors import reason
+
 OOM_EXIT = 3
 # The out-of-memory errors of the frameworks, by name (this module imports none of them):
 # torch.cuda.OutOfMemoryError, tf.errors.ResourceExhaustedError, Python's MemoryError;
@@ -205,8 +207,7 @@ def run_native(runner, config, spec):
 def failure_line(exc):
     """`ValueError: message`: the exception's type and its message's first line (Keras
     appends its layer's arguments below it; the log keeps everything)."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return reason(exc, limit=1000)
 
 
 def write_failure(result_path, exc):
@@ -272,7 +273,7 @@ def report_out_of_memory(exc, spec, result_path):
     runner = spec["runner"]
     framework = (os.environ.get("KERAS_BACKEND") if runner == "keras"  # native_torch -> torch
                  else NATIVE_RUNNERS[runner][0].removeprefix("native_"))
-    message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    message = reason(exc, limit=500)
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(result_path, {"out_of_memory": message[:500],
                                         "peak_rss_mb": peak_rss_mb(),

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 
 from kbench.data.sources import NumpyOnlyUnpickler, fetch_archive, tfds_arrays, default_data_dirs
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 
 # What the published archives hold; sha256 digests as keras.datasets checks them.
@@ -150,7 +150,7 @@ def _load_pickled(spec, path, from_archive):
         if isinstance(exc, KbenchError):
             raise
         raise KbenchError(f"{path} is not a readable {spec['title']} archive or folder "
-                          f"({type(exc).__name__}: {exc}); re-download {spec['archive']}") from None
+                          f"({reason(exc)}); re-download {spec['archive']}") from None
 
     def stack(parts):
         x = np.concatenate([p[0] for p in parts])

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 
 from kbench.data.sources import fetch_archive, tfds_arrays, tfds_prepared, default_data_dirs
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 
 KERAS_DATASETS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
@@ -121,17 +121,20 @@ def _load_idx_folder(spec, folder):
             raise ValueError("image and label files hold different numbers of examples")
     except (OSError, EOFError, ValueError, struct.error) as exc:
         raise KbenchError(f"{folder} holds unreadable {spec['title']} IDX files "
-                          f"({type(exc).__name__}: {exc}); re-download them") from None
+                          f"({reason(exc)}); re-download them") from None
     return (x_train, y_train), (x_test, y_test)
 
 
 def _load_mnist_npz(spec, path):
+    if not zipfile.is_zipfile(path):  # np.load would call it "pickled data" and cite allow_pickle
+        raise KbenchError(f"{path} is not a readable {spec['title']} .npz (not a zip archive); "
+                          f"re-download {spec['npz']}")
     try:
         with np.load(path, allow_pickle=False) as f:
             return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise KbenchError(f"{path} is not a readable {spec['title']} .npz "
-                          f"({type(exc).__name__}: {exc}); re-download {spec['npz']}") from None
+                          f"({reason(exc)}); re-download {spec['npz']}") from None
 
 
 def load_digits(test_fraction=0.25):

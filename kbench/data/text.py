@@ -12,7 +12,7 @@ from kbench.data.mnist import KERAS_DATASETS_URL
 from kbench.data.pipeline import batched_stream
 from kbench.data.registry import Dataset, TEXT_DATASETS
 from kbench.data.sources import fetch_archive, read_npy, tfds_prepared, default_data_dirs
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 
 IMDB = dict(title="IMDB", npz="imdb.npz", tfds="imdb_reviews", archive="imdb.npz",
@@ -106,7 +106,7 @@ def load_imdb(path, num_words=None, seed=113, start_char=1, oov_char=2, index_fr
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile,
             pickle.UnpicklingError) as exc:
         raise KbenchError(f"{path} is not a readable IMDB imdb.npz "
-                          f"({type(exc).__name__}: {exc}); re-download it") from None
+                          f"({reason(exc)}); re-download it") from None
     rng = np.random.RandomState(seed)
     shuffled = []
     for x, y in splits:

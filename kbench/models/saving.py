@@ -14,7 +14,7 @@ import zipfile
 
 import keras
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, first_line, reason
 from kbench.models import layers  # noqa: F401  (registers kbench's custom layers for loading)
 
 # Dtype policies (and tensor dtypes) that compute below float32. Under the mixed policies the
@@ -54,8 +54,8 @@ def load_model(path, compile=False):
     try:
         return keras.saving.load_model(path, compile=compile)
     except Exception as exc:  # h5py, JSON, deserialization: all mean the same to the user
-        raise KbenchError(f"{path} is not a loadable Keras model ({type(exc).__name__}: "
-                          f"{first_line(exc)}): re-save it or point to another file") from None
+        raise KbenchError(f"{path} is not a loadable Keras model ({reason(exc)}): "
+                          "re-save it or point to another file") from None
 
 
 def run_info(model_path):
@@ -135,9 +135,3 @@ def _float32_config(node):
         return [_float32_config(value) for value in node]
     return node
 
-
-def first_line(exc):
-    """An exception's message cut to one line of at most 200 characters, for KbenchError."""
-    lines = str(exc).strip().splitlines()
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
