@@ -300,9 +300,15 @@ class EpochRecorder(keras.callbacks.Callback):
             write_history_csv(os.path.join(self.output_dir, HISTORY_FILE), state.rows)
         if state.stopped_early:
             self.model.stop_training = True
-            if self.output_dir is not None:
-                print(f"early stopping: {self.monitor} has not improved for {self.patience} "
-                      f"epochs (best {state.best:.4f} at epoch {state.best_epoch})")
+
+    def on_train_end(self, logs=None):
+        # Said here, not at the epoch's end: this callback runs before the progress bar's,
+        # whose last line of the epoch would then follow the message on the same line.
+        state = self.state
+        if state.stopped_early and self.output_dir is not None:
+            epochs = "epoch" if self.patience == 1 else "epochs"
+            print(f"early stopping: {self.monitor} has not improved for {self.patience} "
+                  f"{epochs} (best {state.best:.4f} at epoch {state.best_epoch})")
 
     def _write_checkpoint(self, epoch):
         write_checkpoint(self.model, self.output_dir, self.state,

@@ -391,7 +391,7 @@ def recorder_for(tmp_path, **kwargs):
     return recorder, state, saved
 
 
-def test_early_stopping_and_best_model(tmp_path):
+def test_early_stopping_and_best_model(tmp_path, capsys):
     recorder, state, saved = recorder_for(tmp_path, monitor="val_loss", patience=2)
     for epoch, val_loss in enumerate([1.0, 0.5, 0.6, 0.7, 0.4]):
         recorder.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
@@ -400,6 +400,12 @@ def test_early_stopping_and_best_model(tmp_path):
     assert epoch == 3 and state.stopped_early  # two epochs without improving on 0.5
     assert state.best == 0.5 and state.best_epoch == 1 and len(saved) == 2
     assert checkpoint.load_state(tmp_path).stopped_early
+    # Said once training has ended: at the epoch's end the progress bar's last line is still
+    # to come, and the message would share its line.
+    assert capsys.readouterr().out == ""
+    recorder.on_train_end()
+    assert capsys.readouterr().out == ("early stopping: val_loss has not improved for 2 epochs "
+                                       "(best 0.5000 at epoch 1)\n")
 
 
 def test_monitor_direction_is_keras_rule_or_the_mode_given(tmp_path):
