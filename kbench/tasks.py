@@ -18,35 +18,41 @@ from kbench.errors import KbenchError
 EVAL_BATCH_SIZE = 128  # when a saved run does not say; evaluation results do not depend on it
 
 
-def image_streams(config, shard=(0, 1), synthetic_like="cifar10", synthetic_shape=None):
+def image_streams(config, shard=(0, 1), synthetic_like="cifar10", synthetic_shape=None,
+                  test_only=False):
     """(train, test) Streams of (float32 raw pixels, one-hot labels) for `config.dataset`.
 
     `synthetic` is shaped like `synthetic_like` (or `synthetic_shape=(shape, classes)`).
     `shard` is this process's part of every training batch under data-parallel training
-    (kbench.distribute); evaluation is never sharded.
+    (kbench.distribute); evaluation is never sharded. `test_only`: train is None (an
+    evaluation, whose batch size need not fit the training split).
     """
     arrays = data.load_images(config.dataset, config.data_dir, download=config.download,
                               train_examples=config.train_examples,
                               test_examples=config.test_examples, seed=config.seed,
                               synthetic_like=synthetic_like, synthetic_shape=synthetic_shape)
+    test = data.make_pipeline(arrays.x_test, arrays.y_test, arrays.num_classes,
+                              config.batch_size, training=False)
+    if test_only:
+        return None, test
     train = data.make_pipeline(arrays.x_train, arrays.y_train, arrays.num_classes,
                                config.batch_size, training=True, seed=config.seed,
                                augment=getattr(config, "augment", False),
                                crop_padding=getattr(config, "crop_padding", 4),
                                cutout=getattr(config, "cutout", 0), shard=shard)
-    test = data.make_pipeline(arrays.x_test, arrays.y_test, arrays.num_classes,
-                              config.batch_size, training=False)
     return train, test
 
 
-def text_streams(config, shard=(0, 1)):
-    """(train, test) Streams of (int32 token ids, one-hot labels) for `config.dataset`."""
+def text_streams(config, shard=(0, 1), test_only=False):
+    """(train, test) Streams of (int32 token ids, one-hot labels) for `config.dataset`;
+    `test_only` as for image_streams."""
     arrays = data.load_text_dataset(config.dataset, config.data_dir, download=config.download,
                                     train_examples=config.train_examples,
                                     test_examples=config.test_examples, seed=config.seed,
                                     vocab_size=config.vocab_size,
                                     sequence_length=config.sequence_length)
-    return data.make_text_datasets(arrays, config.batch_size, seed=config.seed, shard=shard)
+    return data.make_text_datasets(arrays, config.batch_size, seed=config.seed, shard=shard,
+                                   test_only=test_only)
 
 
 def test_stream(dataset, model, settings):
@@ -80,6 +86,6 @@ def test_stream(dataset, model, settings):
         length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
         config.sequence_length = settings.get("sequence_length") or length or 200
         config.vocab_size = settings.get("vocab_size") or vocab_size(model) or 20_000
-        return text_streams(config)[1]
+        return text_streams(config, test_only=True)[1]
     shape = (tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1]))
-    return image_streams(config, synthetic_shape=shape)[1]
+    return image_streams(config, synthetic_shape=shape, test_only=True)[1]

@@ -268,6 +268,13 @@ def test_evaluate_command_takes_settings_from_metrics_json(tmp_path, capsys):
     expected = evaluate_model(load_model(model_path), digits_test_split(examples=60))
     assert result["num_examples"] == 60 and result["accuracy"] == expected["accuracy"]
 
+    # A batch larger than the training split (digits: 1347 examples) evaluates in one batch:
+    # evaluate builds the test split alone.
+    assert run_cli("evaluate", model_path, "--output-dir", out, "--test-examples", 60,
+                   "--batch-size", 5000) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_examples"] == 60 and result["accuracy"] == expected["accuracy"]
+
 
 def test_evaluate_writes_beside_the_model_without_output_dir(tmp_path, capsys):
     model_path = save_run(tmp_path, digits_model(), {

@@ -205,9 +205,12 @@ def make_text_pipeline(ids, labels, num_classes, batch_size, training, seed=0, s
                            batch_size, training, seed, shard=shard)
 
 
-def make_text_datasets(data, batch_size, seed=0, shard=(0, 1)):
-    """(train, test) pipelines for a TextDataset; `shard` splits the training stream only."""
+def make_text_datasets(data, batch_size, seed=0, shard=(0, 1), test_only=False):
+    """(train, test) pipelines for a TextDataset; `shard` splits the training stream only;
+    `test_only`: train is None."""
+    test = make_text_pipeline(data.x_test, data.y_test, data.num_classes, batch_size, False)
+    if test_only:
+        return None, test
     train = make_text_pipeline(data.x_train, data.y_train, data.num_classes, batch_size, True,
                                seed=seed, shard=shard)
-    test = make_text_pipeline(data.x_test, data.y_test, data.num_classes, batch_size, False)
     return train, test
