@@ -10,7 +10,11 @@ import sys
 
 import pytest
 
-BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+from kbench.backend import requested_backend
+
+# The backend Keras will run, as Keras picks it: an empty or unset KERAS_BACKEND means
+# keras.json's (else tensorflow), and " torch" means torch.
+BACKEND = requested_backend()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
