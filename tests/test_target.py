@@ -342,14 +342,18 @@ def test_report_rerenders_a_time_to_target_run(tmp_path, entry_point):
     from kbench import cli
 
     path = tmp_path / "results.jsonl"
-    records.write_jsonl_atomic(str(path), [record("jax", 0, 4.0), record("torch", 0, 1.0),
+    records.write_jsonl_atomic(str(path), [dict(record("jax", 0, 4.0), other_cpu_share=0.4),
+                                           record("torch", 0, 1.0),
                                            record("torch", 1, 0.0, reached=False)])
     status, out, _ = entry_point(cli.main, ["report", str(path)])
     assert status == 0
     assert "time to target s" in out and "1/2" in out and "4.00x" in out
     assert "torch: 1 of 2 run(s) did not reach 0.95" in out
+    # A run that shared the machine is flagged as in a plain table: its clock measured both.
+    assert "jax: other processes took 40% of this machine's CPU" in out and "torch: other" not in out
     assert (tmp_path / "results.png").stat().st_size > 1000
-    assert "time_to_target_s" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert "time_to_target_s" in header and "other_cpu_share" in header
 
 
 # --------------------------------------------------------------------------- kbench compare

@@ -98,6 +98,13 @@ def last_error(runs):
     return None if failed is None else error_line(failed)
 
 
+def busiest_share(runs):
+    """The largest other_cpu_share of the runs: one run under load is enough to doubt their
+    median."""
+    return max((r["other_cpu_share"] for r in runs if r.get("other_cpu_share") is not None),
+               default=None)
+
+
 def summarize(rows):
     """One dict per backend (in first-seen order), aggregated over its repeats."""
     summary = []
@@ -108,9 +115,7 @@ def summarize(rows):
                     "compile_s", "peak_rss_mb", "peak_device_mb", "achieved_tflops",
                     "test_accuracy", "num_replicas", "input_wait_fraction"):
             item[key] = _median(ok, key)
-        # The busiest its runs' machine was: one run under load is enough to doubt the median
-        item["other_cpu_share"] = max((r["other_cpu_share"] for r in ok
-                                       if r.get("other_cpu_share") is not None), default=None)
+        item["other_cpu_share"] = busiest_share(ok)
         item["test_loss"] = median_test_loss(ok)
         item["parallel_of"] = runs[0]["backend"] if name != runs[0]["backend"] else None
         item["jit_compile"] = (runs[0].get("config") or {}).get("jit_compile")

@@ -20,7 +20,7 @@ CSV_FIELDS = ("backend", "status", "runs", "reached", "target_accuracy", "eval_e
               "time_to_target_s", "time_to_target_mean_s", "time_to_target_sd_s",
               "steps_to_target", "epochs_to_target", "compile_s", "eval_seconds",
               "step_time_ms", "best_eval_accuracy", "vs_fastest", "vs_baseline",
-              "baseline_time_to_target_s", "error")
+              "baseline_time_to_target_s", "other_cpu_share", "error")
 
 
 def _eval_every(row):
@@ -54,6 +54,7 @@ def summarize(rows):
             # How far the runs trained: their last evaluation (every stage of the recipe).
             "trained_epochs": max((r["eval_points"][-1]["epochs"] for r in ok
                                    if r.get("eval_points")), default=None),
+            "other_cpu_share": report.busiest_share(ok),
             "error": report.last_error(runs),
         })
     fastest = min((s["time_to_target_s"] for s in summary if s["time_to_target_s"]),
@@ -243,6 +244,7 @@ def render(rows, out_dir, baseline=None, console=None, results=None):
     for line in not_reached_lines(summary):
         console.print(line, markup=False, highlight=False)
     report.print_garbage_warnings(summary, console)
+    report.print_load_warnings(summary, console)
     report.print_errors(summary, console)
     os.makedirs(out_dir, exist_ok=True)
     report.write_csv(summary, os.path.join(out_dir, "results.csv"), CSV_FIELDS)
