@@ -226,9 +226,9 @@ def sweep(options, console=None):
     field, values = options.sweep
     options = lean(options, field)
     session = Session(options, console)
-    comparing.say_left_out_twins(options, runs, session.say)  # --model, --set model=
     ran_out = {}  # run label -> its oom record: larger values are skipped
-    try:
+    try:  # from here on the session holds the folder's lock: every way out frees it
+        comparing.say_left_out_twins(options, runs, session.say)  # --model, --set model=
         for value, point, point_runs in plan_points(options, runs):
             if field == "model":  # a twin without this point's model sits it out
                 comparing.say_left_out_twins(point, runs, session.say)
@@ -298,8 +298,8 @@ def max_batch(options, console=None):
                                 warmup_steps=min(options.warmup_steps, 1), repeats=1,
                                 batch_size=None)
     session = Session(short, console)
-    comparing.say_left_out_twins(options, runs, session.say)
     try:
+        comparing.say_left_out_twins(options, runs, session.say)
         for run in runs:
             def fits(batch, run=run):
                 point = point_options(short, "batch_size", batch)
