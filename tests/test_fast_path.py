@@ -103,6 +103,58 @@ def test_batch_norm_of_other_ranks_equals_stock_keras(fast_path, shape):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
 
 
+def fused_kernels_run(shape):
+    """The names of the fused batch-norm kernels one training call (and its backward) of a
+    BatchNormalization layer ran: ATen ops under torch, graph ops under tensorflow."""
+    import keras
+
+    layer = keras.layers.BatchNormalization()
+    layer.build(shape)
+    if BACKEND == "torch":
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Record(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.add(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        x = torch.randn(shape, requires_grad=True)
+        with Record() as record:
+            layer(x, training=True).sum().backward()
+        return {op for op in record.ops if "batch_norm" in op}
+    import tensorflow as tf
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(y, x)
+
+    graph = tf.function(step).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+    return {op.type for op in graph.get_operations() if "FusedBatchNorm" in op.type}
+
+
+@fused_backends
+@pytest.mark.parametrize("shape", [(8, 6, 6, 5), (8, 5), (8, 6, 5), (4, 3, 3, 3, 5)])
+def test_the_fast_path_runs_the_fused_kernel_and_stock_keras_does_not(fast_path, shape):
+    """What the equality tests above compare really is two implementations: the fused
+    kernel (every rank under torch, NHWC images under tensorflow) against Keras' own."""
+    fast_path.set_enabled(True)
+    fused = fused_kernels_run(shape)
+    fast_path.set_enabled(False)
+    assert fused_kernels_run(shape) == set()
+    if BACKEND == "torch":  # on CUDA torch.batch_norm picks cuDNN's; on CPU ATen's
+        assert fused == {"native_batch_norm", "native_batch_norm_backward"}
+    else:
+        assert fused == ({"FusedBatchNormV3", "FusedBatchNormGradV3"} if len(shape) == 4
+                         else set())
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="FusedBatchNormV3 is tensorflow's")
 def test_tensorflow_fused_kernel_takes_16_bit_activations_uncast(fast_path):
     """Under a mixed policy the kernel gets the bfloat16 activation itself (it computes in
@@ -500,11 +552,16 @@ def sgd_run(fast_path, on, steps=4):
 
 
 @torch_only
-def test_sgd_step_is_keras_own_to_the_bit(fast_path):
+def test_sgd_step_is_keras_own_to_the_bit(fast_path, monkeypatch):
     from kbench import torch_sgd
 
+    steps = []  # the fast path's own update ran: the two runs compare two implementations
+    original = torch_sgd._step
+    monkeypatch.setattr(torch_sgd, "_step", lambda *a: steps.append(1) or original(*a))
     fast = sgd_run(fast_path, True)
+    assert len(steps) == 4
     stock = sgd_run(fast_path, False)
+    assert len(steps) == 4
     np.testing.assert_array_equal(fast[0], stock[0])
     for a, b in zip(fast[1], stock[1]):
         np.testing.assert_array_equal(a, b)
@@ -740,11 +797,17 @@ def test_the_objective_steps_aside_for_anything_else(fast_path):
 
 
 @torch_only
-def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
+def test_a_plan_takes_an_array_given_to_call_itself(fast_path, monkeypatch):
     """`model.call(array)` skips Layer.__call__'s conversion; the plan converts the array
     before its first step permutes it, and computes what Keras' own call does."""
     import keras
 
+    from kbench import torch_plan
+
+    planned_runs = []  # the plan itself ran (not Keras' call), so two ways are compared
+    original = torch_plan.Plan.run
+    monkeypatch.setattr(torch_plan.Plan, "run",
+                        lambda self, *a: planned_runs.append(1) or original(self, *a))
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
@@ -752,8 +815,10 @@ def test_a_plan_takes_an_array_given_to_call_itself(fast_path):
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     fast_path.set_enabled(True)
     planned = keras.ops.convert_to_numpy(model.call(x))
+    assert len(planned_runs) == 1
     fast_path.set_enabled(False)
     np.testing.assert_array_equal(planned, keras.ops.convert_to_numpy(model.call(x)))
+    assert len(planned_runs) == 1
 
 
 @torch_only

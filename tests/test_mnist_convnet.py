@@ -61,7 +61,9 @@ def test_every_config_field_is_a_flag():
 def test_offline_without_mnist_fails_fast_with_one_line(run_python, tmp_path):
     start = time.monotonic()
     env = {"HOME": str(tmp_path), "KBENCH_DATA_DIR": "", "TFDS_DATA_DIR": str(tmp_path / "t")}
-    result = run_python("recipes/mnist_convnet.py", env=env, timeout=120)
+    # Its own folder: the default one (runs/ in the checkout) may be a developer's run's
+    result = run_python("recipes/mnist_convnet.py", "--output-dir", str(tmp_path / "run"),
+                        env=env, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: MNIST not found")

@@ -7,7 +7,6 @@ native_torch in the torch pass, each against Keras running on the same framework
 
 import importlib
 import math
-import os
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from kbench.bench import native_common as common
 from kbench.errors import KbenchError
 from recipes import cifar_resnet  # its Config: the settings compare hands the twins
 
-BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
+from tests.conftest import BACKEND  # noqa: E402  (as Keras reads it)
 NATIVE = {"jax": "kbench.bench.native_jax", "tensorflow": "kbench.bench.native_tensorflow",
           "torch": "kbench.bench.native_torch"}
 needs_twin = pytest.mark.skipif(BACKEND not in NATIVE, reason="no native twin")

@@ -139,6 +139,7 @@ def test_offline_without_data_fails_fast_with_one_line(entry_point_error, monkey
     for name, value in {"HOME": str(tmp_path), "KBENCH_DATA_DIR": "",
                         "TFDS_DATA_DIR": str(tmp_path / "t")}.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # its default folder, runs/..., lands here, not in the checkout
     start = time.monotonic()
     status, err = entry_point_error(run_recipe, cifar_resnet.main, cifar_resnet.Config, [])
     elapsed = time.monotonic() - start

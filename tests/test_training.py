@@ -451,15 +451,24 @@ def timed_fit(timer, epochs=2, steps=6, validation=False):
     return timer
 
 
-@pytest.mark.parametrize("sync_every, warmup, expected", [
-    (None, 0, [5, 5]),        # recipe runs: one window per epoch, its first step left out
-    (1, 0, [1] * 10),         # compare's default: every step on its own
-    (2, 0, [2, 2, 1] * 2),
-    (None, 2, [3, 5]),        # compare's warm-up: the first epoch's steps 1 and 2 untimed
+@pytest.mark.parametrize("sync_every, warmup, expected, syncs", [
+    (None, 0, [5, 5], 4),        # recipe runs: one window per epoch, its first step left out
+    (1, 0, [1] * 10, 12),        # compare's default: every step on its own
+    (2, 0, [2, 2, 1] * 2, 8),
+    (None, 2, [3, 5], 5),        # compare's warm-up: the first epoch's steps 1 and 2 untimed
 ])
-def test_step_timer_windows_cover_the_steady_state(sync_every, warmup, expected):
+def test_step_timer_windows_cover_the_steady_state(sync_every, warmup, expected, syncs,
+                                                   monkeypatch):
+    from kbench import backend
+
+    # Every clock reading waits for the device first: one sync per window edge (an edge two
+    # windows share, once), one for compile_s, and none elsewhere (a sync per step would
+    # keep the host from queueing the next one).
+    synced = []
+    monkeypatch.setattr(backend, "synchronize", lambda model: synced.append(model))
     timer = timed_fit(train.StepTimer(16, sync_every=sync_every, warmup_steps=warmup),
                       validation=True)  # validation must not land in a window
+    assert len(synced) == syncs and all(model is timer.model for model in synced)
     assert [steps for steps, _ in timer.windows] == expected
     assert timer.steps_timed == sum(expected) and len(timer.step_times) == len(expected)
     assert timer.compile_s > 0 and all(seconds > 0 for _, seconds in timer.windows)
@@ -634,4 +643,8 @@ def test_a_run_on_data_given_to_main_says_so(tmp_path, capsys):
     with pytest.raises(KbenchError, match="trained on data given to main\\(\\), not on its "
                                           "config's dataset 'synthetic': pass --dataset"):
         evaluate_saved_model(tmp_path / "run" / "model.keras", tmp_path / "eval")
-    parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "run" / "config.json")])
+    # data_given is a label of the run, not a setting: --config takes the file all the same,
+    # with the settings the run had, into a fresh run's folder.
+    again = parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "run" / "config.json")])
+    assert (again.model, again.epochs, again.batch_size) == ("convnet", 1, 16)
+    assert not hasattr(again, "data_given") and again.output_dir != str(tmp_path / "run")
