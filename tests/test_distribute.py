@@ -353,25 +353,52 @@ def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
     assert metrics["num_replicas"] == 2
 
 
+FINETUNE_WITH_WEIGHTS = """
+import hashlib, json, os, sys
+import keras
+from kbench.flags import run_recipe
+from recipes import finetune
+
+class Weights(keras.callbacks.Callback):
+    # Each process's weights once a stage has trained (the last write: stage 2's).
+    def on_train_end(self, logs=None):
+        digest = hashlib.sha256()
+        for weight in self.model.weights:
+            digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+        path = os.path.join(os.environ["WEIGHTS_DIR"], "rank-" + os.environ["RANK"] + ".json")
+        with open(path, "w") as f:
+            json.dump({"sha256": digest.hexdigest(), "trainable": len(self.model.trainable_weights)}, f)
+
+run_recipe(lambda config: finetune.main(config, callbacks=[Weights()]), finetune.Config, sys.argv[1:])
+"""
+
+
 @only("torch")
 def test_finetune_rewraps_ddp_between_its_stages(tmp_path):
     """finetune compiles twice (head only, then all but BatchNorm); under torch DDP the model
-    is wrapped again for stage 2's trainable set. Both stages train on 2 processes."""
+    is wrapped again for stage 2's trainable set. Both stages train on 2 processes, which end
+    with the same weights: without the new wrapping, stage 2's newly trainable weights would
+    train on each process's half of the batch alone, their gradients never averaged."""
     from kbench.models import get_model
 
     pretrained = tmp_path / "pretrained.keras"
     get_model("resnet20", num_classes=10, seed=0).save(pretrained)
     out = tmp_path / "ft"
+    driver = tmp_path / "finetune_with_weights.py"
+    driver.write_text(FINETUNE_WITH_WEIGHTS)
     command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "recipes/finetune.py", "--init-from", str(pretrained), "--dataset", "synthetic",
+               str(driver), "--init-from", str(pretrained), "--dataset", "synthetic",
                "--head-epochs", "1", "--epochs", "1", "--steps-per-epoch", "2",
                "--batch-size", "16", "--train-examples", "64", "--test-examples", "32",
                "--verbose", "0", "--distribute", "data_parallel", "--output-dir", str(out)]
     env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV},
-           "KERAS_BACKEND": "torch"}
+           "KERAS_BACKEND": "torch", "WEIGHTS_DIR": str(tmp_path), "PYTHONPATH": REPO}
     done = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2 and metrics["distribution"] == "torch_ddp"
     assert metrics["epochs"] == 2 and len(metrics["history"]["loss"]) == 2
+    rank0, rank1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert rank0["trainable"] > 2  # stage 2's set, more than the head's kernel and bias
+    assert rank0 == rank1
