@@ -1,0 +1,78 @@
+"""kbench.files: a write that fails part-way leaves the old file whole and no temp file behind.
+
+Every result kbench keeps (metrics.json, results.jsonl, eval.json, model.keras, checkpoints)
+goes through these writers, so a crash, a full disk or Ctrl-C while writing never costs the
+result an earlier run or step wrote.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from kbench import files
+from kbench.bench import records
+
+pytestmark = pytest.mark.backend_independent
+
+
+def left_in(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt])
+def test_a_failed_text_write_keeps_the_old_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / "metrics.json"
+    files.write_json_atomic(str(path), {"test_accuracy": 0.9})
+    records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), [{"backend": "jax"}])
+    before = {name: (tmp_path / name).read_bytes() for name in left_in(tmp_path)}
+
+    def fail(fd):  # the data is written but not yet on disk: the last moment before rename
+        raise failure
+
+    expected = failure if isinstance(failure, type) else type(failure)
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(expected):
+        files.write_json_atomic(str(path), {"test_accuracy": 0.1})
+    with pytest.raises(expected):
+        records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), [{"backend": "torch"}])
+    assert {name: (tmp_path / name).read_bytes() for name in left_in(tmp_path)} == before
+    monkeypatch.undo()
+    files.write_json_atomic(str(path), {"test_accuracy": 0.1})  # and the next write lands
+    assert path.read_text() == '{\n  "test_accuracy": 0.1\n}\n'
+    assert left_in(tmp_path) == ["metrics.json", "results.jsonl"]
+
+
+def small_model(seed):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, kernel_initializer=keras.initializers.RandomNormal(seed=seed))])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)  # optimizer state to save too
+    return model
+
+
+@pytest.mark.parametrize("writer, name, method", [
+    (files.save_model_atomic, "model.keras", "save"),
+    (files.save_weights_atomic, "checkpoint-0.weights.h5", "save_weights"),
+])
+def test_a_failed_model_save_keeps_the_old_file(tmp_path, monkeypatch, writer, name, method):
+    path = tmp_path / name
+    writer(small_model(0), str(path))
+    before = path.read_bytes()
+    other = small_model(1)
+    save = getattr(type(other), method)
+
+    def half_then_fail(self, target, *args, **kwargs):  # some bytes out, then the disk fills
+        with open(target, "wb") as f:
+            f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(other), method, half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        writer(other, str(path))
+    assert path.read_bytes() == before and left_in(tmp_path) == [name]
+    monkeypatch.setattr(type(other), method, save)
+    writer(other, str(path))  # the next save replaces it whole
+    assert path.read_bytes() != before and left_in(tmp_path) == [name]
