@@ -3,6 +3,7 @@ SavedModel, checked against Keras) and `kbench predict` (image files and .npy ar
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +118,14 @@ def test_a_backend_that_cannot_export_names_those_that_can(saved_digits_model, t
         export_model(model_path, tmp_path / "x", "onnx", backend="mxnet")
 
 
+def snapshot(path):
+    """{relative path: bytes} of a file or of every file under a folder."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
 def test_a_failed_check_writes_nothing_and_outputs_are_not_clobbered(saved_digits_model,
                                                                     tmp_path):
     """An artifact that disagrees with Keras (here: a tolerance nothing meets) is not kept, and
@@ -126,6 +135,18 @@ def test_a_failed_check_writes_nothing_and_outputs_are_not_clobbered(saved_digit
     with pytest.raises(KbenchError, match="disagrees with the Keras model"):
         export_model(model_path, tmp_path / "model.out", format, tolerance=-1.0)
     assert os.listdir(tmp_path) == []
+
+    # Over a good export, a failed one leaves the good one as it was.
+    good = tmp_path / "good.out"
+    export_model(model_path, good, format)
+    before = snapshot(good)
+    with pytest.raises(KbenchError, match="disagrees with the Keras model"):
+        export_model(model_path, good, format, tolerance=-1.0)
+    assert snapshot(good) == before and sorted(os.listdir(tmp_path)) == ["good.out"]
+    if good.is_dir():  # a SavedModel
+        shutil.rmtree(good)
+    else:
+        good.unlink()
 
     precious = tmp_path / "precious"
     precious.mkdir()
