@@ -175,7 +175,8 @@ def clear(output_dir):
 
 
 def state_to_resume(output_dir, recipe, model_name, dataset):
-    """The checkpoint `--resume` continues from, checked against this run."""
+    """The checkpoint `--resume` continues from, checked against this run (`model_name`
+    None: not yet built, checked later)."""
     state = load_state(output_dir)
     if state is None:
         raise KbenchError(f"nothing to resume in {output_dir}: it holds no {STATE_FILE}; "
@@ -183,7 +184,7 @@ def state_to_resume(output_dir, recipe, model_name, dataset):
                           "of the run to continue")
     for what, theirs, ours in (("recipe", state.recipe, recipe), ("model", state.model, model_name),
                                ("dataset", state.dataset, dataset)):
-        if theirs != ours:
+        if ours is not None and theirs != ours:
             raise KbenchError(f"the checkpoint in {output_dir} is from {what} {theirs!r}, this "
                               f"run is {what} {ours!r}: resume with the same settings, or use "
                               "another --output-dir")

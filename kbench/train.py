@@ -165,6 +165,13 @@ class Run:
         pipelines) or `build(config)`, which under data-parallel training with several
         feeding processes (torch DDP) is called as `build(config, shard=(index, count))`."""
         self.data_given = given is not None
+        if self.config.resume and self.config.output_dir:
+            # What can be checked before the data loads (or downloads): that there is a
+            # checkpoint, of this recipe and dataset, with these settings. The model is
+            # checked once built (Run.model).
+            checkpoint.state_to_resume(self.config.output_dir, self.recipe, None,
+                                       self.config.dataset)
+            check_resumed_settings(self.config)
         if given is not None:
             train_ds, test_ds = given
         else:

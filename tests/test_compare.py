@@ -168,6 +168,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err
     assert (done / "results.jsonl").read_text() == kept
+    # One compare per --output: a folder another compare (or recipe) holds is refused
+    from kbench.files import FolderLock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = FolderLock(str(busy), "--output").acquire()
+    try:
+        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", "--output",
+                                                   str(busy)])
+    finally:
+        holder.release()
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {busy} is in use by another run (process {os.getpid()} ")
+    assert err.rstrip().endswith("give this run another --output")
+    assert os.listdir(busy) == [".kbench.lock"]
     status, err = entry_point_error(cli.main, ["report", str(done), "--output",
                                                str(tmp_path / "a-file")])
     assert status == 2 and "cannot write there" in err

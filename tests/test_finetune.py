@@ -178,15 +178,15 @@ def test_resume_in_either_stage_equals_an_uninterrupted_run(tmp_path, small_chec
                           callbacks=[crash_in_epoch(crash_at)])
         got = history_of(out)
         assert [row["epoch"] for row in got] == [str(e) for e in range(crash_at)], crash_at
-        for ours, theirs in zip(got, expected):
-            assert float(ours["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-4), crash_at
+        assert got == expected[:crash_at], crash_at  # bit-identical, every column
     metrics = finetune.main(tiny(ckpt, output_dir=str(out), resume=True, **settings))
     got = history_of(out)
     assert [row["epoch"] for row in got] == ["0", "1", "2", "3"]
     assert metrics["epochs"] == 4
-    for ours, theirs in zip(got, expected):
-        assert float(ours["loss"]) == pytest.approx(float(theirs["loss"]), rel=1e-4)
-    assert metrics["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-6)
+    assert got == expected and metrics["history"] == whole["history"]
+    # the test loss: the accuracy of this small, briefly trained model hardly moves
+    assert (metrics["test_loss"], metrics["test_accuracy"]) == (whole["test_loss"],
+                                                                whole["test_accuracy"])
 
 
 def test_early_stopping_ends_a_stage_not_the_run(tmp_path, small_checkpoint):
