@@ -1,6 +1,8 @@
 """User-facing errors: bad input is reported as one line that says what to do, not a traceback."""
 
 import contextlib
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -52,26 +54,30 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def sigterm_interrupts():
-    """Within the block (main thread only), SIGTERM raises Terminated."""
+    """Within the block (main thread only), SIGTERM raises Terminated; so does SIGHUP (a
+    closed terminal, a dropped ssh session), which would otherwise end the process at once
+    and leave the workers it started in their own process groups running."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:  # a launcher asked for SIGTERM to be ignored: it stays so
-        yield
-        return
+    # a launcher that asked for a signal to be ignored (nohup: SIGHUP) keeps it so
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    caught = [signum for signum, handler in previous.items() if handler is not signal.SIG_IGN]
 
     def stop(signum, frame):
-        # a second SIGTERM must not cut short the clean-up the first one started
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated("stopped by SIGTERM")
+        # a second signal must not cut short the clean-up the first one started
+        for each in caught:
+            signal.signal(each, signal.SIG_IGN)
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGTERM, stop)
+    for signum in caught:
+        signal.signal(signum, stop)
     try:
         yield
     finally:  # None: a handler set outside Python, which cannot be put back; the default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum in caught:
+            signal.signal(signum, signal.SIG_DFL if previous[signum] is None else previous[signum])
 
 
 def run_child(command, grace_s=30.0, sigint_reach_s=30.0, timeout=None, **popen_kwargs):
@@ -149,7 +155,6 @@ def install_excepthook():
             print(f"error: {exc}", file=sys.stderr)
             if not (sys.flags.interactive or hasattr(sys, "ps1")):
                 import atexit
-                import os
 
                 atexit._run_exitfuncs()
                 sys.stdout.flush()
@@ -162,14 +167,36 @@ def install_excepthook():
     sys.excepthook = hook
 
 
+# The errors of a write the machine refused: a full disk or quota, a read-only or
+# unwritable folder. Bad input of a kind, said in one line (what was read stays a traceback:
+# a bug's).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_refused(exc):
+    """The one line for an OSError of WRITE_ERRNOS (None for any other exception)."""
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return (f"cannot write{where} ({exc.strerror or os.strerror(exc.errno)}): free space or "
+            "make the folder writable, then run again (a recipe run continues from its last "
+            "checkpoint with --resume); the files written before are kept")
+
+
 def exit_on_error(fn, *args, **kwargs):
-    """Call fn; on KbenchError print one line and exit 2. A run stopped by a signal after its
-    checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143),
-    without a traceback."""
+    """Call fn; on KbenchError, or a write the machine refused (write_refused), print one line
+    and exit 2. A run stopped by a signal after its checkpoint exits 143 (SIGTERM) or 130
+    (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback."""
     try:
         return fn(*args, **kwargs)
     except KbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        line = write_refused(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, Terminated) as stop:  # each says where it stopped; its own status
         print(stop, file=sys.stderr)

@@ -24,6 +24,10 @@ def write_bytes_atomic(path, payload):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _write_error(exc, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -49,6 +53,10 @@ def save_model_atomic(model, path):
         model.save(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _write_error(exc, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -64,9 +72,40 @@ def save_weights_atomic(model, path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _close_h5_files(tmp)
+        raise _write_error(exc, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _close_h5_files(path):
+    """Close what h5py still holds open of `path`. Keras' save_weights leaves its HDF5 file
+    open when a write fails (a full disk); h5py then closed it while Python shut down, failed
+    to flush it again, and the process died of a segmentation fault. Emptied first, the file
+    has room for the few metadata bytes its close writes, and closes."""
+    import h5py
+
+    name = os.path.abspath(path).encode()
+    for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            if os.path.abspath(file_id.name) == name:
+                os.truncate(path, 0)
+                h5py.File(file_id).close()  # closes every object open in it, as File.close
+        except (OSError, ValueError, RuntimeError):
+            pass
+
+
+def _write_error(exc, path):
+    """An OSError of a refused write, said of the file the caller was writing (the temp
+    file's name and h5py's several lines of detail mean nothing to the user); any other
+    error as it was."""
+    from kbench.errors import WRITE_ERRNOS
+
+    if exc.errno in WRITE_ERRNOS:
+        return OSError(exc.errno, os.strerror(exc.errno), path)
+    return exc
 
 
 def writable_folder(path, flag, given=None):

@@ -306,6 +306,7 @@ def _running(pid):
 @pytest.mark.parametrize("signal_name, status, last_line", [
     ("SIGINT", 130, "interrupted"),  # Ctrl-C
     ("SIGTERM", 143, "stopped by SIGTERM"),  # a scheduler's stop, `timeout`, `kill`
+    ("SIGHUP", 143, "stopped by SIGHUP"),  # a closed terminal, a dropped ssh session
 ])
 def test_a_signal_keeps_finished_runs_and_stops_the_running_one(tmp_path, signal_name,
                                                                 status, last_line):
@@ -341,7 +342,30 @@ def test_a_signal_keeps_finished_runs_and_stops_the_running_one(tmp_path, signal
     assert not _running(child)
 
 
-# --------------------------------------------------------------------------- data parallel
+def test_a_compare_killed_outright_takes_its_worker_with_it(tmp_path):
+    """SIGKILL (the out-of-memory killer's) leaves compare no time to stop its worker, which
+    runs in a session of its own: the kernel sends the worker SIGTERM when compare dies."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    slow = fake_python(tmp_path / "slow-python", f"echo $$ > {pid_file}; exec sleep 120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kbench.cli", "compare", "--backends", "torch", *TINY,
+         "--python", f"torch={slow}", "--output", str(tmp_path / "cmp")],
+        cwd=REPO, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    assert _running(worker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker)
 
 
 def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path, entry_point):

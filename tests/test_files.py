@@ -76,3 +76,50 @@ def test_a_failed_model_save_keeps_the_old_file(tmp_path, monkeypatch, writer, n
     monkeypatch.setattr(type(other), method, save)
     writer(other, str(path))  # the next save replaces it whole
     assert path.read_bytes() != before and left_in(tmp_path) == [name]
+
+
+def test_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A full disk or a folder made read-only mid-run: `error: cannot write <the file the
+    run was writing> (<reason>)`, exit 2, not a traceback with a temp file's name."""
+    import errno
+
+    from kbench.errors import exit_on_error
+
+    def fail(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    path = tmp_path / "metrics.json"
+    with pytest.raises(SystemExit) as stop:
+        exit_on_error(files.write_json_atomic, str(path), {"a": 1})
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {path} (No space left on device): free space")
+    assert err.count("\n") == 1 and left_in(tmp_path) == []
+    # What is not a refused write stays what it was (a bug's traceback)
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output error"):
+        exit_on_error(files.write_json_atomic, str(path), {"a": 1})
+
+
+def test_a_weights_file_keras_left_open_is_closed(tmp_path, monkeypatch):
+    """Keras' save_weights leaves its HDF5 file open when a write fails; h5py closed it at
+    exit, failed again, and the process died of a segmentation fault (a full disk)."""
+    import errno
+
+    import h5py
+
+    model = small_model(0)
+    held = []
+
+    def open_then_fail(self, target, *args, **kwargs):
+        held.append(h5py.File(target, "w"))  # open, as Keras' H5IOStore leaves it
+        raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed)")
+
+    monkeypatch.setattr(type(model), "save_weights", open_then_fail)
+    path = tmp_path / "checkpoint-1.weights.h5"
+    with pytest.raises(OSError) as error:
+        files.save_weights_atomic(model, str(path))
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(path))
+    assert not held[0].id.valid and left_in(tmp_path) == []

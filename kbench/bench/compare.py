@@ -305,7 +305,8 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
         start, others = time.monotonic(), machine_load.OtherLoad()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # its own group: killable as one
+                                    start_new_session=True,  # its own group: killable as one
+                                    preexec_fn=stop_with_parent())
             try:
                 returncode, over_cap_mb = _wait(proc, options.timeout, options.max_memory)
             except KeyboardInterrupt:  # Ctrl-C: stop this run's whole process group too
@@ -397,6 +398,31 @@ def _recipe_for_worker(recipe):
     if recipe.endswith(".py") or os.sep in recipe:
         return recipe_path(recipe)
     return recipe
+
+
+def stop_with_parent():
+    """A preexec_fn that has the kernel send the worker SIGTERM when this process dies
+    (Linux's PR_SET_PDEATHSIG), or None elsewhere. A compare stopped by SIGTERM or Ctrl-C
+    stops its workers itself; one killed (SIGKILL: the out-of-memory killer) could not, and
+    its worker, in a session of its own, ran on: its timings were lost and it skewed the
+    next benchmark's. The worker (or torchrun, which passes it on) stops cleanly on SIGTERM.
+    The C function is looked up here, before the fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal():
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
 
 
 def _kill_group(proc):
@@ -509,13 +535,16 @@ def _compare(options, runs, out_dir, console):
                 record = run_one(name, runner, framework, options, out_dir, repeat,
                                  distributed=distributed)
                 done.append(record)
-                records.write_jsonl_atomic(results_path, done)
+                # Said before it is written: if the write fails (a full disk, a folder made
+                # read-only), the line is all that is left of the run's record
                 say(f"[compare] {label}: {records.one_line(record, folder=out_dir)}")
+                records.write_jsonl_atomic(results_path, done)
                 refused = refused_alike(done)
                 if refused:
                     raise KbenchError(f"{refused} (the runs so far are in {results_path})")
     except KeyboardInterrupt:
-        say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}")
+        say(f"[compare] interrupted: {len(done)} finished run(s) kept in {results_path}" if done
+            else "[compare] interrupted before any run finished")
         report.render(done, out_dir, baseline=options.baseline, console=console)
         raise
     report.render(done, out_dir, baseline=options.baseline, console=console)

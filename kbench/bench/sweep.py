@@ -186,8 +186,9 @@ class Session:
 
     def keep(self, record, label):
         self.done.append(record)
-        records.write_jsonl_atomic(self.results_path, self.done)
+        # Said before it is written: if the write fails (a full disk), the line is its record
         self.say(f"[compare] {label}: {records.one_line(record)}")
+        records.write_jsonl_atomic(self.results_path, self.done)
 
     def run(self, run, options, point, repeat, search=None):
         name, runner, framework, distributed = run
