@@ -8,6 +8,9 @@ with one line saying so, since Keras internals it replaces may have changed.
   MultiWorkerMirroredStrategy reduces whole (x, y) structures and scalar logs with
   `strategy.reduce(..., axis=0)`, which the collective reduce rejects
   (keras-team/keras#20585).
+- `sum_repeated_sparse_rows`: under tensorflow an Embedding's gradient reaches the optimizer
+  as one slice per token occurrence, and Adam squared each apart (jax and torch square their
+  sum), so the backends trained the IMDB transformer differently.
 - `ddp_train_step`: Keras' torch trainer knows nothing of DistributedDataParallel
   (keras-team/keras#23418 tracks torch support in keras.distribution), so kbench gives the
   model Keras' own train step with the forward pass run through the DDP wrapper.
@@ -96,6 +99,50 @@ def multi_worker_log_reduction():
         trainer.reduce_per_replica = original
 
     return restore
+
+
+def sum_repeated_sparse_rows():
+    """Under tensorflow Keras hands the optimizer an Embedding's gradient as tf.IndexedSlices,
+    one slice per occurrence of a token id in the batch; jax and torch hand it the dense sum.
+    An update that is not linear in the gradient then differs: Adam's and AdamW's second
+    moment (`ops.square(gradient)`, scattered slice by slice) took the sum of the squares of
+    a repeated row's slices where the other backends square their sum. An Embedding row seen
+    twice with gradients 1 and 3 moved by 0.1 * 4 / sqrt(10) at Adam's first step (lr 0.1),
+    not 0.1; the IMDB transformer's losses parted from jax's and torch's at the second step.
+    kbench sums each row's slices first (tf.unique, unsorted_segment_sum): the gradient the
+    other backends get, still sparse, for every optimizer (SGD's update is linear: the same
+    up to the order of float additions). Installed once, for the process; keras 3.15 only
+    (TESTED_KERAS): on another version a note says it is not applied."""
+    import keras
+
+    if ".".join(keras.version().split(".")[:2]) not in TESTED_KERAS:
+        print(f"note: keras {keras.version()}: kbench's fix for sparse Embedding gradients "
+              "under tensorflow (kbench/keras_fixes.py) is written for keras "
+              f"{', '.join(TESTED_KERAS)} and not applied: Adam's updates of repeated "
+              "Embedding rows may differ from jax's and torch's", flush=True)
+        return
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    stock = TFOptimizer._backend_update_step
+    if getattr(stock, "_kbench", False):
+        return
+
+    def update_step(self, grads, trainable_variables, learning_rate):
+        return stock(self, [_summed_rows(g) for g in grads], trainable_variables,
+                     learning_rate)
+
+    update_step._kbench = True
+    TFOptimizer._backend_update_step = update_step
+
+
+def _summed_rows(grad):
+    import tensorflow as tf
+
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    rows, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, grad.dense_shape)
 
 
 # --------------------------------------------------------------------------- PyTorch

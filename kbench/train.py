@@ -465,6 +465,10 @@ def compile_model(model, config, steps_per_epoch):
         jit_compile=resolve_jit_compile(config.jit_compile),
     )
     model._kbench_jit_compile = config.jit_compile  # what was asked: save_model_float32
+    if backend.name() == "tensorflow":
+        from kbench import keras_fixes
+
+        keras_fixes.sum_repeated_sparse_rows()  # Adam on an Embedding as under jax and torch
     if backend.name() == "torch" and model.jit_compile:
         from kbench import keras_fixes
 

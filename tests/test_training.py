@@ -90,6 +90,32 @@ def test_gradient_clipping_is_set_and_keras_scales_the_loss_under_float16():
     assert model.optimizer.inner_optimizer.global_clipnorm is None
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_moves_a_repeated_embedding_row_as_every_backend_does(optimizer):
+    """A token seen twice in a batch, with gradients 1 and 3: Adam's first step moves its
+    Embedding row by the learning rate (m / sqrt(v) = 4 / sqrt(16)). Under tensorflow the
+    gradient comes as one slice per occurrence, and Keras' Adam squared each apart (4 /
+    sqrt(10): 1.26 times the step jax and torch take) until kbench summed them first
+    (keras_fixes.sum_repeated_sparse_rows, installed by compile_model)."""
+    from kbench import optim
+
+    config = cifar_resnet.Config(optimizer=optimizer, lr=0.1, weight_decay=0.0,
+                                 warmup_epochs=0.0, epochs=1)
+    ids = keras.Input((2,), dtype="int32")
+    rows = keras.layers.Embedding(5, 1, embeddings_initializer="zeros")(ids)  # (batch, 2, 1)
+    out = keras.ops.sum(rows[:, :, 0] * keras.ops.convert_to_tensor([[1.0, 3.0]]), axis=1)
+    model = keras.Model(ids, out)
+    train.compile_model(model, config, steps_per_epoch=1)
+    # The loss is the output itself: d loss / d row 2 = 1 + 3
+    model.compile(optimizer=model.optimizer, loss=lambda y_true, y_pred: y_pred,
+                  jit_compile=model.jit_compile)
+    schedule_rate = float(keras.ops.convert_to_numpy(
+        optim.learning_rate_schedule(config, 1)(0)))
+    model.train_on_batch(np.array([[2, 2]], "int32"), np.zeros((1,), "float32"))
+    row = keras.ops.convert_to_numpy(model.layers[1].embeddings)[2, 0]
+    assert row == pytest.approx(-schedule_rate, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- mixed precision
 
 
