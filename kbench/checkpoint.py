@@ -74,6 +74,10 @@ class RunState:
     batches_in_epoch: int = 0
     metric_states: list = dataclasses.field(default_factory=list)
     steps_per_epoch: int = 0  # the epoch length progress was counted in (0: not yet)
+    # Names this run (made when it starts afresh; kept by --resume); its metrics.json says
+    # it too, which is how finished_epochs knows the results are this run's. None: a
+    # checkpoint written before kbench recorded it.
+    run_id: str | None = None
 
     def wrong_field(self):
         """What is wrong with a state read back from disk (None: nothing): each count an
@@ -149,18 +153,43 @@ def load_state(output_dir):
 
 def finished_epochs(output_dir):
     """The epochs of the run in output_dir if it finished, else None. Finished: its
-    metrics.json (written last, by Run.finish) is newer than its checkpoint.json. A run
+    metrics.json (written last, by Run.finish) names the checkpoint's run (run_id). A run
     stopped after its last checkpoint but before its results has not, and --resume
-    completes it."""
-    metrics = os.path.join(output_dir, "metrics.json")
+    completes it; nor has a fresh run started in a folder that holds an earlier run's
+    metrics.json. (Files of a run before run_id: finished when metrics.json is the newer,
+    which a copy that does not keep times can get wrong.)"""
+    metrics_path, state_path = (os.path.join(output_dir, name)
+                                for name in ("metrics.json", STATE_FILE))
     try:
-        if os.path.getmtime(metrics) < os.path.getmtime(os.path.join(output_dir, STATE_FILE)):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        with open(state_path) as f:
+            run_id = json.load(f).get("run_id")
+        if run_id is not None or metrics.get("run_id") is not None:
+            if metrics.get("run_id") != run_id:
+                return None
+        elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
             return None
-        with open(metrics) as f:
-            epochs = json.load(f).get("epochs")
+        epochs = metrics.get("epochs")
     except (OSError, ValueError, AttributeError):
         return None
     return epochs if type(epochs) is int else 0
+
+
+def unfinished_progress(output_dir):
+    """Where the unfinished run in output_dir stopped ("epoch 3 of 10, batch 5"), or None
+    when there is none (no checkpoint, a finished run's, or one that cannot be read)."""
+    try:
+        state = load_state(output_dir)
+    except KbenchError:
+        return None
+    if state is None or not state.batches_done or finished_epochs(output_dir) is not None:
+        return None
+    # epochs numbered from 0, as the resume line and history.csv number them
+    if state.batches_in_epoch:
+        batches = "batch" if state.batches_in_epoch == 1 else "batches"
+        return f"{state.batches_in_epoch} {batches} into epoch {state.epochs_done}"
+    return f"stopped after epoch {state.epochs_done - 1}"
 
 
 def clear(output_dir):

@@ -144,6 +144,18 @@ def _umask():
     return mask
 
 
+def _remove_temp_files(folder):
+    """Delete the temp files (`.tmp-*`) of writes a killed process left unfinished: with the
+    folder's lock held, no writer of this folder is at work, and each was a copy on its way
+    to replacing a file (a model.keras-sized one each time). Folders are left alone."""
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+            try:
+                os.remove(entry.path)
+            except OSError:
+                pass
+
+
 class FolderLock:
     """An exclusive lock on a run's output folder for the life of this process's run, so two
     runs never write into one folder. It is an OS lock (flock) on `<folder>/.kbench.lock`:
@@ -184,6 +196,7 @@ class FolderLock:
         lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         lock_file.flush()
         self._file = lock_file
+        _remove_temp_files(self.folder)
         return self
 
     def release(self):

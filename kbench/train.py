@@ -331,6 +331,15 @@ class Run:
             return "run the same command again"
         if not state.batches_done:
             return "nothing was trained yet; run the same command again"
+        # What is on disk, not in memory: a second signal can stop the checkpoint's write,
+        # and with --no-epoch-checkpoints an epoch's end writes none.
+        try:
+            saved = checkpoint.load_state(self.config.output_dir)
+        except KbenchError:
+            saved = None
+        if saved is None or not saved.batches_done or saved.run_id != state.run_id:
+            return (f"no checkpoint of this run was written in {self.config.output_dir}; "
+                    "run the same command again")
         return (f"checkpoint in {self.config.output_dir}; continue with the same command "
                 "and --resume")
 
@@ -749,11 +758,19 @@ def start_or_resume(config, recipe, model_name, write=True, data_given=False):
                                            config.dataset)
         check_resumed_settings(config)
     else:
-        state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset)
+        import uuid
+
+        state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset,
+                                    run_id=uuid.uuid4().hex)
     if not write:
         return state
     os.makedirs(config.output_dir, exist_ok=True)
     if not config.resume:  # a resumed run writes it once it trains (Run._write_config)
+        unfinished = checkpoint.unfinished_progress(config.output_dir)
+        if unfinished:
+            print(f"note: starting afresh in {config.output_dir}: the checkpoint of an "
+                  f"unfinished run there ({unfinished}) is removed; --resume would have "
+                  "continued it", flush=True)
         checkpoint.clear(config.output_dir)
         write_config(config, recipe, data_given)
     return state
@@ -904,6 +921,7 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
     if state is not None:
         metrics["best"] = {"monitor": state.monitor, "value": state.best, "epoch": state.best_epoch,
                            "stopped_early": state.stopped_early}
+        metrics["run_id"] = state.run_id  # the run's checkpoint says it too: finished_epochs
     if config.output_dir:
         os.makedirs(config.output_dir, exist_ok=True)
         save_model_float32(model, os.path.join(config.output_dir, "model.keras"))

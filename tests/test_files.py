@@ -123,3 +123,21 @@ def test_a_weights_file_keras_left_open_is_closed(tmp_path, monkeypatch):
         files.save_weights_atomic(model, str(path))
     assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(path))
     assert not held[0].id.valid and left_in(tmp_path) == []
+
+
+def test_taking_a_folder_clears_the_temp_files_a_killed_run_left(tmp_path):
+    """A write killed half-way (SIGKILL) leaves its `.tmp-*` file; the next run to lock the
+    folder removes it. Folders (an export's scratch) and other files stay."""
+    (tmp_path / ".tmp-abc123.keras").write_bytes(b"PK\x03\x04 half")
+    (tmp_path / ".tmp-export-x").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    lock = files.FolderLock(str(tmp_path)).acquire()
+    try:
+        assert left_in(tmp_path) == [".kbench.lock", ".tmp-export-x", "metrics.json"]
+        (tmp_path / ".tmp-being-written.json").write_text("")
+        # a run refused the lock touches nothing, a writer's temp file included
+        with pytest.raises(Exception, match="in use by another run"):
+            files.FolderLock(str(tmp_path)).acquire()
+        assert (tmp_path / ".tmp-being-written.json").exists()
+    finally:
+        lock.release()

@@ -415,6 +415,54 @@ def test_resume_of_a_finished_run_is_refused_and_keeps_its_results(tmp_path):
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
 
+def test_the_stop_line_says_resume_only_when_this_run_has_a_checkpoint_on_disk(tmp_path):
+    """A signal with progress in memory but no checkpoint of this run on disk (epoch
+    checkpoints off; a second signal during the write; an earlier run's file) must not send
+    the user to a --resume that will fail."""
+    import dataclasses as dc
+
+    run = train.Run(tiny(tmp_path), "cifar_resnet")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    run.state = checkpoint.RunState(recipe="cifar_resnet", model="convnet", dataset="synthetic",
+                                    batches_done=5, epochs_done=2, run_id="this")
+    assert run._resume_hint() == (f"no checkpoint of this run was written in {folder}; run "
+                                  "the same command again")
+    earlier = dc.replace(run.state, run_id="earlier", weights="checkpoint-1.weights.h5")
+    (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(earlier)))
+    assert run._resume_hint().startswith("no checkpoint of this run")
+    (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(dc.replace(earlier,
+                                                                            run_id="this"))))
+    assert run._resume_hint() == (f"checkpoint in {folder}; continue with the same command "
+                                  "and --resume")
+
+
+def test_a_fresh_run_over_a_finished_one_resumes_whatever_the_file_times(tmp_path, capsys):
+    """Whether a folder's run finished is whether its metrics.json names its checkpoint's run
+    (run_id), not which file is newer: a fresh run killed in a folder that still holds the
+    last run's metrics.json resumes, even after a copy that gave metrics.json the newer time.
+    And a fresh run says when it removes an unfinished run's checkpoint."""
+    cifar_resnet.main(tiny(tmp_path, epochs=2))
+    run = tmp_path / "run"
+    first = json.loads((run / "metrics.json").read_text())["run_id"]
+    assert first == checkpoint.load_state(run).run_id
+    with pytest.raises(Interrupted):
+        cifar_resnet.main(tiny(tmp_path, epochs=3), callbacks=[SignalAt(1, 0, signal.SIGTERM)])
+    assert checkpoint.load_state(run).run_id != first
+    os.utime(run / "metrics.json")  # the finished run's results, now the newest file
+    with pytest.raises(Interrupted):
+        cifar_resnet.main(tiny(tmp_path, epochs=3, resume=True),
+                          callbacks=[SignalAt(2, 0, signal.SIGTERM)])
+    capsys.readouterr()
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=1))  # starting over loses 5 batches
+    assert ("note: starting afresh in " f"{run}: the checkpoint of an unfinished run there "
+            "(1 batch into epoch 2) is removed; --resume would have continued it"
+            ) in capsys.readouterr().out
+    assert metrics["epochs"] == 1
+    cifar_resnet.main(tiny(tmp_path, epochs=1))  # over a finished run: nothing to say
+    assert "note: starting afresh" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- callbacks
 
 

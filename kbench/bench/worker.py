@@ -220,7 +220,7 @@ def write_failure(result_path, exc):
 
 
 def main(argv=None):
-    from kbench.errors import KbenchError
+    from kbench.errors import Interrupted, KbenchError
 
     argv = sys.argv[1:] if argv is None else argv
     spec_path, result_path = argv
@@ -242,6 +242,10 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         write_failure(result_path, exc)
         return 2
+    except Interrupted as stop:  # the run's own line, without its hint: a compare has no
+        print(stop, file=sys.stderr)  # --resume, and its run folder is its own
+        write_failure(result_path, Interrupted(stop.signal_name, stop.where))
+        return stop.status
     except Exception as exc:  # the traceback goes to the run's log, the one line to compare
         if is_out_of_memory(exc):  # out of memory is a result, not a failure
             return report_out_of_memory(exc, spec, result_path)
