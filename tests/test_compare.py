@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kbench.bench import records, report
+from kbench.bench import compare, records, report
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.backend_independent
@@ -342,6 +342,22 @@ def test_a_signal_keeps_finished_runs_and_stops_the_running_one(tmp_path, signal
     assert not _running(child)
 
 
+def test_compares_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.time, "strftime", lambda fmt: "20261206-101906")
+    options = types.SimpleNamespace(output=None)
+    opened = [compare.open_output(options) for _ in range(3)]
+    try:
+        assert [folder for folder, _ in opened] == [
+            os.path.join("runs", "compare", name) for name in
+            ("20261206-101906", "20261206-101906-2", "20261206-101906-3")]
+    finally:
+        for _, lock in opened:
+            lock.release()
+
+
 def test_a_compare_killed_outright_takes_its_worker_with_it(tmp_path):
     """SIGKILL (the out-of-memory killer's) leaves compare no time to stop its worker, which
     runs in a session of its own: the kernel sends the worker SIGTERM when compare dies."""
@@ -388,8 +404,6 @@ def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path,
 
 
 def test_distributed_runs_are_planned_and_launched_per_engine():
-    from kbench.bench import compare
-
     options = compare.CompareOptions(backends=("jax", "torch"), distribute="data_parallel",
                                      simulate_devices=2)
     assert compare.plan_runs(options) == [("jax", "keras", "jax", False),
@@ -452,8 +466,6 @@ def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():
 
 
 def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
-    from kbench.bench import compare
-
     # Every twin has every model today but resnet9, which none has; a framework's twin that
     # lacks a model the others have (as TF's lacked PreAct ResNet-18) is left out alone.
     resnet9 = compare.CompareOptions(backends=("jax", "torch"), reference="native",
@@ -578,8 +590,6 @@ def test_a_keras_record_says_the_layout_and_compute_dtype_its_model_used():
 def test_a_compare_stops_when_two_backends_are_refused_alike():
     """Data that is not there (or a setting the recipe refuses) fails every run the same
     way: two different runs refused alike, and none ok, stop the compare."""
-    from kbench.bench import compare
-
     def refused(backend, text="KbenchError: MNIST not found in /data: pass --data-dir DIR"):
         return {**dict.fromkeys(records.FIELDS), "backend": backend, "status": "failed",
                 "error": text + "\nmore"}

@@ -492,9 +492,27 @@ def open_output(options):
     """(results folder, its FolderLock held) for one compare, sweep or search: --output, or
     runs/compare/<timestamp>. A folder that already holds a compare's results.jsonl is
     refused rather than overwritten, and no two compares write into one folder at once."""
+    if options.output:
+        return _open_results_folder(options.output)
+    # Two compares started in the same second (a script's, two terminals') get -2, -3...:
+    # each folder is made by the one compare whose mkdir succeeds.
+    stamp = os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
+    for attempt in range(1, 100):
+        out_dir = stamp if attempt == 1 else f"{stamp}-{attempt}"
+        try:
+            os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+            os.mkdir(out_dir)
+        except FileExistsError:
+            continue
+        except OSError:  # unwritable: said in one line below
+            pass
+        return _open_results_folder(out_dir)
+    raise KbenchError(f"{stamp} and 98 more folders like it exist: pass --output DIR")
+
+
+def _open_results_folder(out_dir):
     from kbench.files import FolderLock, new_results_folder
 
-    out_dir = options.output or os.path.join("runs", "compare", time.strftime("%Y%m%d-%H%M%S"))
     new_results_folder(out_dir, "results.jsonl", "a compare's")
     lock = FolderLock(out_dir, flag="--output").acquire()
     try:  # again under the lock: a compare that raced this one may have written meanwhile
