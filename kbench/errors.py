@@ -168,14 +168,22 @@ def install_excepthook():
 
 
 # The errors of a write the machine refused: a full disk or quota, a read-only or
-# unwritable folder. Bad input of a kind, said in one line (what was read stays a traceback:
-# a bug's).
+# unwritable folder. Bad input of a kind, said in one line.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Those that only a write can meet: permission errors come from reads too (an unreadable
+# --data-dir), so they are said this way only when kbench's writers raise them (WriteRefused).
+WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+class WriteRefused(OSError):
+    """A write of kbench.files the machine refused (an errno of WRITE_ERRNOS), naming the
+    file the caller was writing."""
 
 
 def write_refused(exc):
-    """The one line for an OSError of WRITE_ERRNOS (None for any other exception)."""
-    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+    """The one line for a refused write (None for any other exception)."""
+    if not (isinstance(exc, WriteRefused)
+            or isinstance(exc, OSError) and exc.errno in WRITE_ONLY_ERRNOS):
         return None
     where = f" {exc.filename}" if exc.filename else ""
     return (f"cannot write{where} ({exc.strerror or os.strerror(exc.errno)}): free space or "

@@ -101,10 +101,10 @@ def _write_error(exc, path):
     """An OSError of a refused write, said of the file the caller was writing (the temp
     file's name and h5py's several lines of detail mean nothing to the user); any other
     error as it was."""
-    from kbench.errors import WRITE_ERRNOS
+    from kbench.errors import WRITE_ERRNOS, WriteRefused
 
     if exc.errno in WRITE_ERRNOS:
-        return OSError(exc.errno, os.strerror(exc.errno), path)
+        return WriteRefused(exc.errno, os.strerror(exc.errno), path)
     return exc
 
 

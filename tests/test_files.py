@@ -141,3 +141,15 @@ def test_taking_a_folder_clears_the_temp_files_a_killed_run_left(tmp_path):
         assert (tmp_path / ".tmp-being-written.json").exists()
     finally:
         lock.release()
+
+
+def test_a_refused_read_is_not_called_a_write(tmp_path):
+    """Permission errors come from reads too: only kbench's writers' are said as 'cannot
+    write'; a full disk is a write's wherever it comes from."""
+    import errno
+
+    from kbench.errors import write_refused
+
+    assert write_refused(PermissionError(errno.EACCES, "Permission denied", "/data")) is None
+    assert write_refused(OSError(errno.ENOSPC, "No space left on device", "/out/x")) \
+        .startswith("cannot write /out/x (No space left on device)")
