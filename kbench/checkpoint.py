@@ -153,21 +153,26 @@ def load_state(output_dir):
 
 def finished_epochs(output_dir):
     """The epochs of the run in output_dir if it finished, else None. Finished: its
-    metrics.json (written last, by Run.finish) names the checkpoint's run (run_id). A run
-    stopped after its last checkpoint but before its results has not, and --resume
-    completes it; nor has a fresh run started in a folder that holds an earlier run's
-    metrics.json. (Files of a run before run_id: finished when metrics.json is the newer,
-    which a copy that does not keep times can get wrong.)"""
+    metrics.json (written last, by Run.finish) names the checkpoint's run (run_id) and got
+    at least as far (batches_done). A run stopped after its last checkpoint but before its
+    results has not, and --resume completes it, a run resumed with more --epochs included;
+    nor has a fresh run started in a folder that holds an earlier run's metrics.json. (Files
+    of a run before run_id: finished when metrics.json is the newer, which a copy that does
+    not keep times can get wrong.)"""
     metrics_path, state_path = (os.path.join(output_dir, name)
                                 for name in ("metrics.json", STATE_FILE))
     try:
         with open(metrics_path) as f:
             metrics = json.load(f)
         with open(state_path) as f:
-            run_id = json.load(f).get("run_id")
+            state = json.load(f)
+        run_id = state.get("run_id")
         if run_id is not None or metrics.get("run_id") is not None:
             if metrics.get("run_id") != run_id:
                 return None
+            done, trained = metrics.get("batches_done"), state.get("batches_done")
+            if type(done) is int and type(trained) is int and done < trained:
+                return None  # trained on (--resume with more --epochs) since its results
         elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
             return None
         epochs = metrics.get("epochs")

@@ -33,6 +33,7 @@ import warnings
 import numpy as np
 
 from kbench.errors import KbenchError, reason
+from kbench.files import TEMP_PREFIX
 
 # Our format names -> Keras' names.
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
@@ -79,7 +80,7 @@ def export_model(model, output, format, tolerance=None, backend=None):
     os.makedirs(os.path.dirname(output), exist_ok=True)
     # Export into a temp folder beside the output, check it there, then move it into place:
     # a failed or wrong export never replaces a good artifact.
-    scratch = tempfile.mkdtemp(dir=os.path.dirname(output), prefix=".tmp-export-")
+    scratch = tempfile.mkdtemp(dir=os.path.dirname(output), prefix=TEMP_PREFIX + "export-")
     try:
         artifact = os.path.join(scratch, os.path.basename(output))
         if backend == here:

@@ -4,6 +4,10 @@ readers (and a run resumed after a crash) see the old file or the new one, never
 import json
 import os
 import tempfile
+import time
+
+# kbench's temp files, and only kbench's: the folder lock clears the ones a killed write left
+TEMP_PREFIX = ".kbench-tmp-"
 
 
 def write_text_atomic(path, text):
@@ -15,9 +19,11 @@ def write_text_atomic(path, text):
 def write_bytes_atomic(path, payload):
     """Write bytes via a temp file in the same folder + rename (fsynced first)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
+    tmp = None
+    try:  # making the temp file is a write too: a read-only folder is refused here
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX,
+                                   suffix=os.path.basename(path))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are for sharing
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -25,13 +31,16 @@ def write_bytes_atomic(path, payload):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_if_there(tmp)
         raise _write_error(exc, path) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_if_there(tmp)
         raise
+
+
+def _remove_if_there(tmp):
+    if tmp is not None and os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def write_json_atomic(path, obj):
@@ -47,26 +56,25 @@ def _json_default(value):
 
 def save_model_atomic(model, path):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".keras")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=".keras")
+        os.close(fd)
         model.save(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_if_there(tmp)
         raise _write_error(exc, path) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_if_there(tmp)
         raise
 
 
 def save_weights_atomic(model, path):
     """model.save_weights (which holds the optimizer's state too) via a temp file + rename."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, ".tmp-" + os.path.basename(path))  # keeps the .weights.h5 ending
+    tmp = os.path.join(directory, TEMP_PREFIX + os.path.basename(path))  # keeps .weights.h5
     try:
         model.save_weights(tmp)
         with open(tmp, "rb+") as f:
@@ -144,14 +152,21 @@ def _umask():
     return mask
 
 
+# A temp file older than this was left by a killed write: kbench's writes take seconds.
+STALE_TEMP_S = 600
+
+
 def _remove_temp_files(folder):
-    """Delete the temp files (`.tmp-*`) of writes a killed process left unfinished: with the
-    folder's lock held, no writer of this folder is at work, and each was a copy on its way
-    to replacing a file (a model.keras-sized one each time). Folders are left alone."""
+    """Delete kbench's temp files (TEMP_PREFIX) that writes killed part-way left in the
+    folder (a model.keras-sized one each time). With the folder's lock held no run writes
+    here, but `kbench evaluate` may (eval.json beside the model, without the lock): only
+    files untouched for STALE_TEMP_S go. Other programs' files and folders are left alone."""
+    now = time.time()
     for entry in os.scandir(folder):
-        if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
             try:
-                os.remove(entry.path)
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_S:
+                    os.remove(entry.path)
             except OSError:
                 pass
 

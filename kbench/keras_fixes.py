@@ -101,6 +101,9 @@ def multi_worker_log_reduction():
     return restore
 
 
+_state = {}  # what a fix has noted once per process
+
+
 def sum_repeated_sparse_rows():
     """Under tensorflow Keras hands the optimizer an Embedding's gradient as tf.IndexedSlices,
     one slice per occurrence of a token id in the batch; jax and torch hand it the dense sum.
@@ -109,30 +112,37 @@ def sum_repeated_sparse_rows():
     a repeated row's slices where the other backends square their sum. An Embedding row seen
     twice with gradients 1 and 3 moved by 0.1 * 4 / sqrt(10) at Adam's first step (lr 0.1),
     not 0.1; the IMDB transformer's losses parted from jax's and torch's at the second step.
-    kbench sums each row's slices first (tf.unique, unsorted_segment_sum): the gradient the
-    other backends get, still sparse, for every optimizer (SGD's update is linear: the same
-    up to the order of float additions). Installed once, for the process; keras 3.15 only
-    (TESTED_KERAS): on another version a note says it is not applied."""
+    kbench sums each row's slices (tf.unique, unsorted_segment_sum): the gradient the other
+    backends get, still sparse, for every optimizer (SGD's update is linear: the same up to
+    the order of float additions). Twice: as the optimizer gets them (`apply`), before
+    `--clip-norm`'s global norm, which over separate slices was sqrt(10), not 4; and after
+    a MirroredStrategy's all-reduce, which joins the replicas' slices (a row seen on two
+    replicas is two slices again). Installed once, for the process; keras 3.15 only
+    (TESTED_KERAS): on another version a note says, once, that it is not applied."""
     import keras
 
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    if getattr(TFOptimizer.apply, "_kbench", False) or _state.get("sparse_rows_noted"):
+        return
     if ".".join(keras.version().split(".")[:2]) not in TESTED_KERAS:
+        _state["sparse_rows_noted"] = True
         print(f"note: keras {keras.version()}: kbench's fix for sparse Embedding gradients "
               "under tensorflow (kbench/keras_fixes.py) is written for keras "
               f"{', '.join(TESTED_KERAS)} and not applied: Adam's updates of repeated "
               "Embedding rows may differ from jax's and torch's", flush=True)
         return
-    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+    stock_apply, stock_all_reduce = TFOptimizer.apply, TFOptimizer._all_reduce_sum_gradients
 
-    stock = TFOptimizer._backend_update_step
-    if getattr(stock, "_kbench", False):
-        return
+    def apply(self, grads, trainable_variables=None):
+        return stock_apply(self, [_summed_rows(g) for g in grads], trainable_variables)
 
-    def update_step(self, grads, trainable_variables, learning_rate):
-        return stock(self, [_summed_rows(g) for g in grads], trainable_variables,
-                     learning_rate)
+    def all_reduce_sum_gradients(self, grads_and_vars):
+        return [(_summed_rows(g), v) for g, v in stock_all_reduce(self, grads_and_vars)]
 
-    update_step._kbench = True
-    TFOptimizer._backend_update_step = update_step
+    apply._kbench = True
+    TFOptimizer.apply = apply
+    TFOptimizer._all_reduce_sum_gradients = all_reduce_sum_gradients
 
 
 def _summed_rows(grad):

@@ -168,10 +168,18 @@ class Run:
         if self.config.resume and self.config.output_dir:
             # What can be checked before the data loads (or downloads): that there is a
             # checkpoint, of this recipe and dataset, with these settings. The model is
-            # checked once built (Run.model).
-            checkpoint.state_to_resume(self.config.output_dir, self.recipe, None,
-                                       self.config.dataset)
-            check_resumed_settings(self.config)
+            # checked once built (Run.model). Every process agrees, or the others would wait
+            # for the one that stopped.
+            refused = None
+            try:
+                checkpoint.state_to_resume(self.config.output_dir, self.recipe, None,
+                                           self.config.dataset)
+                check_resumed_settings(self.config)
+            except KbenchError as exc:
+                refused = exc
+            if self.dist.any_process(refused is not None):
+                raise refused or KbenchError(f"another process of this job cannot resume from "
+                                             f"{self.config.output_dir}: see its error")
         if given is not None:
             train_ds, test_ds = given
         else:
@@ -337,7 +345,9 @@ class Run:
             saved = checkpoint.load_state(self.config.output_dir)
         except KbenchError:
             saved = None
-        if saved is None or not saved.batches_done or saved.run_id != state.run_id:
+        # (Only the chief's run_id is the run's: each process makes one, the chief's is saved)
+        if saved is None or not saved.batches_done or (self.is_chief
+                                                      and saved.run_id != state.run_id):
             return (f"no checkpoint of this run was written in {self.config.output_dir}; "
                     "run the same command again")
         return (f"checkpoint in {self.config.output_dir}; continue with the same command "
@@ -921,7 +931,9 @@ def write_results(config, model, history, timer, test_metrics, extra=None, recip
     if state is not None:
         metrics["best"] = {"monitor": state.monitor, "value": state.best, "epoch": state.best_epoch,
                            "stopped_early": state.stopped_early}
-        metrics["run_id"] = state.run_id  # the run's checkpoint says it too: finished_epochs
+        # finished_epochs: these results are this run's (its checkpoint names it too), as far
+        # as the checkpoint got (a run trained on since has not finished)
+        metrics["run_id"], metrics["batches_done"] = state.run_id, state.batches_done
     if config.output_dir:
         os.makedirs(config.output_dir, exist_ok=True)
         save_model_float32(model, os.path.join(config.output_dir, "model.keras"))

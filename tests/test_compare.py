@@ -375,13 +375,17 @@ def test_a_compare_killed_outright_takes_its_worker_with_it(tmp_path):
     while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.1)
     worker = int(pid_file.read_text())
-    assert _running(worker)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while _running(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _running(worker)
+    try:
+        assert _running(worker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker)
+    finally:  # never leave it behind, whatever failed
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_scaling_efficiency_is_reported_against_the_single_replica_run(tmp_path, entry_point):

@@ -63,7 +63,7 @@ def test_onnx_export_matches_keras(saved_digits_model, tmp_path):
     got = session.run(None, {name: x})[0]
     expected = keras_outputs(model, x)
     assert np.max(np.abs(got - expected)) < 1e-4 * max(1.0, np.abs(expected).max())
-    assert not [p for p in os.listdir(output.parent) if p.startswith(".tmp-")]
+    assert not [p for p in os.listdir(output.parent) if p.startswith(".kbench-tmp-")]
 
 
 def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits_model,
@@ -89,7 +89,7 @@ def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits
     x = pixels(4, 8, 8, 1)
     (got,) = serve(**{name: tf.constant(x)}).values()
     np.testing.assert_allclose(got.numpy(), keras_outputs(model, x), atol=1e-4)
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".kbench-tmp-")]
 
 
 def test_savedmodel_export_says_only_what_the_user_can_act_on(saved_digits_model, tmp_path,

@@ -6,6 +6,7 @@ result an earlier run or step wrote.
 """
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -126,19 +127,27 @@ def test_a_weights_file_keras_left_open_is_closed(tmp_path, monkeypatch):
 
 
 def test_taking_a_folder_clears_the_temp_files_a_killed_run_left(tmp_path):
-    """A write killed half-way (SIGKILL) leaves its `.tmp-*` file; the next run to lock the
-    folder removes it. Folders (an export's scratch) and other files stay."""
-    (tmp_path / ".tmp-abc123.keras").write_bytes(b"PK\x03\x04 half")
-    (tmp_path / ".tmp-export-x").mkdir()
+    """A write killed half-way (SIGKILL) leaves its temp file; the next run to lock the
+    folder removes it once it is stale. Another program's temp files, folders (an export's
+    scratch), a write that may be in progress (kbench evaluate's, which takes no lock) and
+    other files stay."""
+    stale = time.time() - files.STALE_TEMP_S - 60
+    for name in (".kbench-tmp-abc123.keras", ".tmp-another-program", ".kbench-tmp-fresh.json"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04 half")
+    os.utime(tmp_path / ".kbench-tmp-abc123.keras", (stale, stale))
+    os.utime(tmp_path / ".tmp-another-program", (stale, stale))
+    (tmp_path / ".kbench-tmp-export-x").mkdir()
     (tmp_path / "metrics.json").write_text("{}")
     lock = files.FolderLock(str(tmp_path)).acquire()
     try:
-        assert left_in(tmp_path) == [".kbench.lock", ".tmp-export-x", "metrics.json"]
-        (tmp_path / ".tmp-being-written.json").write_text("")
-        # a run refused the lock touches nothing, a writer's temp file included
+        assert left_in(tmp_path) == [".kbench-tmp-export-x", ".kbench-tmp-fresh.json",
+                                     ".kbench.lock", ".tmp-another-program", "metrics.json"]
+        (tmp_path / ".kbench-tmp-being-written.json").write_text("")
+        os.utime(tmp_path / ".kbench-tmp-being-written.json", (stale, stale))
+        # a run refused the lock touches nothing
         with pytest.raises(Exception, match="in use by another run"):
             files.FolderLock(str(tmp_path)).acquire()
-        assert (tmp_path / ".tmp-being-written.json").exists()
+        assert (tmp_path / ".kbench-tmp-being-written.json").exists()
     finally:
         lock.release()
 

@@ -53,7 +53,7 @@ def test_command_line_run_writes_metrics_history_and_model(entry_point, tmp_path
     # The final summary line.
     assert f"under {BACKEND}: test accuracy" in stdout
     assert (out_dir / "model.keras").is_file()
-    assert not [p for p in os.listdir(out_dir) if p.startswith(".tmp-")]
+    assert not [p for p in os.listdir(out_dir) if p.startswith(".kbench-tmp-")]
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the reader is backend-independent; learning "

@@ -90,17 +90,20 @@ def test_gradient_clipping_is_set_and_keras_scales_the_loss_under_float16():
     assert model.optimizer.inner_optimizer.global_clipnorm is None
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_adam_moves_a_repeated_embedding_row_as_every_backend_does(optimizer):
+@pytest.mark.parametrize("optimizer, clip_norm", [("adam", 0.0), ("adamw", 0.0),
+                                                  ("sgd", 1.0)])
+def test_adam_moves_a_repeated_embedding_row_as_every_backend_does(optimizer, clip_norm):
     """A token seen twice in a batch, with gradients 1 and 3: Adam's first step moves its
     Embedding row by the learning rate (m / sqrt(v) = 4 / sqrt(16)). Under tensorflow the
     gradient comes as one slice per occurrence, and Keras' Adam squared each apart (4 /
     sqrt(10): 1.26 times the step jax and torch take) until kbench summed them first
-    (keras_fixes.sum_repeated_sparse_rows, installed by compile_model)."""
+    (keras_fixes.sum_repeated_sparse_rows, installed by compile_model). So did --clip-norm's
+    global norm (sqrt(10), not 4): SGD's row moved by lr * 4 / sqrt(10) (times Nesterov's
+    1 + momentum), not lr * 4 / 4."""
     from kbench import optim
 
     config = cifar_resnet.Config(optimizer=optimizer, lr=0.1, weight_decay=0.0,
-                                 warmup_epochs=0.0, epochs=1)
+                                 warmup_epochs=0.0, epochs=1, clip_norm=clip_norm)
     ids = keras.Input((2,), dtype="int32")
     rows = keras.layers.Embedding(5, 1, embeddings_initializer="zeros")(ids)  # (batch, 2, 1)
     out = keras.ops.sum(rows[:, :, 0] * keras.ops.convert_to_tensor([[1.0, 3.0]]), axis=1)
@@ -113,7 +116,38 @@ def test_adam_moves_a_repeated_embedding_row_as_every_backend_does(optimizer):
         optim.learning_rate_schedule(config, 1)(0)))
     model.train_on_batch(np.array([[2, 2]], "int32"), np.zeros((1,), "float32"))
     row = keras.ops.convert_to_numpy(model.layers[1].embeddings)[2, 0]
-    assert row == pytest.approx(-schedule_rate, rel=1e-5)
+    expected = -schedule_rate  # Adam: the rate; SGD: the rate times the clipped gradient, 1
+    if optimizer == "sgd" and model.optimizer.nesterov:
+        expected *= 1 + model.optimizer.momentum
+    assert row == pytest.approx(expected, rel=1e-5)
+
+
+MIRRORED_EMBEDDING_STEP = """
+from kbench import backend, keras_fixes
+backend.simulate_cpu_devices(2)
+import keras, numpy as np, tensorflow as tf
+keras_fixes.sum_repeated_sparse_rows()
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    ids = keras.Input((2,), dtype="int32")
+    rows = keras.layers.Embedding(5, 1, embeddings_initializer="zeros")(ids)
+    out = keras.ops.sum(rows[:, :, 0] * keras.ops.convert_to_tensor([[1.0, 3.0]]), axis=1)
+    model = keras.Model(ids, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss=lambda y_true, y_pred: y_pred)
+model.fit(np.array([[2, 2], [2, 2]], "int32"), np.zeros((2,), "float32"), batch_size=2,
+          verbose=0)
+print(float(model.layers[1].embeddings.numpy()[2, 0]))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy is tensorflow's")
+def test_adam_moves_a_repeated_embedding_row_alike_on_two_mirrored_replicas(run_python):
+    """Each replica's batch holds the row twice; the all-reduce joins the replicas' slices
+    (the row twice again), which kbench sums once more: Adam's step is the rate, as on one
+    device (it was 0.1414 for a rate of 0.1)."""
+    done = run_python("-c", MIRRORED_EMBEDDING_STEP, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(-0.1, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- mixed precision
@@ -161,7 +195,7 @@ def test_every_epoch_is_checkpointed_and_logged(tmp_path):
     assert (run / "best.keras").exists() and metrics["best"]["monitor"] == "val_accuracy"
     assert json.loads((run / "config.json").read_text())["recipe"] == "cifar_resnet"
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
-    assert not list(run.glob(".tmp-*"))  # no temp files left behind
+    assert not list(run.glob(".kbench-tmp-*"))  # no temp files left behind
 
 
 def run_recipe(args, output_dir, **popen):
@@ -410,9 +444,16 @@ def test_resume_of_a_finished_run_is_refused_and_keeps_its_results(tmp_path):
     assert metrics["epochs"] == 2
     assert [r["epoch"] for r in history_rows(run / "history.csv")] == [0, 1]
     # ... and a finished run resumed with more epochs trains on
+    two_epochs = (run / "metrics.json").read_bytes()
     metrics = cifar_resnet.main(tiny(tmp_path, epochs=3, resume=True))
     assert metrics["epochs"] == 3 and metrics["step_time_ms"] > 0
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    # Stopped after its third epoch's checkpoint but before its results: the 2-epoch
+    # metrics.json (same run_id) is not those results, and --resume completes the run
+    (run / "metrics.json").write_bytes(two_epochs)
+    metrics = cifar_resnet.main(tiny(tmp_path, epochs=3, resume=True))
+    assert metrics["epochs"] == 3
+    assert [r["epoch"] for r in history_rows(run / "history.csv")] == [0, 1, 2]
 
 
 def test_the_stop_line_says_resume_only_when_this_run_has_a_checkpoint_on_disk(tmp_path):

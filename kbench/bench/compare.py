@@ -406,7 +406,10 @@ def stop_with_parent():
     stops its workers itself; one killed (SIGKILL: the out-of-memory killer) could not, and
     its worker, in a session of its own, ran on: its timings were lost and it skewed the
     next benchmark's. The worker (or torchrun, which passes it on) stops cleanly on SIGTERM.
-    The C function is looked up here, before the fork: the child only calls it."""
+    The C function is looked up here, before the fork: the child only calls it. (preexec_fn
+    is safe only while this process runs one thread, as compare does; and the kernel ties
+    the signal to the thread that started the worker, the main thread, which lives as long
+    as compare.)"""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes

@@ -243,8 +243,9 @@ def main(argv=None):
         write_failure(result_path, exc)
         return 2
     except Interrupted as stop:  # the run's own line, without its hint: a compare has no
-        print(stop, file=sys.stderr)  # --resume, and its run folder is its own
-        write_failure(result_path, Interrupted(stop.signal_name, stop.where))
+        where = Interrupted(stop.signal_name, stop.where)  # --resume; its run folder is its own
+        print(where, file=sys.stderr)
+        write_failure(result_path, where)
         return stop.status
     except Exception as exc:  # the traceback goes to the run's log, the one line to compare
         if is_out_of_memory(exc):  # out of memory is a result, not a failure
