@@ -171,8 +171,11 @@ def finished_epochs(output_dir):
             if metrics.get("run_id") != run_id:
                 return None
             done, trained = metrics.get("batches_done"), state.get("batches_done")
-            if type(done) is int and type(trained) is int and done < trained:
-                return None  # trained on (--resume with more --epochs) since its results
+            if type(done) is int and type(trained) is int:
+                if done < trained:
+                    return None  # trained on (--resume with more --epochs) since its results
+            elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
+                return None  # a metrics.json from before batches_done: the times decide
         elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
             return None
         epochs = metrics.get("epochs")

@@ -121,9 +121,7 @@ def sum_repeated_sparse_rows():
     (TESTED_KERAS): on another version a note says, once, that it is not applied."""
     import keras
 
-    from keras.src.backend.tensorflow.optimizer import TFOptimizer
-
-    if getattr(TFOptimizer.apply, "_kbench", False) or _state.get("sparse_rows_noted"):
+    if _state.get("sparse_rows_noted"):
         return
     if ".".join(keras.version().split(".")[:2]) not in TESTED_KERAS:
         _state["sparse_rows_noted"] = True
@@ -132,13 +130,21 @@ def sum_repeated_sparse_rows():
               f"{', '.join(TESTED_KERAS)} and not applied: Adam's updates of repeated "
               "Embedding rows may differ from jax's and torch's", flush=True)
         return
+    # Keras internals: imported once the version is known to have them
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    if getattr(TFOptimizer.apply, "_kbench", False):
+        return
     stock_apply, stock_all_reduce = TFOptimizer.apply, TFOptimizer._all_reduce_sum_gradients
 
     def apply(self, grads, trainable_variables=None):
         return stock_apply(self, [_summed_rows(g) for g in grads], trainable_variables)
 
     def all_reduce_sum_gradients(self, grads_and_vars):
-        return [(_summed_rows(g), v) for g, v in stock_all_reduce(self, grads_and_vars)]
+        reduced = stock_all_reduce(self, grads_and_vars)
+        if self._distribution_strategy.num_replicas_in_sync == 1:
+            return reduced  # nothing joined: apply's sums stand
+        return [(_summed_rows(g), v) for g, v in reduced]
 
     apply._kbench = True
     TFOptimizer.apply = apply

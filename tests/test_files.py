@@ -162,3 +162,24 @@ def test_a_refused_read_is_not_called_a_write(tmp_path):
     assert write_refused(PermissionError(errno.EACCES, "Permission denied", "/data")) is None
     assert write_refused(OSError(errno.ENOSPC, "No space left on device", "/out/x")) \
         .startswith("cannot write /out/x (No space left on device)")
+
+
+def test_a_folder_that_refuses_the_temp_file_names_the_file_being_written(tmp_path,
+                                                                         monkeypatch):
+    import errno
+    import tempfile
+
+    from kbench.errors import WriteRefused, write_refused
+
+    def refuse(**kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied",
+                              os.path.join(kwargs["dir"], ".kbench-tmp-x"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    path = tmp_path / "metrics.json"
+    with pytest.raises(WriteRefused) as error:
+        files.write_json_atomic(str(path), {"a": 1})
+    assert write_refused(error.value) == (
+        f"cannot write {path} (Permission denied): free space or make the folder writable, "
+        "then run again (a recipe run continues from its last checkpoint with --resume); the "
+        "files written before are kept")
