@@ -166,18 +166,15 @@ def finished_epochs(output_dir):
             metrics = json.load(f)
         with open(state_path) as f:
             state = json.load(f)
-        run_id = state.get("run_id")
-        if run_id is not None or metrics.get("run_id") is not None:
-            if metrics.get("run_id") != run_id:
-                return None
-            done, trained = metrics.get("batches_done"), state.get("batches_done")
-            if type(done) is int and type(trained) is int:
-                if done < trained:
-                    return None  # trained on (--resume with more --epochs) since its results
-            elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
-                return None  # a metrics.json from before batches_done: the times decide
+        ids = (state.get("run_id"), metrics.get("run_id"))
+        if ids != (None, None) and ids[0] != ids[1]:
+            return None  # another run's results
+        done, trained = metrics.get("batches_done"), state.get("batches_done")
+        if ids != (None, None) and type(done) is int and type(trained) is int:
+            if done < trained:
+                return None  # trained on (--resume with more --epochs) since its results
         elif os.path.getmtime(metrics_path) < os.path.getmtime(state_path):
-            return None
+            return None  # files from before run_id or batches_done: their times decide
         epochs = metrics.get("epochs")
     except (OSError, ValueError, AttributeError):
         return None
@@ -185,8 +182,9 @@ def finished_epochs(output_dir):
 
 
 def unfinished_progress(output_dir):
-    """Where the unfinished run in output_dir stopped ("epoch 3 of 10, batch 5"), or None
-    when there is none (no checkpoint, a finished run's, or one that cannot be read)."""
+    """Where the unfinished run in output_dir stopped ("stopped after epoch 2", "5 batches
+    into epoch 3"), or None when there is none (no checkpoint, a finished run's, or one that
+    cannot be read)."""
     try:
         state = load_state(output_dir)
     except KbenchError:

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 
 import keras
 
@@ -768,8 +769,6 @@ def start_or_resume(config, recipe, model_name, write=True, data_given=False):
                                            config.dataset)
         check_resumed_settings(config)
     else:
-        import uuid
-
         state = checkpoint.RunState(recipe=recipe, model=model_name, dataset=config.dataset,
                                     run_id=uuid.uuid4().hex)
     if not write:

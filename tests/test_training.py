@@ -462,20 +462,20 @@ def test_the_stop_line_says_resume_only_when_this_run_has_a_checkpoint_on_disk(t
     the user to a --resume that will fail."""
     import dataclasses as dc
 
-    run = train.Run(tiny(tmp_path), "cifar_resnet")
     folder = tmp_path / "run"
-    folder.mkdir()
-    run.state = checkpoint.RunState(recipe="cifar_resnet", model="convnet", dataset="synthetic",
-                                    batches_done=5, epochs_done=2, run_id="this")
-    assert run._resume_hint() == (f"no checkpoint of this run was written in {folder}; run "
-                                  "the same command again")
-    earlier = dc.replace(run.state, run_id="earlier", weights="checkpoint-1.weights.h5")
-    (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(earlier)))
-    assert run._resume_hint().startswith("no checkpoint of this run")
-    (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(dc.replace(earlier,
-                                                                            run_id="this"))))
-    assert run._resume_hint() == (f"checkpoint in {folder}; continue with the same command "
-                                  "and --resume")
+    with train.Run(tiny(tmp_path), "cifar_resnet") as run:  # one process: the chief
+        run.state = checkpoint.RunState(recipe="cifar_resnet", model="convnet",
+                                        dataset="synthetic", batches_done=5, epochs_done=2,
+                                        run_id="this")
+        assert run._resume_hint() == (f"no checkpoint of this run was written in {folder}; "
+                                      "run the same command again")
+        earlier = dc.replace(run.state, run_id="earlier", weights="checkpoint-1.weights.h5")
+        (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(earlier)))
+        assert run._resume_hint().startswith("no checkpoint of this run")
+        (folder / "checkpoint.json").write_text(json.dumps(dc.asdict(dc.replace(
+            earlier, run_id="this"))))
+        assert run._resume_hint() == (f"checkpoint in {folder}; continue with the same "
+                                      "command and --resume")
 
 
 def test_a_fresh_run_over_a_finished_one_resumes_whatever_the_file_times(tmp_path, capsys):
