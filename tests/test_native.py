@@ -444,9 +444,11 @@ EVAL_RTOL = {"jax": 2e-4, "tensorflow": 2e-4, "torch": 2e-3}
 EVAL_ACCURACY_ABS = {"jax": 1e-6, "tensorflow": 1e-6, "torch": 1.01 / 72}
 
 
-# Under mixed_bfloat16 (measured: 1.5e-4 to 4.8e-4 test loss, the same accuracy) the bounds
-# are bfloat16's unit roundoff and one of the 72 predictions, on every backend.
-BFLOAT16_EVAL = (2e-3, 1.01 / 72)
+# Under mixed_bfloat16 the bounds are bfloat16's unit roundoff (2^-8) and one of the 72
+# predictions, on every backend. Measured: 1.5e-4 to 4.8e-4 test loss, the same accuracy; and
+# 3.2e-3 under torch on an AMD EPYC machine (2026-12-06: 3.5846 against 3.5961; its training
+# losses agree within test_training_matches_keras_fit's bound), where the bound was 2e-3.
+BFLOAT16_EVAL = (2.0**-8, 1.01 / 72)
 # PreAct ResNet-18 in bfloat16: 21 layers of bfloat16 rounding, placed differently by each
 # implementation, under BN moving statistics 4 steps from their initial 0 and 1 (inference
 # logits in the hundreds). Measured 1.1e-3 under jax, 2.6e-3 under tensorflow and 5.7e-3 under
