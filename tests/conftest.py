@@ -31,6 +31,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _keras_default_dtype_policy():
+    import keras
+
+    keras.config.set_dtype_policy("float32")
+
+
+# Keras' dtype policy is process-wide, and kbench.train.setup_run sets it for every in-process
+# run and native twin. Under pytest-xdist a worker runs whichever test files it is handed, so a
+# policy left by one file (a mixed_bfloat16 twin) would build the next file's models in
+# mixed precision, and only on some runs. Every module and every test starts from Keras'
+# default. (Module scope: autouse fixtures come first within a scope, so this runs before a
+# module's own fixtures build their models.)
+@pytest.fixture(autouse=True, scope="module")
+def keras_default_dtype_policy_per_module():
+    _keras_default_dtype_policy()
+    yield
+    _keras_default_dtype_policy()
+
+
+@pytest.fixture(autouse=True)
+def keras_default_dtype_policy_after_each_test():
+    yield
+    _keras_default_dtype_policy()
+
+
 @pytest.fixture
 def run_python():
     """Run `python ARGS...` from the repo root in a fresh interpreter; returns CompletedProcess.
