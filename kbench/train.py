@@ -25,7 +25,7 @@ import uuid
 
 import keras
 
-from kbench import backend, checkpoint, fast_path, target
+from kbench import backend, checkpoint, fast_path, keras_fixes, target
 from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
 from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
@@ -486,12 +486,8 @@ def compile_model(model, config, steps_per_epoch):
     )
     model._kbench_jit_compile = config.jit_compile  # what was asked: save_model_float32
     if backend.name() == "tensorflow":
-        from kbench import keras_fixes
-
         keras_fixes.sum_repeated_sparse_rows()  # Adam on an Embedding as under jax and torch
     if backend.name() == "torch" and model.jit_compile:
-        from kbench import keras_fixes
-
         keras_fixes.torch_compile_ready(model)  # Keras' steps under torch.compile, unbroken
     return model
 

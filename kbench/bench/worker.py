@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 
-from kbench.errors import reason
+from kbench.errors import Interrupted, KbenchError, reason
 
 OOM_EXIT = 3
 # The out-of-memory errors of the frameworks, by name (this module imports none of them):
@@ -56,8 +56,6 @@ def is_out_of_memory(exc):
 
 def run_config(recipe, spec):
     """The recipe Config for this run: the user's overrides plus the benchmark's own settings."""
-    from kbench.errors import KbenchError
-
     overrides = dict(spec.get("config") or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(recipe.Config)}
     if unknown:
@@ -220,8 +218,6 @@ def write_failure(result_path, exc):
 
 
 def main(argv=None):
-    from kbench.errors import Interrupted, KbenchError
-
     argv = sys.argv[1:] if argv is None else argv
     spec_path, result_path = argv
     with open(spec_path) as f:
