@@ -239,11 +239,6 @@ def torch_compile_ready(model):
         # (a regex over names, kbench.optim's exclusion), a guard that changes after step 1.
         for variable in model.trainable_variables:
             optimizer._use_weight_decay(variable)
-    # Each new input shape compiles anew with static shapes (the last partial batch of an
-    # evaluation: one more graph), instead of dynamo's "automatic dynamic" recompile with
-    # symbolic shapes, where inductor failed on the ResNets ("cannot determine truth value
-    # of Relational: 1 < s87").
-    torch._dynamo.config.automatic_dynamic_shapes = False
     # The step's zero_grad() reads `grad is None` of every weight, a guard: None at the first
     # step only, so the second would compile the forward pass again. Start with zeros.
     for variable in model.trainable_variables:
@@ -324,10 +319,14 @@ def _install_torch_compile_fixes():
 def _hand_compiled_steps_tensors():
     """Wrap the step functions Keras compiles (jit_compile) so that NumPy arrays in a
     step's data reach them as torch tensors, converted outside the trace by Keras' own
-    convert_to_tensor (Keras' dtype mapping, Keras' device), as eager layers convert them."""
+    convert_to_tensor (Keras' dtype mapping, Keras' device), as eager layers convert them;
+    and so that they compile with static shapes."""
     import numpy as np
+    import torch
     from keras.src import ops, tree
     from keras.src.backend.torch.trainer import TorchTrainer
+
+    static_shapes = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
     def as_tensor(leaf):  # numbers only (ml_dtypes' bfloat16 has kind "V"); others as they came
         if isinstance(leaf, np.ndarray) and (leaf.dtype.kind in "biufc"
@@ -347,7 +346,14 @@ def _hand_compiled_steps_tensors():
                 return function
 
             def step_on_tensors(data):
-                return function(as_tensors(data))
+                # Each new input shape compiles anew with static shapes (the last partial
+                # batch of an evaluation: one more graph), instead of dynamo's "automatic
+                # dynamic" recompile with symbolic shapes, where inductor failed on the
+                # ResNets ("cannot determine truth value of Relational: 1 < s87"). Set for
+                # Keras' steps only: the process's other torch.compile calls keep the default.
+                # (What torch.compile(dynamic=False) does per call; ~6 us on our CPU.)
+                with static_shapes:
+                    return function(as_tensors(data))
 
             step_on_tensors._kbench_tensors = True
             setattr(self, attribute, step_on_tensors)

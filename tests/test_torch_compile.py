@@ -209,6 +209,30 @@ def test_numpy_batches_reach_the_compiled_steps_as_tensors():
     assert graphs == 2 + 2 + 1 + 1, graphs  # without the conversion: 24
 
 
+@torch_only
+def test_compiled_steps_compile_each_batch_shape_statically_and_leave_the_process_default():
+    """Keras' compiled steps compile each new batch shape with static shapes (dynamo's
+    "automatic dynamic" recompile with symbolic shapes failed in inductor on the ResNets), and
+    only they: the process's own torch.compile calls keep dynamo's default."""
+    import keras
+    import torch
+    from torch._dynamo.utils import counters
+
+    from kbench import keras_fixes
+
+    torch._dynamo.reset()
+    counters.clear()
+    default = torch._dynamo.config.automatic_dynamic_shapes
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    keras_fixes.torch_compile_ready(model)
+    for batch in (2, 3, 5):
+        model.predict_on_batch(torch.ones(batch, 6))
+    # Static: one graph per shape (automatic dynamic: 2, the third shape reusing the second's).
+    assert counters["stats"]["unique_graphs"] == 3
+    assert torch._dynamo.config.automatic_dynamic_shapes == default is True
+
+
 def _loss_scale_steps(traced, monkeypatch):
     """Every variable after each of 8 LossScaleOptimizer.apply calls (Adam with weight decay
     and an EMA that overwrites the weights every 2 steps, growth every 2 finite steps;
