@@ -340,6 +340,9 @@ def _quiet():
 
     loggers = [logging.getLogger(name) for name in ("tf2onnx", "absl")]
     levels = [logger.level for logger in loggers]
+    # tf2onnx sets TF_CPP_MIN_LOG_LEVEL=3 when imported (here, on the first ONNX export):
+    # processes started after it would lose TensorFlow's C++ errors.
+    tf_log_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     # torch prints the graph from C++, past Python's sys.stdout: the file descriptor too
@@ -362,6 +365,10 @@ def _quiet():
             os.close(saved_fd)
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
+            if tf_log_level is None:
+                os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+            else:
+                os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level
 
 
 def _flush_c_stdio():

@@ -52,8 +52,11 @@ def test_onnx_export_matches_keras(saved_digits_model, tmp_path):
 
     model_path, model = saved_digits_model
     output = tmp_path / "out" / "model.onnx"
+    tf_log_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     info = export_model(model_path, output, "onnx")
     assert info["max_abs_diff"] <= info["tolerance"] and output.is_file()
+    # tf2onnx sets it to 3 on import, which would silence the C++ errors of later processes
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == tf_log_level
     assert info["backend"] == exporter("onnx")
     assert info["checked_under"] == list(dict.fromkeys([exporter("onnx"), BACKEND]))
     # Independently of export_model's own check: another batch size, other inputs.
