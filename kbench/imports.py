@@ -20,6 +20,12 @@ import tempfile
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ [^ ]+:\d+\] ")
 ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
 SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}  # TF_CPP_MIN_LOG_LEVEL's levels
+# A CUDA build of TensorFlow on a machine without an NVIDIA driver logs, as an error, at its
+# first op: "E0000 ... cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed
+# call to cuInit: UNKNOWN ERROR (303)". It says only that the machine has no GPU, which the
+# user knows, and reads like a fault: without a GPU it is dropped (with one it is kept: a
+# driver TensorFlow cannot use is worth seeing).
+NO_GPU_CUINIT = re.compile(r"failed call to cuInit")
 OURS = "KBENCH_SET_TF_CPP_MIN_LOG_LEVEL"  # marks the level as kbench's (child processes too)
 
 
@@ -44,20 +50,37 @@ def quiet_tensorflow_logs():
     return int(os.environ["TF_CPP_MIN_LOG_LEVEL"])
 
 
-def filter_startup_lines(text, level):
+def filter_startup_lines(text, level, gpu_present=True):
     """The lines of `text` a user should see: absl lines below `level` and absl's preamble
-    dropped, everything else (Python warnings, errors) kept."""
+    dropped, and without `gpu_present` TensorFlow's cuInit error (NO_GPU_CUINIT); everything
+    else (Python warnings, errors) kept."""
     kept = []
     for line in text.splitlines(keepends=True):
         match = ABSL_LINE.match(line)
         if line.startswith(ABSL_PREAMBLE) or (match and SEVERITY[match.group(1)] < level):
+            continue
+        if match and not gpu_present and NO_GPU_CUINIT.search(line):
             continue
         kept.append(line)
     return "".join(kept)
 
 
 @contextlib.contextmanager
-def stderr_filtered(level):
+def tensorflow_import_filtered(level):
+    """Around TensorFlow's import: its start-up lines filtered, and on a machine without an
+    NVIDIA GPU its CUDA probe made at once, inside the filter (list_physical_devices; 1 ms),
+    so that its cuInit error is not printed at the first op."""
+    from kbench.backend import nvidia_gpu_present
+
+    gpu_present = nvidia_gpu_present()
+    with stderr_filtered(level, gpu_present):
+        yield
+        if not gpu_present:
+            sys.modules["tensorflow"].config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
+def stderr_filtered(level, gpu_present=True):
     """Catch what is written to file descriptor 2 (C++ libraries write there directly) and
     pass on what filter_startup_lines keeps, once the block ends."""
     try:
@@ -75,7 +98,8 @@ def stderr_filtered(level):
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            text = filter_startup_lines(caught.read().decode(errors="replace"), level)
+            text = filter_startup_lines(caught.read().decode(errors="replace"), level,
+                                        gpu_present)
             if text:
                 sys.stderr.write(text)
                 sys.stderr.flush()
@@ -144,7 +168,7 @@ def install(level):
         tensorflow_imported()
     else:
         if level is not None:
-            hooks.around["tensorflow"] = lambda: stderr_filtered(level)
+            hooks.around["tensorflow"] = lambda: tensorflow_import_filtered(level)
         hooks.after["tensorflow"] = tensorflow_imported
     if "keras" in sys.modules:
         register_kbench_layers()

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from kbench.backend import nvidia_gpu_present
 
 FRAMEWORKS = ("keras", "tensorflow", "jax", "torch")
 
@@ -159,7 +160,8 @@ def test_tensorflow_start_up_lines_are_filtered_unless_asked_for(run_pythons):
     (under jax, as under torch: Keras then imports no TensorFlow)."""
     code = ("import importlib.util, warnings, kbench; "
             "importlib.util.find_spec('tensorflow'); "  # asks the finders, imports nothing
-            "import keras, tensorflow; warnings.warn('a warning the user can act on')")
+            "import keras, tensorflow; tensorflow.constant(1); "  # an op: TensorFlow's CUDA probe
+            "warnings.warn('a warning the user can act on')")
     clean = {"TF_CPP_MIN_LOG_LEVEL": None, "KBENCH_SET_TF_CPP_MIN_LOG_LEVEL": None,
              "KBENCH_VERBOSE": None, "PYTHONPATH": REPO}
     asked = ({"KBENCH_VERBOSE": "1"}, {"TF_CPP_MIN_LOG_LEVEL": "0"})
@@ -171,6 +173,8 @@ def test_tensorflow_start_up_lines_are_filtered_unless_asked_for(run_pythons):
         assert quiet.returncode == 0, quiet.stderr
         assert "a warning the user can act on" in quiet.stderr
         assert "I0000" not in quiet.stderr and "absl::InitializeLog" not in quiet.stderr
+        if not nvidia_gpu_present():  # a CUDA build's "failed call to cuInit" error
+            assert "cuInit" not in quiet.stderr, quiet.stderr
     for extra, run in zip(asked, loud):
         assert "absl::InitializeLog" in run.stderr, extra  # TensorFlow's own start-up lines
 
@@ -188,6 +192,11 @@ def test_filter_keeps_errors_and_unknown_lines():
     assert filter_startup_lines(text, 2) == ("E0000 00:00:1796399522.045199    2654 cuda.cc:31] "
                                              "an error\nUserWarning: something to do\n")
     assert "W0000" in filter_startup_lines(text, 1)
+    cuinit = ("E0000 00:00:1796559432.986220   28414 cuda_platform.cc:52] failed call to cuInit: "
+              "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+    assert filter_startup_lines(cuinit, 2) == cuinit  # a GPU TensorFlow cannot use: kept
+    assert filter_startup_lines(cuinit + text, 2, gpu_present=False) == filter_startup_lines(
+        text, 2)
 
 
 @pytest.mark.backend_independent
