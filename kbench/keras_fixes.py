@@ -326,7 +326,7 @@ def _hand_compiled_steps_tensors():
     from keras.src import ops, tree
     from keras.src.backend.torch.trainer import TorchTrainer
 
-    static_shapes = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+    dynamo_config = torch._dynamo.config
 
     def as_tensor(leaf):  # numbers only (ml_dtypes' bfloat16 has kind "V"); others as they came
         if isinstance(leaf, np.ndarray) and (leaf.dtype.kind in "biufc"
@@ -351,9 +351,16 @@ def _hand_compiled_steps_tensors():
                 # dynamic" recompile with symbolic shapes, where inductor failed on the
                 # ResNets ("cannot determine truth value of Relational: 1 < s87"). Set for
                 # Keras' steps only: the process's other torch.compile calls keep the default.
-                # (What torch.compile(dynamic=False) does per call; ~6 us on our CPU.)
-                with static_shapes:
+                # (What torch.compile(dynamic=False) does per call. Saved and put back by
+                # hand: a shared config.patch() object is re-entrant only in recent torch
+                # (2.13's keeps a stack; older ones assert), e.g. for a compiled step that
+                # predicts with another compiled model.)
+                dynamic = dynamo_config.automatic_dynamic_shapes
+                dynamo_config.automatic_dynamic_shapes = False
+                try:
                     return function(as_tensors(data))
+                finally:
+                    dynamo_config.automatic_dynamic_shapes = dynamic
 
             step_on_tensors._kbench_tensors = True
             setattr(self, attribute, step_on_tensors)

@@ -42,7 +42,8 @@ def _keras_default_dtype_policy():
 # policy left by one file (a mixed_bfloat16 twin) would build the next file's models in
 # mixed precision, and only on some runs. Every module and every test starts from Keras'
 # default. (Module scope: autouse fixtures come first within a scope, so this runs before a
-# module's own fixtures build their models.)
+# module's own fixtures build their models. A policy a module-scoped fixture sets is thus seen
+# by the first test that uses it only: set it in the test, or build the model in the fixture.)
 @pytest.fixture(autouse=True, scope="module")
 def keras_default_dtype_policy_per_module():
     _keras_default_dtype_policy()

@@ -231,6 +231,13 @@ def test_compiled_steps_compile_each_batch_shape_statically_and_leave_the_proces
     # Static: one graph per shape (automatic dynamic: 2, the third shape reusing the second's).
     assert counters["stats"]["unique_graphs"] == 3
     assert torch._dynamo.config.automatic_dynamic_shapes == default is True
+    # fit and evaluate (a last partial batch each) reach their compiled steps through it too
+    x, y = np.ones((5, 6), "float32"), np.zeros((5, 3), "float32")
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    model.evaluate(x, y, batch_size=2, verbose=0)
+    for step in (model.train_function, model.test_function, model.predict_function):
+        assert getattr(step, "_kbench_tensors", False)
+    assert torch._dynamo.config.automatic_dynamic_shapes is True
 
 
 def _loss_scale_steps(traced, monkeypatch):
