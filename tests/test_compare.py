@@ -319,11 +319,20 @@ def test_a_signal_keeps_finished_runs_and_stops_the_running_one(tmp_path, signal
     pid_file = tmp_path / "worker-child.pid"
     slow = fake_python(tmp_path / "slow-python", f"sleep 120 & echo $! > {pid_file}; wait")
     out = tmp_path / "cmp"
+
+    def as_from_a_terminal():
+        # A test runner started under nohup, or as a background job of a non-interactive
+        # shell, hands its children SIGHUP / SIGINT ignored, which compare (and Python) keep
+        # ignored, as they should: start the compare with a terminal's dispositions.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "kbench.cli", "compare", "--backends", "jax,torch", *TINY,
          "--python", f"jax={broken}", "--python", f"torch={slow}", "--output", str(out)],
         cwd=REPO, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
     while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.1)  # jax's record is written; torch's worker has started its child
