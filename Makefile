@@ -38,6 +38,8 @@ demo: $(VENV)/.installed
 # OpenMP threads otherwise spin at every barrier waiting for a thread that is not running, and
 # single torch tests ran 10-30x slower (docs/development.md, "Running the tests"). It changes how
 # idle threads wait, not what they compute. TEST_WORKERS=0 runs a pass as plain pytest.
+# --no-loadscope-reorder: files are handed out heaviest first, in the order tests/conftest.py
+# sorts them (FILE_CPU_SECONDS), not by how many tests each holds.
 TEST_MARKS ?= not slow
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
@@ -46,7 +48,8 @@ test: $(VENV)/.installed
 	@for b in $(BACKENDS); do \
 	  echo "=== pytest under KERAS_BACKEND=$$b ($(TEST_WORKERS) workers) ==="; start=$$(date +%s); \
 	  OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} KERAS_BACKEND=$$b $(PY) -m pytest -q \
-	    --durations=15 -m "$(TEST_MARKS)" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) \
+	    --durations=15 -m "$(TEST_MARKS)" -n $(TEST_WORKERS) --dist loadfile \
+	    --no-loadscope-reorder $(PYTEST_ARGS) \
 	    || exit 1; \
 	  echo "=== $$b pass: $$(( $$(date +%s) - start )) s ==="; \
 	done; echo "=== all backends passed: $(BACKENDS) ==="
