@@ -430,6 +430,9 @@ def test_distributed_runs_are_planned_and_launched_per_engine():
     command = compare.worker_command("py", "torch", True, options, "s.json", "r.json")
     assert command == ["py", "-m", "torch.distributed.run", "--standalone",
                        "--nproc_per_node", "2", "-m", "kbench.bench.worker", "s.json", "r.json"]
+    command = compare.worker_command("py", "torch", True, options, "s.json", "r.json",
+                                     log_dir="out/logs/torch-dp-r0-torchrun")
+    assert command[5:8] == ["2", "--log-dir", "out/logs/torch-dp-r0-torchrun"]
     assert compare.worker_command("py", "jax", True, options, "s", "r")[:3] == \
         ["py", "-m", "kbench.bench.worker"]
 

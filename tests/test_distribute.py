@@ -351,6 +351,9 @@ def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
     # One metrics.json for the job, written by rank 0.
     metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2
+    # torchrun's own folder (per-rank error files) sits with the run's log, not in /tmp.
+    assert (out / "logs" / "torch-dp-r0.log").is_file()
+    assert [p.name for p in (out / "logs" / "torch-dp-r0-torchrun").iterdir()]
 
 
 FINETUNE_WITH_WEIGHTS = """

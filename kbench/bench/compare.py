@@ -256,14 +256,17 @@ def distribute_config(framework, options):
     return config
 
 
-def worker_command(python, framework, distributed, options, spec_path, result_path):
+def worker_command(python, framework, distributed, options, spec_path, result_path,
+                   log_dir=None):
     """The worker's command line: torch data-parallel runs start under torchrun, one process
-    per --simulate-devices (CPU, gloo) or per GPU."""
+    per --simulate-devices (CPU, gloo) or per GPU. `log_dir`: torchrun's folder for its
+    per-rank files (a failed rank's error.json); without one it makes a new folder in /tmp
+    for every job and leaves it there."""
     worker = ["-m", "kbench.bench.worker", spec_path, result_path]
     if distributed and framework == "torch":
         processes = str(options.simulate_devices) if options.simulate_devices else "gpu"
         return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                processes, *worker]
+                processes, *(["--log-dir", log_dir] if log_dir else []), *worker]
     return [python, *worker]
 
 
@@ -292,7 +295,7 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         command = worker_command(python, framework, distributed, options, spec_path,
-                                 result_path)
+                                 result_path, log_dir=log_path[:-len(".log")] + "-torchrun")
         env = {**os.environ, "KERAS_BACKEND": framework, "PYTHONUNBUFFERED": "1"}
         record = records.new_record(name, spec, options, command=_user_command(),
                                     python=python, repeat=repeat)
