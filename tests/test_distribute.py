@@ -285,7 +285,7 @@ def test_tf_mirrored_on_four_logical_cpus_and_multi_worker(tmp_path):
 @only("torch")
 def test_torch_ddp_two_processes_match_one(tmp_path):
     torchrun = (os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-                "--nproc_per_node", "2")
+                "--nproc_per_node", "2", "--log-dir", str(tmp_path / "torchrun"))  # not /tmp
     ddp = launch(tmp_path / "ddp", "--distribute", "data_parallel", prefix=torchrun)
     single = launch(tmp_path / "one")  # side by side: each mostly imports
     finish(ddp, single)
@@ -390,7 +390,7 @@ def test_finetune_rewraps_ddp_between_its_stages(tmp_path):
     driver = tmp_path / "finetune_with_weights.py"
     driver.write_text(FINETUNE_WITH_WEIGHTS)
     command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(driver), "--init-from", str(pretrained), "--dataset", "synthetic",
+               "--log-dir", str(tmp_path / "torchrun"), str(driver), "--init-from", str(pretrained), "--dataset", "synthetic",
                "--head-epochs", "1", "--epochs", "1", "--steps-per-epoch", "2",
                "--batch-size", "16", "--train-examples", "64", "--test-examples", "32",
                "--verbose", "0", "--distribute", "data_parallel", "--output-dir", str(out)]
