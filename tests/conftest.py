@@ -19,6 +19,8 @@ import pytest
 # (the same program, so the same numbers). Measured on the 2-core machine: the jax pass took
 # 479 CPU-s instead of 589. kbench itself never turns the cache on: compare's compile_s is the
 # compile a user's first run pays. A JAX_COMPILATION_CACHE_DIR of your own is used as it is.
+# (JAX writes an entry without a lock or a rename: one cut short by a kill -9 test is read as
+# corrupt, and JAX warns and compiles again; the result is the same.)
 _JAX_CACHE_MADE_HERE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _JAX_CACHE_MADE_HERE = tempfile.mkdtemp(prefix="kbench-tests-jax-cache-")

@@ -351,7 +351,8 @@ def test_compare_runs_torch_data_parallel_under_torchrun(tmp_path):
     # One metrics.json for the job, written by rank 0.
     metrics = json.loads((out / "runs" / "torch-dp-r0" / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2
-    # torchrun's own folder (per-rank error files) sits with the run's log, not in /tmp.
+    # torchrun's own folder (per-attempt, per-rank folders) sits with the run's log, not in
+    # /tmp, where torchrun would leave one for every run.
     assert (out / "logs" / "torch-dp-r0.log").is_file()
     assert [p.name for p in (out / "logs" / "torch-dp-r0-torchrun").iterdir()]
 
@@ -390,7 +391,8 @@ def test_finetune_rewraps_ddp_between_its_stages(tmp_path):
     driver = tmp_path / "finetune_with_weights.py"
     driver.write_text(FINETUNE_WITH_WEIGHTS)
     command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--log-dir", str(tmp_path / "torchrun"), str(driver), "--init-from", str(pretrained), "--dataset", "synthetic",
+               "--log-dir", str(tmp_path / "torchrun"),
+               str(driver), "--init-from", str(pretrained), "--dataset", "synthetic",
                "--head-epochs", "1", "--epochs", "1", "--steps-per-epoch", "2",
                "--batch-size", "16", "--train-examples", "64", "--test-examples", "32",
                "--verbose", "0", "--distribute", "data_parallel", "--output-dir", str(out)]

@@ -259,9 +259,10 @@ def distribute_config(framework, options):
 def worker_command(python, framework, distributed, options, spec_path, result_path,
                    log_dir=None):
     """The worker's command line: torch data-parallel runs start under torchrun, one process
-    per --simulate-devices (CPU, gloo) or per GPU. `log_dir`: torchrun's folder for its
-    per-rank files (a failed rank's error.json); without one it makes a new folder in /tmp
-    for every job and leaves it there."""
+    per --simulate-devices (CPU, gloo) or per GPU. `log_dir`: the folder torchrun makes its
+    per-attempt, per-rank folders in (empty unless a rank records its error, or torchrun is
+    told to redirect output); without one it makes a new folder in /tmp for every job and
+    leaves it there."""
     worker = ["-m", "kbench.bench.worker", spec_path, result_path]
     if distributed and framework == "torch":
         processes = str(options.simulate_devices) if options.simulate_devices else "gpu"
