@@ -46,10 +46,10 @@ def pytest_report_header(config):
 
 
 # CPU-seconds each test file took in its pass (own and child processes, 2-core machine,
-# 2026-12-06, at 702c891 with the JAX cache above; files under 5 s left out). Used only to order
-# the files, heaviest first: `make test` hands whole files to its two workers
-# (`--dist loadfile --no-loadscope-reorder`), and a heavy file handed out last keeps one worker
-# busy while the other has finished. Heaviest first, the time one worker sat idle at the end
+# 2026-12-06, at 702c891; the jax pass's with the JAX cache above; files under 5 s left out).
+# Used only to order the files, heaviest first: `make test` hands whole files to its two
+# workers (`--dist loadfile --no-loadscope-reorder`), and a heavy file handed out last keeps one
+# worker busy while the other has finished. Heaviest first, the time one worker sat idle at the end
 # of a pass went from 11/36/27 s (jax/tensorflow/torch) to 4/1/1-9 s. A stale figure costs
 # seconds, never a result.
 FILE_CPU_SECONDS = {
