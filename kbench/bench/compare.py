@@ -290,13 +290,14 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
     if runner != "keras":
         spec["config"]["output_dir"] = None
     log_path = os.path.join(out_dir, "logs", f"{label}-r{repeat}.log")
+    torchrun_dir = os.path.join(out_dir, "logs", f"{label}-r{repeat}-torchrun")  # torch DDP only
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         command = worker_command(python, framework, distributed, options, spec_path,
-                                 result_path, log_dir=log_path[:-len(".log")] + "-torchrun")
+                                 result_path, log_dir=torchrun_dir)
         env = {**os.environ, "KERAS_BACKEND": framework, "PYTHONUNBUFFERED": "1"}
         record = records.new_record(name, spec, options, command=_user_command(),
                                     python=python, repeat=repeat)
