@@ -237,7 +237,7 @@ def restore(model, state, output_dir):
         model.load_weights(path)
     except Exception as exc:  # noqa: BLE001 - h5py/keras raise many kinds; all mean the same
         raise KbenchError(f"cannot load checkpoint {path} into {model.name}: {first_line(exc)} "
-                          "(written by a different model or settings?)") from None
+                          "(damaged, or written by a different model or settings?)") from None
     _assign(rng_variables(model), state.rng_states)
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if steps != state.steps_done:

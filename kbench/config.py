@@ -203,30 +203,43 @@ def check(config):
         if type(getattr(config, f.name)).__module__ == "numpy"
         and hasattr(getattr(config, f.name), "item")})
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        kinds, optional = _kinds(hints[field.name])
-        if value is None:
-            if optional:
-                continue
-            raise KbenchError(f"{flag} must be set ({_describe(kinds)})")
-        if not _is_instance(value, kinds) or (isinstance(value, str) and not value.strip()
-                                              and field.name not in FREE_TEXT):
-            raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
-                              f"{_describe(kinds)}")
-        choices = field_setting(type(config), field.name, "choices")
-        if choices is not None and value not in choices:
-            raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
-                              f"{', '.join(map(str, choices))}")
-        allowed = field_setting(type(config), field.name, "allowed")
-        if (isinstance(value, float) and not math.isfinite(value)) or (
-                allowed is not None and value not in allowed):
-            unset = ", or leave it unset" if optional else ""
-            why = getattr(allowed, "why_not", lambda value: "")(value)  # a hint of its own
-            raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
-                              f"{_describe(kinds, allowed)}{unset}{why}")
+        _check_field(type(config), field.name, getattr(config, field.name), hints)
     config.check_combination()
     return config
+
+
+def check_values(config_cls, values):
+    """`check`'s rule for each field of `config_cls` in the dict `values` (other keys are left
+    alone), without building a Config: for settings read back from a file, such as a run's
+    metrics.json. Raises KbenchError, one line, for the first bad value."""
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for name, value in values.items():
+        if name in names:
+            _check_field(config_cls, name, value, hints)
+
+
+def _check_field(config_cls, name, value, hints):
+    flag = "--" + name.replace("_", "-")
+    kinds, optional = _kinds(hints[name])
+    if value is None:
+        if optional:
+            return
+        raise KbenchError(f"{flag} must be set ({_describe(kinds)})")
+    if not _is_instance(value, kinds) or (isinstance(value, str) and not value.strip()
+                                          and name not in FREE_TEXT):
+        raise KbenchError(f"{flag} {value!r} is not allowed: it takes {_describe(kinds)}")
+    choices = field_setting(config_cls, name, "choices")
+    if choices is not None and value not in choices:
+        raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
+                          f"{', '.join(map(str, choices))}")
+    allowed = field_setting(config_cls, name, "allowed")
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+            allowed is not None and value not in allowed):
+        unset = ", or leave it unset" if optional else ""
+        why = getattr(allowed, "why_not", lambda value: "")(value)  # a hint of its own
+        raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
+                          f"{_describe(kinds, allowed)}{unset}{why}")
 
 
 def _kinds(annotation):

@@ -193,17 +193,23 @@ def write_refused(exc):
 
 def exit_on_error(fn, *args, **kwargs):
     """Call fn; on KbenchError, or a write the machine refused (write_refused), print one line
-    and exit 2. A run stopped by a signal after its checkpoint exits 143 (SIGTERM) or 130
-    (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback."""
+    and exit 2, once the output folders fn made and left empty are removed. A run stopped by a
+    signal after its checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130
+    (Terminated: 143), without a traceback."""
+    from kbench import files
+
+    made_before = len(files.MADE_FOLDERS)
     try:
         return fn(*args, **kwargs)
     except KbenchError as exc:
+        files.remove_folders_left_empty(since=made_before)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
         line = write_refused(exc)
         if line is None:
             raise
+        files.remove_folders_left_empty(since=made_before)
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, Terminated) as stop:  # each says where it stopped; its own status

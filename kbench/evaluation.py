@@ -286,6 +286,7 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     import keras
 
     from kbench import tasks
+    from kbench.config import TrainConfig
     from kbench.data.registry import class_names
     from kbench.models.saving import load_model, run_info
 
@@ -307,10 +308,13 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
                                        download=download).items() if v is not None}
     settings = {**saved, "download": False, **overrides}  # downloads only when asked now
     if recipe is not None:
-        config = recipe_config(recipe, settings, model)
+        config = recipe_config(recipe, settings, model, run.get("path"))
         test_ds = as_stream(config.build_datasets(config.config)[1], training=False)
         settings = dataclasses.asdict(config.config)
     else:
+        check_saved_settings(TrainConfig, {k: v for k, v in saved.items()
+                                           if k in EVAL_SETTINGS and k not in overrides},
+                             run.get("path"))
         test_ds = tasks.test_stream(dataset, model, settings)
     check_compatible(model, test_ds, model_path, dataset)
     try:
@@ -330,7 +334,36 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     return result
 
 
-def recipe_config(recipe, settings, model):
+# The saved settings kbench.tasks builds a test split with (text models: also their shape),
+# and those `kbench evaluate` has a flag for, which win over the file.
+EVAL_SETTINGS = ("data_dir", "seed", "train_examples", "test_examples", "batch_size",
+                 "sequence_length", "vocab_size")
+EVALUATE_FLAGS = ("data_dir", "test_examples", "batch_size")
+
+
+def check_saved_settings(config_cls, saved, path):
+    """One line naming the file when a setting read back from a run's metrics.json (or
+    config.json) is not one `config_cls` allows: the file was edited or is not kbench's.
+    Without this a bad value surfaces as a NumPy or tf.data error deep in building the data."""
+    from kbench.config import check_values
+
+    for name in ("sequence_length", "vocab_size"):  # text models' shape: not TrainConfig's
+        value = saved.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise KbenchError(f"{path} holds {name}={value!r}, which is not allowed (it takes "
+                              "an integer >= 1): mend the file")
+    for name, value in saved.items():
+        try:
+            check_values(config_cls, {name: value})
+        except KbenchError as exc:
+            flag = "--" + name.replace("_", "-")
+            instead = f", or pass {flag}" if name in EVALUATE_FLAGS else ""
+            raise KbenchError(f"{path} holds a setting that is not allowed ({exc}): mend the "
+                              f"file{instead}") from None
+
+
+def recipe_config(recipe, settings, model, path=None):
     """The recipe (name or file) loaded, and its Config for evaluation: its defaults, then
     `settings` where it has such fields. Text models without saved settings get their
     sequence length and vocabulary size from the model itself. Returns a namespace with
@@ -343,6 +376,7 @@ def recipe_config(recipe, settings, model):
     module = load_recipe(recipe)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {k: v for k, v in settings.items() if k in fields}
+    check_saved_settings(module.Config, values, path or "the run's metrics.json")
     if "sequence_length" in fields and "sequence_length" not in values:
         length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
         if length:

@@ -313,6 +313,11 @@ def check_output(output, format):
     """Refuse outputs whose replacement would destroy something that is not an old export."""
     if format == "onnx" and os.path.isdir(output):
         raise KbenchError(f"{output} is a folder: --output takes the .onnx file to write")
+    if format == "onnx" and os.path.lexists(output) and not _is_onnx_model(output):
+        # torch.onnx.export and tf2onnx write over whatever is there: a mistyped --output (the
+        # model.keras being exported, a notes file) would be lost.
+        raise KbenchError(f"{output} exists and is not an ONNX model: pick a new --output "
+                          "(an older .onnx export there would be replaced)")
     if format == "savedmodel" and os.path.lexists(output):
         if not os.path.isdir(output) or os.path.islink(output):
             raise KbenchError(f"{output} exists and is not a folder: --output takes the folder "
@@ -320,6 +325,21 @@ def check_output(output, format):
         if os.listdir(output) and not os.path.isfile(os.path.join(output, "saved_model.pb")):
             raise KbenchError(f"{output} holds files that are not a SavedModel: pick a new "
                               "--output (an older SavedModel there would be replaced)")
+
+
+def _is_onnx_model(path):
+    """Whether `path` is a file that parses as an ONNX model with a graph. Parsing alone is not
+    enough: protobuf reads many other files (a .keras zip, a line of text) as a ModelProto of
+    unknown fields, with no IR version and no graph nodes."""
+    if not os.path.isfile(path) or os.path.islink(path) or not _installed("onnx"):
+        return False  # without onnx nothing tells: the file is kept
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends: not an ONNX file
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
 
 
 def _move_into_place(artifact, output, scratch):

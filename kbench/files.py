@@ -124,6 +124,7 @@ def writable_folder(path, flag, given=None):
 
     from kbench.errors import KbenchError
 
+    top = _first_missing(path)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -131,7 +132,54 @@ def writable_folder(path, flag, given=None):
     except OSError as exc:
         raise KbenchError(f"{flag} {given or path}: cannot write there ({exc.strerror or exc}); "
                           f"pass another {flag}") from None
+    if top is not None:
+        MADE_FOLDERS.append((os.path.abspath(path), top))
     return path
+
+
+# (folder, the outermost folder made with it) for each folder writable_folder made in this
+# process: a run refused on bad input takes back those it left empty (kbench.errors'
+# exit_on_error calls remove_folders_left_empty), rather than leave a folder that holds only
+# its lock file behind each mistyped command.
+MADE_FOLDERS = []
+
+
+def _first_missing(path):
+    """The outermost folder of `path` (itself included) that does not exist yet, or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_folders_left_empty(since=0):
+    """Remove the folders writable_folder made (since MADE_FOLDERS held `since` of them) that
+    hold nothing but a lock file no process holds, and the folders made with them that are
+    left empty; anything a run wrote keeps its folder."""
+    while len(MADE_FOLDERS) > since:
+        folder, top = MADE_FOLDERS.pop()
+        while _remove_if_left_empty(folder) and folder != top:
+            folder = os.path.dirname(folder)
+
+
+def _remove_if_left_empty(folder):
+    import fcntl
+
+    try:
+        entries = os.listdir(folder)
+        if not set(entries) <= {FolderLock.NAME}:
+            return False
+        if entries:  # unlinked while locked here: a run that holds it keeps its folder
+            with open(os.path.join(folder, FolderLock.NAME), "a") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(os.path.join(folder, FolderLock.NAME))
+        os.rmdir(folder)
+    except OSError:  # held by another run, written meanwhile, not ours to remove: kept
+        return False
+    return True
 
 
 def new_results_folder(path, results, what):

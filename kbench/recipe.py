@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 # kbench's own recipes lie beside the package: in a checkout (and an editable install) the
 # repository's recipes/ folder, in a wheel install the `recipes` folder it installs.
@@ -33,6 +33,9 @@ def recipe_path(name_or_path):
     """The file of a recipe: a path to a .py file as given, or a kbench recipe's name."""
     if name_or_path.endswith(".py") or os.sep in name_or_path:
         path = os.path.abspath(os.path.expanduser(name_or_path))
+        if os.path.isdir(path):
+            raise KbenchError(f"recipe file {name_or_path} is a folder: pass a recipe script "
+                              "in it, e.g. --recipe ./my_recipe.py")
         if not os.path.isfile(path):
             raise KbenchError(f"recipe file {name_or_path}: no such file")
         if not path.endswith(".py"):
@@ -60,14 +63,36 @@ def load_recipe(name_or_path):
     sys.modules[module_name] = module  # dataclasses look their module up while being built
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as exc:
         del sys.modules[module_name]
-        raise
+        refused = _load_error(path, exc)
+        if refused is None:
+            raise
+        raise refused from None
     missing = [name for name in CONTRACT if not hasattr(module, name)]
     if missing:
         raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
                           "(a recipe defines Config, build_model, build_datasets and main)")
     return module
+
+
+def _load_error(path, exc):
+    """The one-line KbenchError for a recipe file that fails while it is imported, or None to
+    let `exc` through (kbench's own errors, Ctrl-C and signals). The traceback is the user's
+    to see by running the file itself."""
+    if isinstance(exc, (KbenchError, KeyboardInterrupt)) or not isinstance(
+            exc, (Exception, SystemExit)):
+        return None
+    if isinstance(exc, SystemExit):
+        return KbenchError(f"{path} exited (status {exc.code}) while being imported: importing "
+                           "a recipe only defines Config, build_model, build_datasets and main; "
+                           "start its run under `if __name__ == \"__main__\":`")
+    if isinstance(exc, SyntaxError):
+        where = f"line {exc.lineno}" if exc.lineno else "its text"
+        return KbenchError(f"{path} does not load: SyntaxError at {where} ({exc.msg}): mend "
+                           "the file")
+    return KbenchError(f"{path} does not load: {reason(exc)} while it is imported; run "
+                       f"`python {path}` to see where")
 
 
 def recipe_name(name_or_path):

@@ -80,6 +80,8 @@ def init_from_exists(path):
         raise KbenchError("pass --init-from PATH, a model.keras another recipe saved (e.g. "
                           "`python recipes/cifar_resnet.py` writes "
                           "runs/cifar_resnet/<backend>/model.keras)")
+    if os.path.isdir(path):
+        raise KbenchError(f"--init-from {path} is a folder: point to the model.keras in it")
     if not os.path.isfile(path):
         raise KbenchError(f"--init-from {path}: no such file")
 

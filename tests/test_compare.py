@@ -135,6 +135,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
         (["--baseline", str(tmp_path / "none.jsonl")], "no such file"),
         (["--timeout", "nan"], "--timeout nan is not allowed"),
         (["--timeout", "0"], "--timeout 0 is not allowed"),
+        (["--backends", ""], "--backends '' is not allowed"),
+        (["--backends", "jax,"], "--backends 'jax,' is not allowed"),
+        (["--backends", "jax,torch,jax"], "--backends names jax twice: to run it again, use "
+                                          "--repeats"),
+        (["--batch-size", "8", "--set", "batch_size=16"],
+         "--batch-size 8 and --set batch_size=16 disagree"),
+        (["--dtype-policy", "mixed_bfloat16", "--set", "dtype_policy=float32"],
+         "--dtype-policy mixed_bfloat16 and --set dtype_policy=float32 disagree"),
     ]:
         status, err = entry_point_error(cli.main, ["compare", *args, "--output",
                                                    str(tmp_path / "x")])
@@ -146,7 +154,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
                              (b"[1, 2]\n", "a JSON list, not an object"),
                              (b"{}\n", "no backend name"),
                              (b'{"backend": "jax", "status": "ok", "step_time_ms": "fast"}\n',
-                              "step_time_ms is 'fast', not a number")]:
+                              "step_time_ms is 'fast', not a number"),
+                             (b'{"backend": "jax", "status": "ok", "config": 5}\n',
+                              "config is 5, not an object of settings")]:
         (tmp_path / "bad.jsonl").write_bytes(content)
         for argv in (["report", str(tmp_path / "bad.jsonl")],
                      ["report", str(tmp_path / "bad.jsonl"), "--baseline",
@@ -187,6 +197,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
                                                str(tmp_path / "a-file")])
     assert status == 2 and "cannot write there" in err
     assert (tmp_path / "a-file").read_text() == "mine"
+    # report --output into another compare's folder would leave its results.csv and .png
+    # describing other runs than its results.jsonl: refused, nothing written there
+    (tmp_path / "other.jsonl").write_text('{"backend": "torch", "status": "failed"}\n')
+    status, err = entry_point_error(cli.main, ["report", str(tmp_path / "other.jsonl"),
+                                               "--output", str(done)])
+    assert status == 2 and "holds another compare's results.jsonl" in err
+    assert os.listdir(done) == ["results.jsonl"]
 
 
 def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_error):
@@ -204,10 +221,11 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                           "--epochs (or --steps; with a target, "
                                           "--max-epochs)")]:
         out = tmp_path / "c"
-        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *TINY,
+        tiny = TINY[:TINY.index("--model")] + TINY[TINY.index("--model") + 2:]  # --set's to say
+        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *tiny,
                                                    "--set", setting, "--output", str(out)])
         assert status == 2 and err.startswith("error: " + message), err
-        assert not (out / "results.jsonl").exists()
+        assert not out.exists()  # nor the folder: a refused compare takes back what it made
 
 
 def record(backend, median, p10, p90, accuracy=0.5):
@@ -455,6 +473,9 @@ def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():
 
     eager = compare.plan_runs(compare.CompareOptions(backends=("torch",), reference="native"))
     assert [name for name, *_ in eager] == ["torch", "native-torch"]
+    set_on = compare.plan_runs(compare.CompareOptions(  # --set jit_compile=on, as the flag
+        backends=("torch",), reference="native", extra_config={"jit_compile": "on"}))
+    assert [name for name, *_ in set_on] == ["torch", "native-torch", "native-torch-compiled"]
     compiled = compare.plan_runs(compare.CompareOptions(backends=("torch", "jax"),
                                                         reference="native", jit_compile="on"))
     assert compiled[2:] == [("native-jax", "native-jax", "jax", False),
@@ -641,3 +662,16 @@ def test_other_work_on_the_machine_is_measured_and_flagged(capsys):
     report.print_load_warnings(report.summarize(loaded), report.make_console())
     out = capsys.readouterr().out
     assert "torch: other processes took 60% of this machine's CPU" in out and "jax:" not in out
+
+
+def test_a_worker_that_never_started_says_the_last_line_of_its_log():
+    """An interpreter without kbench never runs the worker: no exception line, so the error
+    is the interpreter's own last word (else: the log's last exception line)."""
+    from kbench.bench.compare import _explain
+
+    tail = ("/usr/bin/python3: Error while finding module specification for "
+            "'kbench.bench.worker' (ModuleNotFoundError: No module named 'kbench')")
+    assert _explain(1, tail).splitlines()[0] == f"worker exited with status 1: {tail}"
+    tail = "Traceback (most recent call last):\n  ...\nImportError: no tf\nsome exit chatter"
+    assert _explain(1, tail).splitlines()[0] == "worker exited with status 1: ImportError: no tf"
+    assert _explain(0, "").splitlines()[0] == "worker exited with status 0"

@@ -147,6 +147,14 @@ def test_unknown_dataset():
         data.load_dataset("imagenet")
 
 
+def test_asking_for_more_examples_than_a_split_holds_takes_it_all_with_a_note(capsys):
+    digits = data.load_dataset("digits", train_examples=100_000, test_examples=10)
+    assert len(digits.x_train) == 1347 and len(digits.x_test) == 10
+    out = capsys.readouterr().out
+    assert out == ("note: digits has 1347 train examples, fewer than the 100000 asked for "
+                   "(--train-examples): all 1347 are used\n")
+
+
 def test_synthetic_is_deterministic_and_sized():
     a = data.load_synthetic(train_examples=64, test_examples=16, seed=3)
     b = data.load_synthetic(train_examples=64, test_examples=16, seed=3)

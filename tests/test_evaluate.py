@@ -323,3 +323,32 @@ def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
     assert run_cli("evaluate", bare, "--dataset", "digits", "--output-dir",
                    tmp_path / "a-file" / "eval") == 2
     assert "cannot write there" in capsys.readouterr().err
+
+
+def test_bad_settings_in_metrics_json_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    """A metrics.json edited by hand (or not kbench's): its settings are checked by the rules
+    the recipe's flags follow, before any data is built, and a flag given now wins over it."""
+    settings = {"dataset": "digits", "seed": 0, "test_examples": 40, "batch_size": 20}
+    for name, bad, hint in [("test_examples", -5, ", or pass --test-examples"),
+                            ("batch_size", "x", ", or pass --batch-size"),
+                            ("batch_size", 0, ", or pass --batch-size"),
+                            ("seed", -1, "")]:
+        case = tmp_path / f"{name}-{bad}"
+        case.mkdir()
+        model_path = save_run(case, digits_model(), {**settings, name: bad})
+        metrics = model_path.parent / "metrics.json"
+        assert run_cli("evaluate", model_path, "--output-dir", case / "eval") == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {metrics} holds a setting that is not allowed "
+                               f"(--{name.replace('_', '-')} {bad!r} is not allowed"), line
+        assert line.endswith(f"mend the file{hint}")
+        assert not (case / "eval" / "eval.json").exists()
+    batch_0 = tmp_path / "batch_size-0" / "run" / "model.keras"
+    assert run_cli("evaluate", batch_0, "--batch-size", 10, "--output-dir",
+                   tmp_path / "eval") == 0
+
+    # A "config" that is no mapping: the file is set aside with a note, as an unreadable one.
+    metrics.write_text(json.dumps({"recipe": "mnist_convnet", "config": 5}))
+    assert run_cli("evaluate", model_path, "--output-dir", tmp_path / "eval2") == 2
+    err = capsys.readouterr().err
+    assert "note: ignoring" in err and "error: " in err and "pass --dataset" in err

@@ -68,6 +68,18 @@ def test_onnx_export_matches_keras(saved_digits_model, tmp_path):
     assert np.max(np.abs(got - expected)) < 1e-4 * max(1.0, np.abs(expected).max())
     assert not [p for p in os.listdir(output.parent) if p.startswith(".kbench-tmp-")]
 
+    # An --output that exists and is not an ONNX model is refused and left as it was: the
+    # model being exported (a mistyped --output), a notes file. The export above is replaced.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for taken in (model_path, notes):
+        before = taken.read_bytes()
+        with pytest.raises(KbenchError, match="exists and is not an ONNX model"):
+            export_model(model_path, taken, "onnx")
+        assert taken.read_bytes() == before
+    export_model(model_path, output, "onnx")
+    onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+
 
 def test_savedmodel_export_matches_keras_and_replaces_an_old_export(saved_digits_model,
                                                                      tmp_path, capsys):

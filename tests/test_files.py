@@ -183,3 +183,37 @@ def test_a_folder_that_refuses_the_temp_file_names_the_file_being_written(tmp_pa
         f"cannot write {path} (Permission denied): free space or make the folder writable, "
         "then run again (a recipe run continues from its last checkpoint with --resume); the "
         "files written before are kept")
+
+
+def test_a_run_refused_on_bad_input_takes_back_the_folders_it_made_and_left_empty(tmp_path,
+                                                                                 capsys):
+    """A mistyped command leaves no folder that holds only its lock file (exit_on_error);
+    folders that were there before, or that the run wrote into, or that another run holds,
+    are kept."""
+    from kbench.errors import KbenchError, exit_on_error
+
+    def refused_run(folder, write=None):
+        with_lock = files.FolderLock(str(folder)).acquire()
+        if write:
+            (folder / write).write_text("a result")
+        with_lock.release()
+        raise KbenchError("bad input")
+
+    (tmp_path / "there").mkdir()
+    for folder, write in [(tmp_path / "new" / "a" / "b", None),
+                          (tmp_path / "there" / "run", None),
+                          (tmp_path / "written", "metrics.json")]:
+        with pytest.raises(SystemExit) as stop:
+            exit_on_error(refused_run, folder, write)
+        assert stop.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
+    assert sorted(os.listdir(tmp_path)) == ["there", "written"]
+    assert os.listdir(tmp_path / "there") == []
+    assert sorted(os.listdir(tmp_path / "written")) == [".kbench.lock", "metrics.json"]
+
+    made_before = len(files.MADE_FOLDERS)
+    held = files.FolderLock(str(tmp_path / "held")).acquire()  # a run still in it
+    try:
+        files.remove_folders_left_empty(since=made_before)
+        assert os.listdir(tmp_path / "held") == [".kbench.lock"]
+    finally:
+        held.release()

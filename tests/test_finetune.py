@@ -113,6 +113,7 @@ def test_main_takes_a_users_own_model(tmp_path):
 def test_missing_or_corrupt_init_from_is_one_line_error(tmp_path, checkpoint):
     for path, expected in ((None, "pass --init-from PATH"),
                            (tmp_path / "nope.keras", "no such file"),
+                           (tmp_path, "is a folder: point to the model.keras in it"),
                            (tmp_path / "bad.keras", "is not a readable .keras file")):
         if path is not None and path.name == "bad.keras":
             path.write_bytes(b"PK\x03\x04 this is not a Keras archive")

@@ -216,7 +216,7 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, message, capsys):
         gpu_check.main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
 def test_an_output_folder_with_a_check_is_refused_before_anything_runs(tmp_path, capsys):

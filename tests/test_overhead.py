@@ -92,6 +92,7 @@ def test_profile_table_says_where_keras_spends_its_time():
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size 0 is not allowed"),
+    (["--bogus"], "error: unrecognized arguments: --bogus (see tools/overhead.py --help)"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--threads", "-1"], "--threads -1 is not allowed"),
     (["--repeats", "0"], "--repeats 0 is not allowed"),

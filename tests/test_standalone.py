@@ -44,6 +44,20 @@ def test_recipes_are_found_by_name_or_path_and_checked(tmp_path):
     (tmp_path / "half.py").write_text("Config = dict\n")
     with pytest.raises(KbenchError, match="has no build_model, build_datasets, main"):
         recipe_files.load_recipe(str(tmp_path / "half.py"))
+    with pytest.raises(KbenchError, match="is a folder: pass a recipe script in it"):
+        recipe_files.load_recipe(str(tmp_path) + os.sep)
+    # A file that fails while it is imported: one line, and nothing of it left imported.
+    for source, message in [
+            ("def broken(:\n", r"syntax.py does not load: SyntaxError at line 1 \("),
+            ("raise RuntimeError('boom')\n",
+             r"raising.py does not load: RuntimeError: boom while it is imported; run `python "),
+            ("import sys\nsys.exit(3)\n",
+             r"exiting.py exited \(status 3\) while being imported: .*__name__ == ")]:
+        name = message.split(".py")[0]
+        (tmp_path / f"{name}.py").write_text(source)
+        with pytest.raises(KbenchError, match=message):
+            recipe_files.load_recipe(str(tmp_path / f"{name}.py"))
+        assert f"kbench_recipe_{name}" not in sys.modules
 
 
 @pytest.fixture

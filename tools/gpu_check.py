@@ -457,8 +457,9 @@ def write_atomic(path, text):
 
 
 def _fail(message):
-    """A bad argument: one line on stderr, exit status 2 (as argparse and kbench do)."""
-    print(message, file=sys.stderr)
+    """A bad argument: one `error: ...` line on stderr, exit status 2, as kbench's commands
+    answer."""
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -467,11 +468,11 @@ def parse_batch_sizes(text, models, defaults=DEFAULT_BATCH):
     for item in filter(None, (text or "").split(",")):
         model, _, value = item.partition("=")
         if not value.isdigit() or int(value) < 1:
-            _fail(f"gpu-check: --batch-size takes MODEL=N with N >= 1, not {item!r}")
+            _fail(f"--batch-size takes MODEL=N with N >= 1, not {item!r}")
         sizes[model.strip()] = int(value)
     missing = [m for m in models if m not in sizes]
     if missing:
-        _fail(f"gpu-check: no batch size for {', '.join(missing)} (it has defaults for "
+        _fail(f"no batch size for {', '.join(missing)} (it has defaults for "
               f"{', '.join(defaults)}); for another kbench model add "
               f"--batch-size {missing[0]}=N")
     return sizes
@@ -479,7 +480,7 @@ def parse_batch_sizes(text, models, defaults=DEFAULT_BATCH):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as kbench's own commands answer
-        _fail(f"gpu-check: {message} (see tools/gpu_check.py --help)")
+        _fail(f"{message} (see tools/gpu_check.py --help)")
 
 
 def parse_cases(text):
@@ -488,14 +489,14 @@ def parse_cases(text):
     for item in filter(None, (c.strip() for c in text.split(","))):
         model, sep, dtype = item.partition(":")
         if not sep or not model:
-            _fail(f"gpu-check: --cases takes MODEL:DTYPE_POLICY,... (e.g. resnet20:float32), "
+            _fail(f"--cases takes MODEL:DTYPE_POLICY,... (e.g. resnet20:float32), "
                   f"not {item!r}")
         if dtype not in PEAK_KEY:
-            _fail(f"gpu-check: unknown dtype policy {dtype!r} in --cases; use "
+            _fail(f"unknown dtype policy {dtype!r} in --cases; use "
                   f"{', '.join(PEAK_KEY)}")
         cases.append((model, dtype))
     if not cases:
-        _fail("gpu-check: --cases names no case")
+        _fail("--cases names no case")
     return cases
 
 
@@ -581,23 +582,23 @@ def main(argv=None):
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
-        _fail(f"gpu-check: unknown backend {unknown[0]!r}; use {', '.join(BACKENDS)}")
+        _fail(f"unknown backend {unknown[0]!r}; use {', '.join(BACKENDS)}")
     for flag, value, least, kind in (("--steps", args.steps, 1, "an integer"),
                                      ("--warmup-steps", args.warmup_steps, 0, "an integer"),
                                      ("--sync-every", args.sync_every, 1, "an integer"),
                                      ("--timeout", args.timeout, 1, "a number of seconds"),
                                      ("--budget-s", args.budget_s, 1, "a number of seconds")):
         if not value >= least:  # NaN too
-            _fail(f"gpu-check: {flag} {value} is not allowed: it takes {kind} >= {least}")
+            _fail(f"{flag} {value} is not allowed: it takes {kind} >= {least}")
     try:
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
-        _fail(f"gpu-check: {bad}")
+        _fail(str(bad))
     if args.output and not args.dry_run:  # before any GPU time is spent
         try:
             new_results_folder(args.output, "gpu-check.jsonl", "a check's")
         except KbenchError as bad:
-            _fail(f"gpu-check: {bad}")
+            _fail(str(bad))
     used_sizes = {m: batch_sizes[m] for m, _ in cases}
     if args.dry_run:  # as if every framework named saw the GPU
         keras_variants, natives = compare_names()

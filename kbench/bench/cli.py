@@ -42,6 +42,35 @@ def _config_overrides(values):
     return overrides
 
 
+# Recipe settings compare has a flag of its own for, and the flag's default: `--set` may give
+# one only where its flag is left at that default (else two values, and one silently lost).
+FLAGGED_SETTINGS = {"dataset": "synthetic", "model": None, "batch_size": None,
+                    "dtype_policy": "float32", "jit_compile": "auto", "float32_precision": "tf32"}
+
+
+def _check_set_against_flags(args, overrides):
+    for field, default in FLAGGED_SETTINGS.items():
+        given = getattr(args, field)
+        if field in overrides and given != default and overrides[field] != given:
+            flag = "--" + field.replace("_", "-")
+            raise KbenchError(f"{flag} {given} and --set {field}={overrides[field]} disagree: "
+                              f"give one ({flag})")
+
+
+def _backend_list(text):
+    """--backends as a tuple of names (None: not given, every installed backend)."""
+    if text is None:
+        return ()
+    names = [b.strip() for b in text.split(",")]
+    if not all(names):
+        raise KbenchError(f"--backends {text!r} is not allowed: it takes comma-separated "
+                          "backend names, e.g. jax,torch (leave it out for every installed one)")
+    twice = sorted({b for b in names if names.count(b) > 1})
+    if twice:
+        raise KbenchError(f"--backends names {twice[0]} twice: to run it again, use --repeats")
+    return tuple(names)
+
+
 def cmd_compare(args):
     from kbench.bench.compare import CompareOptions, compare
     from kbench.bench.report import make_console
@@ -63,17 +92,18 @@ def cmd_compare(args):
     if args.simulate_devices is not None and args.distribute != "data_parallel":
         raise KbenchError("--simulate-devices N goes with --distribute data_parallel")
     sweep_options = _sweep_options(args)
+    extra_config = _config_overrides(args.set)
+    _check_set_against_flags(args, extra_config)
     options = CompareOptions(
         recipe=args.recipe,
-        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip())
-        if args.backends else (),
+        backends=_backend_list(args.backends),
         reference=args.reference, dataset=args.dataset, model=args.model,
         batch_size=args.batch_size, steps=args.steps, warmup_steps=args.warmup_steps,
         sync_every=args.sync_every,
         epochs=args.epochs, dtype_policy=args.dtype_policy, jit_compile=args.jit_compile,
         float32_precision=args.float32_precision,
         repeats=args.repeats, timeout=args.timeout, python=_python_map(args.python),
-        output=args.output, baseline=_results_file(args.baseline), extra_config=_config_overrides(args.set),
+        output=args.output, baseline=_results_file(args.baseline), extra_config=extra_config,
         distribute=args.distribute, simulate_devices=args.simulate_devices,
         target_accuracy=args.target_accuracy, eval_every=args.eval_every,
         max_epochs=args.max_epochs, **sweep_options,
@@ -144,6 +174,11 @@ def cmd_report(args):
     if baseline:
         _check_baseline(baseline)
     out_dir = args.output or os.path.dirname(os.path.abspath(results))
+    others = os.path.join(out_dir, "results.jsonl")
+    if os.path.isfile(others) and not os.path.samefile(others, results):
+        # results.csv and results.png there would describe other runs than its results.jsonl
+        raise KbenchError(f"--output {args.output} holds another compare's results.jsonl: "
+                          "pass a new folder (or that compare's own to redraw it)")
     writable_folder(out_dir, "--output")
     render(rows, out_dir, baseline=baseline, results=os.path.abspath(results))
     return 0
@@ -163,7 +198,7 @@ def add_verbs(verbs):
     compare.add_argument("--reference", choices=("none", "native"), default="none",
                          help="native: also run the twins in plain JAX+optax, TensorFlow and "
                               "PyTorch of the backends compared")
-    compare.add_argument("--dataset", default="synthetic",
+    compare.add_argument("--dataset", default=FLAGGED_SETTINGS["dataset"],
                          help="the recipe's dataset: synthetic, digits, cifar10, ... (see "
                               "docs/recipes.md)")
     compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
@@ -181,14 +216,16 @@ def add_verbs(verbs):
                               "sync but at evaluations and epoch ends, as training alone")
     compare.add_argument("--epochs", type=int, default=None,
                          help="train full epochs instead (accuracy parity); times every step")
-    compare.add_argument("--dtype-policy", default="float32",
+    compare.add_argument("--dtype-policy", default=FLAGGED_SETTINGS["dtype_policy"],
                          choices=("float32", "mixed_float16", "mixed_bfloat16"),
                          help="Keras dtype policy of every run (the twins follow it)")
-    compare.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"),
+    compare.add_argument("--jit-compile", default=FLAGGED_SETTINGS["jit_compile"],
+                         choices=("auto", "on", "off"),
                          help="Keras' jit_compile: auto lets Keras decide (XLA under jax, "
                               "and under tensorflow on a GPU; torch eager); on: XLA, or "
                               "torch.compile under torch")
-    compare.add_argument("--float32-precision", default="tf32", choices=("tf32", "highest"),
+    compare.add_argument("--float32-precision", default=FLAGGED_SETTINGS["float32_precision"],
+                         choices=("tf32", "highest"),
                          help="float32 convolutions and matmuls on GPUs with TF32 units, the "
                               "same for every run: tf32 (JAX's and TensorFlow's default; "
                               "kbench sets torch alike) or highest (full float32). No effect "

@@ -151,10 +151,11 @@ def twins_of(runs, options):
     keras_runs = [(name, framework) for name, runner, framework, _ in runs if runner == "keras"]
     eager = {framework for name, framework in keras_runs if name != "torch-compiled"}
     wanted = {f"native-{framework}" for framework in eager}
+    config = run_config(options)  # the flags, or --set model=... and the like
     if any(name == "torch-compiled" for name, _ in keras_runs) or (
-            options.jit_compile == "on" and "torch" in eager):
+            config.get("jit_compile") == "on" and "torch" in eager):
         wanted.add("native-torch-compiled")
-    model = run_config(options).get("model")  # --model, or a --set model=...
+    model = config.get("model")
     left_out = {n for n in wanted if model is not None and model not in TWIN_MODELS[NATIVE[n]]}
     return wanted - left_out, left_out
 
@@ -466,8 +467,10 @@ def _explain(returncode, tail, failure=None):
         hint = " (killed: out of memory?)" if sig == "SIGKILL" else ""
         return f"worker died with {sig}{hint}\n{tail}"
     # No word from the worker (it never got that far: e.g. a broken interpreter): the
-    # log's last exception line, when there is one.
-    raised = [line.strip() for line in tail.splitlines() if EXCEPTION_LINE.match(line)]
+    # log's last exception line, or else its last line (an interpreter without kbench says
+    # "python: Error while finding module specification for 'kbench.bench.worker' (...)").
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)] or lines[-1:]
     return (f"worker exited with status {returncode}"
             + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 

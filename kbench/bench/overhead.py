@@ -363,10 +363,15 @@ def _fail(message):
     raise SystemExit(2)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as kbench's own commands answer
+        _fail(f"{message} (see {self.prog} --help)")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="tools/overhead.py",
-                                     description="Host overhead per training step: every "
-                                                 "backend and twin at a tiny batch.")
+    parser = _Parser(prog="tools/overhead.py",
+                     description="Host overhead per training step: every backend and twin at "
+                                 "a tiny batch.")
     parser.add_argument("--output", default=None,
                         help="results folder (default runs/overhead/<timestamp>)")
     parser.add_argument("--model", default="resnet20",
@@ -402,13 +407,6 @@ def parse_args(argv):
         check_interpreter(args.python, f"--python {args.python}")
     except KbenchError as bad:
         _fail(str(bad))
-    if args.output and not (args.plan or args.report):
-        from kbench.files import new_results_folder
-
-        try:
-            new_results_folder(args.output, "overhead.jsonl", "a measurement's")
-        except KbenchError as bad:
-            _fail(str(bad))
     if not args.report:  # every row has its twin (a plan shows what would run)
         from kbench.bench.compare import TWIN_MODELS
 
@@ -417,6 +415,13 @@ def parse_args(argv):
         if args.model not in everywhere:
             _fail(f"--model {args.model} is not allowed: every framework's native twins cover "
                   f"{', '.join(everywhere)}")
+    if args.output and not (args.plan or args.report):  # made last: all else was right
+        from kbench.files import new_results_folder
+
+        try:
+            new_results_folder(args.output, "overhead.jsonl", "a measurement's")
+        except KbenchError as bad:
+            _fail(str(bad))
     return args
 
 

@@ -180,6 +180,8 @@ def not_a_record(row):
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{key} is {value!r}, not a number"
+    if not isinstance(row.get("config") or {}, dict):
+        return f"config is {row['config']!r}, not an object of settings"
     return None
 
 

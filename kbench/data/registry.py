@@ -62,12 +62,20 @@ def load_dataset(name, data_dir=None, download=False, train_examples=None, test_
         train, test = load_digits()
     else:
         raise KbenchError(f"unknown dataset {name!r}; use one of: {', '.join(IMAGE_DATASETS)}")
-    (x_train, y_train), (x_test, y_test) = train, test
-    if train_examples:
-        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
-    if test_examples:
-        x_test, y_test = x_test[:test_examples], y_test[:test_examples]
+    (x_train, y_train), (x_test, y_test) = (first_examples(name, "train", train, train_examples),
+                                            first_examples(name, "test", test, test_examples))
     return Dataset(name, x_train, y_train, x_test, y_test, IMAGE_INFO[name][1])
+
+
+def first_examples(name, split, arrays, wanted):
+    """The first `wanted` examples of a real dataset's split (all of them when None), as
+    `--train-examples` / `--test-examples` ask. Asking for more than the split holds takes
+    the whole split, with a note: the run's config still says the number asked for."""
+    held = len(arrays[0])
+    if wanted and wanted > held:
+        print(f"note: {name} has {held} {split} examples, fewer than the {wanted} asked for "
+              f"(--{split}-examples): all {held} are used", flush=True)
+    return tuple(a[:wanted] for a in arrays) if wanted else tuple(arrays)
 
 
 def load_images(name, data_dir=None, download=False, train_examples=None, test_examples=None,

@@ -10,7 +10,7 @@ import numpy as np
 
 from kbench.data.mnist import KERAS_DATASETS_URL
 from kbench.data.pipeline import batched_stream
-from kbench.data.registry import Dataset, TEXT_DATASETS
+from kbench.data.registry import Dataset, TEXT_DATASETS, first_examples
 from kbench.data.sources import fetch_archive, read_npy, tfds_prepared, default_data_dirs
 from kbench.errors import KbenchError, reason
 
@@ -49,10 +49,8 @@ def load_text_dataset(name, data_dir=None, download=False, train_examples=None,
             seed=seed)
     elif name == "imdb":
         train, test = _load_imdb_ids(data_dir, download, vocab_size)
-        if train_examples:
-            train = (train[0][:train_examples], train[1][:train_examples])
-        if test_examples:
-            test = (test[0][:test_examples], test[1][:test_examples])
+        train = first_examples(name, "train", train, train_examples)
+        test = first_examples(name, "test", test, test_examples)
         train, test = ((pad_sequences(x, sequence_length), np.asarray(y).reshape(-1, 1))
                        for x, y in (train, test))
     else:

@@ -60,7 +60,8 @@ def load_model(path, compile=False):
 
 def run_info(model_path):
     """What the run that wrote `model_path` recorded beside it: {"recipe": name or None,
-    "config": its settings (dataset, data_dir, seed, train/test_examples, batch_size...)}, from
+    "config": its settings (dataset, data_dir, seed, train/test_examples, batch_size...),
+    "path": the file they came from, "data_given"}, from
     metrics.json (a finished run) or else config.json (written before training, so a
     best.keras of an unfinished run has it too). None when neither is there; an unreadable
     file is reported and skipped: the model itself is still usable."""
@@ -76,16 +77,20 @@ def run_info(model_path):
             print(f"note: ignoring {path} ({type(exc).__name__}): pass the settings as flags",
                   file=sys.stderr)
             continue
-        if not isinstance(saved, dict):
+        settings = saved.get("config") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict) or (name == "metrics.json"
+                                           and not isinstance(settings or {}, dict)):
+            print(f"note: ignoring {path} (not a kbench run's record): pass the settings as "
+                  "flags", file=sys.stderr)
             continue
         if name == "metrics.json":  # settings under "config", the dataset also at the top
-            config = dict(saved.get("config") or {})
+            config = dict(settings or {})
             config.setdefault("dataset", saved.get("dataset"))
         else:  # the settings themselves, labelled with recipe and backend
             from kbench.config import CONFIG_LABELS
 
             config = {k: v for k, v in saved.items() if k not in CONFIG_LABELS}
-        return {"recipe": saved.get("recipe"), "config": config,
+        return {"recipe": saved.get("recipe"), "config": config, "path": path,
                 "data_given": bool(saved.get("data_given"))}
     return None
 
