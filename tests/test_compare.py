@@ -171,13 +171,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
     kept = '{"backend": "jax", "status": "failed"}\n'
     (done / "results.jsonl").write_text(kept)
     (tmp_path / "a-file").write_text("mine")
+    trained = tmp_path / "trained"  # a recipe run's folder
+    trained.mkdir()
+    (trained / "metrics.json").write_text("{}")
     for output, message in [(done, "already holds a compare's results.jsonl"),
-                            (tmp_path / "a-file", "cannot write there")]:
+                            (tmp_path / "a-file", "cannot write there"),
+                            (trained, "holds a training run (metrics.json)")]:
         status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", "--output",
                                                    str(output)])
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err
     assert (done / "results.jsonl").read_text() == kept
+    assert os.listdir(trained) == ["metrics.json"]
     # One compare per --output: a folder another compare (or recipe) holds is refused
     from kbench.files import FolderLock
 

@@ -524,6 +524,10 @@ def open_output(options):
 def _open_results_folder(out_dir):
     from kbench.files import FolderLock, new_results_folder
 
+    for name in ("metrics.json", "checkpoint.json", "config.json"):  # a recipe run's folder
+        if os.path.isfile(os.path.join(out_dir, name)):
+            raise KbenchError(f"--output {out_dir} holds a training run ({name}): give the "
+                              "compare a folder of its own")
     new_results_folder(out_dir, "results.jsonl", "a compare's")
     lock = FolderLock(out_dir, flag="--output").acquire()
     try:  # again under the lock: a compare that raced this one may have written meanwhile
