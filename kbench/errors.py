@@ -200,7 +200,9 @@ def exit_on_error(fn, *args, **kwargs):
 
     made_before = len(files.MADE_FOLDERS)
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        del files.MADE_FOLDERS[made_before:]  # kept: the run went through
+        return result
     except KbenchError as exc:
         files.remove_folders_left_empty(since=made_before)
         print(f"error: {exc}", file=sys.stderr)

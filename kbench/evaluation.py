@@ -307,14 +307,14 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
                                        test_examples=test_examples, batch_size=batch_size,
                                        download=download).items() if v is not None}
     settings = {**saved, "download": False, **overrides}  # downloads only when asked now
+    from_file = {k: v for k, v in saved.items() if k not in overrides}  # flags: checked
     if recipe is not None:
-        config = recipe_config(recipe, settings, model, run.get("path"))
+        config = recipe_config(recipe, settings, model, (from_file, run.get("path")))
         test_ds = as_stream(config.build_datasets(config.config)[1], training=False)
         settings = dataclasses.asdict(config.config)
     else:
-        check_saved_settings(TrainConfig, {k: v for k, v in saved.items()
-                                           if k in EVAL_SETTINGS and k not in overrides},
-                             run.get("path"))
+        check_saved_settings(TrainConfig, {k: v for k, v in from_file.items()
+                                           if k in EVAL_SETTINGS}, run.get("path"))
         test_ds = tasks.test_stream(dataset, model, settings)
     check_compatible(model, test_ds, model_path, dataset)
     try:
@@ -363,11 +363,13 @@ def check_saved_settings(config_cls, saved, path):
                               f"file{instead}") from None
 
 
-def recipe_config(recipe, settings, model, path=None):
+def recipe_config(recipe, settings, model, saved=None):
     """The recipe (name or file) loaded, and its Config for evaluation: its defaults, then
     `settings` where it has such fields. Text models without saved settings get their
     sequence length and vocabulary size from the model itself. Returns a namespace with
-    `config` and `build_datasets`."""
+    `config` and `build_datasets`. `saved`: (the settings read from the run's file, its
+    path), checked (check_saved_settings) where the Config has such fields: the recipe's
+    build_datasets may read any of them."""
     import types
 
     from kbench.models.saving import vocab_size
@@ -376,7 +378,10 @@ def recipe_config(recipe, settings, model, path=None):
     module = load_recipe(recipe)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {k: v for k, v in settings.items() if k in fields}
-    check_saved_settings(module.Config, values, path or "the run's metrics.json")
+    if saved is not None and saved[1] is not None:
+        from_file, path = saved
+        check_saved_settings(module.Config, {k: v for k, v in from_file.items()
+                                             if k in fields}, path)
     if "sequence_length" in fields and "sequence_length" not in values:
         length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
         if length:

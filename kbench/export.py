@@ -313,11 +313,15 @@ def check_output(output, format):
     """Refuse outputs whose replacement would destroy something that is not an old export."""
     if format == "onnx" and os.path.isdir(output):
         raise KbenchError(f"{output} is a folder: --output takes the .onnx file to write")
-    if format == "onnx" and os.path.lexists(output) and not _is_onnx_model(output):
+    if format == "onnx" and os.path.lexists(output):
         # torch.onnx.export and tf2onnx write over whatever is there: a mistyped --output (the
         # model.keras being exported, a notes file) would be lost.
-        raise KbenchError(f"{output} exists and is not an ONNX model: pick a new --output "
-                          "(an older .onnx export there would be replaced)")
+        if not _installed("onnx"):
+            raise KbenchError(f"{output} exists, and without the onnx package kbench cannot "
+                              "tell whether it is an older export: pick a new --output")
+        if not _is_onnx_model(output):
+            raise KbenchError(f"{output} exists and is not an ONNX model: pick a new --output "
+                              "(an older .onnx export there would be replaced)")
     if format == "savedmodel" and os.path.lexists(output):
         if not os.path.isdir(output) or os.path.islink(output):
             raise KbenchError(f"{output} exists and is not a folder: --output takes the folder "
@@ -328,16 +332,19 @@ def check_output(output, format):
 
 
 def _is_onnx_model(path):
-    """Whether `path` is a file that parses as an ONNX model with a graph. Parsing alone is not
-    enough: protobuf reads many other files (a .keras zip, a line of text) as a ModelProto of
-    unknown fields, with no IR version and no graph nodes."""
-    if not os.path.isfile(path) or os.path.islink(path) or not _installed("onnx"):
-        return False  # without onnx nothing tells: the file is kept
+    """Whether `path` is a file (or a link to one) that parses as an ONNX model with a graph.
+    Parsing alone is not enough: protobuf reads many other files (a .keras zip, a line of
+    text) as a ModelProto of unknown fields, with no IR version and no graph nodes. The
+    exporters write ir_version, field 1, first (byte 0x08): a file that starts otherwise is
+    not read whole."""
     import onnx
 
     try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x08":
+                return False
         model = onnx.load(path, load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends: not an ONNX file
+    except Exception:  # not a readable file, protobuf's DecodeError...: not an export
         return False
     return model.ir_version > 0 and len(model.graph.node) > 0
 

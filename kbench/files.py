@@ -165,6 +165,16 @@ def remove_folders_left_empty(since=0):
             folder = os.path.dirname(folder)
 
 
+def _is_file_at(open_file, path):
+    """Whether `open_file` is still the file at `path` (not unlinked or replaced since)."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(open_file.fileno())
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
 def _remove_if_left_empty(folder):
     import fcntl
 
@@ -172,7 +182,10 @@ def _remove_if_left_empty(folder):
         entries = os.listdir(folder)
         if not set(entries) <= {FolderLock.NAME}:
             return False
-        if entries:  # unlinked while locked here: a run that holds it keeps its folder
+        # Unlinked while locked here, so a run that holds it keeps its folder; a run that
+        # opened it just before finds its lock on a file no longer there and takes the new
+        # one (FolderLock.acquire).
+        if entries:
             with open(os.path.join(folder, FolderLock.NAME), "a") as lock_file:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.unlink(os.path.join(folder, FolderLock.NAME))
@@ -238,22 +251,35 @@ class FolderLock:
 
         from kbench.errors import KbenchError
 
-        writable_folder(self.folder, self.flag)
         path = os.path.join(self.folder, self.NAME)
-        lock_file = open(path, "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
+        for _ in range(10):
+            writable_folder(self.folder, self.flag)
+            try:
+                lock_file = open(path, "a+")
+            except FileNotFoundError:  # the folder was just taken back (a refused run's)
+                continue
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "another process"
+                lock_file.close()
+                raise KbenchError(f"{self.folder} is in use by another run ({holder}); wait "
+                                  f"for it to end, or give this run another {self.flag}") from None
+            except OSError as exc:  # a filesystem without flock (some NFS / FUSE mounts)
+                lock_file.close()
+                print(f"note: cannot lock {self.folder} ({exc.strerror}): a second run into "
+                      "it would not be refused", flush=True)
+                return self
+            if _is_file_at(lock_file, path):
+                break
+            # A refused run unlinked this lock file (remove_folders_left_empty) between our
+            # open and our flock: the lock is on a file no other run can find. Take the one
+            # that is there now.
             lock_file.close()
-            raise KbenchError(f"{self.folder} is in use by another run ({holder}); wait for "
-                              f"it to end, or give this run another {self.flag}") from None
-        except OSError as exc:  # a filesystem without flock (some NFS / FUSE mounts)
-            lock_file.close()
-            print(f"note: cannot lock {self.folder} ({exc.strerror}): a second run into it "
-                  "would not be refused", flush=True)
-            return self
+        else:
+            raise KbenchError(f"{self.folder} keeps being removed while this run takes it: "
+                              f"give this run another {self.flag}")
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")

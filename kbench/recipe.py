@@ -83,12 +83,16 @@ def _load_error(path, exc):
     if isinstance(exc, (KbenchError, KeyboardInterrupt)) or not isinstance(
             exc, (Exception, SystemExit)):
         return None
-    if isinstance(exc, SystemExit):
-        return KbenchError(f"{path} exited (status {exc.code}) while being imported: importing "
-                           "a recipe only defines Config, build_model, build_datasets and main; "
-                           "start its run under `if __name__ == \"__main__\":`")
-    if isinstance(exc, SyntaxError):
+    if isinstance(exc, SystemExit):  # sys.exit(): status 0; sys.exit("why"): its message
+        status = 0 if exc.code is None else exc.code
+        said = f"status {status}" if isinstance(status, int) else repr(status)
+        return KbenchError(f"{path} exited ({said}) while being imported: importing a recipe "
+                           "only defines Config, build_model, build_datasets and main; start "
+                           "its run under `if __name__ == \"__main__\":`")
+    if isinstance(exc, SyntaxError):  # in the recipe, or in a module of yours it imports
         where = f"line {exc.lineno}" if exc.lineno else "its text"
+        if exc.filename and os.path.abspath(exc.filename) != path:
+            where += f" of {exc.filename}"
         return KbenchError(f"{path} does not load: SyntaxError at {where} ({exc.msg}): mend "
                            "the file")
     return KbenchError(f"{path} does not load: {reason(exc)} while it is imported; run "

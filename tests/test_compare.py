@@ -143,6 +143,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
          "--batch-size 8 and --set batch_size=16 disagree"),
         (["--dtype-policy", "mixed_bfloat16", "--set", "dtype_policy=float32"],
          "--dtype-policy mixed_bfloat16 and --set dtype_policy=float32 disagree"),
+        (["--dataset", "synthetic", "--set", "dataset=digits"],  # given, though the default
+         "--dataset synthetic and --set dataset=digits disagree"),
     ]:
         status, err = entry_point_error(cli.main, ["compare", *args, "--output",
                                                    str(tmp_path / "x")])
@@ -209,6 +211,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
                                                "--output", str(done)])
     assert status == 2 and "holds another compare's results.jsonl" in err
     assert os.listdir(done) == ["results.jsonl"]
+    (done / "merged.jsonl").write_text(kept)  # beside it, without --output: the same
+    status, err = entry_point_error(cli.main, ["report", str(done / "merged.jsonl")])
+    assert status == 2 and err == (f"error: {done} holds another compare's results.jsonl, whose "
+                                   "results.csv and results.png these would replace: pass "
+                                   "--output NEW_FOLDER\n")
 
 
 def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_error):
@@ -230,7 +237,7 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
         status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *tiny,
                                                    "--set", setting, "--output", str(out)])
         assert status == 2 and err.startswith("error: " + message), err
-        assert not out.exists()  # nor the folder: a refused compare takes back what it made
+        assert not out.exists()  # nor the folder: the settings are checked before it is made
 
 
 def record(backend, median, p10, p90, accuracy=0.5):
@@ -680,3 +687,4 @@ def test_a_worker_that_never_started_says_the_last_line_of_its_log():
     tail = "Traceback (most recent call last):\n  ...\nImportError: no tf\nsome exit chatter"
     assert _explain(1, tail).splitlines()[0] == "worker exited with status 1: ImportError: no tf"
     assert _explain(0, "").splitlines()[0] == "worker exited with status 0"
+    assert _explain(0, "epoch 1/1 done").splitlines()[0] == "worker exited with status 0"

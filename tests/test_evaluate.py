@@ -346,6 +346,14 @@ def test_bad_settings_in_metrics_json_are_one_line_errors_naming_the_file(tmp_pa
     batch_0 = tmp_path / "batch_size-0" / "run" / "model.keras"
     assert run_cli("evaluate", batch_0, "--batch-size", 10, "--output-dir",
                    tmp_path / "eval") == 0
+    # With --recipe the recipe's Config rules, and a bad flag is not blamed on the file.
+    assert run_cli("evaluate", model_path, "--recipe", "mnist_convnet", "--output-dir",
+                   tmp_path / "eval") == 2
+    assert f"error: {metrics} holds a setting that is not allowed (--seed -1" in \
+        capsys.readouterr().err
+    assert run_cli("evaluate", batch_0, "--recipe", "mnist_convnet", "--dataset", "bogus",
+                   "--output-dir", tmp_path / "eval") == 2
+    assert capsys.readouterr().err.startswith("error: unknown dataset 'bogus'")
 
     # A "config" that is no mapping: the file is set aside with a note, as an unreadable one.
     metrics.write_text(json.dumps({"recipe": "mnist_convnet", "config": 5}))

@@ -217,3 +217,30 @@ def test_a_run_refused_on_bad_input_takes_back_the_folders_it_made_and_left_empt
         assert os.listdir(tmp_path / "held") == [".kbench.lock"]
     finally:
         held.release()
+
+
+def test_a_lock_taken_while_a_refused_run_removes_the_folder_is_on_the_file_there(tmp_path,
+                                                                                monkeypatch):
+    """A run that opened the lock file just before a refused run unlinked it (and removed the
+    folder) must not lock the unlinked file, which a third run could never see: it takes the
+    folder and lock file that are there now."""
+    import fcntl
+
+    folder = tmp_path / "new"
+    made_before = len(files.MADE_FOLDERS)
+    files.FolderLock(str(folder)).acquire().release()  # the refused run's: only its lock file
+    real_flock, cleaned = fcntl.flock, []
+
+    def flock(lock_file, operation):  # between this run's open and flock: the clean-up
+        if not cleaned:
+            cleaned.append(True)
+            files.remove_folders_left_empty(since=made_before)
+            assert not folder.exists()
+        return real_flock(lock_file, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = files.FolderLock(str(folder)).acquire()
+    try:
+        assert cleaned and files._is_file_at(lock._file, str(folder / ".kbench.lock"))
+    finally:
+        lock.release()

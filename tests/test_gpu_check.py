@@ -204,6 +204,7 @@ def test_mfu_uses_one_flop_count_per_model_and_never_credits_a_cpu_run():
     (["--budget-s", "0"], "--budget-s 0.0 is not allowed"),
     (["--batch-size", "resnet20=abc"], "--batch-size takes MODEL=N"),
     (["--backends", "jx"], "unknown backend 'jx'"),
+    (["--backends", "jax,torch,jax"], "--backends names jax twice"),
     (["--sync-every", "0"], "--sync-every 0 is not allowed"),
     (["--timeout", "nan"], "--timeout nan is not allowed"),
     (["--python", "/no/such/python"], "--python /no/such/python: no executable interpreter"),

@@ -149,6 +149,7 @@ def test_offline_without_data_fails_fast_with_one_line(entry_point_error, monkey
     assert last.startswith("error: CIFAR-10 not found")
     assert "--data-dir" in last and "--dataset synthetic" in last
     assert elapsed < 60
+    assert not (tmp_path / "runs").exists()  # the run's folder, made and left empty: gone
 
 
 @pytest.mark.backend_independent

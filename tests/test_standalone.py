@@ -32,7 +32,7 @@ def test_no_module_of_kbench_imports_recipes():
                     assert not pattern.search(f.read()), os.path.join(folder, name)
 
 
-def test_recipes_are_found_by_name_or_path_and_checked(tmp_path):
+def test_recipes_are_found_by_name_or_path_and_checked(tmp_path, monkeypatch):
     assert {"cifar_resnet", "mnist_convnet", "imdb_transformer", "finetune"} <= set(
         recipe_files.installed_recipes())
     module = recipe_files.load_recipe("mnist_convnet")
@@ -52,9 +52,14 @@ def test_recipes_are_found_by_name_or_path_and_checked(tmp_path):
             ("raise RuntimeError('boom')\n",
              r"raising.py does not load: RuntimeError: boom while it is imported; run `python "),
             ("import sys\nsys.exit(3)\n",
-             r"exiting.py exited \(status 3\) while being imported: .*__name__ == ")]:
+             r"exiting.py exited \(status 3\) while being imported: .*__name__ == "),
+            ("import sys\nsys.exit()\n", r"exit0.py exited \(status 0\) while being imported"),
+            ("import helper_with_typo\n",
+             r"importing.py does not load: SyntaxError at line 1 of .*helper_with_typo.py ")]:
         name = message.split(".py")[0]
         (tmp_path / f"{name}.py").write_text(source)
+        (tmp_path / "helper_with_typo.py").write_text("def broken(:\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
         with pytest.raises(KbenchError, match=message):
             recipe_files.load_recipe(str(tmp_path / f"{name}.py"))
         assert f"kbench_recipe_{name}" not in sys.modules

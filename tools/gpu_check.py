@@ -583,6 +583,9 @@ def main(argv=None):
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         _fail(f"unknown backend {unknown[0]!r}; use {', '.join(BACKENDS)}")
+    twice = sorted({b for b in names if names.count(b) > 1})
+    if twice:  # kbench compare refuses it too, once per pass
+        _fail(f"--backends names {twice[0]} twice")
     for flag, value, least, kind in (("--steps", args.steps, 1, "an integer"),
                                      ("--warmup-steps", args.warmup_steps, 0, "an integer"),
                                      ("--sync-every", args.sync_every, 1, "an integer"),

@@ -1,5 +1,6 @@
 """`kbench compare` and `kbench report`: argument parsing only; the work is in compare/report."""
 
+import argparse
 import os
 
 from kbench.errors import KbenchError, sigterm_interrupts
@@ -42,19 +43,22 @@ def _config_overrides(values):
     return overrides
 
 
-# Recipe settings compare has a flag of its own for, and the flag's default: `--set` may give
-# one only where its flag is left at that default (else two values, and one silently lost).
-FLAGGED_SETTINGS = {"dataset": "synthetic", "model": None, "batch_size": None,
-                    "dtype_policy": "float32", "jit_compile": "auto", "float32_precision": "tf32"}
+class _StoreGiven(argparse.Action):
+    """argparse's store, noting in `namespace.given` that the flag was given (its default
+    could also have been typed): a recipe setting compare has a flag for may come through
+    `--set` only where the flag was not given at another value, else one value is lost."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def _check_set_against_flags(args, overrides):
-    for field, default in FLAGGED_SETTINGS.items():
-        given = getattr(args, field)
-        if field in overrides and given != default and overrides[field] != given:
+    for field in sorted(set(overrides) & set(getattr(args, "given", ()))):
+        if overrides[field] != getattr(args, field):
             flag = "--" + field.replace("_", "-")
-            raise KbenchError(f"{flag} {given} and --set {field}={overrides[field]} disagree: "
-                              f"give one ({flag})")
+            raise KbenchError(f"{flag} {getattr(args, field)} and --set "
+                              f"{field}={overrides[field]} disagree: give one ({flag})")
 
 
 def _backend_list(text):
@@ -177,8 +181,9 @@ def cmd_report(args):
     others = os.path.join(out_dir, "results.jsonl")
     if os.path.isfile(others) and not os.path.samefile(others, results):
         # results.csv and results.png there would describe other runs than its results.jsonl
-        raise KbenchError(f"--output {args.output} holds another compare's results.jsonl: "
-                          "pass a new folder (or that compare's own to redraw it)")
+        where = f"--output {args.output}" if args.output else out_dir
+        raise KbenchError(f"{where} holds another compare's results.jsonl, whose results.csv "
+                          "and results.png these would replace: pass --output NEW_FOLDER")
     writable_folder(out_dir, "--output")
     render(rows, out_dir, baseline=baseline, results=os.path.abspath(results))
     return 0
@@ -198,11 +203,12 @@ def add_verbs(verbs):
     compare.add_argument("--reference", choices=("none", "native"), default="none",
                          help="native: also run the twins in plain JAX+optax, TensorFlow and "
                               "PyTorch of the backends compared")
-    compare.add_argument("--dataset", default=FLAGGED_SETTINGS["dataset"],
+    compare.add_argument("--dataset", default="synthetic", action=_StoreGiven,
                          help="the recipe's dataset: synthetic, digits, cifar10, ... (see "
                               "docs/recipes.md)")
-    compare.add_argument("--model", default=None, help="model name (default: the recipe's)")
-    compare.add_argument("--batch-size", type=int, default=None,
+    compare.add_argument("--model", default=None, action=_StoreGiven,
+                         help="model name (default: the recipe's)")
+    compare.add_argument("--batch-size", type=int, default=None, action=_StoreGiven,
                          help="global batch size (default: the recipe's)")
     compare.add_argument("--steps", type=int, default=None,
                          help="timed steady-state steps (default 20)")
@@ -216,15 +222,15 @@ def add_verbs(verbs):
                               "sync but at evaluations and epoch ends, as training alone")
     compare.add_argument("--epochs", type=int, default=None,
                          help="train full epochs instead (accuracy parity); times every step")
-    compare.add_argument("--dtype-policy", default=FLAGGED_SETTINGS["dtype_policy"],
+    compare.add_argument("--dtype-policy", default="float32", action=_StoreGiven,
                          choices=("float32", "mixed_float16", "mixed_bfloat16"),
                          help="Keras dtype policy of every run (the twins follow it)")
-    compare.add_argument("--jit-compile", default=FLAGGED_SETTINGS["jit_compile"],
+    compare.add_argument("--jit-compile", default="auto", action=_StoreGiven,
                          choices=("auto", "on", "off"),
                          help="Keras' jit_compile: auto lets Keras decide (XLA under jax, "
                               "and under tensorflow on a GPU; torch eager); on: XLA, or "
                               "torch.compile under torch")
-    compare.add_argument("--float32-precision", default=FLAGGED_SETTINGS["float32_precision"],
+    compare.add_argument("--float32-precision", default="tf32", action=_StoreGiven,
                          choices=("tf32", "highest"),
                          help="float32 convolutions and matmuls on GPUs with TF32 units, the "
                               "same for every run: tf32 (JAX's and TensorFlow's default; "

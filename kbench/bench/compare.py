@@ -467,10 +467,11 @@ def _explain(returncode, tail, failure=None):
         hint = " (killed: out of memory?)" if sig == "SIGKILL" else ""
         return f"worker died with {sig}{hint}\n{tail}"
     # No word from the worker (it never got that far: e.g. a broken interpreter): the
-    # log's last exception line, or else its last line (an interpreter without kbench says
-    # "python: Error while finding module specification for 'kbench.bench.worker' (...)").
+    # log's last exception line, or else, when it failed, its last line (an interpreter
+    # without kbench: "python: Error while finding module specification for ... (...)").
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    raised = [line for line in lines if EXCEPTION_LINE.match(line)] or lines[-1:]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)] or (
+        lines[-1:] if returncode else [])
     return (f"worker exited with status {returncode}"
             + (f": {raised[-1]}" if raised else "") + f"\n{tail}")
 
@@ -503,6 +504,8 @@ def open_output(options):
     """(results folder, its FolderLock held) for one compare, sweep or search: --output, or
     runs/compare/<timestamp>. A folder that already holds a compare's results.jsonl is
     refused rather than overwritten, and no two compares write into one folder at once."""
+    from kbench.files import MADE_FOLDERS
+
     if options.output:
         return _open_results_folder(options.output)
     # Two compares started in the same second (a script's, two terminals') get -2, -3...:
@@ -513,6 +516,7 @@ def open_output(options):
         try:
             os.makedirs(os.path.dirname(out_dir), exist_ok=True)
             os.mkdir(out_dir)
+            MADE_FOLDERS.append((os.path.abspath(out_dir),) * 2)  # taken back if left empty
         except FileExistsError:
             continue
         except OSError:  # unwritable: said in one line below
