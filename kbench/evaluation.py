@@ -309,7 +309,7 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     settings = {**saved, "download": False, **overrides}  # downloads only when asked now
     from_file = {k: v for k, v in saved.items() if k not in overrides}  # flags: checked
     if recipe is not None:
-        config = recipe_config(recipe, settings, model, (from_file, run.get("path")))
+        config = recipe_config(recipe, settings, model, from_file, run.get("path"))
         test_ds = as_stream(config.build_datasets(config.config)[1], training=False)
         settings = dataclasses.asdict(config.config)
     else:
@@ -363,12 +363,12 @@ def check_saved_settings(config_cls, saved, path):
                               f"file{instead}") from None
 
 
-def recipe_config(recipe, settings, model, saved=None):
+def recipe_config(recipe, settings, model, from_file=None, path=None):
     """The recipe (name or file) loaded, and its Config for evaluation: its defaults, then
     `settings` where it has such fields. Text models without saved settings get their
     sequence length and vocabulary size from the model itself. Returns a namespace with
-    `config` and `build_datasets`. `saved`: (the settings read from the run's file, its
-    path), checked (check_saved_settings) where the Config has such fields: the recipe's
+    `config` and `build_datasets`. `from_file`: the settings read from the run's file at
+    `path`, checked (check_saved_settings) where the Config has such fields: the recipe's
     build_datasets may read any of them."""
     import types
 
@@ -378,8 +378,7 @@ def recipe_config(recipe, settings, model, saved=None):
     module = load_recipe(recipe)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {k: v for k, v in settings.items() if k in fields}
-    if saved is not None and saved[1] is not None:
-        from_file, path = saved
+    if path is not None:
         check_saved_settings(module.Config, {k: v for k, v in from_file.items()
                                              if k in fields}, path)
     if "sequence_length" in fields and "sequence_length" not in values:
