@@ -327,6 +327,8 @@ def test_a_rehearsal_runs_every_pass_on_the_cpu_at_tiny_sizes_and_says_so(tmp_pa
     argv = (pass_dir / "argv").read_text().split()
     assert (arg(argv, "--batch-size"), arg(argv, "--steps"), arg(argv, "--warmup-steps")) == (
         "8", "3", "1")
+    # a small test split with a partial last batch (8 x 8 + 4), as the GPU run's has
+    assert arg(argv, "--set") == "test_examples=68"
     assert (pass_dir / "env").read_text().split() == ["CUDA_VISIBLE_DEVICES=",
                                                       "JAX_PLATFORMS=cpu"]
     table = (tmp_path / "out" / "gpu-check.md").read_text()
@@ -339,5 +341,7 @@ def test_a_rehearsal_runs_every_pass_on_the_cpu_at_tiny_sizes_and_says_so(tmp_pa
     (tmp_path / "gpu").mkdir()
     command, env = fake_gpu_machine(tmp_path / "gpu")
     assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 0
-    assert (tmp_path / "gpu" / "out" / "passes" / "00-resnet20-float32" / "env").read_text(
-    ).split() == ["CUDA_VISIBLE_DEVICES=unset", "JAX_PLATFORMS=unset"]
+    gpu_pass = tmp_path / "gpu" / "out" / "passes" / "00-resnet20-float32"
+    assert (gpu_pass / "env").read_text().split() == ["CUDA_VISIBLE_DEVICES=unset",
+                                                      "JAX_PLATFORMS=unset"]
+    assert "--set" not in (gpu_pass / "argv").read_text().split()  # the whole test split

@@ -35,6 +35,8 @@ def test_a_rehearsal_with_the_real_compare_records_every_run_ok(tmp_path):
     assert sorted((r["backend"], r["status"]) for r in records) == [
         ("jax", "ok"), ("native-jax", "ok")]
     assert all(r["batch_size"] == 4 and r["steps_timed"] == 2 for r in records)
+    # each run evaluated the rehearsal's small test split (the twin's too)
+    assert all(r["config"]["test_examples"] == 68 for r in records)
     table = (out / "gpu-check.md").read_text()
     assert table.startswith("kbench gpu-check REHEARSAL")
     # in the table, CPU rows are as they should be: ok, the Keras row over its twin, no MFU

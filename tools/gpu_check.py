@@ -94,10 +94,14 @@ PEAKS = (
 PEAK_KEY = {"mixed_bfloat16": "bf16", "mixed_float16": "fp16", "float32": "tf32"}
 
 DEFAULT_BATCH = {"resnet20": 1024, "preact_resnet18": 512}
-# --rehearse: every pass on the CPU at sizes that show it runs, not how fast (our 2-core CPU
-# ran the six passes for jax and torch in 10-12 minutes at batch 8, 3 timed steps; compiling
-# dominates).
-REHEARSAL = {"batch_size": 8, "steps": 3, "warmup_steps": 1, "budget_s": 3600.0}
+# --rehearse: every pass on the CPU at sizes that show it runs, not how fast: batch 8, 3
+# timed steps, and a test split of 68 examples (8 full batches and a partial one, as the GPU
+# run's 2000 leave at 512 and 1024). The whole synthetic test split, 250 batches of 8, took
+# most of each PreAct ResNet-18 bfloat16 run on our 2-core CPU (~150 s: bfloat16
+# convolutions are slow on a CPU), put compiled Keras-torch there past the 300 s --timeout,
+# and the six passes for jax and torch at 36 minutes.
+REHEARSAL = {"batch_size": 8, "steps": 3, "warmup_steps": 1, "budget_s": 3600.0,
+             "test_examples": 68}
 # What a rehearsal's children are told, so that a machine with a GPU rehearses on its CPU too
 CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
 
@@ -202,11 +206,13 @@ class Pass:
         return sum(RUN_ESTIMATE_S + COMPILE_ESTIMATE_S.get(run, 0) for run in self.runs)
 
 
-def plan(cases, backends, batch_sizes, sync_every=10, keras_variants=(), natives=None):
+def plan(cases, backends, batch_sizes, sync_every=10, keras_variants=(), natives=None,
+         test_examples=None):
     """The compare passes to run, in order: per case (model, dtype policy), the default pass
     with the twins, then Keras-torch compiled. `keras_variants` / `natives`: the names
     compare knows (its KERAS_VARIANTS and NATIVE), so that the plan uses `torch-compiled`
-    and `native-torch-compiled` where they exist and `--jit-compile on` where not."""
+    and `native-torch-compiled` where they exist and `--jit-compile on` where not.
+    `test_examples`: the test split's size for every run (None: the data set's own)."""
     natives = dict(natives if natives is not None else
                    {"native-jax": "jax", "native-tensorflow": "tensorflow",
                     "native-torch": "torch"})
@@ -215,6 +221,8 @@ def plan(cases, backends, batch_sizes, sync_every=10, keras_variants=(), natives
         common = ["--recipe", "cifar_resnet", "--dataset", "synthetic", "--model", model,
                   "--batch-size", str(batch_sizes[model]), "--dtype-policy", dtype,
                   "--sync-every", str(sync_every)]
+        if test_examples is not None:
+            common += ["--set", f"test_examples={test_examples}"]
         # torch-stock, tensorflow-stock: without kbench's fast path, beside it
         names = [n for b in backends for n in ((b, f"{b}-stock") if b != "jax" else (b,))]
         args = common + ["--backends", ",".join(names), "--jit-compile", "auto"]
@@ -603,12 +611,16 @@ def main(argv=None):
         except KbenchError as bad:
             _fail(str(bad))
     used_sizes = {m: batch_sizes[m] for m, _ in cases}
+    # A rehearsal's evaluations: small, with a partial last batch (REHEARSAL)
+    test_examples = REHEARSAL["test_examples"] if args.rehearse else None
     if args.dry_run:  # as if every framework named saw the GPU
         keras_variants, natives = compare_names()
-        passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives)
+        passes = plan(cases, names, batch_sizes, args.sync_every, keras_variants, natives,
+                      test_examples)
         print(dry_run(passes, args.budget_s, names, used_sizes,
                       "CPU (a rehearsal)" if args.rehearse else "GPU",
-                      f", each run {args.steps} timed steps after {args.warmup_steps} warm-up"))
+                      f", each run {args.steps} timed steps after {args.warmup_steps} warm-up"
+                      + (f", {test_examples} test examples" if test_examples else "")))
         return 0
     budget = Budget(args.budget_s)
     child_env = dict(os.environ)  # every child's: the probes, the pipeline, the compares
@@ -622,7 +634,8 @@ def main(argv=None):
                   "run); without --rehearse the check measures it")
         header = (f"kbench gpu-check REHEARSAL on the CPU of {platform.node()} (no GPU: these "
                   "figures say only that each run runs), synthetic CIFAR data, "
-                  f"{args.steps} timed steps after {args.warmup_steps} warm-up")
+                  f"{args.steps} timed steps after {args.warmup_steps} warm-up, "
+                  f"{test_examples} test examples")
     else:
         found = gpus()
         if not found:
@@ -673,7 +686,8 @@ def main(argv=None):
         write_logs_archive(out_dir)
 
     write()
-    passes = plan(cases, backends, batch_sizes, args.sync_every, keras_variants, natives)
+    passes = plan(cases, backends, batch_sizes, args.sync_every, keras_variants, natives,
+                  test_examples)
     for index, step in enumerate(passes):
         if not budget.allows(step.estimate_s):
             print(f"\ngpu-check: {step.label}: skipped, ~{step.estimate_s * budget.scale:.0f} s "
