@@ -91,7 +91,9 @@ def standard(model, layers, has_losses, y, y_pred, sample_weight):
     if isinstance(y, np.ndarray):
         if y.dtype != np.float32:
             return None
-        y = torch.from_numpy(y[:0])  # (only its dtype, rank and shape are checked first)
+        # Only its dtype and rank are checked first: an empty array of them (a view of y
+        # would make torch warn once per process when y is read-only, as tf.data's are)
+        y = torch.from_numpy(np.empty((0, *y.shape[1:]), y.dtype))
     if (not isinstance(y, torch.Tensor) or not isinstance(y_pred, torch.Tensor)
             or y.ndim != 2 or labels.shape != y_pred.shape or y_pred.shape[0] == 0
             or y.dtype != torch.float32 or y_pred.dtype != torch.float32

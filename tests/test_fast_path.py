@@ -4,6 +4,7 @@ switch and version gate."""
 
 import contextlib
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -723,8 +724,15 @@ def objective_run(fast_path, monkeypatch, objective, label_smoothing, how, steps
     if how == "fit":
         logs = model.fit(train_ds.dataset.take(steps), epochs=1, verbose=0).history
     else:
-        logs = [model.train_on_batch(x, y, return_dict=True)
-                for x, y in train_ds.dataset.take(steps).as_numpy_iterator()]
+        batches = list(train_ds.dataset.take(steps).as_numpy_iterator())
+        assert not batches[0][1].flags.writeable  # tf.data's arrays: read-only
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logs = [model.train_on_batch(x, y, return_dict=True) for x, y in batches]
+        # The objective's check of the labels once made torch warn that they are not
+        # writable (torch says it once per process: this sees it where this run is first)
+        assert not [w for w in caught if "not writable" in str(w.message)], \
+            [str(w.message) for w in caught]
     variables = [v.numpy() for v in model.weights + model.metrics_variables
                  + model.optimizer.variables]
     return logs, variables, taken
