@@ -136,6 +136,31 @@ def test_corrupt_archive_is_a_clear_error(tmp_path, content):
     assert "\n" not in str(err.value) and "re-download" in str(err.value)
 
 
+
+@pytest.mark.parametrize("where", ["the folder", "its parent", "keras' nested cache"])
+def test_a_half_extracted_folder_is_named_as_such_not_as_missing_data(tmp_path, cifar10_splits,
+                                                                     where):
+    # A folder of CIFAR's name without its test batch is data the user has, damaged: "not
+    # found" would send them looking elsewhere.
+    nests = {"the folder": 1, "its parent": 1, "keras' nested cache": 2}[where]
+    folder = tmp_path.joinpath(*["cifar-10-batches-py"] * nests)
+    cifar_files.write_folder(folder.parent, "cifar10", *cifar10_splits)
+    (folder / "test_batch").unlink()
+    (folder / "readme.html").write_text("<html></html>")
+    data_dir = folder if where == "the folder" else tmp_path
+    with pytest.raises(KbenchError) as err:
+        data.load_cifar("cifar10", data_dir=str(data_dir))
+    message = str(err.value)
+    assert message.startswith(f"{folder} is an incomplete CIFAR-10 folder (it lacks test_batch)")
+    assert "--download" in message and "--dataset synthetic" in message and "\n" not in message
+
+
+def test_a_data_dir_file_that_is_no_archive_says_so(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_text("an HTML error page, saved as the archive")
+    with pytest.raises(KbenchError) as err:
+        data.load_cifar("cifar10", data_dir=str(tmp_path / "cifar-10-python.tar.gz"))
+    assert str(err.value).startswith(f"{tmp_path / 'cifar-10-python.tar.gz'} is not a tar archive")
+
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)
     with pytest.raises(KbenchError, match="cannot reach"):

@@ -65,12 +65,38 @@ def load_cifar(name, data_dir=None, download=False):
     if download:
         target = os.path.expanduser(data_dir or default_data_dirs()[0])
         return _load_pickled(spec, fetch_archive(spec, target), from_archive=True)
+    for directory in searched:
+        damaged = _damaged_cifar_source(spec, os.path.expanduser(directory))
+        if damaged:
+            raise KbenchError(damaged)
     where = data_dir or ", ".join(searched)
     raise KbenchError(
         f"{spec['title']} not found in {where}: pass --data-dir DIR holding {spec['archive']} "
         f"(or its extracted {spec['folder']}/, or a TFDS data dir), add --download to fetch it, "
         "or use --dataset synthetic to run without data"
     )
+
+
+def _damaged_cifar_source(spec, path):
+    """Why what sits at path looks meant as CIFAR but cannot be read, or None if nothing does.
+
+    A half-extracted folder or a file that is no archive would otherwise read as "not found",
+    which sends the user looking for data they already have in the wrong place."""
+    if os.path.isfile(path):
+        return (f"{path} is not a tar archive, so not {spec['archive']}: pass --data-dir the "
+                "archive or the folder holding it, or use --dataset synthetic to run without data")
+    # The deepest folder of CIFAR's name: keras.datasets' cache nests one in another.
+    nested = (path, os.path.join(path, spec["folder"]),
+              os.path.join(path, spec["folder"], spec["folder"]))
+    folders = [f for f in nested
+               if os.path.basename(os.path.normpath(f)) == spec["folder"] and os.path.isdir(f)]
+    if not folders:
+        return None
+    folder = folders[-1]
+    missing = [f for f in spec["test_files"] if not os.path.isfile(os.path.join(folder, f))]
+    return (f"{folder} is an incomplete {spec['title']} folder (it lacks {', '.join(missing)}): "
+            f"extract {spec['archive']} into {os.path.dirname(os.path.normpath(folder))} again, "
+            "add --download to fetch it, or use --dataset synthetic to run without data")
 
 
 def _find_cifar_source(name, path):
