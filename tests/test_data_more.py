@@ -162,6 +162,26 @@ def test_corrupt_idx_and_npz_are_clear_errors(tmp_path):
         assert "\n" not in str(err.value) and "pickle" not in str(err.value)
 
 
+@pytest.mark.parametrize("where", ["the folder", "its parent"])
+def test_an_idx_folder_missing_a_file_is_named_as_such_not_as_missing_data(tmp_path, where):
+    folder = write_idx_folder(tmp_path / "fashion-mnist", mnist_like(), gz=False)
+    os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte"))
+    data_dir = folder if where == "the folder" else tmp_path
+    with pytest.raises(KbenchError) as err:
+        data.load_mnist("fashion_mnist", data_dir=str(data_dir))
+    message = str(err.value)
+    assert message.startswith(f"{folder} holds 3 of the four Fashion-MNIST IDX files (it lacks "
+                              "t10k-labels-idx1-ubyte, .gz or not)")
+    assert "--dataset synthetic" in message and "\n" not in message
+
+
+def test_a_data_dir_file_that_is_no_npz_says_so(tmp_path):
+    (tmp_path / "mnist.npz").write_text("an HTML error page, saved as the archive")
+    with pytest.raises(KbenchError) as err:
+        data.load_mnist("mnist", data_dir=str(tmp_path / "mnist.npz"))
+    assert str(err.value).startswith(f"{tmp_path / 'mnist.npz'} is not a zip archive")
+
+
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)
     with pytest.raises(KbenchError, match="cannot reach"):
@@ -315,6 +335,10 @@ def test_missing_imdb_is_one_clear_error_within_seconds(tmp_path):
     assert message.startswith("IMDB not found") and "imdb.npz" in message
     assert "--data-dir" in message and "--dataset synthetic" in message and "\n" not in message
     assert time.monotonic() - start < 5
+    junk = tmp_path / "imdb.npz"  # named by --data-dir itself: a damaged file, not "not found"
+    junk.write_text("an HTML error page, saved as the archive")
+    with pytest.raises(KbenchError, match=rf"^{junk} is not a readable IMDB imdb.npz"):
+        data.load_text_dataset("imdb", data_dir=str(junk))
     with pytest.raises(KbenchError, match="unknown text dataset 'yelp'"):
         data.load_text_dataset("yelp")
 

@@ -54,6 +54,10 @@ def load_mnist(name="mnist", data_dir=None, download=False):
     if download and "url" in spec:
         target = os.path.expanduser(data_dir or default_data_dirs()[0])
         return _load_mnist_npz(spec, fetch_archive(spec, target))
+    for directory in searched:
+        damaged = _damaged_mnist_source(spec, os.path.expanduser(directory), bool(data_dir))
+        if damaged:
+            raise KbenchError(damaged)
     where = data_dir or ", ".join(searched)
     npz = f", {spec['npz']}" if spec["npz"] else ""
     fetch = (", add --download to fetch it" if "url" in spec else
@@ -83,6 +87,28 @@ def _find_mnist_source(spec, path, explicit):
         return ("npz", os.path.join(path, spec["npz"]))
     if tfds_prepared(path, spec["tfds"]):
         return ("tfds", path)
+    return None
+
+
+def _damaged_mnist_source(spec, path, explicit):
+    """Why what sits at `path` looks meant as this data set but cannot be read, or None.
+
+    A folder holding some of the four IDX files, or a file that is no .npz, would otherwise
+    read as "not found", which sends the user looking for data they already have."""
+    if os.path.isfile(path):
+        return (f"{path} is not a zip archive, so not a .npz of {spec['title']}: pass --data-dir "
+                "the .npz or the folder holding it, or use --dataset synthetic to run without data")
+    if not os.path.isdir(path):
+        return None
+    candidates = [os.path.join(path, f) for f in spec["folders"]]
+    if explicit:
+        candidates.insert(0, path)
+    for folder in candidates:
+        missing = [f for f in IDX_FILES if not _idx_path(folder, f)]
+        if 0 < len(missing) < len(IDX_FILES):
+            return (f"{folder} holds {len(IDX_FILES) - len(missing)} of the four {spec['title']} "
+                    f"IDX files (it lacks {', '.join(missing)}, .gz or not): add them, or use "
+                    "--dataset synthetic to run without data")
     return None
 
 

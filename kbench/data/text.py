@@ -75,7 +75,8 @@ def _load_imdb_ids(data_dir, download, vocab_size):
     searched = [data_dir] if data_dir else default_data_dirs()
     for directory in searched:
         path = os.path.expanduser(directory)
-        if os.path.isfile(path) and zipfile.is_zipfile(path):
+        if os.path.isfile(path):
+            # A file named by --data-dir is meant as imdb.npz: say if it is not, not "not found".
             return load_imdb(path, num_words=vocab_size)
         if os.path.isfile(os.path.join(path, IMDB["npz"])):
             return load_imdb(os.path.join(path, IMDB["npz"]), num_words=vocab_size)
