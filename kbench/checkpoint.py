@@ -141,7 +141,19 @@ def load_state(output_dir):
         return None
     try:
         with open(path) as f:
-            state = RunState(**json.load(f))
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        # RunState's own TypeError would name Python's internals.
+        fields = dataclasses.fields(RunState)
+        unknown = sorted(set(saved) - {f.name for f in fields})
+        missing = [f.name for f in fields if f.name not in saved
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if unknown or missing:
+            raise ValueError(f"unknown field {unknown[0]!r}" if unknown else
+                             f"no {missing[0]} field")
+        state = RunState(**saved)
         wrong = state.wrong_field()
         if wrong:
             raise ValueError(wrong)
@@ -422,7 +434,7 @@ class StepCheckpoint(keras.callbacks.Callback):
             # model. The loss mean's running total is NaN from the first bad step on.
             if not all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s in sums):
                 raise KbenchError(f"training diverged: the loss is not finite {self._where(done)}"
-                                  "; lower --lr, add --clip-norm, or train in float32")
+                                  f"; {divergence_advice(self.model)}")
             if self.state is not None:  # every process: its Interrupted says where it is
                 self._record(done)
             if self.output_dir is not None and self.state is not None:
@@ -510,11 +522,19 @@ class StopOnNaN(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            kept = (f"; the epochs before it are checkpointed in {self.output_dir}"
-                    if self.output_dir else "")
+            # Only where this run has a checkpoint: a fresh run removed any earlier one.
+            kept = (f"; its last checkpoint stays in {self.output_dir} (--resume)"
+                    if self.output_dir and os.path.isfile(os.path.join(self.output_dir,
+                                                                       STATE_FILE)) else "")
             raise KbenchError(f"training diverged: loss is {float(loss)} at epoch {self.epoch}, "
-                              f"step {batch}; lower --lr, add --clip-norm, or train in float32"
-                              + kept)
+                              f"step {batch}; {divergence_advice(self.model)}{kept}")
+
+
+def divergence_advice(model):
+    """What to try when the loss is no longer finite: float32 only for a mixed-precision run."""
+    policy = getattr(getattr(model, "dtype_policy", None), "name", "")
+    return "lower --lr, add --clip-norm" + (
+        ", or train in float32 (--dtype-policy float32)" if policy.startswith("mixed") else "")
 
 
 def write_history_csv(path, rows):

@@ -309,7 +309,8 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     settings = {**saved, "download": False, **overrides}  # downloads only when asked now
     from_file = {k: v for k, v in saved.items() if k not in overrides}  # flags: checked
     if recipe is not None:
-        config = recipe_config(recipe, settings, model, from_file, run.get("path"))
+        config = recipe_config(recipe, settings, model, from_file, run.get("path"),
+                               saved_by=run.get("recipe"))
         test_ds = as_stream(config.build_datasets(config.config)[1], training=False)
         settings = dataclasses.asdict(config.config)
     else:
@@ -341,7 +342,7 @@ EVAL_SETTINGS = ("data_dir", "seed", "train_examples", "test_examples", "batch_s
 EVALUATE_FLAGS = ("data_dir", "test_examples", "batch_size")
 
 
-def check_saved_settings(config_cls, saved, path):
+def check_saved_settings(config_cls, saved, path, saved_by=None):
     """One line naming the file when a setting read back from a run's metrics.json (or
     config.json) is not one `config_cls` allows: the file was edited or is not kbench's.
     Without this a bad value surfaces as a NumPy or tf.data error deep in building the data."""
@@ -357,19 +358,23 @@ def check_saved_settings(config_cls, saved, path):
         try:
             check_values(config_cls, {name: value})
         except KbenchError as exc:
+            if saved_by:  # the settings of another recipe than the one given
+                raise KbenchError(f"{path} was written by recipe {saved_by}, whose settings "
+                                  f"this recipe does not take ({exc}): pass --recipe "
+                                  f"{saved_by}, or leave --recipe out") from None
             flag = "--" + name.replace("_", "-")
             instead = f", or pass {flag}" if name in EVALUATE_FLAGS else ""
             raise KbenchError(f"{path} holds a setting that is not allowed ({exc}): mend the "
                               f"file{instead}") from None
 
 
-def recipe_config(recipe, settings, model, from_file=None, path=None):
+def recipe_config(recipe, settings, model, from_file=None, path=None, saved_by=None):
     """The recipe (name or file) loaded, and its Config for evaluation: its defaults, then
     `settings` where it has such fields. Text models without saved settings get their
     sequence length and vocabulary size from the model itself. Returns a namespace with
     `config` and `build_datasets`. `from_file`: the settings read from the run's file at
     `path`, checked (check_saved_settings) where the Config has such fields: the recipe's
-    build_datasets may read any of them."""
+    build_datasets may read any of them. `saved_by`: the recipe that wrote that file."""
     import types
 
     from kbench.models.saving import vocab_size
@@ -379,8 +384,12 @@ def recipe_config(recipe, settings, model, from_file=None, path=None):
     fields = {f.name for f in dataclasses.fields(module.Config)}
     values = {k: v for k, v in settings.items() if k in fields}
     if path is not None:
+        # Another recipe's settings may not fit this one's (finetune saves model: null): then
+        # the file is fine and the recipe is not the one that trained the model.
+        name = os.path.splitext(os.path.basename(recipe))[0]
         check_saved_settings(module.Config, {k: v for k, v in from_file.items()
-                                             if k in fields}, path)
+                                             if k in fields}, path,
+                             saved_by=saved_by if saved_by and saved_by != name else None)
     if "sequence_length" in fields and "sequence_length" not in values:
         length = model.inputs[0].shape[1] if len(model.inputs[0].shape) == 2 else None
         if length:

@@ -130,7 +130,12 @@ def writable_folder(path, flag, given=None):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise KbenchError(f"{flag} {given or path}: cannot write there ({exc.strerror or exc}); "
+        # Where the path runs into a file, the system's reason varies ("File exists", "Not a
+        # directory"): name the file.
+        in_the_way = _existing_part(path)
+        why = (f"{in_the_way} is a file, not a folder" if not os.path.isdir(in_the_way)
+               else exc.strerror or exc)
+        raise KbenchError(f"{flag} {given or path}: cannot write there ({why}); "
                           f"pass another {flag}") from None
     if top is not None:
         MADE_FOLDERS.append((os.path.abspath(path), top))
@@ -142,6 +147,14 @@ def writable_folder(path, flag, given=None):
 # exit_on_error calls remove_folders_left_empty), rather than leave a folder that holds only
 # its lock file behind each mistyped command.
 MADE_FOLDERS = []
+
+
+def _existing_part(path):
+    """The longest part of `path` (itself included) that exists."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _first_missing(path):

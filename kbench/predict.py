@@ -58,11 +58,12 @@ def read_inputs(paths, model):
     spec = model.inputs[0]
     shape = tuple(spec.shape[1:])
     takes_ids = "int" in str(spec.dtype)
-    names, arrays = [], []
+    names, arrays, given_arrays = [], [], []
     for path in map(os.fspath, paths):
         if path.lower().endswith(NPY):
             batch, single = _read_npy(path, shape)
             arrays.extend(batch)
+            given_arrays.extend(batch)
             names.extend([path] if single else [f"{path}[{i}]" for i in range(len(batch))])
         elif takes_ids:
             raise KbenchError(f"{path}: this model takes token ids, not images; pass them as a "
@@ -74,8 +75,11 @@ def read_inputs(paths, model):
     batch = np.stack(arrays).astype(dtype)
     if takes_ids:
         _check_ids(batch, model)
-    if not takes_ids and batch.size and batch.max() <= 1.0:
-        print("note: the inputs look scaled to 0..1; kbench models take raw 0..255 pixels",
+    # Only arrays can come scaled (image files are read as 0..255 here), and an all-black one
+    # says nothing either way.
+    given = np.stack(given_arrays).astype(dtype) if given_arrays else np.zeros(0)
+    if not takes_ids and given.size and 0 < given.max() <= 1.0:
+        print("note: the .npy inputs look scaled to 0..1; kbench models take raw 0..255 pixels",
               file=sys.stderr)
     return names, batch
 
@@ -123,8 +127,8 @@ def _read_npy(path, shape):
     except (OSError, ValueError, EOFError) as exc:
         raise KbenchError(f"{path} is not a readable .npy array ({type(exc).__name__}): "
                           "save one with numpy.save") from None
-    if not np.issubdtype(array.dtype, np.number):
-        raise KbenchError(f"{path} holds {array.dtype} values, not numbers")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise KbenchError(f"{path} holds {array.dtype} values, not real numbers")
     if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
         raise KbenchError(f"{path} holds NaN or infinite values: its predictions would be "
                           "NaN; pass finite pixel values")

@@ -86,6 +86,12 @@ def init_from_exists(path):
         raise KbenchError(f"--init-from {path}: no such file")
 
 
+def check_inputs(config):
+    """What must exist before training (the recipe contract's optional part, which `kbench
+    compare` calls once before any run): the --init-from file."""
+    init_from_exists(config.init_from)
+
+
 def load_pretrained(path):
     """The trained model at `path`; a missing or unreadable file is a one-line error."""
     init_from_exists(path)
@@ -156,7 +162,7 @@ def main(config, model=None, datasets=None, callbacks=()):
     """
     run = Run(config, "finetune", callbacks)  # its settings checked, nothing set up yet
     if model is None:  # before the output folder is locked and the data loaded, not after
-        init_from_exists(config.init_from)
+        check_inputs(config)
     with run:  # devices, seed, dtype policy, resume
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)

@@ -158,7 +158,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
                              (b'{"backend": "jax", "status": "ok", "step_time_ms": "fast"}\n',
                               "step_time_ms is 'fast', not a number"),
                              (b'{"backend": "jax", "status": "ok", "config": 5}\n',
-                              "config is 5, not an object of settings")]:
+                              "config is 5, not an object of settings"),
+                             # the target and sweep tables' fields
+                             (b'{"backend": "jax", "status": "ok", "target_accuracy": "a"}\n',
+                              "target_accuracy is 'a', not a number"),
+                             (b'{"backend": "jax", "status": "ok", "target_accuracy": 0.5, '
+                              b'"reached": true}\n',
+                              "it reached its target but holds no time_to_target_s"),
+                             (b'{"backend": "jax", "status": "ok", "target_accuracy": 0.5, '
+                              b'"eval_points": "zz"}\n',
+                              "eval_points is not a list of evaluations"),
+                             (b'{"backend": "jax", "status": "ok", "sweep_field": "batch_size", '
+                              b'"batch_size": 8, "step_time_ms": 5}\n',
+                              "a point of the batch_size sweep with no sweep_value")]:
         (tmp_path / "bad.jsonl").write_bytes(content)
         for argv in (["report", str(tmp_path / "bad.jsonl")],
                      ["report", str(tmp_path / "bad.jsonl"), "--baseline",
@@ -231,13 +243,41 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                             "(convnet, "),
                              ("epochs=0", "--set epochs is compare's to set, per run: use "
                                           "--epochs (or --steps; with a target, "
-                                          "--max-epochs)")]:
+                                          "--max-epochs)"),
+                             # each a failure of every run, once the runs had started
+                             ("resume=true", "--set resume is compare's to set, per run: use "
+                                             "nothing: a compare run starts from scratch"),
+                             ("distribute=data_parallel", "--set distribute is compare's to "
+                                                          "set, per run: use --distribute "
+                                                          "data_parallel"),
+                             ("simulate_devices=2", "--set simulate_devices is compare's to "
+                                                    "set, per run: use --simulate-devices N"),
+                             # one of the two would be lost
+                             ("lr=0.1 lr=0.2", "--set lr=0.1 and --set lr=0.2 disagree")]:
         out = tmp_path / "c"
         tiny = TINY[:TINY.index("--model")] + TINY[TINY.index("--model") + 2:]  # --set's to say
+        sets = [arg for one in setting.split() for arg in ("--set", one)]
         status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *tiny,
-                                                   "--set", setting, "--output", str(out)])
+                                                   *sets, "--output", str(out)])
         assert status == 2 and err.startswith("error: " + message), err
         assert not out.exists()  # nor the folder: the settings are checked before it is made
+
+
+def test_a_recipe_s_own_input_check_runs_once_before_any_run(tmp_path, entry_point_error):
+    from kbench import cli
+
+    tiny = TINY[:TINY.index("--model")] + TINY[TINY.index("--model") + 2:]
+    for sets, message in [([], "pass --init-from PATH, a model.keras another recipe saved"),
+                          (["--set", f"init_from={tmp_path / 'none.keras'}"],
+                           f"--init-from {tmp_path / 'none.keras'}: no such file"),
+                          (["--set", f"init_from={tmp_path}"],
+                           f"--init-from {tmp_path} is a folder")]:
+        out = tmp_path / "c"
+        status, err = entry_point_error(cli.main, ["compare", "--recipe", "finetune",
+                                                   "--backends", "jax,torch", *tiny, *sets,
+                                                   "--output", str(out)])
+        assert status == 2 and err.startswith(f"error: {message}"), err
+        assert err.count("\n") == 1 and not out.exists()  # no run started, no folder made
 
 
 def record(backend, median, p10, p90, accuracy=0.5):

@@ -198,9 +198,12 @@ def test_load_model_round_trip_and_bad_files(tmp_path):
     with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
         archive.writestr("readme.txt", "a zip, but no Keras model")
     (tmp_path / "renamed.zip").write_bytes(good)
+    model.save_weights(tmp_path / "model.weights.h5")  # what a run's checkpoints are
     expected = {"missing.keras": "no such file", "garbage.keras": "not a readable .keras file",
                 "truncated.keras": "not a readable .keras file", "other.keras": "not a Keras model",
-                "renamed.zip": "ending in .keras"}
+                "renamed.zip": "ending in .keras",
+                "model.weights.h5": r"is an HDF5 file \(weights, or a Keras 2 .h5 model\), "
+                                    "not a .keras file"}
     for name, message in expected.items():
         with pytest.raises(KbenchError, match=message) as error:
             load_model(tmp_path / name)
@@ -354,6 +357,18 @@ def test_bad_settings_in_metrics_json_are_one_line_errors_naming_the_file(tmp_pa
     assert run_cli("evaluate", batch_0, "--recipe", "mnist_convnet", "--dataset", "bogus",
                    "--output-dir", tmp_path / "eval") == 2
     assert capsys.readouterr().err.startswith("error: unknown dataset 'bogus'")
+
+    # Another recipe's settings (finetune saves model: null) under --recipe: the file is fine,
+    # the recipe is not the one that trained the model.
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    tuned_path = save_run(tuned, digits_model(), {**settings, "model": None}, recipe="finetune")
+    assert run_cli("evaluate", tuned_path, "--recipe", "mnist_convnet", "--output-dir",
+                   tuned / "eval") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tuned_path.parent / 'metrics.json'} was written by recipe "
+                           "finetune, whose settings this recipe does not take (--model "), line
+    assert line.endswith("pass --recipe finetune, or leave --recipe out"), line
 
     # A "config" that is no mapping: the file is set aside with a note, as an unreadable one.
     metrics.write_text(json.dumps({"recipe": "mnist_convnet", "config": 5}))

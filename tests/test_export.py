@@ -215,15 +215,32 @@ def test_predict_bad_inputs_are_one_line_errors(saved_digits_model, tmp_path, ca
     np.save(tmp_path / "wrong.npy", pixels(2, 5, 5, 3))
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     np.save(tmp_path / "nan.npy", np.full((2, 8, 8, 1), np.nan, np.float32))
+    np.save(tmp_path / "complex.npy", np.ones((2, 8, 8, 1), np.complex64))
     for name, message in (("bad.png", "not a readable image"), ("missing.jpg", "no such file"),
                           ("wrong.npy", "has shape (2, 5, 5, 3)"),
                           ("bad.npy", "not a readable .npy array"),
-                          ("nan.npy", "holds NaN or infinite values")):
+                          ("nan.npy", "holds NaN or infinite values"),
+                          ("complex.npy", "holds complex64 values, not real numbers")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["predict", str(model_path), str(tmp_path / name)])
         assert exit_info.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (name, lines)
+
+
+def test_only_arrays_in_0_to_1_get_the_scaling_note(saved_digits_model, tmp_path, capsys):
+    from PIL import Image
+
+    from kbench.predict import read_inputs
+
+    _, model = saved_digits_model
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "black.png")  # read as 0..255
+    np.save(tmp_path / "black.npy", np.zeros((8, 8, 1), np.float32))  # says nothing either way
+    np.save(tmp_path / "scaled.npy", np.full((8, 8, 1), 0.5, np.float32))
+    for names, noted in ((["black.png"], False), (["black.npy"], False),
+                         (["black.png", "scaled.npy"], True)):
+        read_inputs([tmp_path / n for n in names], model)
+        assert ("note: the .npy inputs look scaled to 0..1" in capsys.readouterr().err) == noted
 
 
 def test_the_automatic_choice_passes_over_an_exporter_known_to_fail_on_the_model():

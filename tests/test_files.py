@@ -244,3 +244,16 @@ def test_a_lock_taken_while_a_refused_run_removes_the_folder_is_on_the_file_ther
         assert cleaned and files._is_file_at(lock._file, str(folder / ".kbench.lock"))
     finally:
         lock.release()
+
+
+def test_a_folder_path_that_runs_into_a_file_names_the_file(tmp_path):
+    from kbench.errors import KbenchError
+
+    (tmp_path / "a-file").write_text("mine")
+    # The system says "File exists" for the file itself and "Not a directory" below it.
+    for path in (tmp_path / "a-file", tmp_path / "a-file" / "sub", tmp_path / "a-file" / "s" / "t"):
+        with pytest.raises(KbenchError) as err:
+            files.writable_folder(str(path), "--output-dir")
+        assert str(err.value) == (f"--output-dir {path}: cannot write there ({tmp_path / 'a-file'}"
+                                  " is a file, not a folder); pass another --output-dir")
+    assert (tmp_path / "a-file").read_text() == "mine"

@@ -303,6 +303,13 @@ def test_resume_errors_are_one_line(tmp_path):
         state_path.write_text(json.dumps({**written, field: value}))
         with pytest.raises(KbenchError, match=f"is unreadable \\({message}"):
             checkpoint.load_state(tmp_path / "run")
+    for content, message in (([1], "a JSON list, not an object"),
+                             ({**written, "epoch": 1}, "unknown field 'epoch'"),
+                             ({k: v for k, v in written.items() if k != "recipe"},
+                              "no recipe field")):
+        state_path.write_text(json.dumps(content))
+        with pytest.raises(KbenchError, match=rf"is unreadable \({message}\); delete it"):
+            checkpoint.load_state(tmp_path / "run")
 
 
 class SignalAt(keras.callbacks.Callback):
@@ -560,8 +567,25 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     labels = np.full((32, 10), np.nan, np.float32)
     nan_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16).repeat()
     test_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
-    with pytest.raises(KbenchError, match="training diverged: loss is nan at epoch 0, step 0"):
+    # A float32 run that had no checkpoint yet: no advice to train in float32, no claim of a
+    # checkpoint to go back to.
+    with pytest.raises(KbenchError, match=r"^training diverged: loss is nan at epoch 0, step 0; "
+                                          r"lower --lr, add --clip-norm$"):
         cifar_resnet.main(tiny(tmp_path), datasets=(nan_ds, test_ds))
+
+
+def test_the_divergence_line_names_float32_and_a_checkpoint_only_where_they_apply(tmp_path):
+    keras.config.set_dtype_policy("mixed_bfloat16")  # as a recipe's --dtype-policy does
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    (tmp_path / checkpoint.STATE_FILE).write_text("{}")  # a checkpoint this run wrote
+    guard = checkpoint.StopOnNaN(str(tmp_path))
+    guard.set_model(model)
+    guard.on_epoch_begin(2)
+    with pytest.raises(KbenchError, match=rf"^training diverged: loss is inf at epoch 2, step 5; "
+                                          rf"lower --lr, add --clip-norm, or train in float32 "
+                                          rf"\(--dtype-policy float32\); its last checkpoint "
+                                          rf"stays in {tmp_path} \(--resume\)$"):
+        guard.on_train_batch_end(5, {"loss": float("inf")})
 
 
 # --------------------------------------------------------------------------- step timing

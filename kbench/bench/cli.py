@@ -31,15 +31,20 @@ def _config_overrides(values):
     be, else kept as strings."""
     import json
 
-    overrides = {}
+    overrides, given = {}, {}
     for value in values or []:
         key, sep, raw = value.partition("=")
         if not sep or not key:
             raise KbenchError(f"--set takes FIELD=VALUE (a recipe Config field), not {value!r}")
+        field = key.replace("-", "_")
         try:
-            overrides[key.replace("-", "_")] = json.loads(raw)
+            parsed = json.loads(raw)
         except json.JSONDecodeError:
-            overrides[key.replace("-", "_")] = raw
+            parsed = raw
+        if field in overrides and overrides[field] != parsed:  # else one value would be lost
+            raise KbenchError(f"--set {field}={given[field]} and --set {field}={raw} "
+                              "disagree: give one")
+        overrides[field], given[field] = parsed, raw
     return overrides
 
 

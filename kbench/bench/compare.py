@@ -224,7 +224,12 @@ COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
                                      "do not either), the others checkpoint off the clock",
                 "validate_every_epoch": "nothing: a compare run evaluates once, at its end",
                 "verbose": "nothing: each run's log is in logs/",
-                "output_dir": "--output (each run gets its own folder)"}
+                "output_dir": "--output (each run gets its own folder)",
+                "resume": "nothing: a compare run starts from scratch",
+                # Each backend splits the work its own way (torch: one process per device,
+                # started by torchrun), which compare's flags arrange and a recipe setting cannot.
+                "distribute": "--distribute data_parallel",
+                "simulate_devices": "--simulate-devices N with --distribute data_parallel"}
 
 
 def check_recipe_settings(options):
@@ -245,7 +250,11 @@ def check_recipe_settings(options):
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps,
             "target": target_spec(options)}
-    check(worker.run_config(recipe, spec))
+    config = check(worker.run_config(recipe, spec))
+    # A recipe's own check of what must exist before it trains (finetune: its --init-from
+    # file), optional in the recipe contract: once here, not as the same failure per run.
+    if hasattr(recipe, "check_inputs"):
+        recipe.check_inputs(config)
 
 
 def distribute_config(framework, options):

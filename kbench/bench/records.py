@@ -182,6 +182,47 @@ def not_a_record(row):
             return f"{key} is {value!r}, not a number"
     if not isinstance(row.get("config") or {}, dict):
         return f"config is {row['config']!r}, not an object of settings"
+    return not_a_target_record(row) or not_a_sweep_record(row)
+
+
+# The time-to-target numbers report's target table and plot read (each a number or null).
+TARGET_NUMBER_FIELDS = ("target_accuracy", "time_to_target_s", "steps_to_target",
+                        "epochs_to_target", "eval_every_steps", "eval_seconds",
+                        "best_eval_accuracy")
+EVAL_POINT_FIELDS = ("steps", "epochs", "seconds", "accuracy")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def not_a_target_record(row):
+    """Why a record's time-to-target fields are not what report reads, or None."""
+    for key in TARGET_NUMBER_FIELDS:
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"{key} is {row[key]!r}, not a number"
+    if row.get("reached") not in (None, True, False):
+        return f"reached is {row['reached']!r}, not true or false"
+    if row.get("reached") and not _is_number(row.get("time_to_target_s")):
+        return "it reached its target but holds no time_to_target_s"
+    points = row.get("eval_points")
+    if points is not None and not (isinstance(points, list) and all(
+            isinstance(p, dict) and all(_is_number(p.get(k)) for k in EVAL_POINT_FIELDS)
+            for p in points)):
+        return ("eval_points is not a list of evaluations (each with its "
+                f"{', '.join(EVAL_POINT_FIELDS)})")
+    return None
+
+
+def not_a_sweep_record(row):
+    """Why a record's sweep fields are not what report reads, or None."""
+    field = row.get("sweep_field")
+    if field is None:
+        return None
+    if not isinstance(field, str):
+        return f"sweep_field is {field!r}, not a setting's name"
+    if not isinstance(row.get("sweep_value"), (str, int, float)):
+        return f"a point of the {field} sweep with no sweep_value"
     return None
 
 

@@ -32,10 +32,10 @@ from kbench.errors import KbenchError
 
 DEVICES = "simulate_devices"  # the device-count sweep's field (data-parallel runs)
 # Fields a sweep cannot take, and what sets them instead.
-NOT_SWEPT = {**comparing.COMPARE_SETS,
+# The device count is compare's own option (--simulate-devices), which its sweep sets per point.
+NOT_SWEPT = {**{field: use for field, use in comparing.COMPARE_SETS.items() if field != DEVICES},
              "distribute": "--distribute data_parallel (runs one replica and N)",
-             "data_dir": "nothing: the data's location does not change the work",
-             "resume": "nothing: a compare run starts from scratch"}
+             "data_dir": "nothing: the data's location does not change the work"}
 # The compare flags that set a field; a sweep of the field replaces them.
 FLAG_OF = {"batch_size": "--batch-size", "model": "--model", DEVICES: "--simulate-devices"}
 MAX_BATCH_STEPS = 3  # timed steps per try: enough to know it fits, and a throughput

@@ -36,6 +36,10 @@ def load_model(path, compile=False):
         raise KbenchError(f"{path} is a folder, not a .keras file: point to the model.keras "
                           "inside it")
     if not zipfile.is_zipfile(path):
+        if _is_hdf5(path):  # a weights file (a run's checkpoint) or Keras 2's .h5 model
+            raise KbenchError(f"{path} is an HDF5 file (weights, or a Keras 2 .h5 model), not "
+                              "a .keras file: point to the model.keras a recipe wrote, or "
+                              "re-save the model with model.save('name.keras')")
         raise KbenchError(f"{path} is not a readable .keras file (corrupt or truncated?): "
                           "re-save it or point to another file")
     try:
@@ -56,6 +60,14 @@ def load_model(path, compile=False):
     except Exception as exc:  # h5py, JSON, deserialization: all mean the same to the user
         raise KbenchError(f"{path} is not a loadable Keras model ({reason(exc)}): "
                           "re-save it or point to another file") from None
+
+
+def _is_hdf5(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def run_info(model_path):
