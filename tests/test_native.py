@@ -149,8 +149,11 @@ def test_a_twin_whose_loss_is_not_finite_fails_as_a_keras_run_does():
 
     with pytest.raises(KbenchError, match=r"^training diverged: loss is nan at step 4 of the "
                                           r"native loop; lower --lr or train in float32$"):
-        common.timed_training(Stream, step_fn, steps=20, warmup_steps=1, sync_every=3)
+        common.timed_training(Stream, step_fn, steps=20, warmup_steps=1, sync_every=3,
+                              mixed=True)
     assert steps_run[-1] == 4  # the edge of the window it fell in (steps 2-4): no more steps
+    with pytest.raises(KbenchError, match=r"native loop; lower --lr$"):  # already float32
+        common.timed_training(Stream, step_fn, steps=20, warmup_steps=1, sync_every=3)
 
 
 @pytest.mark.backend_independent

@@ -334,7 +334,7 @@ def timed_steps(steps, warmup_steps, epochs, steps_per_epoch):
 
 
 def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=None,
-                   accuracy_fn=None, watch_syncs=False):
+                   accuracy_fn=None, watch_syncs=False, mixed=False):
     """Run 1 + warmup_steps + steps training steps and time them as StepTimer times Keras.
 
     `step_fn(step, images, labels)` takes a NumPy batch (NHWC float32 pixels, one-hot labels),
@@ -355,7 +355,8 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
     Keras runs: the wait for tf.data plus the copy of the batch out of it).
     With `watch_syncs` (the torch twin on CUDA), PyTorch's synchronizing operations in the
     warm-up steps are counted for `syncs()`, as StepTimer counts the Keras runs' (not with a
-    probe, whose evaluations read the device).
+    probe, whose evaluations read the device). `mixed`: the step computes under a mixed
+    policy (a diverged run is then told it may train in float32).
     Returns (compile_s, seconds per step of each window, steps timed, losses of all steps).
     """
     if steps < 1 or warmup_steps < 0 or (sync_every is not None and sync_every < 1):
@@ -379,7 +380,8 @@ def timed_training(train_ds, step_fn, steps, warmup_steps, sync_every=1, probe=N
         bad = next((i for i in range(first, len(losses)) if not math.isfinite(losses[i])), None)
         if bad is not None:
             raise KbenchError(f"training diverged: loss is {losses[bad]} at step {bad} of the "
-                              "native loop; lower --lr or train in float32")
+                              "native loop; lower --lr"
+                              + (" or train in float32" if mixed else ""))
         return now
 
     start = time.perf_counter()

@@ -237,7 +237,8 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1):
 
     compile_s, step_times, steps_timed, losses = common.timed_training(
         train_ds, step_fn, steps, warmup_steps, sync_every, probe,
-        accuracy_fn=lambda: test_metrics()["test_accuracy"])
+        accuracy_fn=lambda: test_metrics()["test_accuracy"],
+        mixed=common.compute_dtype(config) != "float32")
     test = test_metrics()
     gpus = tf.config.list_physical_devices("GPU")
     return {

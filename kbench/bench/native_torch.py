@@ -394,7 +394,7 @@ def run(config, steps, warmup_steps=2, epochs=None, sync_every=1, compiled=False
     model.train()
     compile_s, step_times, steps_timed, losses = common.timed_training(
         train_ds, step_fn, steps, warmup_steps, sync_every, probe, accuracy_fn=test_accuracy,
-        watch_syncs=device.type == "cuda")
+        watch_syncs=device.type == "cuda", mixed=common.compute_dtype(config) != "float32")
     model.eval()
     test = common.evaluate(test_ds, eval_fn)
     return {
