@@ -219,6 +219,9 @@ def check_values(config_cls, values):
             _check_field(config_cls, name, value, hints)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max, without importing NumPy
+
+
 def _check_field(config_cls, name, value, hints):
     flag = "--" + name.replace("_", "-")
     kinds, optional = _kinds(hints[name])
@@ -234,10 +237,14 @@ def _check_field(config_cls, name, value, hints):
         raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
                           f"{', '.join(map(str, choices))}")
     allowed = field_setting(config_cls, name, "allowed")
-    if (isinstance(value, float) and not math.isfinite(value)) or (
+    # Beyond float32's range a setting overflows to inf in the variables it becomes.
+    overflows = isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX
+    if (isinstance(value, float) and not math.isfinite(value)) or overflows or (
             allowed is not None and value not in allowed):
         unset = ", or leave it unset" if optional else ""
         why = getattr(allowed, "why_not", lambda value: "")(value)  # a hint of its own
+        if overflows:
+            why = f" (float32, which training computes in, holds at most {FLOAT32_MAX:.4g})"
         raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
                           f"{_describe(kinds, allowed)}{unset}{why}")
 

@@ -43,8 +43,8 @@ def invalid_values(config_cls, field):
             bad.append((allowed.low if allowed.low_open else allowed.low - step, True))
         if allowed.high is not None:
             bad.append((allowed.high if allowed.high_open else allowed.high + step, True))
-    if kind is float:
-        bad += [(math.nan, True), (math.inf, True)]
+    if kind is float:  # 1e39 overflows float32, which training computes in
+        bad += [(math.nan, True), (math.inf, True), (1e39, True)]
     if kind is str and field.name not in FREE_TEXT:
         bad.append(("", True))
     if kind in (int, float):
@@ -100,6 +100,10 @@ def test_messages_say_what_is_allowed(entry_point_error):
                                           r"integer >= 1, or leave it unset$"):
         check(cifar_resnet.Config(steps_per_epoch=0))
     check(cifar_resnet.Config(steps_per_epoch=None, decay_epochs=None))  # unset is fine
+    with pytest.raises(KbenchError, match=r"^--lr 1e\+308 is not allowed: it takes a finite "
+                                          r"number > 0 \(float32, which training computes in, "
+                                          r"holds at most 3.403e\+38\)$"):
+        check(cifar_resnet.Config(lr=1e308))
     check(imdb_transformer.Config(lr=1, dropout=0))  # an int where a float belongs is fine
     # NumPy numbers (a loop over an array of settings) are numbers, made Python's.
     config = check(cifar_resnet.Config(batch_size=np.int64(32), lr=np.float32(0.5)))
