@@ -118,6 +118,9 @@ def build_model(config):
         raise KbenchError("finetune takes its network from --init-from; drop --model")
     image_shape, num_classes = data.image_info(config.dataset, synthetic_like="cifar100")
     pretrained = load_pretrained(config.init_from)
+    if len(pretrained.inputs) != 1:  # input_shape would be a list, one shape per input
+        raise KbenchError(f"--init-from {config.init_from} takes {len(pretrained.inputs)} "
+                          "inputs; finetune trains a model of one image input")
     if tuple(pretrained.input_shape[1:]) != image_shape:
         raise KbenchError(f"--init-from {config.init_from} takes inputs of shape "
                           f"{tuple(pretrained.input_shape[1:])}, --dataset {config.dataset} "

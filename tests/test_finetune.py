@@ -128,6 +128,15 @@ def test_missing_or_corrupt_init_from_is_one_line_error(tmp_path, checkpoint):
         finetune.build_model(tiny(checkpoint, dataset="digits"))
     with pytest.raises(KbenchError, match="drop --model"):
         finetune.build_model(tiny(checkpoint, model="resnet20"))
+    import keras
+
+    images, extra = keras.Input((32, 32, 3)), keras.Input((5,))
+    two_inputs = keras.Model([images, extra], keras.layers.Dense(3)(
+        keras.layers.Concatenate()([keras.layers.Flatten()(images), extra])))
+    two_inputs.save(tmp_path / "two_inputs.keras")
+    with pytest.raises(KbenchError, match=r"two_inputs.keras takes 2 inputs; finetune trains a "
+                                          r"model of one image input$"):
+        finetune.build_model(tiny(tmp_path / "two_inputs.keras"))
 
 
 @pytest.mark.backend_independent
