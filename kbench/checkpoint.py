@@ -534,7 +534,9 @@ def divergence_advice(model):
     """What to try when the loss is no longer finite: float32 only for a mixed-precision run."""
     policy = getattr(getattr(model, "dtype_policy", None), "name", "")
     return "lower --lr, add --clip-norm" + (
-        ", or train in float32 (--dtype-policy float32)" if policy.startswith("mixed") else "")
+        # a resume keeps the dtype policy: float32 takes a fresh run
+        ", or train in float32 afresh (--dtype-policy float32)" if policy.startswith("mixed")
+        else "")
 
 
 def write_history_csv(path, rows):

@@ -238,12 +238,15 @@ def _check_field(config_cls, name, value, hints):
                           f"{', '.join(map(str, choices))}")
     allowed = field_setting(config_cls, name, "allowed")
     # Beyond float32's range a setting overflows to inf in the variables it becomes.
-    overflows = isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX
-    if (isinstance(value, float) and not math.isfinite(value)) or overflows or (
-            allowed is not None and value not in allowed):
+    # (Python compares an int of any size with a float exactly; inf is refused below.)
+    overflows = (float in kinds and not isinstance(value, bool)
+                 and isinstance(value, (int, float)) and value == value
+                 and FLOAT32_MAX < abs(value) < math.inf)
+    in_range = allowed is None or value in allowed
+    if (isinstance(value, float) and not math.isfinite(value)) or overflows or not in_range:
         unset = ", or leave it unset" if optional else ""
         why = getattr(allowed, "why_not", lambda value: "")(value)  # a hint of its own
-        if overflows:
+        if overflows and in_range:  # else the range is the reason
             why = f" (float32, which training computes in, holds at most {FLOAT32_MAX:.4g})"
         raise KbenchError(f"{flag} {value!r} is not allowed: it takes "
                           f"{_describe(kinds, allowed)}{unset}{why}")

@@ -358,7 +358,8 @@ def check_saved_settings(config_cls, saved, path, saved_by=None):
         try:
             check_values(config_cls, {name: value})
         except KbenchError as exc:
-            if saved_by:  # the settings of another recipe than the one given
+            if saved_by and _allowed_by(saved_by, name, value):
+                # a setting of the recipe that trained the model, not of the one given
                 raise KbenchError(f"{path} was written by recipe {saved_by}, whose settings "
                                   f"this recipe does not take ({exc}): pass --recipe "
                                   f"{saved_by}, or leave --recipe out") from None
@@ -366,6 +367,22 @@ def check_saved_settings(config_cls, saved, path, saved_by=None):
             instead = f", or pass {flag}" if name in EVALUATE_FLAGS else ""
             raise KbenchError(f"{path} holds a setting that is not allowed ({exc}): mend the "
                               f"file{instead}") from None
+
+
+def _allowed_by(recipe, name, value):
+    """Whether the recipe named `recipe` (kbench's own, or one found by that name) allows
+    `value` for its setting `name`; False where it cannot be found."""
+    from kbench.config import check_values
+    from kbench.recipe import load_recipe
+
+    try:
+        config_cls = load_recipe(recipe).Config
+        if name not in {f.name for f in dataclasses.fields(config_cls)}:
+            return False
+        check_values(config_cls, {name: value})
+    except KbenchError:
+        return False
+    return True
 
 
 def recipe_config(recipe, settings, model, from_file=None, path=None, saved_by=None):

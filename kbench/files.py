@@ -133,8 +133,12 @@ def writable_folder(path, flag, given=None):
         # Where the path runs into a file, the system's reason varies ("File exists", "Not a
         # directory"): name the file.
         in_the_way = _existing_part(path)
-        why = (f"{in_the_way} is a file, not a folder" if not os.path.isdir(in_the_way)
-               else exc.strerror or exc)
+        if os.path.islink(in_the_way) and not os.path.exists(in_the_way):
+            why = f"{in_the_way} is a link to nothing"
+        elif not os.path.isdir(in_the_way):
+            why = f"{in_the_way} is a file, not a folder"
+        else:
+            why = exc.strerror or exc
         raise KbenchError(f"{flag} {given or path}: cannot write there ({why}); "
                           f"pass another {flag}") from None
     if top is not None:

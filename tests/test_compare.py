@@ -267,11 +267,12 @@ def test_a_recipe_s_own_input_check_runs_once_before_any_run(tmp_path, entry_poi
     from kbench import cli
 
     tiny = TINY[:TINY.index("--model")] + TINY[TINY.index("--model") + 2:]
-    for sets, message in [([], "pass --init-from PATH, a model.keras another recipe saved"),
+    # in compare's words: the recipe's --init-from is compare's --set init_from=
+    for sets, message in [([], "pass --set init_from=PATH, a model.keras another recipe saved"),
                           (["--set", f"init_from={tmp_path / 'none.keras'}"],
-                           f"--init-from {tmp_path / 'none.keras'}: no such file"),
+                           f"--set init_from={tmp_path / 'none.keras'}: no such file"),
                           (["--set", f"init_from={tmp_path}"],
-                           f"--init-from {tmp_path} is a folder")]:
+                           f"--set init_from={tmp_path} is a folder")]:
         out = tmp_path / "c"
         status, err = entry_point_error(cli.main, ["compare", "--recipe", "finetune",
                                                    "--backends", "jax,torch", *tiny, *sets,

@@ -104,6 +104,11 @@ def test_messages_say_what_is_allowed(entry_point_error):
                                           r"number > 0 \(float32, which training computes in, "
                                           r"holds at most 3.403e\+38\)$"):
         check(cifar_resnet.Config(lr=1e308))
+    with pytest.raises(KbenchError, match=r"^--lr 1000+ is not allowed: .* holds at most"):
+        check(cifar_resnet.Config(lr=10 ** 400))  # an int, as JSON reads --set lr=1000...0
+    with pytest.raises(KbenchError, match=r"^--momentum 1e\+39 is not allowed: it takes a "
+                                          r"finite number >= 0 and < 1$"):  # the range says why
+        check(cifar_resnet.Config(momentum=1e39))
     check(imdb_transformer.Config(lr=1, dropout=0))  # an int where a float belongs is fine
     # NumPy numbers (a loop over an array of settings) are numbers, made Python's.
     config = check(cifar_resnet.Config(batch_size=np.int64(32), lr=np.float32(0.5)))

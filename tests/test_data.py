@@ -136,7 +136,6 @@ def test_corrupt_archive_is_a_clear_error(tmp_path, content):
     assert "\n" not in str(err.value) and "re-download" in str(err.value)
 
 
-
 @pytest.mark.parametrize("where", ["the folder", "its parent", "keras' nested cache"])
 def test_a_half_extracted_folder_is_named_as_such_not_as_missing_data(tmp_path, cifar10_splits,
                                                                      where):
@@ -160,6 +159,7 @@ def test_a_data_dir_file_that_is_no_archive_says_so(tmp_path):
     with pytest.raises(KbenchError) as err:
         data.load_cifar("cifar10", data_dir=str(tmp_path / "cifar-10-python.tar.gz"))
     assert str(err.value).startswith(f"{tmp_path / 'cifar-10-python.tar.gz'} is not a tar archive")
+
 
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)

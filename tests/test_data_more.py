@@ -182,6 +182,22 @@ def test_a_data_dir_file_that_is_no_npz_says_so(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'mnist.npz'} is not a zip archive")
 
 
+def test_a_data_dir_variable_naming_another_data_set_s_file_is_passed_over(tmp_path,
+                                                                           monkeypatch):
+    # $KBENCH_DATA_DIR may name the CIFAR archive: no other data set takes it for its own,
+    # damaged or not; the search goes on (IMDB in keras' cache) or ends in "not found".
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not read here")
+    (tmp_path / ".keras" / "datasets").mkdir(parents=True)
+    write_imdb_npz(tmp_path / ".keras" / "datasets" / "imdb.npz")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KBENCH_DATA_DIR", str(archive))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    assert data.load_text_dataset("imdb", vocab_size=100, sequence_length=8).x_train.shape[1] == 8
+    with pytest.raises(KbenchError, match="^MNIST not found in "):
+        data.load_mnist("mnist")
+
+
 def test_download_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "network_answers", lambda url, timeout=3.0: False)
     with pytest.raises(KbenchError, match="cannot reach"):

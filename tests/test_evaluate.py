@@ -369,6 +369,13 @@ def test_bad_settings_in_metrics_json_are_one_line_errors_naming_the_file(tmp_pa
     assert line.startswith(f"error: {tuned_path.parent / 'metrics.json'} was written by recipe "
                            "finetune, whose settings this recipe does not take (--model "), line
     assert line.endswith("pass --recipe finetune, or leave --recipe out"), line
+    # ... but a value that recipe would refuse too is the file's fault, not the recipe's
+    (tuned / "run" / "metrics.json").write_text(json.dumps(
+        {"recipe": "finetune", "config": {**settings, "seed": -1, "model": None}}))
+    assert run_cli("evaluate", tuned_path, "--recipe", "mnist_convnet", "--output-dir",
+                   tuned / "eval") == 2
+    assert capsys.readouterr().err.startswith(f"error: {tuned_path.parent / 'metrics.json'} "
+                                              "holds a setting that is not allowed (--seed -1")
 
     # A "config" that is no mapping: the file is set aside with a note, as an unreadable one.
     metrics.write_text(json.dumps({"recipe": "mnist_convnet", "config": 5}))

@@ -257,3 +257,7 @@ def test_a_folder_path_that_runs_into_a_file_names_the_file(tmp_path):
         assert str(err.value) == (f"--output-dir {path}: cannot write there ({tmp_path / 'a-file'}"
                                   " is a file, not a folder); pass another --output-dir")
     assert (tmp_path / "a-file").read_text() == "mine"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for path in (tmp_path / "dangling", tmp_path / "dangling" / "sub"):
+        with pytest.raises(KbenchError, match=rf"\({tmp_path / 'dangling'} is a link to nothing\)"):
+            files.writable_folder(str(path), "--output-dir")

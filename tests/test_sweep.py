@@ -120,6 +120,11 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
     for args, message in [
         (["--sweep", "no_such=1,2"], "--sweep no_such: recipe cifar_resnet has no setting"),
         (["--sweep", "epochs=1,2"], "--sweep epochs: compare sets epochs itself; use --epochs"),
+        (["--sweep", "resume=true,false"], "--sweep resume: compare sets resume itself; use "
+                                           "nothing: a compare run starts from scratch"),
+        (["--sweep", "distribute=none,data_parallel"],
+         "--sweep distribute: compare sets distribute itself; use --distribute data_parallel "
+         "(runs one replica and N)"),
         (["--sweep", "batch_size=8,0"], "--sweep batch_size=0: --batch-size 0 is not allowed"),
         (["--sweep", "batch_size=8,x"], "--sweep batch_size=x: --batch-size 'x' is not allowed"),
         (["--sweep", "batch_size=8,16", "--batch-size", "4"], "drop --batch-size"),
@@ -212,6 +217,16 @@ def fake_record(backend, value, status="ok", step_ms=None, field="batch_size", r
     elif status == "oom":
         row.update(peak_rss_mb=rss, error="out of memory: over the --max-memory cap")
     return row
+
+
+def test_report_reads_every_kind_of_sweep_point_it_may_be_given():
+    # null is a value a sweep may take (the recipe's default), a name or a flag another
+    for value in (8, 0.5, "resnet20", True, None):
+        assert records.not_a_record(fake_record("jax", value, field="x", step_ms=5.0)) is None
+    missing = fake_record("jax", 8, step_ms=5.0)
+    del missing["sweep_value"]
+    assert records.not_a_record(missing) == ("a point of the batch_size sweep with no "
+                                             "sweep_value (a setting's value)")
 
 
 def test_a_point_out_of_memory_skips_the_larger_ones_of_its_backend_only(tmp_path,

@@ -583,8 +583,8 @@ def test_the_divergence_line_names_float32_and_a_checkpoint_only_where_they_appl
     guard.on_epoch_begin(2)
     with pytest.raises(KbenchError, match=rf"^training diverged: loss is inf at epoch 2, step 5; "
                                           rf"lower --lr, add --clip-norm, or train in float32 "
-                                          rf"\(--dtype-policy float32\); its last checkpoint "
-                                          rf"stays in {tmp_path} \(--resume\)$"):
+                                          rf"afresh \(--dtype-policy float32\); its last "
+                                          rf"checkpoint stays in {tmp_path} \(--resume\)$"):
         guard.on_train_batch_end(5, {"loss": float("inf")})
 
 

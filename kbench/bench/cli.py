@@ -41,7 +41,9 @@ def _config_overrides(values):
             parsed = json.loads(raw)
         except json.JSONDecodeError:
             parsed = raw
-        if field in overrides and overrides[field] != parsed:  # else one value would be lost
+        # else one value would be lost (true and 1 are two values: a type is part of one)
+        if field in overrides and (type(overrides[field]), overrides[field]) != (type(parsed),
+                                                                                  parsed):
             raise KbenchError(f"--set {field}={given[field]} and --set {field}={raw} "
                               "disagree: give one")
         overrides[field], given[field] = parsed, raw

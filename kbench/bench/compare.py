@@ -207,12 +207,14 @@ def target_spec(options):
             "max_epochs": options.max_epochs}
 
 
+# Recipe settings compare has flags of the same name for.
+COMPARE_FLAG_FIELDS = ("dataset", "model", "batch_size", "dtype_policy", "jit_compile",
+                       "float32_precision")
+
+
 def run_config(options):
     """Overrides of the recipe's Config shared by every run (same model, batch, data, dtype)."""
-    overrides = {"dataset": options.dataset, "model": options.model,
-                 "batch_size": options.batch_size, "dtype_policy": options.dtype_policy,
-                 "jit_compile": options.jit_compile,
-                 "float32_precision": options.float32_precision}
+    overrides = {field: getattr(options, field) for field in COMPARE_FLAG_FIELDS}
     return {**{k: v for k, v in overrides.items() if v is not None}, **options.extra_config}
 
 
@@ -254,7 +256,21 @@ def check_recipe_settings(options):
     # A recipe's own check of what must exist before it trains (finetune: its --init-from
     # file), optional in the recipe contract: once here, not as the same failure per run.
     if hasattr(recipe, "check_inputs"):
-        recipe.check_inputs(config)
+        try:
+            recipe.check_inputs(config)
+        except KbenchError as exc:
+            raise KbenchError(as_set_options(str(exc), config)) from None
+
+
+def as_set_options(message, config):
+    """A recipe's message in the words of compare, which takes the recipe's own flags as
+    `--set FIELD=VALUE`: `--init-from PATH` becomes `--set init_from=PATH`."""
+    for field in dataclasses.fields(config):
+        if field.name in COMPARE_FLAG_FIELDS or field.name in COMPARE_SETS:
+            continue  # compare's own flag, or not the user's to set
+        flag = "--" + field.name.replace("_", "-")
+        message = re.sub(rf"{re.escape(flag)}(?:=| )(?=\S)", f"--set {field.name}=", message)
+    return message
 
 
 def distribute_config(framework, options):

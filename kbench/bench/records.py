@@ -221,8 +221,10 @@ def not_a_sweep_record(row):
         return None
     if not isinstance(field, str):
         return f"sweep_field is {field!r}, not a setting's name"
-    if not isinstance(row.get("sweep_value"), (str, int, float)):
-        return f"a point of the {field} sweep with no sweep_value"
+    # null is a value a sweep may take (--sweep train_examples=256,null: the recipe's default)
+    if "sweep_value" not in row or not isinstance(row["sweep_value"],
+                                                  (str, int, float, type(None))):
+        return f"a point of the {field} sweep with no sweep_value (a setting's value)"
     return None
 
 

@@ -66,7 +66,7 @@ def load_cifar(name, data_dir=None, download=False):
         target = os.path.expanduser(data_dir or default_data_dirs()[0])
         return _load_pickled(spec, fetch_archive(spec, target), from_archive=True)
     for directory in searched:
-        damaged = _damaged_cifar_source(spec, os.path.expanduser(directory))
+        damaged = _damaged_cifar_source(spec, os.path.expanduser(directory), bool(data_dir))
         if damaged:
             raise KbenchError(damaged)
     where = data_dir or ", ".join(searched)
@@ -77,12 +77,14 @@ def load_cifar(name, data_dir=None, download=False):
     )
 
 
-def _damaged_cifar_source(spec, path):
+def _damaged_cifar_source(spec, path, explicit):
     """Why what sits at path looks meant as CIFAR but cannot be read, or None if nothing does.
 
     A half-extracted folder or a file that is no archive would otherwise read as "not found",
     which sends the user looking for data they already have in the wrong place."""
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # a default place may hold another data set's archive
+        if not explicit:
+            return None
         return (f"{path} is not a tar archive, so not {spec['archive']}: pass --data-dir the "
                 "archive or the folder holding it, or use --dataset synthetic to run without data")
     # The deepest folder of CIFAR's name: keras.datasets' cache nests one in another.

@@ -95,7 +95,9 @@ def _damaged_mnist_source(spec, path, explicit):
 
     A folder holding some of the four IDX files, or a file that is no .npz, would otherwise
     read as "not found", which sends the user looking for data they already have."""
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # a default place may hold another data set's archive
+        if not explicit:
+            return None
         return (f"{path} is not a zip archive, so not a .npz of {spec['title']}: pass --data-dir "
                 "the .npz or the folder holding it, or use --dataset synthetic to run without data")
     if not os.path.isdir(path):

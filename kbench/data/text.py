@@ -75,8 +75,9 @@ def _load_imdb_ids(data_dir, download, vocab_size):
     searched = [data_dir] if data_dir else default_data_dirs()
     for directory in searched:
         path = os.path.expanduser(directory)
-        if os.path.isfile(path):
-            # A file named by --data-dir is meant as imdb.npz: say if it is not, not "not found".
+        if os.path.isfile(path) and (data_dir or zipfile.is_zipfile(path)):
+            # A file --data-dir names is meant as imdb.npz: say if it is not, not "not found"
+            # ($KBENCH_DATA_DIR may name another data set's archive: passed over).
             return load_imdb(path, num_words=vocab_size)
         if os.path.isfile(os.path.join(path, IMDB["npz"])):
             return load_imdb(os.path.join(path, IMDB["npz"]), num_words=vocab_size)
