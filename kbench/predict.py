@@ -58,18 +58,19 @@ def read_inputs(paths, model):
     spec = model.inputs[0]
     shape = tuple(spec.shape[1:])
     takes_ids = "int" in str(spec.dtype)
-    names, arrays, given_arrays = [], [], []
+    names, arrays, from_npy = [], [], []
     for path in map(os.fspath, paths):
         if path.lower().endswith(NPY):
             batch, single = _read_npy(path, shape)
             arrays.extend(batch)
-            given_arrays.extend(batch)
+            from_npy.extend([True] * len(batch))
             names.extend([path] if single else [f"{path}[{i}]" for i in range(len(batch))])
         elif takes_ids:
             raise KbenchError(f"{path}: this model takes token ids, not images; pass them as a "
                               f".npy array of shape (N, {shape[0]}) or ({shape[0]},)")
         else:
             arrays.append(_read_image(path, shape))
+            from_npy.append(False)
             names.append(path)
     dtype = "int32" if takes_ids else "float32"
     batch = np.stack(arrays).astype(dtype)
@@ -77,7 +78,7 @@ def read_inputs(paths, model):
         _check_ids(batch, model)
     # Only arrays can come scaled (image files are read as 0..255 here), and an all-black one
     # says nothing either way.
-    given = np.stack(given_arrays).astype(dtype) if given_arrays else np.zeros(0)
+    given = batch[np.asarray(from_npy, bool)]
     if not takes_ids and given.size and 0 < given.max() <= 1.0:
         print("note: the .npy inputs look scaled to 0..1; kbench models take raw 0..255 pixels",
               file=sys.stderr)

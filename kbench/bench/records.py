@@ -176,10 +176,9 @@ def not_a_record(row):
     for key in ("backend", "status"):
         if not isinstance(row.get(key), str):
             return f"no {key} name"
-    for key in NUMBER_FIELDS:
-        value = row.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{key} is {value!r}, not a number"
+    for key in (*NUMBER_FIELDS, *TARGET_NUMBER_FIELDS):
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"{key} is {row[key]!r}, not a number"
     if not isinstance(row.get("config") or {}, dict):
         return f"config is {row['config']!r}, not an object of settings"
     return not_a_target_record(row) or not_a_sweep_record(row)
@@ -197,10 +196,8 @@ def _is_number(value):
 
 
 def not_a_target_record(row):
-    """Why a record's time-to-target fields are not what report reads, or None."""
-    for key in TARGET_NUMBER_FIELDS:
-        if row.get(key) is not None and not _is_number(row[key]):
-            return f"{key} is {row[key]!r}, not a number"
+    """Why a record's time-to-target fields other than its numbers are not what report
+    reads, or None."""
     if row.get("reached") not in (None, True, False):
         return f"reached is {row['reached']!r}, not true or false"
     if row.get("reached") and not _is_number(row.get("time_to_target_s")):

@@ -88,9 +88,7 @@ def _damaged_cifar_source(spec, path, explicit):
         return (f"{path} is not a tar archive, so not {spec['archive']}: pass --data-dir the "
                 "archive or the folder holding it, or use --dataset synthetic to run without data")
     # The deepest folder of CIFAR's name: keras.datasets' cache nests one in another.
-    nested = (path, os.path.join(path, spec["folder"]),
-              os.path.join(path, spec["folder"], spec["folder"]))
-    folders = [f for f in nested
+    folders = [f for f in _cifar_folders(spec, path)
                if os.path.basename(os.path.normpath(f)) == spec["folder"] and os.path.isdir(f)]
     if not folders:
         return None
@@ -108,13 +106,7 @@ def _find_cifar_source(name, path):
         return ("archive", path) if tarfile.is_tarfile(path) else None
     if not os.path.isdir(path):
         return None
-    if _is_cifar_folder(spec, path):
-        return ("folder", path)
-    for folder in (
-        os.path.join(path, spec["folder"]),
-        # keras.datasets' cache (~/.keras/datasets) extracts into a folder of the same name.
-        os.path.join(path, spec["folder"], spec["folder"]),
-    ):
+    for folder in _cifar_folders(spec, path):
         if _is_cifar_folder(spec, folder):
             return ("folder", folder)
     for archive in (os.path.join(path, spec["archive"]),
@@ -126,6 +118,13 @@ def _find_cifar_source(name, path):
     if glob.glob(os.path.join(path, name, "*", "dataset_info.json")):
         return ("tfds", path)
     return None
+
+
+def _cifar_folders(spec, path):
+    """Where the extracted batches may be: `path` itself, its extracted folder, and that
+    folder's namesake inside it (keras.datasets' cache, ~/.keras/datasets, extracts so)."""
+    return (path, os.path.join(path, spec["folder"]),
+            os.path.join(path, spec["folder"], spec["folder"]))
 
 
 def _is_cifar_folder(spec, path):

@@ -77,10 +77,7 @@ def _find_mnist_source(spec, path, explicit):
         return ("npz", path) if zipfile.is_zipfile(path) else None
     if not os.path.isdir(path):
         return None
-    candidates = [os.path.join(path, f) for f in spec["folders"]]
-    if explicit:
-        candidates.insert(0, path)
-    for folder in candidates:
+    for folder in _idx_folders(spec, path, explicit):
         if all(_idx_path(folder, f) for f in IDX_FILES):
             return ("idx", folder)
     if spec["npz"] and os.path.isfile(os.path.join(path, spec["npz"])):
@@ -102,16 +99,19 @@ def _damaged_mnist_source(spec, path, explicit):
                 "the .npz or the folder holding it, or use --dataset synthetic to run without data")
     if not os.path.isdir(path):
         return None
-    candidates = [os.path.join(path, f) for f in spec["folders"]]
-    if explicit:
-        candidates.insert(0, path)
-    for folder in candidates:
+    for folder in _idx_folders(spec, path, explicit):
         missing = [f for f in IDX_FILES if not _idx_path(folder, f)]
         if 0 < len(missing) < len(IDX_FILES):
             return (f"{folder} holds {len(IDX_FILES) - len(missing)} of the four {spec['title']} "
                     f"IDX files (it lacks {', '.join(missing)}, .gz or not): add them, or use "
                     "--dataset synthetic to run without data")
     return None
+
+
+def _idx_folders(spec, path, explicit):
+    """The folders at `path` that may hold the IDX files: keras' cache subfolders, and `path`
+    itself only where --data-dir names it (MNIST and Fashion-MNIST share the file names)."""
+    return ([path] if explicit else []) + [os.path.join(path, f) for f in spec["folders"]]
 
 
 def _idx_path(folder, stem):
