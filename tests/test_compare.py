@@ -235,9 +235,10 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
 
     for setting, message in [("no_such_knob=1", "recipe cifar_resnet has no setting(s) "
                                                 "no_such_knob"),
-                             ("momentum=2", "--momentum 2 is not allowed: it takes a finite "
-                                            "number >= 0 and < 1"),
-                             ("cutout=-4", "--cutout -4 is not allowed"),
+                             # the recipe's message, in compare's words (--set, not --momentum)
+                             ("momentum=2", "--set momentum=2 is not allowed: it takes a "
+                                            "finite number >= 0 and < 1"),
+                             ("cutout=-4", "--set cutout=-4 is not allowed"),
                              ("model=nope", "--model 'nope' is not allowed: it takes a name "
                                             "registered in kbench.models for images "
                                             "(convnet, "),
@@ -279,6 +280,41 @@ def test_a_recipe_s_own_input_check_runs_once_before_any_run(tmp_path, entry_poi
                                                    "--output", str(out)])
         assert status == 2 and err.startswith(f"error: {message}"), err
         assert err.count("\n") == 1 and not out.exists()  # no run started, no folder made
+
+
+def test_a_recipe_s_messages_are_reworded_as_compare_takes_its_settings():
+    """A recipe names its settings by its flags; compare takes them as --set FIELD=VALUE
+    (--sweep for the swept one). Only what follows a flag as its value joins it: a sentence
+    going on after a flag is not a value."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        batch_size: int = 8  # compare's own flag: kept
+        epochs: int = 1  # compare's to set: kept
+        momentum: float = 0.9
+        head_epochs: int = 1
+        augment: bool = True
+        init_from: str | None = None
+
+    for message, reworded in [
+        ("--momentum 2 is not allowed", "--set momentum=2 is not allowed"),
+        ("--momentum 'x' is not allowed", "--set momentum='x' is not allowed"),
+        ("--momentum nan is not allowed", "--set momentum=nan is not allowed"),
+        ("--momentum must be set (a number)", "--set momentum must be set (a number)"),
+        ("--head-epochs and --epochs are both 0", "--set head_epochs and --epochs are both 0"),
+        ("--head-epochs N needs --batch-size 8", "--set head_epochs=N needs --batch-size 8"),
+        ("--augment watches it", "--set augment=true watches it"),
+        ("--no-augment turns it off", "--set augment=false turns it off"),
+        ("--augment 5 is not allowed", "--set augment=5 is not allowed"),
+        ("pass --init-from PATH, a model", "pass --set init_from=PATH, a model"),
+        ("--init-from /a/b.keras: no such file", "--set init_from=/a/b.keras: no such file"),
+        ("it takes its network from --init-from; drop", "it takes its network from "
+                                                        "--set init_from; drop"),
+    ]:
+        assert compare.as_set_options(message, Config) == reworded
+    assert compare.as_set_options("--momentum 2 is not allowed", Config(), swept="momentum") \
+        == "--sweep momentum=2 is not allowed"
 
 
 def record(backend, median, p10, p90, accuracy=0.5):

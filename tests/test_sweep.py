@@ -129,6 +129,9 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
         (["--sweep", "batch_size=8,x"], "--sweep batch_size=x: --batch-size 'x' is not allowed"),
         (["--sweep", "batch_size=8,16", "--batch-size", "4"], "drop --batch-size"),
         (["--sweep", "cutout=0,4", "--set", "cutout=2"], "--sweep cutout and --set cutout"),
+        # a recipe setting's own message, in the sweep's words, naming the point once
+        (["--sweep", "momentum=0.5,2"], "error: --sweep momentum=2 is not allowed: it takes a "
+                                        "finite number >= 0 and < 1\n"),
         (["--sweep", "simulate_devices=1,2"], "add --distribute data_parallel"),
         (["--sweep", "simulate_devices=2,0", "--distribute", "data_parallel"],
          "--sweep simulate_devices=0: a device count is an integer >= 1"),

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 from kbench import backend
 from kbench.bench import machine_load, records
@@ -234,11 +235,13 @@ COMPARE_SETS = {"epochs": "--epochs (or --steps; with a target, --max-epochs)",
                 "simulate_devices": "--simulate-devices N with --distribute data_parallel"}
 
 
-def check_recipe_settings(options):
+def check_recipe_settings(options, swept=None):
     """Build the recipe's Config as every run will and check it (kbench.config.check): an
     unknown recipe, an unknown `--set` field or a value out of range is one line before any
     run starts, not the same failure once per run. An unknown recipe is answered before
-    Keras loads; the Config's checks need the recipe file, which imports Keras."""
+    Keras loads; the Config's checks need the recipe file, which imports Keras. The
+    recipe's messages name its own flags; they are reworded as compare takes them (`--set`,
+    or `--sweep` for the field `swept`)."""
     ruled = sorted(set(options.extra_config) & set(COMPARE_SETS))
     if ruled:
         raise KbenchError(f"--set {ruled[0]} is compare's to set, per run: use "
@@ -252,24 +255,47 @@ def check_recipe_settings(options):
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps,
             "target": target_spec(options)}
-    config = check(worker.run_config(recipe, spec))
-    # A recipe's own check of what must exist before it trains (finetune: its --init-from
-    # file), optional in the recipe contract: once here, not as the same failure per run.
-    if hasattr(recipe, "check_inputs"):
-        try:
+    try:
+        config = check(worker.run_config(recipe, spec))
+        # A recipe's own check of what must exist before it trains (finetune: its
+        # --init-from file), optional in the recipe contract: once here, not as the same
+        # failure per run.
+        if hasattr(recipe, "check_inputs"):
             recipe.check_inputs(config)
-        except KbenchError as exc:
-            raise KbenchError(as_set_options(str(exc), config)) from None
+    except KbenchError as exc:
+        raise KbenchError(as_set_options(str(exc), recipe.Config, swept)) from None
 
 
-def as_set_options(message, config):
+# What follows a flag in a recipe's message when it names a value: a repr (quoted, a
+# number, True/False/None) or a placeholder (N, A, PATH). Anything else is the sentence going on.
+_VALUE = r"(?:'[^']*'|[-+]?(?:\d|\.\d|inf\b|nan\b)|True\b|False\b|None\b|[A-Z]+\b)"
+
+
+def as_set_options(message, config, swept=None):
     """A recipe's message in the words of compare, which takes the recipe's own flags as
-    `--set FIELD=VALUE`: `--init-from PATH` becomes `--set init_from=PATH`."""
-    for field in dataclasses.fields(config):
+    `--set FIELD=VALUE`: `--init-from PATH` becomes `--set init_from=PATH`, `--momentum 2`
+    `--set momentum=2`, a switch `--early-stopping` `--set early_stopping=true` and a flag
+    named without a value `--set FIELD` (`--sweep` where `swept` names the field a sweep
+    sets). `config`: the recipe's Config, class or instance."""
+    from kbench.flags import _flag_type
+
+    config_cls = config if isinstance(config, type) else type(config)
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
         if field.name in COMPARE_FLAG_FIELDS or field.name in COMPARE_SETS:
             continue  # compare's own flag, or not the user's to set
-        flag = "--" + field.name.replace("_", "-")
-        message = re.sub(rf"{re.escape(flag)}(?:=| )(?=\S)", f"--set {field.name}=", message)
+        name, option = field.name, "--sweep" if field.name == swept else "--set"
+        flag = "--" + name.replace("_", "-")
+        kind, is_bool = _flag_type(hints[name])
+        # Paths and names are printed after their flag; a number or a switch may not be.
+        value = r"\S" if kind is str else _VALUE
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?:=| )(?={value})", f"{option} {name}=",
+                         message)
+        if is_bool:
+            message = re.sub(rf"(?<![\w-])--no-{re.escape(flag[2:])}(?![\w-])",
+                             f"{option} {name}=false", message)
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])",
+                         f"{option} {name}" + ("=true" if is_bool else ""), message)
     return message
 
 

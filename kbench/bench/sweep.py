@@ -93,9 +93,12 @@ def check_sweep(options):
                                  or value < 1):
             raise KbenchError(f"--sweep {DEVICES}={value}: a device count is an integer >= 1")
         try:
-            comparing.check_recipe_settings(point_options(options, field, value))
+            comparing.check_recipe_settings(point_options(options, field, value), swept=field)
         except KbenchError as exc:
-            raise KbenchError(f"--sweep {field}={value}: {exc}") from None
+            message = str(exc)  # a recipe's own words name the point already
+            if not message.startswith(f"--sweep {field}="):
+                message = f"--sweep {field}={value}: {message}"
+            raise KbenchError(message) from None
 
 
 def _flag_value(options, field):
