@@ -180,7 +180,7 @@ def backend_sees_gpu(name, python, timeout_s, probes=PROBES, env=None):
 DEFAULT_CASES = (("resnet20", "float32"), ("preact_resnet18", "mixed_bfloat16"),
                  ("resnet20", "mixed_bfloat16"))  # most telling first
 # Seconds a compare run takes on a GPU, start to record (interpreter, data, compile, 60
-# steps, evaluation; an H200 took 1-16 s to compile under JAX), and what torch.compile adds.
+# steps, evaluation; an H200 took 4-16 s to compile under JAX), and what torch.compile adds.
 # Guesses to be replaced by what the next GPU run's wall_s fields say; the budget rescales
 # them by what the passes before took anyway.
 RUN_ESTIMATE_S = 15
