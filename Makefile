@@ -58,7 +58,7 @@ test: $(VENV)/.installed
 test-slow:
 	@$(MAKE) --no-print-directory test TEST_MARKS=slow
 
-# The first look at an NVIDIA GPU (docs/compare.md, "On a GPU"): every backend and native twin
+# The first look at an NVIDIA GPU (docs/compare.md, "GPU"): every backend and native twin
 # at float32 and mixed_bfloat16, with TFLOP/s and MFU. Installs nothing (the GPU machine's
 # interpreter runs it when there is no .venv); without a GPU it says so in one line, exit 0.
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))

@@ -579,7 +579,8 @@ class StepTimer(keras.callbacks.Callback):
     A clock reading means something only once the device has finished the work queued before
     it, and waiting for the device (a sync) keeps the host from queueing the next step: on an
     H200, Keras-JAX ResNet-20 (batch 1024) took 15.2 ms/step synced after every step and 10.2
-    synced every 10 steps (same machine, same call). So the timer syncs only at window edges:
+    synced every 10 steps (same machine, same call; 2026-11-26, commit `4badb3e`, not
+    re-run since). So the timer syncs only at window edges:
       - after each epoch's first step, which waits for the input iterator to start (in the
         run's first epoch it also traces and compiles: `compile_s` is the time to its end),
         or in the first epoch after `1 + warmup_steps` steps;
@@ -866,9 +867,10 @@ def save_model_float32(model, path):
     a mixed-precision model is saved as a float32 copy with the same (float32) weights."""
     # Keras saves the jit_compile it resolved here (True under JAX, False under torch), and
     # load_model compiles with it: a JAX-trained model under torch ran every predict through
-    # torch.compile (20-30 s for 4 images), a torch-trained one under JAX op by op. Saved as
-    # "auto", each backend resolves it as it would its own; only --jit-compile off (say where
-    # a compiler fails on the model) is kept as False.
+    # torch.compile (18-34 s for 4 images, measured before the fix, commit f212fc1 of
+    # 2026-12-06; command not recorded), a torch-trained one under JAX op by op. Saved as
+    # "auto", each backend resolves it as it would its own; only --jit-compile off (say where a
+    # compiler fails on the model) is kept as False.
     asked = getattr(model, "_kbench_jit_compile", "auto")  # compile_model's setting
     if any(layer.dtype_policy.name != "float32" for layer in model.layers):
         from kbench.models.saving import float32_copy

@@ -27,9 +27,11 @@ decoupled w -= lr * wd * w, so under a changing learning rate it trains somethin
 Measured on a 2-core AMD EPYC (AVX-512) with torch 2.13, ResNet-20, batch 128, eager, float32,
 median of 20 steps of run(): channels_last 127-130 ms, contiguous NCHW 165 ms (both oneDNN), so
 the model and its inputs are channels_last (the NCHW view of a NHWC batch already is). Torch's
-default 2 threads beat torch.set_num_threads(1) (223 ms), so threads are left alone. On an H200,
-plain PyTorch ResNet-20 at batch 1024 took 36.7 ms/step eager NCHW float32, 9.6 with
-channels_last + cudnn.benchmark + bf16 autocast, 7.7 compiled (issue 20): the CUDA settings
+default 2 threads beat torch.set_num_threads(1) (223 ms), so threads are left alone. (These CPU
+figures came in with commit `ea0545e`, 2026-11-23, timing that day's run(); not re-run since.)
+On an H200, plain PyTorch ResNet-20 at batch 1024 took 36.7 ms/step eager NCHW float32, 9.6
+with channels_last + cudnn.benchmark + bf16 autocast, 7.7 compiled (2026-12-04, issue 20's
+measurements of a plain PyTorch program, outside kbench; not re-run since): the CUDA settings
 here are those.
 
 Two differences from Keras' maths are kept because they are what PyTorch does: nn.BatchNorm2d's
