@@ -394,6 +394,30 @@ def test_baseline_marks_only_changes_beyond_noise():
         "not comparable: the baseline measured time to target"}
 
 
+def test_repeats_alternate_the_order_of_the_runs(tmp_path, monkeypatch):
+    """Repeats run the plan forward, then backward, and so on: on a machine whose speed
+    drifts, no backend or twin always gets the same place (compare.in_repeat_order)."""
+    ran = []
+
+    def run_one(name, runner, framework, options, out_dir, repeat, distributed=False):
+        ran.append((name, repeat))
+        row = record(name, 100.0, 95.0, 105.0)
+        row["repeat"] = repeat
+        return row
+
+    monkeypatch.setattr(compare, "run_one", run_one)
+    monkeypatch.setattr(compare, "check_recipe_settings", lambda options: None)
+    options = compare.CompareOptions(backends=("jax", "torch"), reference="native", repeats=3,
+                                     output=str(tmp_path / "c"))
+    rows = compare.compare(options, console=report.make_console())
+    plan = ["jax", "torch", "native-jax", "native-torch"]
+    assert ran == ([(name, 0) for name in plan] + [(name, 1) for name in reversed(plan)]
+                   + [(name, 2) for name in plan])
+    assert len(rows) == 12
+    # the report keeps the plan's order
+    assert [row["backend"] for row in report.summarize(rows)] == plan
+
+
 def test_repeats_are_aggregated_by_median():
     summary = report.summarize([record("jax", 100, 95, 105), record("jax", 110, 100, 120),
                                 record("jax", 90, 85, 95)])

@@ -604,6 +604,15 @@ def compare(options, console=None):
         lock.release()
 
 
+def in_repeat_order(runs, repeat):
+    """The runs of repeat `repeat`: in plan order in even repeats, reversed in odd ones
+    (A B C, C B A, A B C, ...). A machine whose speed drifts over a comparison then favours
+    no run by its place: in one order the twins, run after the Keras rows, always caught the
+    faster minutes (one run here gave a Keras row 0.98x its twin in its first repeat and
+    1.35x in its second; docs/compare.md, "What we measured")."""
+    return list(runs) if repeat % 2 == 0 else list(runs)[::-1]
+
+
 def _compare(options, runs, out_dir, console):
     from kbench.bench import report
 
@@ -617,7 +626,7 @@ def _compare(options, runs, out_dir, console):
     say_left_out_twins(options, runs, say)
     try:
         for repeat in range(options.repeats):
-            for name, runner, framework, distributed in runs:
+            for name, runner, framework, distributed in in_repeat_order(runs, repeat):
                 label = f"{name} data_parallel" if distributed else name
                 say(f"[compare] {label} (run {repeat + 1}/{options.repeats}) ...")
                 record = run_one(name, runner, framework, options, out_dir, repeat,

@@ -237,7 +237,7 @@ def sweep(options, console=None):
             if field == "model":  # a twin without this point's model sits it out
                 comparing.say_left_out_twins(point, runs, session.say)
             for repeat in range(options.repeats):
-                for run in point_runs:
+                for run in comparing.in_repeat_order(point_runs, repeat):
                     key = (run[0], run[3])
                     oom = ran_out.get(key)
                     if oom is not None and larger(value, oom["sweep_value"], values):
