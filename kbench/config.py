@@ -18,6 +18,7 @@ import typing
 from kbench import backend
 from kbench.backend import FLOAT32_PRECISIONS, MAX_SIMULATED_DEVICES
 from kbench.errors import KbenchError
+from kbench.flags import flag_of
 from kbench.optim import OPTIMIZERS, SCHEDULES
 
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -223,7 +224,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max, without i
 
 
 def _check_field(config_cls, name, value, hints):
-    flag = "--" + name.replace("_", "-")
+    flag = flag_of(name)
     kinds, optional = _kinds(hints[name])
     if value is None:
         if optional:

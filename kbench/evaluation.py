@@ -17,6 +17,7 @@ import numpy as np
 from kbench.data.stream import as_stream
 from kbench.errors import KbenchError
 from kbench.files import write_bytes_atomic, write_json_atomic
+from kbench.flags import flag_of
 
 TOP_K = 5
 TOP_K_MIN_CLASSES = 10  # below this, top-5 of a handful of classes says little
@@ -363,7 +364,7 @@ def check_saved_settings(config_cls, saved, path, saved_by=None):
                 raise KbenchError(f"{path} was written by recipe {saved_by}, whose settings "
                                   f"this recipe does not take ({exc}): pass --recipe "
                                   f"{saved_by}, or leave --recipe out") from None
-            flag = "--" + name.replace("_", "-")
+            flag = flag_of(name)
             instead = f", or pass {flag}" if name in EVALUATE_FLAGS else ""
             raise KbenchError(f"{path} holds a setting that is not allowed ({exc}): mend the "
                               f"file{instead}") from None

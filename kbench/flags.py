@@ -10,6 +10,11 @@ import types
 import typing
 
 
+def flag_of(field_name):
+    """The command-line flag of a Config field: `batch_size` -> `--batch-size`."""
+    return "--" + field_name.replace("_", "-")
+
+
 def _flag_type(annotation):
     """(argparse type, is_bool) for int, float, str, bool and `X | None`."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -47,7 +52,7 @@ def build_parser(config_cls, description=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag = flag_of(field.name)
         kind, is_bool = _flag_type(hints[field.name])
         help_text = field.metadata.get("help", " ")
         allowed = field_setting(config_cls, field.name, "allowed")

@@ -4,6 +4,7 @@ import argparse
 import os
 
 from kbench.errors import KbenchError, sigterm_interrupts
+from kbench.flags import flag_of
 
 
 def check_interpreter(path, flag):
@@ -63,7 +64,7 @@ class _StoreGiven(argparse.Action):
 def _check_set_against_flags(args, overrides):
     for field in sorted(set(overrides) & set(getattr(args, "given", ()))):
         if overrides[field] != getattr(args, field):
-            flag = "--" + field.replace("_", "-")
+            flag = flag_of(field)
             raise KbenchError(f"{flag} {getattr(args, field)} and --set "
                               f"{field}={overrides[field]} disagree: give one ({flag})")
 

@@ -277,7 +277,7 @@ def as_set_options(message, config, swept=None):
     `--set momentum=2`, a switch `--early-stopping` `--set early_stopping=true` and a flag
     named without a value `--set FIELD` (`--sweep` where `swept` names the field a sweep
     sets). `config`: the recipe's Config, class or instance."""
-    from kbench.flags import _flag_type
+    from kbench.flags import _flag_type, flag_of
 
     config_cls = config if isinstance(config, type) else type(config)
     hints = typing.get_type_hints(config_cls)
@@ -285,7 +285,7 @@ def as_set_options(message, config, swept=None):
         if field.name in COMPARE_FLAG_FIELDS or field.name in COMPARE_SETS:
             continue  # compare's own flag, or not the user's to set
         name, option = field.name, "--sweep" if field.name == swept else "--set"
-        flag = "--" + name.replace("_", "-")
+        flag = flag_of(name)
         kind, is_bool = _flag_type(hints[name])
         # Paths and names are printed after their flag; a number or a switch may not be.
         value = r"\S" if kind is str else _VALUE
