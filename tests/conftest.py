@@ -12,19 +12,30 @@ import tempfile
 
 import pytest
 
-# JAX's persistent compilation cache, for this test run only: one folder shared by the xdist
-# workers and every process the tests start (they inherit the environment), made here in the
-# first process and removed at its end. Tests, compare workers and twins compile the same small
-# models at the same shapes again and again; a hit loads the executable instead of compiling it
-# (the same program, so the same numbers). Measured on the 2-core machine: the jax pass took
+# One temp folder for this test run, made here in the first process, inherited by the xdist
+# workers and every process the tests start (as TMPDIR), and removed at the end of the run. A
+# process the tests kill with SIGKILL cannot remove its own temp files (TensorFlow's autograph
+# writes one per converted function and removes it at exit), and tfds.testing.mock_data leaves
+# an empty mkdtemp folder per builder: without this each `make test` left some 20 of them in
+# /tmp. This process keeps the system's temp folder, so pytest's tmp_path stays where pytest
+# keeps it (the last runs' folders, for a look after a failure).
+_RUN_TMP_MADE_HERE = None
+if not os.environ.get("KBENCH_TESTS_TMPDIR"):
+    tempfile.gettempdir()  # caches the system's for this process before TMPDIR changes
+    _RUN_TMP_MADE_HERE = tempfile.mkdtemp(prefix="kbench-tests-")
+    os.environ["KBENCH_TESTS_TMPDIR"] = os.environ["TMPDIR"] = _RUN_TMP_MADE_HERE
+
+# JAX's persistent compilation cache, for this test run only, in the run's temp folder. Tests,
+# compare workers and twins compile the same small models at the same shapes again and again;
+# a hit loads the executable instead of compiling it (the same program, so the same numbers). Measured on the 2-core machine: the jax pass took
 # 479 CPU-s instead of 589. kbench itself never turns the cache on: compare's compile_s is the
 # compile a user's first run pays. A JAX_COMPILATION_CACHE_DIR of your own is used as it is.
 # (JAX writes an entry without a lock or a rename: one cut short by a kill -9 test is read as
 # corrupt, and JAX warns and compiles again; the result is the same.)
-_JAX_CACHE_MADE_HERE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    _JAX_CACHE_MADE_HERE = tempfile.mkdtemp(prefix="kbench-tests-jax-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE_MADE_HERE
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["KBENCH_TESTS_TMPDIR"], "jax-cache")
+    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
     # JAX's default (1 s) would leave out most of the suite's compiles: tiny models, tiny steps.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
@@ -37,8 +48,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_unconfigure(config):
-    if _JAX_CACHE_MADE_HERE:  # the process that made it: every worker has finished
-        shutil.rmtree(_JAX_CACHE_MADE_HERE, ignore_errors=True)
+    if _RUN_TMP_MADE_HERE:  # the process that made it: every worker has finished
+        shutil.rmtree(_RUN_TMP_MADE_HERE, ignore_errors=True)
 
 
 def pytest_report_header(config):
