@@ -253,6 +253,14 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                                           "data_parallel"),
                              ("simulate_devices=2", "--set simulate_devices is compare's to "
                                                     "set, per run: use --simulate-devices N"),
+                             # the recipe's remedy, --validate-every-epoch, is compare's:
+                             # compare names the one left to the user
+                             ("early_stopping=2", "--set early_stopping=2 watches --set "
+                                                  "monitor=val_accuracy, which a compare run "
+                                                  "never logs (it evaluates once, at its "
+                                                  "end): set monitor=accuracy, or leave "
+                                                  "early_stopping unset\n"),
+                             ("early_stopping=-1", "--set early_stopping=-1 is not allowed"),
                              # one of the two would be lost
                              ("lr=0.1 lr=0.2", "--set lr=0.1 and --set lr=0.2 disagree")]:
         out = tmp_path / "c"

@@ -132,6 +132,9 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
         # a recipe setting's own message, in the sweep's words, naming the point once
         (["--sweep", "momentum=0.5,2"], "error: --sweep momentum=2 is not allowed: it takes a "
                                         "finite number >= 0 and < 1\n"),
+        (["--sweep", "early_stopping=0,2"], "error: --sweep early_stopping=2 watches --set "
+                                            "monitor=val_accuracy, which a compare run never "
+                                            "logs"),
         (["--sweep", "simulate_devices=1,2"], "add --distribute data_parallel"),
         (["--sweep", "simulate_devices=2,0", "--distribute", "data_parallel"],
          "--sweep simulate_devices=0: a device count is an integer >= 1"),

@@ -248,7 +248,7 @@ def check_recipe_settings(options, swept=None):
                           f"{COMPARE_SETS[ruled[0]]}")
     recipe_path(options.recipe)
     from kbench.bench import worker
-    from kbench.config import check
+    from kbench.config import check, check_values
     from kbench.recipe import load_recipe
 
     recipe = load_recipe(_recipe_for_worker(options.recipe))
@@ -256,7 +256,10 @@ def check_recipe_settings(options, swept=None):
             "steps": options.steps, "warmup_steps": options.warmup_steps,
             "target": target_spec(options)}
     try:
-        config = check(worker.run_config(recipe, spec))
+        config = worker.run_config(recipe, spec)
+        check_values(recipe.Config, dataclasses.asdict(config))  # each field first
+        _check_compare_rules(config, swept)
+        config = check(config)
         # A recipe's own check of what must exist before it trains (finetune: its
         # --init-from file), optional in the recipe contract: once here, not as the same
         # failure per run.
@@ -264,6 +267,21 @@ def check_recipe_settings(options, swept=None):
             recipe.check_inputs(config)
     except KbenchError as exc:
         raise KbenchError(as_set_options(str(exc), recipe.Config, swept)) from None
+
+
+def _check_compare_rules(config, swept=None):
+    """Rules between a recipe's settings that compare words itself, where the recipe's own
+    remedy is a setting compare owns (COMPARE_SETS). `swept`: as for as_set_options."""
+    def option(field):
+        return f"{'--sweep' if field == swept else '--set'} {field}"
+
+    monitor, patience = getattr(config, "monitor", ""), getattr(config, "early_stopping", 0)
+    if patience and monitor.startswith("val_"):
+        # The recipe would say "turn on --validate-every-epoch": compare turns it off.
+        raise KbenchError(f"{option('early_stopping')}={patience} watches {option('monitor')}="
+                          f"{monitor}, which a compare run never logs (it evaluates once, at "
+                          f"its end): set monitor={monitor.removeprefix('val_')}, or leave "
+                          "early_stopping unset")
 
 
 # What follows a flag in a recipe's message when it names a value: a repr (quoted, a
