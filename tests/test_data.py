@@ -167,6 +167,89 @@ def test_download_offline_fails_fast(tmp_path, monkeypatch):
         data.load_cifar("cifar10", data_dir=str(tmp_path), download=True)
 
 
+@pytest.fixture
+def web(tmp_path):
+    """A local web server for the download path: GET /<name> serves `files[name]` (bytes), or
+    stalls after its headers for `files[name] == "stall"`, else answers 404."""
+    import http.server
+    import threading
+
+    files, release = {}, threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404, "Not Found")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "100" if body == "stall" else str(len(body)))
+            self.end_headers()
+            if body == "stall":
+                self.wfile.flush()
+                release.wait(30)  # holds the connection open, sending nothing
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_is_checksummed_and_atomic_and_its_failures_are_one_line(
+        tmp_path, web, monkeypatch, capsys):
+    import hashlib
+
+    url, files = web
+    files["good.tar.gz"] = files["bad.tar.gz"] = b"archive bytes" * 1000
+    files["stall.tar.gz"] = "stall"
+    target = tmp_path / "data"
+
+    def spec(name):
+        return {"url": f"{url}/{name}", "archive": name, "title": "a test archive",
+                "sha256": hashlib.sha256(files["good.tar.gz"]).hexdigest()}
+
+    final = sources.fetch_archive(spec("good.tar.gz"), str(target))
+    assert final == str(target / "good.tar.gz") and (target / "good.tar.gz").read_bytes() == \
+        files["good.tar.gz"]
+    assert f"downloading {url}/good.tar.gz" in capsys.readouterr().out
+    files["bad.tar.gz"] = b"an HTML error page"
+    monkeypatch.setattr(sources, "DOWNLOAD_STALL_S", 1)
+    for name, message in [("bad.tar.gz", "download of bad.tar.gz is corrupt (sha256 "),
+                          ("missing.tar.gz", f"download of {url}/missing.tar.gz failed (HTTP "
+                                             "Error 404: Not Found): retry, or copy "
+                                             "missing.tar.gz into a folder and pass --data-dir"),
+                          ("stall.tar.gz", f"download of {url}/stall.tar.gz failed (no data "
+                                           "for 1 s): retry")]:
+        start = time.monotonic()
+        with pytest.raises(KbenchError) as err:
+            sources.fetch_archive(spec(name), str(target))
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+        assert time.monotonic() - start < 10
+    # Nothing half-written is left, and the good archive is untouched.
+    assert sorted(os.listdir(target)) == ["good.tar.gz"]
+
+
+def test_the_network_check_gives_up_on_a_name_lookup_that_hangs(monkeypatch):
+    import socket
+
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(30)
+        raise OSError("no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    start = time.monotonic()
+    assert sources.network_answers("https://www.cs.toronto.edu/x.tar.gz", timeout=0.5) is False
+    assert time.monotonic() - start < 5
+
+
 def test_unknown_dataset():
     with pytest.raises(KbenchError, match="unknown dataset 'imagenet'"):
         data.load_dataset("imagenet")

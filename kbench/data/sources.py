@@ -3,11 +3,15 @@ TFDS data dirs and safe unpickling. Shared by the CIFAR, MNIST and IMDB loaders.
 
 import glob
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import socket
 import tempfile
+import threading
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -63,21 +67,49 @@ def tfds_prepared(path, name):
 
 
 def network_answers(url, timeout=3.0):
-    host = urllib.request.urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    """Whether `url`'s host takes a connection within `timeout` seconds. The name lookup runs
+    in a thread that is given up on at the deadline: the socket's timeout does not bound it,
+    and an unreachable resolver can hold it for 10 s or more."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    answered = []
+
+    def connect():
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+# A download that delivers no byte for this long is given up (urllib waits forever otherwise).
+DOWNLOAD_STALL_S = 60
+# What a download can meet on the way (a refused or reset connection, an HTTP error, a stall);
+# an OSError of the local write (a full disk) is not among them and is said as a write's.
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                  TimeoutError)
+
+
+def _why(network_error):
+    if isinstance(network_error, TimeoutError):
+        return f"no data for {DOWNLOAD_STALL_S} s"
+    if isinstance(network_error, urllib.error.HTTPError):
+        return str(network_error)  # HTTP Error 404: Not Found
+    return getattr(network_error, "reason", None) or network_error
 
 
 def fetch_archive(spec, target_dir):
     """Fetch the published archive into target_dir (atomically, checksum verified)."""
+    host = urllib.parse.urlsplit(spec["url"]).hostname
     if not network_answers(spec["url"]):
         raise KbenchError(
-            f"cannot reach {urllib.request.urlparse(spec['url']).hostname} to download "
-            f"{spec['title']}: copy {spec['archive']} into a folder and pass --data-dir, "
-            "or use --dataset synthetic"
+            f"cannot reach {host} to download {spec['title']}: copy {spec['archive']} into a "
+            "folder and pass --data-dir, or use --dataset synthetic"
         )
     os.makedirs(target_dir, exist_ok=True)
     final = os.path.join(target_dir, spec["archive"])
@@ -85,11 +117,19 @@ def fetch_archive(spec, target_dir):
     os.close(fd)
     try:
         print(f"downloading {spec['url']} -> {final}")
-        urllib.request.urlretrieve(spec["url"], tmp)
-        with open(tmp, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != spec["sha256"]:
-            raise KbenchError(f"download of {spec['archive']} is corrupt (sha256 {digest}); retry")
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(spec["url"], timeout=DOWNLOAD_STALL_S) as response, \
+                    open(tmp, "wb") as part:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    part.write(chunk)
+        except NETWORK_ERRORS as exc:
+            raise KbenchError(f"download of {spec['url']} failed ({_why(exc)}): retry, or copy "
+                              f"{spec['archive']} into a folder and pass --data-dir") from None
+        if digest.hexdigest() != spec["sha256"]:
+            raise KbenchError(f"download of {spec['archive']} is corrupt (sha256 "
+                              f"{digest.hexdigest()}); retry")
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
