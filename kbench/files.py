@@ -32,7 +32,7 @@ def write_bytes_atomic(path, payload):
         os.replace(tmp, path)
     except OSError as exc:
         _remove_if_there(tmp)
-        raise _write_error(exc, path) from None
+        raise write_error(exc, path) from None
     except BaseException:
         _remove_if_there(tmp)
         raise
@@ -65,7 +65,7 @@ def save_model_atomic(model, path):
         os.replace(tmp, path)
     except OSError as exc:
         _remove_if_there(tmp)
-        raise _write_error(exc, path) from None
+        raise write_error(exc, path) from None
     except BaseException:
         _remove_if_there(tmp)
         raise
@@ -82,7 +82,7 @@ def save_weights_atomic(model, path):
         os.replace(tmp, path)
     except OSError as exc:
         _close_h5_files(tmp)
-        raise _write_error(exc, path) from None
+        raise write_error(exc, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -105,7 +105,7 @@ def _close_h5_files(path):
             pass
 
 
-def _write_error(exc, path):
+def write_error(exc, path):
     """An OSError of a refused write, said of the file the caller was writing (the temp
     file's name and h5py's several lines of detail mean nothing to the user); any other
     error as it was."""

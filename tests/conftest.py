@@ -12,26 +12,28 @@ import tempfile
 
 import pytest
 
-# One temp folder for this test run, made here in the first process, inherited by the xdist
+# One temp folder for this test run, made here in the first process, used by it, the xdist
 # workers and every process the tests start (as TMPDIR), and removed at the end of the run. A
 # process the tests kill with SIGKILL cannot remove its own temp files (TensorFlow's autograph
 # writes one per converted function and removes it at exit), and tfds.testing.mock_data leaves
 # an empty mkdtemp folder per builder: without this each `make test` left some 20 of them in
-# /tmp. This process keeps the system's temp folder, so pytest's tmp_path stays where pytest
-# keeps it (the last runs' folders, for a look after a failure).
+# /tmp. pytest's tmp_path folders stay where pytest keeps them (PYTEST_DEBUG_TEMPROOT: the
+# last runs' folders, for a look after a failure).
 _RUN_TMP_MADE_HERE = None
 if not os.environ.get("KBENCH_TESTS_TMPDIR"):
-    tempfile.gettempdir()  # caches the system's for this process before TMPDIR changes
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
     _RUN_TMP_MADE_HERE = tempfile.mkdtemp(prefix="kbench-tests-")
     os.environ["KBENCH_TESTS_TMPDIR"] = os.environ["TMPDIR"] = _RUN_TMP_MADE_HERE
+    tempfile.tempdir = _RUN_TMP_MADE_HERE  # this process's own temp files too
 
 # JAX's persistent compilation cache, for this test run only, in the run's temp folder. Tests,
 # compare workers and twins compile the same small models at the same shapes again and again;
-# a hit loads the executable instead of compiling it (the same program, so the same numbers). Measured on the 2-core machine: the jax pass took
-# 479 CPU-s instead of 589. kbench itself never turns the cache on: compare's compile_s is the
-# compile a user's first run pays. A JAX_COMPILATION_CACHE_DIR of your own is used as it is.
-# (JAX writes an entry without a lock or a rename: one cut short by a kill -9 test is read as
-# corrupt, and JAX warns and compiles again; the result is the same.)
+# a hit loads the executable instead of compiling it (the same program, so the same numbers).
+# Measured on the 2-core machine: the jax pass took 479 CPU-s instead of 589. kbench itself
+# never turns the cache on: compare's compile_s is the compile a user's first run pays. A
+# JAX_COMPILATION_CACHE_DIR of your own is used as it is. (JAX writes an entry without a lock
+# or a rename: one cut short by a kill -9 test is read as corrupt, and JAX warns and compiles
+# again; the result is the same.)
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
         os.environ["KBENCH_TESTS_TMPDIR"], "jax-cache")

@@ -255,11 +255,15 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
                                                     "set, per run: use --simulate-devices N"),
                              # the recipe's remedy, --validate-every-epoch, is compare's:
                              # compare names the one left to the user
-                             ("early_stopping=2", "--set early_stopping=2 watches --set "
-                                                  "monitor=val_accuracy, which a compare run "
-                                                  "never logs (it evaluates once, at its "
-                                                  "end): set monitor=accuracy, or leave "
-                                                  "early_stopping unset\n"),
+                             ("early_stopping=2", "--set early_stopping=2 watches monitor "
+                                                  "val_accuracy (the default), but a compare "
+                                                  "run never logs val_accuracy (it evaluates "
+                                                  "once, at its end): use --set "
+                                                  "monitor=accuracy, or drop --set "
+                                                  "early_stopping\n"),
+                             ("early_stopping=2 monitor=val_loss", "--set early_stopping=2 "
+                                                                   "watches --set "
+                                                                   "monitor=val_loss, but"),
                              ("early_stopping=-1", "--set early_stopping=-1 is not allowed"),
                              # one of the two would be lost
                              ("lr=0.1 lr=0.2", "--set lr=0.1 and --set lr=0.2 disagree")]:

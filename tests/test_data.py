@@ -233,6 +233,30 @@ def test_download_is_checksummed_and_atomic_and_its_failures_are_one_line(
             sources.fetch_archive(spec(name), str(target))
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
         assert time.monotonic() - start < 10
+    # A full disk is the write's failure, said of the archive (errors.write_refused), not
+    # the network's.
+    import builtins
+    import errno
+
+    from kbench.errors import WriteRefused
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = builtins.open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sources, "open", FullDisk, raising=False)
+    with pytest.raises(WriteRefused) as err:
+        sources.fetch_archive(spec("bad.tar.gz"), str(target))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target / "bad.tar.gz")
     # Nothing half-written is left, and the good archive is untouched.
     assert sorted(os.listdir(target)) == ["good.tar.gz"]
 

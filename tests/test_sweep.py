@@ -132,9 +132,15 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
         # a recipe setting's own message, in the sweep's words, naming the point once
         (["--sweep", "momentum=0.5,2"], "error: --sweep momentum=2 is not allowed: it takes a "
                                         "finite number >= 0 and < 1\n"),
-        (["--sweep", "early_stopping=0,2"], "error: --sweep early_stopping=2 watches --set "
-                                            "monitor=val_accuracy, which a compare run never "
-                                            "logs"),
+        (["--sweep", "early_stopping=0,2"], "error: --sweep early_stopping=2 watches monitor "
+                                            "val_accuracy (the default), but a compare run "
+                                            "never logs val_accuracy (it evaluates once, at "
+                                            "its end): use --set monitor=accuracy, or drop "
+                                            "--sweep early_stopping\n"),
+        (["--sweep", "monitor=accuracy,val_loss", "--set", "early_stopping=1"],
+         "error: --sweep monitor=val_loss with --set early_stopping=1: a compare run never logs "
+         "val_loss (it evaluates once, at its end): sweep monitors without val_, or drop --set "
+         "early_stopping\n"),
         (["--sweep", "simulate_devices=1,2"], "add --distribute data_parallel"),
         (["--sweep", "simulate_devices=2,0", "--distribute", "data_parallel"],
          "--sweep simulate_devices=0: a device count is an integer >= 1"),

@@ -258,7 +258,7 @@ def check_recipe_settings(options, swept=None):
     try:
         config = worker.run_config(recipe, spec)
         check_values(recipe.Config, dataclasses.asdict(config))  # each field first
-        _check_compare_rules(config, swept)
+        _check_compare_rules(config, options.extra_config, swept)
         config = check(config)
         # A recipe's own check of what must exist before it trains (finetune: its
         # --init-from file), optional in the recipe contract: once here, not as the same
@@ -269,19 +269,23 @@ def check_recipe_settings(options, swept=None):
         raise KbenchError(as_set_options(str(exc), recipe.Config, swept)) from None
 
 
-def _check_compare_rules(config, swept=None):
+def _check_compare_rules(config, given=(), swept=None):
     """Rules between a recipe's settings that compare words itself, where the recipe's own
-    remedy is a setting compare owns (COMPARE_SETS). `swept`: as for as_set_options."""
-    def option(field):
-        return f"{'--sweep' if field == swept else '--set'} {field}"
-
+    remedy is a setting compare owns (COMPARE_SETS). `given`: the fields the user set;
+    `swept`: as for as_set_options."""
     monitor, patience = getattr(config, "monitor", ""), getattr(config, "early_stopping", 0)
     if patience and monitor.startswith("val_"):
         # The recipe would say "turn on --validate-every-epoch": compare turns it off.
-        raise KbenchError(f"{option('early_stopping')}={patience} watches {option('monitor')}="
-                          f"{monitor}, which a compare run never logs (it evaluates once, at "
-                          f"its end): set monitor={monitor.removeprefix('val_')}, or leave "
-                          "early_stopping unset")
+        never_logged = f"a compare run never logs {monitor} (it evaluates once, at its end)"
+        if swept == "monitor":
+            raise KbenchError(f"--sweep monitor={monitor} with --set early_stopping={patience}: "
+                              f"{never_logged}: sweep monitors without val_, or drop --set "
+                              "early_stopping")
+        stopping = f"{'--sweep' if swept == 'early_stopping' else '--set'} early_stopping"
+        watched = (f"--set monitor={monitor}" if "monitor" in given
+                   else f"monitor {monitor} (the default)")
+        raise KbenchError(f"{stopping}={patience} watches {watched}, but {never_logged}: use "
+                          f"--set monitor={monitor.removeprefix('val_')}, or drop {stopping}")
 
 
 # What follows a flag in a recipe's message when it names a value: a repr (quoted, a

@@ -17,6 +17,7 @@ import urllib.request
 import numpy as np
 
 from kbench.errors import KbenchError
+from kbench.files import write_error
 
 
 def default_data_dirs():
@@ -89,18 +90,6 @@ def network_answers(url, timeout=3.0):
 
 # A download that delivers no byte for this long is given up (urllib waits forever otherwise).
 DOWNLOAD_STALL_S = 60
-# What a download can meet on the way (a refused or reset connection, an HTTP error, a stall);
-# an OSError of the local write (a full disk) is not among them and is said as a write's.
-NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                  TimeoutError)
-
-
-def _why(network_error):
-    if isinstance(network_error, TimeoutError):
-        return f"no data for {DOWNLOAD_STALL_S} s"
-    if isinstance(network_error, urllib.error.HTTPError):
-        return str(network_error)  # HTTP Error 404: Not Found
-    return getattr(network_error, "reason", None) or network_error
 
 
 def fetch_archive(spec, target_dir):
@@ -118,15 +107,14 @@ def fetch_archive(spec, target_dir):
     try:
         print(f"downloading {spec['url']} -> {final}")
         digest = hashlib.sha256()
-        try:
-            with urllib.request.urlopen(spec["url"], timeout=DOWNLOAD_STALL_S) as response, \
-                    open(tmp, "wb") as part:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    digest.update(chunk)
+        with _downloading(spec, urllib.request.urlopen, spec["url"],
+                          timeout=DOWNLOAD_STALL_S) as response, open(tmp, "wb") as part:
+            while chunk := _downloading(spec, response.read, 1 << 20):
+                digest.update(chunk)
+                try:
                     part.write(chunk)
-        except NETWORK_ERRORS as exc:
-            raise KbenchError(f"download of {spec['url']} failed ({_why(exc)}): retry, or copy "
-                              f"{spec['archive']} into a folder and pass --data-dir") from None
+                except OSError as exc:  # a full disk: said of the archive, not the temp file
+                    raise write_error(exc, final) from None
         if digest.hexdigest() != spec["sha256"]:
             raise KbenchError(f"download of {spec['archive']} is corrupt (sha256 "
                               f"{digest.hexdigest()}); retry")
@@ -135,6 +123,22 @@ def fetch_archive(spec, target_dir):
         if os.path.exists(tmp):
             os.remove(tmp)
     return final
+
+
+def _downloading(spec, network_call, *args, **kwargs):
+    """network_call(*args, **kwargs), its failure one line: whatever the connection or a read
+    raises (a refused or reset connection, an HTTP error, TLS, a stall) is the network's, as
+    only network calls run here (the local write does not)."""
+    try:
+        return network_call(*args, **kwargs)
+    except (OSError, http.client.HTTPException) as exc:
+        # URLError wraps the connection's own error (a connect timeout too); HTTPError says
+        # itself best ("HTTP Error 404: Not Found").
+        why = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        if isinstance(why, TimeoutError):
+            why = f"no data for {DOWNLOAD_STALL_S} s"
+        raise KbenchError(f"download of {spec['url']} failed ({why}): retry, or copy "
+                          f"{spec['archive']} into a folder and pass --data-dir") from None
 
 
 def read_npy(raw):
