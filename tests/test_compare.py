@@ -373,6 +373,37 @@ def test_report_rerenders_saved_results(tmp_path, entry_point):
     assert not (tmp_path / "elsewhere" / "results.jsonl").exists()
 
 
+def test_vs_native_gives_the_range_over_repeats_and_says_when_it_straddles_parity(
+        tmp_path, entry_point):
+    """Each repeat's ratio pairs a run with its twin of the same repeat: a machine whose speed
+    drifts between repeats moves them apart, which the median ratio alone would hide."""
+    rows = []
+    for repeat, times in enumerate([{"jax": 100, "native-jax": 90, "torch": 60,
+                                     "native-torch": 50},
+                                    {"jax": 100, "native-jax": 110, "torch": 66,
+                                     "native-torch": 50}]):
+        rows += [dict(record(name, ms, ms - 1, ms + 1), repeat=repeat)
+                 for name, ms in times.items()]
+    records.write_jsonl_atomic(str(tmp_path / "results.jsonl"), rows)
+    status, out = report_here(entry_point, tmp_path / "results.jsonl")
+    assert status == 0
+    assert "1.00x (0.91-1.11)" in out  # medians 100 / 100; repeats 100/90 and 100/110
+    assert "1.26x (1.20-1.32)" in out  # medians 63 / 50; repeats 60/50 and 66/50
+    assert ("jax: its repeats ran 0.91x to 1.11x its native twin's step time, on both sides "
+            "of 1.00x: these runs cannot tell the two apart") in " ".join(out.split())
+    assert "torch: its repeats" not in out  # slower in both: the gap is the runs', not noise
+    header, jax_row = (tmp_path / "results.csv").read_text().splitlines()[:2]
+    row = dict(zip(header.split(","), jax_row.split(",")))
+    assert (float(row["vs_native_min"]), float(row["vs_native_max"])) == pytest.approx(
+        (100 / 110, 100 / 90))
+    # One repeat: the ratio alone, no range and no warning.
+    records.write_jsonl_atomic(str(tmp_path / "results.jsonl"),
+                               [r for r in rows if r["repeat"] == 0])
+    status, out = report_here(entry_point, tmp_path / "results.jsonl")
+    assert status == 0 and "1.11x " in out and "(" not in out.split("1.11x")[1][:3]
+    assert "its repeats ran" not in out
+
+
 def test_baseline_marks_only_changes_beyond_noise():
     baseline = [record("jax", 100, 96, 104), record("torch", 60, 59, 61),
                 record("tensorflow", 80, 79, 81)]

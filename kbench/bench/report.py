@@ -25,7 +25,7 @@ COMPILED_TWIN = {"native-torch": "native-torch-compiled"}
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
-              "vs_native", "vs_baseline", "baseline_step_time_ms", "num_replicas",
+              "vs_native", "vs_native_min", "vs_native_max", "vs_baseline", "baseline_step_time_ms", "num_replicas",
               "scaling_efficiency", "input_wait_fraction", "other_cpu_share", "error")
 # A row whose timed steps waited longer than this share of their time for the input
 # pipeline measured the pipeline as much as the framework: the table flags it.
@@ -123,6 +123,7 @@ def summarize(rows):
         item["setup"] = setup_of((ok or runs)[0])  # a failed run keeps only what was asked
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
+    ok_runs = {name: ok for name, _, ok, _ in group_runs(rows)}
     for item in summary:
         twin_name = NATIVE_TWIN.get(item["backend"], "")
         if item.pop("jit_compile") == "on" and COMPILED_TWIN.get(twin_name) in by_name:
@@ -130,9 +131,30 @@ def summarize(rows):
         twin = by_name.get(twin_name)
         item["vs_native"] = (item["step_time_ms"] / twin["step_time_ms"]
                              if twin and item["step_time_ms"] and twin["step_time_ms"] else None)
+        ratios = ratios_per_repeat(ok_runs[item["backend"]], ok_runs.get(twin_name, []))
+        item["vs_native_min"], item["vs_native_max"] = (
+            (min(ratios), max(ratios)) if item["vs_native"] and len(ratios) > 1 else (None, None))
         single = by_name.get(item.pop("parallel_of") or "")
         item["scaling_efficiency"] = scaling_efficiency(item, single) if single else None
     return summary
+
+
+def ratios_per_repeat(runs, twin_runs):
+    """Step time over the twin's, per repeat both finished (a repeat's runs ran minutes apart;
+    runs of different repeats, further). Their spread is what a machine whose speed drifts
+    does to the median ratio: the table shows it beside "vs native"."""
+    twin_by_repeat = {r.get("repeat"): r for r in twin_runs if r.get("step_time_ms")}
+    return [r["step_time_ms"] / twin_by_repeat[r.get("repeat")]["step_time_ms"]
+            for r in runs if r.get("step_time_ms") and r.get("repeat") in twin_by_repeat]
+
+
+def ratio_cell(item):
+    """'1.14x', or '1.14x (0.98-1.35)' with the per-repeat ratios' range."""
+    if item.get("vs_native") is None:
+        return "-"
+    if item.get("vs_native_min") is None:
+        return f"{item['vs_native']:.2f}x"
+    return f"{item['vs_native']:.2f}x ({item['vs_native_min']:.2f}-{item['vs_native_max']:.2f})"
 
 
 def noise_ms(item):
@@ -209,8 +231,7 @@ def table(summary, title):
                _fmt(s["examples_per_sec"], ".0f"), _fmt(s["compile_s"], ".1f"),
                _fmt(s["peak_rss_mb"], ".0f"), _fmt(s["peak_device_mb"], ".0f"),
                _fmt(s["achieved_tflops"], ".3f"), _fmt(s["test_accuracy"], ".4f"),
-               _fmt(s["test_loss"], ".4f"),
-               "-" if s["vs_native"] is None else f"{s['vs_native']:.2f}x"]
+               _fmt(s["test_loss"], ".4f"), ratio_cell(s)]
         if with_baseline:
             row.append(s.get("vs_baseline") or "-")
         if with_input_wait:
@@ -239,6 +260,18 @@ def print_input_wait_warnings(summary, console):
                       "timed steps' time went waiting for the input pipeline (over "
                       f"{100 * INPUT_WAIT_FLAG:.0f}%): its step time measures the pipeline "
                       "too: speed the pipeline up (parallel map calls, cache, prefetch)[/yellow]", markup=True, highlight=False)
+
+
+def print_ratio_warnings(summary, console):
+    """One line under the table per Keras row whose per-repeat ratios to its twin fall on
+    both sides of parity: the median ratio's side is then the machine's drift, not kbench's."""
+    for s in summary:
+        low, high = s.get("vs_native_min"), s.get("vs_native_max")
+        if low is not None and low <= 1.0 <= high:
+            console.print(f"[yellow]{s['backend']}: its repeats ran {low:.2f}x to {high:.2f}x "
+                          "its native twin's step time, on both sides of 1.00x: these runs "
+                          "cannot tell the two apart; rerun with more --repeats, or on an "
+                          "idle machine[/yellow]", markup=True, highlight=False)
 
 
 def print_load_warnings(summary, console):
@@ -400,6 +433,7 @@ def render(rows, out_dir, baseline=None, console=None, results=None):
     title = describe(rows)
     console.print(table(summary, title))
     print_input_wait_warnings(summary, console)
+    print_ratio_warnings(summary, console)
     print_load_warnings(summary, console)
     print_garbage_warnings(summary, console)
     print_errors(summary, console)
