@@ -270,8 +270,8 @@ def print_ratio_warnings(summary, console):
         if low is not None and low <= 1.0 <= high:
             console.print(f"[yellow]{s['backend']}: its repeats ran {low:.2f}x to {high:.2f}x "
                           "its native twin's step time, on both sides of 1.00x: these runs "
-                          "cannot tell the two apart; rerun with more --repeats, or on an "
-                          "idle machine[/yellow]", markup=True, highlight=False)
+                          "cannot tell the two apart; rerun with more --repeats, or on a "
+                          "steadier machine[/yellow]", markup=True, highlight=False)
 
 
 def print_load_warnings(summary, console):
