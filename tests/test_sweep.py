@@ -394,6 +394,10 @@ def test_report_of_a_batch_sweep_has_points_cost_model_and_crossover(tmp_path, e
     assert jax_512["peak_rss_mb"] == 5000.0  # what it reached
     torch_8 = next(i for i in items if (i["backend"], i["sweep_value"]) == ("torch", 8))
     assert torch_8["vs_native"] == pytest.approx((4 + 1.3 * 8 + 0.05) / (2 + 1.2 * 8))
+    # Each repeat's own ratio, as in a plain comparison's table: slower in both, no warning.
+    assert (torch_8["vs_native_min"], torch_8["vs_native_max"]) == pytest.approx(
+        ((4 + 1.3 * 8) / (2 + 1.2 * 8), (4 + 1.3 * 8 + 0.1) / (2 + 1.2 * 8)))
+    assert "1.25x (1.24-1.25)" in out and "its repeats ran" not in out
     fits = report_sweep.fit_costs(rows)
     assert fits["jax"].a == pytest.approx(20.05, abs=0.01)
     assert fits["jax"].b == pytest.approx(0.5, abs=1e-4)

@@ -25,8 +25,9 @@ COMPILED_TWIN = {"native-torch": "native-torch-compiled"}
 CSV_FIELDS = ("backend", "status", "runs", "step_time_ms", "step_time_p10_ms",
               "step_time_p90_ms", "examples_per_sec", "compile_s", "peak_rss_mb",
               "peak_device_mb", "achieved_tflops", "test_accuracy", "test_loss",
-              "vs_native", "vs_native_min", "vs_native_max", "vs_baseline", "baseline_step_time_ms", "num_replicas",
-              "scaling_efficiency", "input_wait_fraction", "other_cpu_share", "error")
+              "vs_native", "vs_native_min", "vs_native_max", "vs_baseline",
+              "baseline_step_time_ms", "num_replicas", "scaling_efficiency",
+              "input_wait_fraction", "other_cpu_share", "error")
 # A row whose timed steps waited longer than this share of their time for the input
 # pipeline measured the pipeline as much as the framework: the table flags it.
 INPUT_WAIT_FLAG = 0.05
@@ -264,14 +265,16 @@ def print_input_wait_warnings(summary, console):
 
 def print_ratio_warnings(summary, console):
     """One line under the table per Keras row whose per-repeat ratios to its twin fall on
-    both sides of parity: the median ratio's side is then the machine's drift, not kbench's."""
+    both sides of parity: the median ratio's side is then the machine's drift, not kbench's
+    (a sweep's rows: per point)."""
     for s in summary:
         low, high = s.get("vs_native_min"), s.get("vs_native_max")
         if low is not None and low <= 1.0 <= high:
-            console.print(f"[yellow]{s['backend']}: its repeats ran {low:.2f}x to {high:.2f}x "
-                          "its native twin's step time, on both sides of 1.00x: these runs "
-                          "cannot tell the two apart; rerun with more --repeats, or on a "
-                          "steadier machine[/yellow]", markup=True, highlight=False)
+            where = f" {s['sweep_field']}={s['sweep_value']}" if s.get("sweep_field") else ""
+            console.print(f"[yellow]{s['backend']}{where}: its repeats ran {low:.2f}x to "
+                          f"{high:.2f}x its native twin's step time, on both sides of 1.00x: "
+                          "these runs cannot tell the two apart; rerun with more --repeats, or "
+                          "on a steadier machine[/yellow]", markup=True, highlight=False)
 
 
 def print_load_warnings(summary, console):

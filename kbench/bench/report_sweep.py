@@ -23,7 +23,8 @@ MAX_BATCH_TOLERANCE = 0.125  # as kbench.bench.sweep searches
 FRAMEWORK_COLORS = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab:green"}
 CSV_FIELDS = ("backend", "sweep_field", "sweep_value", "status", "runs", "step_time_ms",
               "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec", "compile_s",
-              "peak_rss_mb", "peak_device_mb", "vs_native", "num_replicas",
+              "peak_rss_mb", "peak_device_mb", "vs_native", "vs_native_min", "vs_native_max",
+              "num_replicas",
               "scaling_efficiency", "vs_baseline", "baseline_step_time_ms", "other_cpu_share",
               "error")
 FIT_FIELDS = ("backend", "a_ms", "a_se_ms", "b_ms_per_example", "b_se_ms_per_example", "r2",
@@ -168,7 +169,7 @@ def table(items, title):
         row = [i["backend"], str(i["sweep_value"]), i["status"], _fmt(i["step_time_ms"], ".1f"),
                spread, _fmt(i["examples_per_sec"], ".0f"), _fmt(i["compile_s"], ".1f"),
                _fmt(i["peak_rss_mb"], ".0f"), _fmt(i["peak_device_mb"], ".0f"),
-               "-" if i["vs_native"] is None else f"{i['vs_native']:.2f}x"]
+               report.ratio_cell(i)]
         if with_efficiency:
             row += [_fmt(i.get("num_replicas"), ".0f"),
                     "-" if i.get("scaling_efficiency") is None
@@ -337,6 +338,7 @@ def render(rows, out_dir, baseline=None, console=None, results=None):
     title = describe(rows)
     console.print(table(items, title))
     print_problems(items, console)
+    report.print_ratio_warnings(items, console)
     report.print_load_warnings(items, console)
     report.print_garbage_warnings(items, console)
     os.makedirs(out_dir, exist_ok=True)
