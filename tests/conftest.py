@@ -5,7 +5,9 @@ tensorflow pass, so the three passes do not repeat them.
 """
 
 import contextlib
+import getpass
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,9 +21,15 @@ import pytest
 # an empty mkdtemp folder per builder: without this each `make test` left some 20 of them in
 # /tmp. pytest's tmp_path folders stay where pytest keeps them (PYTEST_DEBUG_TEMPROOT: the
 # last runs' folders, for a look after a failure).
+# torch.compile's inductor keeps its compiled kernels in the temp folder too (torch's
+# default_cache_dir: <temp>/torchinductor_<user>). It stays there, warm from one run to the
+# next as before, unless you set it: cold, it cost the torch pass 40 s (docs/development.md).
 _RUN_TMP_MADE_HERE = None
 if not os.environ.get("KBENCH_TESTS_TMPDIR"):
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    _user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # as torch spells it
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{_user}"))
     _RUN_TMP_MADE_HERE = tempfile.mkdtemp(prefix="kbench-tests-")
     os.environ["KBENCH_TESTS_TMPDIR"] = os.environ["TMPDIR"] = _RUN_TMP_MADE_HERE
     tempfile.tempdir = _RUN_TMP_MADE_HERE  # this process's own temp files too
