@@ -259,6 +259,11 @@ def test_download_is_checksummed_and_atomic_and_its_failures_are_one_line(
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(target / "bad.tar.gz")
     # Nothing half-written is left, and the good archive is untouched.
     assert sorted(os.listdir(target)) == ["good.tar.gz"]
+    # A --data-dir that is a file (a README, say) cannot take the download: one line.
+    with pytest.raises(KbenchError, match=rf"^--data-dir {tmp_path / 'README'}: cannot write "
+                                          r"there \(.* is a file, not a folder\)"):
+        (tmp_path / "README").write_text("not a folder")
+        sources.fetch_archive(spec("good.tar.gz"), str(tmp_path / "README"))
 
 
 def test_the_network_check_gives_up_on_a_name_lookup_that_hangs(monkeypatch):

@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 
 from kbench.errors import KbenchError
-from kbench.files import write_error
+from kbench.files import writable_folder, write_error
 
 
 def default_data_dirs():
@@ -93,14 +93,15 @@ DOWNLOAD_STALL_S = 60
 
 
 def fetch_archive(spec, target_dir):
-    """Fetch the published archive into target_dir (atomically, checksum verified)."""
+    """Fetch the published archive into target_dir (atomically, checksum verified), a folder
+    made if needed (and taken back if the download fails: kbench.errors.exit_on_error)."""
+    writable_folder(target_dir, "--data-dir")  # a file in the way is one line, as for outputs
     host = urllib.parse.urlsplit(spec["url"]).hostname
     if not network_answers(spec["url"]):
         raise KbenchError(
             f"cannot reach {host} to download {spec['title']}: copy {spec['archive']} into a "
             "folder and pass --data-dir, or use --dataset synthetic"
         )
-    os.makedirs(target_dir, exist_ok=True)
     final = os.path.join(target_dir, spec["archive"])
     fd, tmp = tempfile.mkstemp(dir=target_dir, suffix=".part")
     os.close(fd)
