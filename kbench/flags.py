@@ -85,17 +85,23 @@ def parse_config(config_cls, argv=None, description=None):
                         help="take every setting from a saved config.json / metrics.json; "
                              "flags given as well override it")
     args = parser.parse_args(argv)  # the command line alone: its --resume, its --output-dir
+    unused_folder = None  # the file's output_dir, where a re-run does not write
     if args.config:
         saved = load_settings(args.config, config_cls)
         if not args.resume:  # a re-run: a fresh run's folder, unless --output-dir names one
-            saved.pop("output_dir", None)
+            saved_folder = saved.pop("output_dir", None)
+            unused_folder = saved_folder if args.output_dir is None else None
             saved.pop("resume", None)  # a resumed run's file says resume: true
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
-    settings = vars(args)
+    settings = dict(vars(args))
     settings.pop("config")
     config = config_cls(**settings)
     check(config)  # ranges; also the values a --config FILE brought, which argparse never sees
+    if unused_folder:  # said, not dropped without a word: a hand-written file meant it
+        print(f"note: not writing into {unused_folder}, the output_dir {args.config} names: "
+              f"a re-run goes where a fresh run goes; pass --output-dir {unused_folder} to "
+              "write there, or --resume to continue that run")
     return config
 
 

@@ -674,20 +674,26 @@ def test_kbench_callbacks_leave_keras_async_dispatch_on(tmp_path):
 
 
 @pytest.mark.backend_independent
-def test_config_file_reruns_a_run_and_flags_override(tmp_path):
+def test_config_file_reruns_a_run_and_flags_override(tmp_path, capsys):
     saved = dataclasses.asdict(tiny(tmp_path, epochs=7, lr=0.3, schedule="one_cycle"))
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"backend": "jax", "config": saved}))
     config = parse_config(cifar_resnet.Config, ["--config", str(path), "--lr", "0.05"])
     assert config.epochs == 7 and config.schedule == "one_cycle" and config.lr == 0.05
     # A re-run is a new run: it goes where a fresh run of this backend goes, never into the
-    # saved run's folder (which it would replace), unless told so or resuming that run
+    # saved run's folder (which it would replace), unless told so or resuming that run; the
+    # folder the file names is not dropped without a word (a hand-written file meant it)
     assert saved["output_dir"] and config.output_dir is None
+    assert capsys.readouterr().out == (
+        f"note: not writing into {saved['output_dir']}, the output_dir {path} names: a re-run "
+        f"goes where a fresh run goes; pass --output-dir {saved['output_dir']} to write there, "
+        "or --resume to continue that run\n")
     elsewhere = str(tmp_path / "rerun")
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--output-dir",
                                               elsewhere]).output_dir == elsewhere
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--resume"]
                         ).output_dir == saved["output_dir"]
+    assert capsys.readouterr().out == ""  # the folder was chosen: nothing to say
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--output",  # argparse's
                                               elsewhere]).output_dir == elsewhere  # short form
     # A resumed run's settings say resume: true; re-run from them, they start afresh

@@ -108,8 +108,9 @@ def busiest_share(runs):
 
 def summarize(rows):
     """One dict per backend (in first-seen order), aggregated over its repeats."""
-    summary = []
+    summary, ok_runs = [], {}
     for name, runs, ok, status in group_runs(rows):
+        ok_runs[name] = ok
         item = {"backend": name, "status": status, "runs": len(runs),
                 "error": last_error(runs)}
         for key in ("step_time_ms", "step_time_p10_ms", "step_time_p90_ms", "examples_per_sec",
@@ -124,7 +125,6 @@ def summarize(rows):
         item["setup"] = setup_of((ok or runs)[0])  # a failed run keeps only what was asked
         summary.append(item)
     by_name = {s["backend"]: s for s in summary}
-    ok_runs = {name: ok for name, _, ok, _ in group_runs(rows)}
     for item in summary:
         twin_name = NATIVE_TWIN.get(item["backend"], "")
         if item.pop("jit_compile") == "on" and COMPILED_TWIN.get(twin_name) in by_name:
