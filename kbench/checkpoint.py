@@ -104,6 +104,12 @@ class RunState:
                 return f"{name} is {value!r}, not a name"
         if not all(isinstance(row, dict) and type(row.get("epoch")) is int for row in self.rows):
             return "rows holds something other than one object per epoch"
+        # A stage starts where training was when it began: never past where it is now.
+        for start, now in (("stage_first_epoch", "epochs_done"),
+                           ("stage_first_batch", "batches_done"),
+                           ("batches_in_epoch", "batches_done")):
+            if getattr(self, start) > getattr(self, now):
+                return f"{start} is {getattr(self, start)}, past {now} ({getattr(self, now)})"
         return None
 
     def begin_stage(self, stage):

@@ -367,6 +367,14 @@ class Run:
         if test_ds is None:
             raise KbenchError("Run.finish needs the test data: call run.datasets first")
         config = self.process_config
+        if self._resume_stage is not None and self._resume_stage >= self._stages:
+            # Every stage was skipped as done before the checkpoint's: nothing trained, and
+            # "raise --epochs" would not help. A recipe edited since, or an edited checkpoint.
+            raise KbenchError(
+                f"the checkpoint in {config.output_dir} is from training stage "
+                f"{self._resume_stage + 1}, but {self.recipe} now trains in {self._stages} "
+                "stage(s) (was the recipe or the checkpoint edited?): run without --resume to "
+                "start afresh")
         refused = self._config_unwritten and self._finished_before
         if config.resume and self.dist.any_process(refused):  # every process stops
             if not refused:

@@ -299,10 +299,20 @@ def test_resume_errors_are_one_line(tmp_path):
                                   ("epochs_done", -5, "epochs_done is -5, not an integer >= 0"),
                                   ("rows", 5, "rows is 5, not a list"),
                                   ("weights", 5, "weights is 5, not a name"),
-                                  ("rows", [{"loss": 1.0}], "rows holds something other")):
+                                  ("rows", [{"loss": 1.0}], "rows holds something other"),
+                                  ("stage_first_batch", written["batches_done"] + 1,
+                                   f"stage_first_batch is {written['batches_done'] + 1}, past "
+                                   f"batches_done \\({written['batches_done']}\\)")):
         state_path.write_text(json.dumps({**written, field: value}))
         with pytest.raises(KbenchError, match=f"is unreadable \\({message}"):
             checkpoint.load_state(tmp_path / "run")
+    # A stage this recipe never reaches: every stage would be skipped as done, and the run
+    # would end as finished ("raise --epochs", which does nothing) without training
+    state_path.write_text(json.dumps({**written, "stage": 2}))
+    with pytest.raises(KbenchError, match="is from training stage 3, but cifar_resnet now "
+                                          "trains in 1 stage\\(s\\) \\(was the recipe or the "
+                                          "checkpoint edited\\?\\): run without --resume"):
+        cifar_resnet.main(tiny(tmp_path, epochs=3, resume=True))
     for content, message in (([1], "a JSON list, not an object"),
                              ({**written, "epoch": 1}, "unknown field 'epoch'"),
                              ({k: v for k, v in written.items() if k != "recipe"},
