@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -104,6 +105,10 @@ class RunState:
                 return f"{name} is {value!r}, not a name"
         if not all(isinstance(row, dict) and type(row.get("epoch")) is int for row in self.rows):
             return "rows holds something other than one object per epoch"
+        # A run's own file beside checkpoint.json: the next checkpoint deletes it, so a path
+        # elsewhere (an edited or foreign file) would delete another run's file.
+        if self.weights is not None and not WEIGHTS_NAME.fullmatch(self.weights):
+            return f"weights is {self.weights!r}, not a checkpoint-*.weights.h5 file's name"
         # A stage starts where training was when it began: never past where it is now.
         for start, now in (("stage_first_epoch", "epochs_done"),
                            ("stage_first_batch", "batches_done"),
@@ -138,6 +143,11 @@ class RunState:
         """{metric: [value per epoch]}, like keras' History.history."""
         keys = [k for k in self.rows[0] if k != "epoch"] if self.rows else []
         return {k: [row.get(k) for row in self.rows] for k in keys}
+
+
+# The weights files a run writes beside its checkpoint.json: checkpoint-<epoch>.weights.h5,
+# or checkpoint-<epoch>-<batches>.weights.h5 for a step checkpoint.
+WEIGHTS_NAME = re.compile(r"checkpoint-\d+(?:-\d+)?\.weights\.h5")
 
 
 def load_state(output_dir):

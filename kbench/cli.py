@@ -11,7 +11,7 @@ import sys
 from kbench import __version__
 from kbench.bench import cli as bench_cli
 from kbench.errors import exit_on_error
-from kbench.flags import DefaultsHelpFormatter, OneLineErrorParser
+from kbench.flags import CommandParser, DefaultsHelpFormatter, OneLineErrorParser
 
 
 def cmd_env(args):
@@ -177,7 +177,8 @@ def build_parser():
     parser.add_argument("--verbose", action="store_true",
                         help="show the frameworks' start-up logs (TensorFlow's C++ lines), "
                              "as KBENCH_VERBOSE=1 does")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND",
+                                  parser_class=CommandParser)  # its own unknown arguments
 
     env = verbs.add_parser("env", help="backend, devices and versions",
                            description="The active backend (KERAS_BACKEND), its devices and "

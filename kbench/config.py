@@ -232,7 +232,8 @@ def _check_field(config_cls, name, value, hints):
         raise KbenchError(f"{flag} must be set ({_describe(kinds)})")
     if not _is_instance(value, kinds) or (isinstance(value, str) and not value.strip()
                                           and name not in FREE_TEXT):
-        raise KbenchError(f"{flag} {value!r} is not allowed: it takes {_describe(kinds)}")
+        raise KbenchError(f"{flag} {value!r} is not allowed: it takes {_describe(kinds)}"
+                          + _unquoted_hint(value, kinds))
     choices = field_setting(config_cls, name, "choices")
     if choices is not None and value not in choices:
         raise KbenchError(f"{flag} {value!r} is not allowed: it takes one of "
@@ -259,6 +260,20 @@ def _kinds(annotation):
         args = typing.get_args(annotation)
         return tuple(a for a in args if a is not type(None)), type(None) in args
     return (annotation,), False
+
+
+def _unquoted_hint(value, kinds):
+    """What to write instead, when a switch or a number came as a string (`"false"` in a JSON
+    file, `--set augment=False`): the refusal alone reads as a contradiction."""
+    if not isinstance(value, str) or str in kinds:
+        return ""
+    if bool in kinds and value.strip().lower() in ("true", "false"):
+        return f" (write {value.strip().lower()}: lowercase, without quotes)"
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (write the number without quotes)" if int in kinds or float in kinds else ""
 
 
 def _is_instance(value, kinds):

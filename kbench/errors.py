@@ -192,10 +192,10 @@ def write_refused(exc):
 
 
 def exit_on_error(fn, *args, **kwargs):
-    """Call fn; on KbenchError, or a write the machine refused (write_refused), print one line
-    and exit 2, once the output folders fn made and left empty are removed. A run stopped by a
-    signal after its checkpoint exits 143 (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130
-    (Terminated: 143), without a traceback."""
+    """Call fn; on KbenchError, a write the machine refused (write_refused) or an allocation
+    it could not make (MemoryError), print one line and exit 2, once the output folders fn
+    made and left empty are removed. A run stopped by a signal after its checkpoint exits 143
+    (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback."""
     from kbench import files
 
     made_before = len(files.MADE_FOLDERS)
@@ -213,6 +213,11 @@ def exit_on_error(fn, *args, **kwargs):
             raise
         files.remove_folders_left_empty(since=made_before)
         print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as exc:  # NumPy's too, for an array larger than the machine
+        files.remove_folders_left_empty(since=made_before)
+        print(f"error: out of memory ({first_line(exc)}): ask for less (a "
+              "smaller --batch-size, --train-examples or --test-examples)", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, Terminated) as stop:  # each says where it stopped; its own status
         print(stop, file=sys.stderr)

@@ -6,6 +6,7 @@ flags and fields can never drift apart. Field metadata may carry `help` and `cho
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 
@@ -31,6 +32,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class CommandParser(OneLineErrorParser):
+    """The parser of one command of a command line with commands (`kbench compare`): an
+    argument it does not know is its own error, pointing at its own help. argparse hands
+    such arguments back to the top-level parser, whose error would point at `kbench --help`,
+    which does not list the command's flags."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -85,23 +99,28 @@ def parse_config(config_cls, argv=None, description=None):
                         help="take every setting from a saved config.json / metrics.json; "
                              "flags given as well override it")
     args = parser.parse_args(argv)  # the command line alone: its --resume, its --output-dir
-    unused_folder = None  # the file's output_dir, where a re-run does not write
+    notes = []  # what of the file a re-run does not use: said, not dropped without a word
     if args.config:
         saved = load_settings(args.config, config_cls)
+        check_saved_values(args.config, config_cls, saved, given_fields(parser, argv))
         if not args.resume:  # a re-run: a fresh run's folder, unless --output-dir names one
             saved_folder = saved.pop("output_dir", None)
-            unused_folder = saved_folder if args.output_dir is None else None
-            saved.pop("resume", None)  # a resumed run's file says resume: true
+            if saved_folder and args.output_dir is None:
+                notes.append(f"note: not writing into {saved_folder}, the output_dir "
+                             f"{args.config} names: a re-run goes where a fresh run goes; pass "
+                             f"--output-dir {saved_folder} to write there, or --resume to "
+                             "continue that run")
+            if saved.pop("resume", None) is True:  # a resumed run's file says resume: true
+                notes.append(f"note: not resuming, though {args.config} says resume: true (a "
+                             "re-run starts afresh): pass --resume to continue the run")
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
     settings = dict(vars(args))
     settings.pop("config")
     config = config_cls(**settings)
     check(config)  # ranges; also the values a --config FILE brought, which argparse never sees
-    if unused_folder:  # said, not dropped without a word: a hand-written file meant it
-        print(f"note: not writing into {unused_folder}, the output_dir {args.config} names: "
-              f"a re-run goes where a fresh run goes; pass --output-dir {unused_folder} to "
-              "write there, or --resume to continue that run")
+    for note in notes:
+        print(note)
     return config
 
 
@@ -129,6 +148,32 @@ def load_settings(path, config_cls):
         raise KbenchError(f"{path} has settings this recipe does not know: {', '.join(unknown)} "
                           "(saved by another recipe?)")
     return saved
+
+
+def check_saved_values(path, config_cls, saved, overridden):
+    """Each value of a settings file the command line does not override, checked as its flag
+    is, in one line that names the file and the field: argparse would blame a flag the
+    command line never had (`argument --epochs: invalid int value: 'three'`)."""
+    from kbench.config import check_values
+    from kbench.errors import KbenchError
+
+    try:
+        check_values(config_cls, {k: v for k, v in saved.items() if k not in overridden})
+    except KbenchError as bad:  # "--epochs 'three' is ..." -> "epochs 'three' is ..."
+        said = re.sub(r"^--([\w-]+)", lambda flag: flag[1].replace("-", "_"), str(bad))
+        raise KbenchError(f"{path}: {said}; correct it there, or give the flag to override "
+                          "it") from None
+
+
+def given_fields(parser, argv):
+    """The fields `argv` itself sets, abbreviated flags (`--output`) included: argparse,
+    asked again with every default suppressed, keeps only what the command line gave."""
+    import copy
+
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
 
 
 def run_recipe(main, config_cls, argv=None, description=None):

@@ -214,6 +214,20 @@ def pinned_memory(monkeypatch):
     return made
 
 
+def fake_python(path, body):
+    """An 'interpreter' that behaves like a broken or hanging backend environment: its runs do
+    `body` (a shell script). compare's check before any run (`PATH -c ...`: can it import
+    kbench?) goes to this interpreter, so the environment looks like one with kbench in it
+    whose framework fails or hangs once a run starts."""
+    import shlex
+    import stat
+
+    path.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec {shlex.quote(sys.executable)} "$@"\n'
+                    + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
 def fake_compare_interpreter(path, record, stopped_marker=None, compare_fails=False):
     """An 'interpreter' for the tools that run `kbench compare` as a child (gpu-check,
     overhead), standing in for the framework: it says "NVIDIA H200" to a framework probe

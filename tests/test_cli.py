@@ -4,6 +4,7 @@ usage errors (no framework loaded), exit statuses, help with defaults, quiet Ten
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -210,3 +211,40 @@ def test_an_interpreter_that_is_not_there_is_one_line_for_compare(tmp_path):
     for path in ("/no/such/python", str(not_executable)):
         with pytest.raises(KbenchError, match=f"--python jax={path}: no executable interpreter"):
             _python_map([f"jax={path}"])
+
+
+@pytest.mark.backend_independent
+def test_compare_refuses_up_front_what_it_would_drop_or_fail_on_and_names_the_help(tmp_path):
+    """An interpreter without kbench (else every run fails), a second --sweep or a second
+    --python for a backend (else the last wins without a word): one line each, exit status 2,
+    before any run. A command's unknown argument points at that command's help, which lists
+    its flags (kbench --help does not)."""
+    from kbench.bench.cli import _python_map
+
+    # An interpreter that starts but cannot import kbench: no site-packages, no PYTHONPATH and
+    # no working folder on its path
+    no_kbench = tmp_path / "python"
+    no_kbench.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -I -S "$@"\n')
+    no_kbench.chmod(0o755)
+    cases = [
+        (["compare", "--python", f"torch={no_kbench}"],
+         f"error: --python torch={no_kbench}: that interpreter cannot import kbench; install "
+         f"kbench there ({no_kbench} -m pip install -e {REPO}) or point --python at one that "
+         "has it"),
+        (["compare", "--python", "torch=/a/python", "--python", "torch=/b/python"],
+         "error: --python torch=/a/python and --python torch=/b/python disagree: give one"),
+        (["compare", "--sweep", "batch_size=8,16", "--sweep", "lr=0.1,0.2"],
+         "error: --sweep batch_size=8,16 and --sweep lr=0.1,0.2: a compare sweeps one field; "
+         "give one --sweep FIELD=V1,V2,..."),
+        (["compare", "--data-dir", "/tmp"],
+         "error: unrecognized arguments: --data-dir /tmp (see kbench compare --help)"),
+        (["report", str(tmp_path), "--bogus"],
+         "error: unrecognized arguments: --bogus (see kbench report --help)"),
+        (["--bogus", "env"], "error: unrecognized arguments: --bogus (see kbench --help)"),
+    ]
+    for argv, message in cases:
+        status, loaded, out = kbench_probe(*argv)
+        assert (status, out.stderr) == (2, message + "\n"), argv
+        assert loaded == [], argv
+    # the same interpreter twice loses nothing, as the same --set twice
+    assert _python_map([f"jax={sys.executable}"] * 2) == {"jax": sys.executable}

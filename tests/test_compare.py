@@ -5,14 +5,13 @@ compare starts its own process per backend, so these run once (in the tensorflow
 
 import json
 import os
-import stat
 import subprocess
 import sys
 
 import pytest
 
 from kbench.bench import compare, records, report
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_python
 
 pytestmark = pytest.mark.backend_independent
 
@@ -41,13 +40,6 @@ def kbench(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "kbench.cli", *args], cwd=WORKDIR,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow"})
-
-
-def fake_python(path, body):
-    """An 'interpreter' that behaves like a broken or hanging backend environment."""
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
 
 
 def load(out_dir):
@@ -276,6 +268,28 @@ def test_bad_recipe_settings_are_refused_before_any_run(tmp_path, entry_point_er
         assert not out.exists()  # nor the folder: the settings are checked before it is made
 
 
+def test_missing_data_is_refused_before_any_run_in_compare_s_words(tmp_path, entry_point_error):
+    """Every run would fail loading it: one line first, whose remedies compare takes (its
+    --set data_dir=, --set download=true; --dataset is compare's own flag)."""
+    from kbench import cli
+
+    tiny = TINY[TINY.index("--model"):]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in [(["--dataset", "cifar10", "--set", f"data_dir={empty}"],
+                           f"CIFAR-10 not found in {empty}: pass --set data_dir=DIR holding "
+                           "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/, or a "
+                           "TFDS data dir), add --set download=true to fetch it, or use "
+                           "--dataset synthetic to run without data\n"),
+                          (["--sweep", "dataset=synthetic,cifar10", "--set",
+                            f"data_dir={empty}"], "--sweep dataset=cifar10: CIFAR-10 not found")]:
+        out = tmp_path / "c"
+        status, err = entry_point_error(cli.main, ["compare", "--backends", "jax", *tiny, *args,
+                                                   "--output", str(out)])
+        assert status == 2 and err.startswith(f"error: {message}"), err
+        assert not out.exists()
+
+
 def test_a_recipe_s_own_input_check_runs_once_before_any_run(tmp_path, entry_point_error):
     from kbench import cli
 
@@ -373,6 +387,37 @@ def test_report_rerenders_saved_results(tmp_path, entry_point):
     assert not (tmp_path / "elsewhere" / "results.jsonl").exists()
 
 
+def test_report_refuses_a_file_that_joins_several_compares(tmp_path, entry_point_error):
+    """Files joined by hand: one title and one median per backend over runs that measured
+    different things would mislead. One compare's own records (its failed runs know only what
+    was asked) and a sweep's points (the swept field differs) are one compare."""
+    from kbench import cli
+
+    path = tmp_path / "results.jsonl"
+    failed = dict.fromkeys(records.FIELDS, None) | {"backend": "tensorflow", "status": "failed"}
+    point = dict(record("jax", 10, 9, 11), sweep_field="batch_size", sweep_value=64,
+                 batch_size=64)
+    for rows, message in [
+            ([record("torch", 60, 58, 62), dict(record("torch", 30, 29, 31),
+                                                recipe="recipes/mnist_convnet.py")],
+             "recipe cifar_resnet and mnist_convnet"),
+            ([record("jax", 100, 95, 105), dict(record("torch", 60, 58, 62), batch_size=64)],
+             "batch size 128 and 64"),
+            ([record("jax", 100, 95, 105), point], "a sweep of batch_size beside step times"),
+            ([record("jax", 100, 95, 105), dict(record("jax", 90, 85, 95), target_accuracy=0.5)],
+             "step times beside time to target")]:
+        records.write_jsonl_atomic(str(path), rows)
+        status, err = entry_point_error(cli.main, ["report", str(path)])
+        assert status == 2 and err == (
+            f"error: {path} holds runs of more than one compare ({message}): report each "
+            "compare's results.jsonl on its own, or compare them with --baseline\n")
+        assert not (tmp_path / "results.csv").exists()
+    for rows in ([record("jax", 100, 95, 105), record("native-jax", 80, 78, 82), failed],
+                 [point, dict(point, sweep_value=128, batch_size=128)]):
+        records.write_jsonl_atomic(str(path), rows)
+        assert report.mixed_compares(rows) is None
+
+
 def test_vs_native_gives_the_range_over_repeats_and_says_when_it_straddles_parity(
         tmp_path, entry_point):
     """Each repeat's ratio pairs a run with its twin of the same repeat: a machine whose speed
@@ -413,6 +458,16 @@ def test_baseline_marks_only_changes_beyond_noise():
     summary = report.compare_to_baseline(report.summarize(current), baseline)
     verdicts = {s["backend"]: s["vs_baseline"].split()[0] for s in summary}
     assert verdicts == {"jax": "same", "torch": "slower", "tensorflow": "faster"}
+    # A backend the baseline did not run, or whose baseline run failed: no verdict, and why
+    summary = report.compare_to_baseline(report.summarize([record("torch-stock", 70, 69, 71)]),
+                                         baseline)
+    assert summary[0]["vs_baseline"] == "not comparable: no run of it in the baseline"
+    failed = [dict(record("torch", 60, 59, 61), status="failed", step_time_ms=None)]
+    summary = report.compare_to_baseline(report.summarize(current), failed)
+    assert {s["backend"]: s["vs_baseline"] for s in summary} == {
+        "jax": "not comparable: no run of it in the baseline",
+        "torch": "not comparable: the baseline's run failed",
+        "tensorflow": "not comparable: no run of it in the baseline"}
     # Windows of 10 steps against a baseline synced every step: no verdict, and why.
     windowed = [dict(record("jax", 70, 69, 71), sync_every=10)]
     summary = report.compare_to_baseline(report.summarize(windowed), baseline)

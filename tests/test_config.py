@@ -131,10 +131,25 @@ def test_messages_say_what_is_allowed(entry_point_error):
 def test_a_config_file_is_checked_like_flags(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"config": {"epochs": -1, "lr": 0.05}}))
-    with pytest.raises(KbenchError, match="^--epochs -1 is not allowed"):
+    with pytest.raises(KbenchError, match=f"^{path}: epochs -1 is not allowed: it takes an "
+                                          "integer >= 1; correct it there, or give the flag to "
+                                          "override it$"):
         parse_config(mnist_convnet.Config, ["--config", str(path)])
-    # A flag given beside the file overrides its bad value.
+    # A flag given beside the file overrides its bad value, in either of its forms.
     assert parse_config(mnist_convnet.Config, ["--config", str(path), "--epochs", "2"]).epochs == 2
+    assert parse_config(mnist_convnet.Config, ["--config", str(path), "--epochs=2"]).epochs == 2
+    # A value of the wrong type is the file's, not a flag's (argparse would have said
+    # "argument --epochs: invalid int value"); a switch or number in quotes says how to write it
+    for settings, message in [({"epochs": "three"}, "epochs 'three' is not allowed: it takes an "
+                                                    "integer; correct"),
+                              ({"epochs": "3"}, "epochs '3' is not allowed: it takes an integer "
+                                                "\\(write the number without quotes\\)"),
+                              ({"augment": "False"}, "augment 'False' is not allowed: it takes "
+                                                     "true or false \\(write false: lowercase, "
+                                                     "without quotes\\)")]:
+        path.write_text(json.dumps(settings))
+        with pytest.raises(KbenchError, match=f"^{path}: {message}"):
+            parse_config(mnist_convnet.Config, ["--config", str(path)])
 
 
 def test_help_shows_the_allowed_range(capsys):

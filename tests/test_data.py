@@ -127,6 +127,34 @@ def test_missing_data_is_one_clear_error_within_seconds(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_check_data_finds_what_a_run_would_load_without_loading_it(tmp_path, cifar10_splits,
+                                                                     monkeypatch):
+    """kbench compare's check before its first run: the loader's own error when the data is
+    missing or damaged, nothing when it is there or is to be downloaded (or is no file)."""
+    from kbench.data.registry import check_data
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name, title in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("mnist", "MNIST"),
+                        ("fashion_mnist", "Fashion-MNIST"), ("imdb", "IMDB")):
+        with pytest.raises(KbenchError, match=f"^{title} not found in {empty}: pass --data-dir"):
+            check_data(name, str(empty))
+    with pytest.raises(KbenchError, match="is not a tar archive, so not cifar-10-python.tar.gz: "
+                                          "pass --data-dir PATH, the archive or the folder"):
+        check_data("cifar10", __file__)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("check_data read the data")
+
+    monkeypatch.setattr("kbench.data.cifar._load_pickled", no_reading)
+    cifar_files.write_archive(tmp_path / "there", "cifar10", *cifar10_splits)
+    for name, data_dir, download in (("cifar10", str(tmp_path / "there"), False),
+                                     ("cifar10", str(empty), True),  # the run fetches it
+                                     ("imdb", str(empty), True),
+                                     ("synthetic", None, False), ("digits", None, False)):
+        assert check_data(name, data_dir, download) is None
+
+
 @pytest.mark.parametrize("content", [b"\x1f\x8b" + b"not really gzip" * 10,
                                      bytes(range(256)) * 20])  # tarfile lists 4 reasons
 def test_corrupt_archive_is_a_clear_error(tmp_path, content):

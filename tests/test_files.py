@@ -104,6 +104,22 @@ def test_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch, caps
         exit_on_error(files.write_json_atomic, str(path), {"a": 1})
 
 
+def test_an_allocation_larger_than_the_machine_is_one_line(capsys):
+    """`--test-examples 100000000` asks NumPy for terabytes: one line that says what to ask
+    for less of, exit 2, not NumPy's traceback."""
+    import numpy as np
+
+    from kbench.errors import exit_on_error
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_error(np.zeros, (10**8, 32, 32, 3 * 10**4), np.float64)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (Unable to allocate ") and err.endswith(
+        "): ask for less (a smaller --batch-size, --train-examples or --test-examples)\n")
+    assert err.count("\n") == 1
+
+
 def test_a_weights_file_keras_left_open_is_closed(tmp_path, monkeypatch):
     """Keras' save_weights leaves its HDF5 file open when a write fails; h5py closed it at
     exit, failed again, and the process died of a segmentation fault (a full disk)."""

@@ -16,7 +16,7 @@ from kbench import target, train
 from kbench.bench import native_common as common
 from kbench.bench import records, report_target
 from kbench.target import TargetProbe
-from tests.conftest import BACKEND
+from tests.conftest import BACKEND, fake_python
 
 backend_independent = pytest.mark.backend_independent
 
@@ -307,6 +307,9 @@ def test_baseline_compares_time_to_target_beyond_its_spread():
     step_time_rows = [dict(r, target_accuracy=None) for r in base]
     jax, _ = report_target.compare_to_baseline(report_target.summarize(now), step_time_rows)
     assert jax["vs_baseline"] == "not comparable: the baseline has no time to target"
+    (stock,) = report_target.compare_to_baseline(
+        report_target.summarize([record("torch-stock", 0, 6.0)]), base)
+    assert stock["vs_baseline"] == "not comparable: no run of it in the baseline"
 
 
 @backend_independent
@@ -398,9 +401,8 @@ def test_compare_target_no_run_reaches_is_reported_with_exit_0(tmp_path):
 
 @backend_independent
 def test_compare_target_keeps_a_failed_backend_apart(tmp_path):
-    broken = tmp_path / "broken-python"
-    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named jax' >&2; exit 1\n")
-    broken.chmod(0o755)
+    broken = fake_python(tmp_path / "broken-python",
+                         "echo 'ModuleNotFoundError: No module named jax' >&2; exit 1")
     out = tmp_path / "cmp"
     result = kbench_compare("--recipe", "mnist_convnet", "--dataset", "digits", "--backends",
                             "jax", "--python", f"jax={broken}", "--target-accuracy", "0.5",

@@ -299,6 +299,10 @@ def test_resume_errors_are_one_line(tmp_path):
                                   ("epochs_done", -5, "epochs_done is -5, not an integer >= 0"),
                                   ("rows", 5, "rows is 5, not a list"),
                                   ("weights", 5, "weights is 5, not a name"),
+                                  # the next checkpoint deletes it: only a file of this run's
+                                  ("weights", "../other/checkpoint-0.weights.h5",
+                                   "weights is '../other/checkpoint-0.weights.h5', not a "
+                                   "checkpoint-\\*.weights.h5 file's name"),
                                   ("rows", [{"loss": 1.0}], "rows holds something other"),
                                   ("stage_first_batch", written["batches_done"] + 1,
                                    f"stage_first_batch is {written['batches_done'] + 1}, past "
@@ -708,8 +712,12 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path, capsys):
                                               elsewhere]).output_dir == elsewhere  # short form
     # A resumed run's settings say resume: true; re-run from them, they start afresh
     path.write_text(json.dumps({"backend": "jax", "config": {**saved, "resume": True}}))
+    capsys.readouterr()
     config = parse_config(cifar_resnet.Config, ["--config", str(path)])
     assert not config.resume and config.output_dir is None
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"note: not resuming, though {path} says resume: true (a re-run starts afresh): pass "
+        "--resume to continue the run")
     (tmp_path / "other.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(KbenchError, match="does not know: vocab_size"):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])

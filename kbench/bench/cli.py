@@ -15,6 +15,34 @@ def check_interpreter(path, flag):
     return path
 
 
+# Run by each --python interpreter before any run: exit status 1 where it cannot find kbench.
+_FINDS_KBENCH = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kbench') is None)"
+
+
+def check_imports_kbench(path, flag):
+    """A one-line KbenchError naming `flag` unless the interpreter at `path` can import kbench:
+    said now, not by every run's worker (`-m kbench.bench.worker`) failing. It asks with the
+    worker's working folder and environment (compare's own: the folder and PYTHONPATH that
+    make kbench importable here make it so there), and looks kbench up without importing
+    it (no framework loads)."""
+    import subprocess
+
+    from kbench.bench.compare import stop_with_parent
+
+    try:  # killed with compare, as a worker is (a hung one would outlive a SIGKILLed compare)
+        found = subprocess.run([path, "-c", _FINDS_KBENCH], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=60,
+                               preexec_fn=stop_with_parent()).returncode == 0
+    except (OSError, subprocess.SubprocessError):  # no start, or no answer in a minute
+        found = False
+    if not found:
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        how = (f" ({path} -m pip install -e {checkout})"
+               if os.path.isfile(os.path.join(checkout, "pyproject.toml")) else "")
+        raise KbenchError(f"{flag}: that interpreter cannot import kbench; install kbench "
+                          f"there{how} or point --python at one that has it")
+
+
 def _python_map(values):
     """['jax=/envs/jax/bin/python', ...] -> {'jax': '/envs/jax/bin/python'}."""
     mapping = {}
@@ -23,7 +51,17 @@ def _python_map(values):
         if not sep or not path:
             raise KbenchError(f"--python takes BACKEND=PATH (e.g. jax=/envs/jax/bin/python), "
                               f"not {value!r}")
-        mapping[backend] = check_interpreter(path, f"--python {backend}={path}")
+        if mapping.get(backend, path) != path:  # else the last one would win without a word
+            raise KbenchError(f"--python {backend}={mapping[backend]} and --python "
+                              f"{backend}={path} disagree: give one")
+        mapping[backend] = path
+    checked = set()  # the command line first, then the interpreters: one look at each
+    for backend, path in mapping.items():
+        flag = f"--python {backend}={path}"
+        check_interpreter(path, flag)
+        if path not in checked:
+            check_imports_kbench(path, flag)
+            checked.add(path)
     return mapping
 
 
@@ -146,6 +184,10 @@ def _sweep_options(args):
         raise KbenchError(f"--max-memory {args.max_memory:g} is not allowed: it takes MB > 0")
     if args.max_batch_tries is not None and not args.max_batch:
         raise KbenchError("--max-batch-tries N goes with --max-batch")
+    given = list(dict.fromkeys(args.sweep or ()))  # the same one twice loses nothing
+    if len(given) > 1:  # else the last would win without a word
+        raise KbenchError(f"--sweep {given[0]} and --sweep {given[1]}: a compare sweeps one "
+                          "field; give one --sweep FIELD=V1,V2,...")
     if args.sweep and args.max_batch:
         raise KbenchError("--sweep and --max-batch are two runs: give one")
     if (args.sweep or args.max_batch) and args.target_accuracy is not None:
@@ -157,7 +199,7 @@ def _sweep_options(args):
     if args.sweep:
         from kbench.bench.sweep import parse_sweep
 
-        sweep = parse_sweep(args.sweep)
+        sweep = parse_sweep(args.sweep[0])
     return {"sweep": sweep, "max_batch": args.max_batch, "max_memory": args.max_memory,
             "max_batch_tries": 10 if args.max_batch_tries is None else args.max_batch_tries}
 
@@ -178,11 +220,16 @@ def _check_baseline(path):
 
 def cmd_report(args):
     from kbench.bench.records import read_jsonl
-    from kbench.bench.report import render
+    from kbench.bench.report import mixed_compares, render
     from kbench.files import writable_folder
 
     results, baseline = _results_file(args.results), _results_file(args.baseline)
     rows = read_jsonl(results)
+    mixed = mixed_compares(rows) if rows else None
+    if mixed:  # files joined by hand: one title and one median per backend would mislead
+        raise KbenchError(f"{args.results} holds runs of more than one compare ({mixed}): "
+                          "report each compare's results.jsonl on its own, or compare them "
+                          "with --baseline")
     if baseline:
         _check_baseline(baseline)
     out_dir = args.output or os.path.dirname(os.path.abspath(results))
@@ -267,7 +314,8 @@ def add_verbs(verbs):
     cost = compare.add_argument_group(
         "how cost grows", "run every backend at several points of one setting, or find the "
                           "largest batch that fits (docs/compare.md, 'How cost grows')")
-    cost.add_argument("--sweep", default=None, metavar="FIELD=V1,V2,...",
+    # appended, so that a second --sweep is refused rather than silently replacing the first
+    cost.add_argument("--sweep", action="append", default=None, metavar="FIELD=V1,V2,...",
                       help="one run per backend and value of a recipe Config field, e.g. "
                            "batch_size=2,8,32,128 (with a cost model: step time = a + b x "
                            "batch), model=resnet20,resnet56, or with --distribute "

@@ -46,6 +46,23 @@ def setup_of(row):
     return setup
 
 
+def mixed_compares(rows):
+    """What in `rows` no one compare would hold (None: nothing): records of time to target
+    beside step times, a sweep beside plain runs or another sweep, or runs that differ in a
+    SETUP_KEYS field other than the swept one. `kbench report` renders one compare: over
+    several, its title would name one and its medians mix runs that measured other things."""
+    kinds = {"time to target" if r.get("target_accuracy") is not None else
+             f"a sweep of {r['sweep_field']}" if r.get("sweep_field") else "step times"
+             for r in rows}
+    if len(kinds) > 1:
+        return " beside ".join(sorted(kinds))
+    for key in SETUP_KEYS:
+        values = {setup_of(r)[key] for r in rows if r.get(key) is not None}
+        if key != rows[0].get("sweep_field") and len(values) > 1:
+            return f"{key.replace('_', ' ')} {' and '.join(sorted(map(str, values)))}"
+    return None
+
+
 def _median(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -176,8 +193,12 @@ def compare_to_baseline(summary, baseline_rows):
         if to_target:  # its step times include no warm-up and whole epochs
             item["vs_baseline"] = "not comparable: the baseline measured time to target"
             continue
-        if not ref or item["step_time_ms"] is None or ref["step_time_ms"] is None:
+        if item["step_time_ms"] is None:  # its own failure is said under the table
             item["vs_baseline"] = None
+            continue
+        if not ref or ref["step_time_ms"] is None:  # no verdict, and why
+            item["vs_baseline"] = ("not comparable: no run of it in the baseline" if not ref
+                                   else f"not comparable: the baseline's run {ref['status']}")
             continue
         if item["sync_every"] != ref["sync_every"]:  # a sync per step is slower by itself
             item["vs_baseline"] = (f"not comparable: synced every {item['sync_every']} vs "

@@ -77,7 +77,8 @@ def compare_to_baseline(summary, baseline_rows):
         item["baseline_time_to_target_s"] = ref["time_to_target_s"] if ref else None
         if ref is None:
             item["vs_baseline"] = ("not comparable: the baseline has no time to target"
-                                   if not base else None)
+                                   if not base else "not comparable: no run of it in the "
+                                                    "baseline")
             continue
         if ref["target_accuracy"] != item["target_accuracy"] or ref["eval_every"] != item["eval_every"]:
             item["vs_baseline"] = (f"not comparable: target {ref['target_accuracy']:g} every "

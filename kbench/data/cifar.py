@@ -51,6 +51,20 @@ def load_cifar(name, data_dir=None, download=False):
     (N, 1) with keras.datasets' dtypes. Archive and folder sources give exactly the arrays
     `keras.datasets.cifar10.load_data()` gives; TFDS gives TFDS' example order.
     """
+    source = find_cifar(name, data_dir, download)
+    if source is None:
+        target = os.path.expanduser(data_dir or default_data_dirs()[0])
+        return _load_pickled(CIFAR[name], fetch_archive(CIFAR[name], target), from_archive=True)
+    kind, path = source
+    if kind == "tfds":
+        return _load_tfds(name, path)
+    return _load_pickled(CIFAR[name], path, from_archive=(kind == "archive"))
+
+
+def find_cifar(name, data_dir=None, download=False):
+    """Where load_cifar reads `name` from, without reading it: ('archive' | 'folder' |
+    'tfds', path), or None when it will download it; not there is a one-line KbenchError
+    (what load_cifar raises), so a caller can check before starting work that needs it."""
     if name not in CIFAR:
         raise KbenchError(f"unknown CIFAR dataset {name!r}; use one of: {', '.join(CIFAR)}")
     spec = CIFAR[name]
@@ -58,13 +72,9 @@ def load_cifar(name, data_dir=None, download=False):
     for directory in searched:
         source = _find_cifar_source(name, os.path.expanduser(directory))
         if source:
-            kind, path = source
-            if kind == "tfds":
-                return _load_tfds(name, path)
-            return _load_pickled(spec, path, from_archive=(kind == "archive"))
+            return source
     if download:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return _load_pickled(spec, fetch_archive(spec, target), from_archive=True)
+        return None
     for directory in searched:
         damaged = _damaged_cifar_source(spec, os.path.expanduser(directory), bool(data_dir))
         if damaged:
@@ -85,8 +95,9 @@ def _damaged_cifar_source(spec, path, explicit):
     if os.path.isfile(path):  # a default place may hold another data set's archive
         if not explicit:
             return None
-        return (f"{path} is not a tar archive, so not {spec['archive']}: pass --data-dir the "
-                "archive or the folder holding it, or use --dataset synthetic to run without data")
+        return (f"{path} is not a tar archive, so not {spec['archive']}: pass --data-dir PATH, "
+                "the archive or the folder holding it, or use --dataset synthetic to run "
+                "without data")
     # The deepest folder of CIFAR's name: keras.datasets' cache nests one in another.
     folders = [f for f in _cifar_folders(spec, path)
                if os.path.basename(os.path.normpath(f)) == spec["folder"] and os.path.isdir(f)]

@@ -39,6 +39,22 @@ def load_mnist(name="mnist", data_dir=None, download=False):
     Without `data_dir`, the default data dirs are searched (bare IDX files only in a folder
     named after the data set, since MNIST and Fashion-MNIST use the same file names).
     """
+    source = find_mnist(name, data_dir, download)
+    spec = MNIST[name]
+    if source is None:
+        target = os.path.expanduser(data_dir or default_data_dirs()[0])
+        return _load_mnist_npz(spec, fetch_archive(spec, target))
+    kind, path = source
+    if kind == "tfds":
+        (x_train, y_train), (x_test, y_test) = tfds_arrays(spec["tfds"], path, np.uint8)
+        return (x_train[..., 0], y_train[:, 0]), (x_test[..., 0], y_test[:, 0])
+    return _load_mnist_npz(spec, path) if kind == "npz" else _load_idx_folder(spec, path)
+
+
+def find_mnist(name, data_dir=None, download=False):
+    """Where load_mnist reads `name` from, without reading it: ('npz' | 'idx' | 'tfds', path),
+    or None when it will download it; not there is a one-line KbenchError (what load_mnist
+    raises), so a caller can check before starting work that needs it."""
     if name not in MNIST:
         raise KbenchError(f"unknown MNIST data set {name!r}; use one of: {', '.join(MNIST)}")
     spec = MNIST[name]
@@ -46,14 +62,9 @@ def load_mnist(name="mnist", data_dir=None, download=False):
     for directory in searched:
         source = _find_mnist_source(spec, os.path.expanduser(directory), explicit=bool(data_dir))
         if source:
-            kind, path = source
-            if kind == "tfds":
-                (x_train, y_train), (x_test, y_test) = tfds_arrays(spec["tfds"], path, np.uint8)
-                return (x_train[..., 0], y_train[:, 0]), (x_test[..., 0], y_test[:, 0])
-            return _load_mnist_npz(spec, path) if kind == "npz" else _load_idx_folder(spec, path)
+            return source
     if download and "url" in spec:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return _load_mnist_npz(spec, fetch_archive(spec, target))
+        return None
     for directory in searched:
         damaged = _damaged_mnist_source(spec, os.path.expanduser(directory), bool(data_dir))
         if damaged:
@@ -96,7 +107,8 @@ def _damaged_mnist_source(spec, path, explicit):
         if not explicit:
             return None
         return (f"{path} is not a zip archive, so not a .npz of {spec['title']}: pass --data-dir "
-                "the .npz or the folder holding it, or use --dataset synthetic to run without data")
+                "PATH, the .npz or the folder holding it, or use --dataset synthetic to run "
+                "without data")
     if not os.path.isdir(path):
         return None
     for folder in _idx_folders(spec, path, explicit):

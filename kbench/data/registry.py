@@ -4,8 +4,8 @@ import dataclasses
 
 import numpy as np
 
-from kbench.data.cifar import CIFAR, load_cifar
-from kbench.data.mnist import MNIST, load_digits, load_mnist
+from kbench.data.cifar import CIFAR, find_cifar, load_cifar
+from kbench.data.mnist import MNIST, find_mnist, load_digits, load_mnist
 from kbench.data.synthetic import load_synthetic
 from kbench.errors import KbenchError
 
@@ -65,6 +65,21 @@ def load_dataset(name, data_dir=None, download=False, train_examples=None, test_
     (x_train, y_train), (x_test, y_test) = (first_examples(name, "train", train, train_examples),
                                             first_examples(name, "test", test, test_examples))
     return Dataset(name, x_train, y_train, x_test, y_test, IMAGE_INFO[name][1])
+
+
+def check_data(name, data_dir=None, download=False):
+    """The one-line KbenchError a run would end with when the real data set `name` is not
+    where it would be read from (and is not to be downloaded), found without reading it:
+    for work that checks before it starts (kbench compare, before its first run). Names no
+    loader knows (synthetic, digits, a recipe's own) pass: the run says what is wrong."""
+    if name in CIFAR:
+        find_cifar(name, data_dir, download)
+    elif name in MNIST:
+        find_mnist(name, data_dir, download)
+    elif name == "imdb":
+        from kbench.data.text import find_imdb  # (kbench.data.text imports this module)
+
+        find_imdb(data_dir, download)
 
 
 def first_examples(name, split, arrays, wanted):

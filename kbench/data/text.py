@@ -72,20 +72,33 @@ def pad_sequences(sequences, length):
 
 
 def _load_imdb_ids(data_dir, download, vocab_size):
+    source = find_imdb(data_dir, download)
+    if source is None:
+        target = os.path.expanduser(data_dir or default_data_dirs()[0])
+        return load_imdb(fetch_archive(IMDB, target), num_words=vocab_size)
+    kind, path = source
+    if kind == "tfds":
+        return _imdb_tfds_ids(path, vocab_size)
+    return load_imdb(path, num_words=vocab_size)
+
+
+def find_imdb(data_dir=None, download=False):
+    """Where IMDB is read from, without reading it: ('npz' | 'tfds', path), or None when it
+    will be downloaded; not there is a one-line KbenchError, so a caller can check before
+    starting work that needs it."""
     searched = [data_dir] if data_dir else default_data_dirs()
     for directory in searched:
         path = os.path.expanduser(directory)
         if os.path.isfile(path) and (data_dir or zipfile.is_zipfile(path)):
             # A file --data-dir names is meant as imdb.npz: say if it is not, not "not found"
             # ($KBENCH_DATA_DIR may name another data set's archive: passed over).
-            return load_imdb(path, num_words=vocab_size)
+            return ("npz", path)
         if os.path.isfile(os.path.join(path, IMDB["npz"])):
-            return load_imdb(os.path.join(path, IMDB["npz"]), num_words=vocab_size)
+            return ("npz", os.path.join(path, IMDB["npz"]))
         if os.path.isdir(path) and tfds_prepared(path, IMDB["tfds"]):
-            return _imdb_tfds_ids(path, vocab_size)
+            return ("tfds", path)
     if download:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return load_imdb(fetch_archive(IMDB, target), num_words=vocab_size)
+        return None
     raise KbenchError(
         f"IMDB not found in {data_dir or ', '.join(searched)}: pass --data-dir DIR holding "
         "imdb.npz (as keras.datasets.imdb downloads it) or a TFDS data dir with imdb_reviews, "
