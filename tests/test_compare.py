@@ -137,6 +137,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, entry_point_error):
          "--dtype-policy mixed_bfloat16 and --set dtype_policy=float32 disagree"),
         (["--dataset", "synthetic", "--set", "dataset=digits"],  # given, though the default
          "--dataset synthetic and --set dataset=digits disagree"),
+        (["--backends", "torch", "--python", f"jax={sys.executable}"],  # unused, unsaid
+         "--python jax=... is for jax, which this compare does not run (backends: torch): add "
+         "jax to --backends, or drop it"),
     ]:
         status, err = entry_point_error(cli.main, ["compare", *args, "--output",
                                                    str(tmp_path / "x")])

@@ -140,6 +140,10 @@ def plan_runs(options):
     for name in options.python:
         if name not in KERAS_BACKENDS:
             raise KbenchError(f"--python {name}=... names no backend; use jax, tensorflow or torch")
+        if name not in {framework for _, _, framework, _ in runs}:  # else unused, unsaid
+            raise KbenchError(f"--python {name}=... is for {name}, which this compare does not "
+                              f"run (backends: {', '.join(backends)}): add {name} to "
+                              "--backends, or drop it")
     check_target_options(options)
     return runs
 
