@@ -153,6 +153,19 @@ def test_report_renders_a_folder_again(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         overhead.main(["--report", str(tmp_path / "nowhere")])
     assert stop.value.code == 2
+    # It runs nothing: a flag beside it, which it would ignore, is refused
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(["--report", str(tmp_path), "--steps", "5", "--plan"])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        "error: --report DIR renders a saved measurement again and runs nothing: drop --plan, "
+        "--steps\n")
+    # An overhead.md without the measurement's line (written by a report of a folder that had
+    # none): the table's first line is not taken for it, render after render
+    (tmp_path / "overhead.md").unlink()
+    for _ in range(2):
+        assert overhead.main(["--report", str(tmp_path)]) == 0
+        assert (tmp_path / "overhead.md").read_text().startswith("| run |")
 
 
 # --------------------------------------------------------------------------- stopping

@@ -396,6 +396,13 @@ def parse_args(argv):
                              "its overhead.md) without running anything")
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:  # it runs nothing: a flag beside it would be ignored without a word
+        from kbench.flags import given_fields
+
+        beside = sorted(given_fields(parser, argv) - {"report"})
+        if beside:
+            _fail(f"--report DIR renders a saved measurement again and runs nothing: drop "
+                  f"{', '.join('--' + name.replace('_', '-') for name in beside)}")
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                                ("--warmup-steps", args.warmup_steps, 0),
                                ("--repeats", args.repeats, 1),
@@ -425,6 +432,9 @@ def parse_args(argv):
     return args
 
 
+HEADER_START = "Host overhead:"  # overhead.md's first line: what was measured, and how
+
+
 def report(out_dir):
     """Render DIR/overhead.md again from DIR/overhead.jsonl (and profile.json)."""
     path = os.path.join(out_dir, "overhead.jsonl")
@@ -449,7 +459,9 @@ def report(out_dir):
     header = ""
     if os.path.isfile(old):
         with open(old) as f:
-            header = f.readline().strip() + "\n\n"
+            first = f.readline().strip()
+        if first.startswith(HEADER_START):  # the measurement's own line, kept; not a table's
+            header = first + "\n\n"
     write_text_atomic(old, header + text)
     print(header + text)
     return 0
@@ -477,7 +489,7 @@ def main(argv=None):
     out_dir = os.path.abspath(args.output or os.path.join("runs", "overhead",
                                                           time.strftime("%Y%m%d-%H%M%S")))
     os.makedirs(out_dir, exist_ok=True)
-    header = (f"Host overhead: {args.model} at batch {args.batch_size}, synthetic data, "
+    header = (f"{HEADER_START} {args.model} at batch {args.batch_size}, synthetic data, "
               f"{args.steps} timed steps after {args.warmup_steps} warm-up, synced every step, "
               f"median of {args.repeats} interleaved run(s) per row, "
               + (f"{args.threads} intra-op thread(s) for torch and TensorFlow"
