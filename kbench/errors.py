@@ -216,8 +216,8 @@ def exit_on_error(fn, *args, **kwargs):
         sys.exit(2)
     except MemoryError as exc:  # NumPy's too, for an array larger than the machine
         files.remove_folders_left_empty(since=made_before)
-        print(f"error: out of memory ({first_line(exc)}): ask for less (a "
-              "smaller --batch-size, --train-examples or --test-examples)", file=sys.stderr)
+        print(f"error: out of memory ({first_line(exc)}): ask for less (a smaller batch, "
+              "or fewer examples)", file=sys.stderr)
         sys.exit(2)
     except (Interrupted, Terminated) as stop:  # each says where it stopped; its own status
         print(stop, file=sys.stderr)

@@ -6,6 +6,7 @@ flags and fields can never drift apart. Field metadata may carry `help` and `cho
 
 import argparse
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -101,11 +102,12 @@ def parse_config(config_cls, argv=None, description=None):
     args = parser.parse_args(argv)  # the command line alone: its --resume, its --output-dir
     notes = []  # what of the file a re-run does not use: said, not dropped without a word
     if args.config:
-        saved = load_settings(args.config, config_cls)
+        saved, recipe = load_settings(args.config, config_cls)
         check_saved_values(args.config, config_cls, saved, given_fields(parser, argv))
         if not args.resume:  # a re-run: a fresh run's folder, unless --output-dir names one
             saved_folder = saved.pop("output_dir", None)
-            if saved_folder and args.output_dir is None:
+            elsewhere = saved_folder and not _fresh_run_folder(saved_folder, recipe)
+            if elsewhere and args.output_dir is None:
                 notes.append(f"note: not writing into {saved_folder}, the output_dir "
                              f"{args.config} names: a re-run goes where a fresh run goes; pass "
                              f"--output-dir {saved_folder} to write there, or --resume to "
@@ -119,13 +121,24 @@ def parse_config(config_cls, argv=None, description=None):
     settings.pop("config")
     config = config_cls(**settings)
     check(config)  # ranges; also the values a --config FILE brought, which argparse never sees
-    for note in notes:
-        print(note)
+    if os.environ.get("RANK", "0") == "0":  # once, not by every process torchrun starts
+        for note in notes:
+            print(note)
     return config
 
 
+def _fresh_run_folder(folder, recipe):
+    """Whether `folder` is where a fresh run of `recipe` under this backend goes (a re-run of
+    the same backend's saved run writes there: nothing to say)."""
+    from kbench import backend
+
+    return bool(recipe) and os.path.abspath(folder) == os.path.abspath(
+        os.path.join("runs", recipe, backend.name()))
+
+
 def load_settings(path, config_cls):
-    """The settings a saved file holds, checked against `config_cls`'s fields."""
+    """(the settings a saved file holds, checked against `config_cls`'s fields; the recipe it
+    names, or None)."""
     import json
 
     from kbench.errors import KbenchError
@@ -135,6 +148,7 @@ def load_settings(path, config_cls):
             saved = json.load(f)
     except (OSError, ValueError) as exc:
         raise KbenchError(f"cannot read settings from {path}: {exc}") from None
+    outer = saved if isinstance(saved, dict) else {}
     if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
         saved = saved["config"]  # metrics.json keeps the settings under "config"
     if not isinstance(saved, dict):
@@ -142,12 +156,13 @@ def load_settings(path, config_cls):
     fields = {field.name for field in dataclasses.fields(config_cls)}
     from kbench.config import CONFIG_LABELS
 
+    recipe = saved.get("recipe", outer.get("recipe"))  # config.json's / metrics.json's label
     saved = {k: v for k, v in saved.items() if k not in CONFIG_LABELS}
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise KbenchError(f"{path} has settings this recipe does not know: {', '.join(unknown)} "
                           "(saved by another recipe?)")
-    return saved
+    return saved, recipe if isinstance(recipe, str) else None
 
 
 def check_saved_values(path, config_cls, saved, overridden):
@@ -167,7 +182,9 @@ def check_saved_values(path, config_cls, saved, overridden):
 
 def given_fields(parser, argv):
     """The fields `argv` itself sets, abbreviated flags (`--output`) included: argparse,
-    asked again with every default suppressed, keeps only what the command line gave."""
+    asked again with every default suppressed, keeps only what the command line gave. For a
+    flat parser whose defaults come from add_argument (a recipe's, tools/overhead.py's): the
+    defaults of subcommands and of set_defaults are not suppressed."""
     import copy
 
     bare = copy.deepcopy(parser)

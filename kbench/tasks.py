@@ -7,6 +7,7 @@ test split with the same functions, so neither depends on a recipe module:
   augmented as the config asks (`augment`, `crop_padding`, `cutout`, where it has them).
 - `text_streams(config)`: IMDB or the synthetic text task, as token ids.
 - `test_stream(dataset, model, settings)`: the test split a saved model is evaluated on.
+- `check_data(config)`: that the data the two above would load is there, without loading it.
 
 `config` is any object with a recipe Config's data fields: dataset, data_dir, download,
 train_examples, test_examples, seed, batch_size (and vocab_size, sequence_length for text).
@@ -16,6 +17,14 @@ from kbench import data
 from kbench.errors import KbenchError
 
 EVAL_BATCH_SIZE = 128  # when a saved run does not say; evaluation results do not depend on it
+
+
+def check_data(config):
+    """The data `image_streams` / `text_streams` would load is where they would read it (or
+    is to be downloaded), found without reading it; else the loader's one-line error. A
+    recipe that loads through them offers this as its `check_inputs` (the recipe contract's
+    optional check, which kbench compare runs once before any run)."""
+    data.check_data(config.dataset, config.data_dir, config.download)
 
 
 def image_streams(config, shard=(0, 1), synthetic_like="cifar10", synthetic_shape=None,

@@ -88,8 +88,9 @@ def init_from_exists(path):
 
 def check_inputs(config):
     """What must exist before training (the recipe contract's optional part, which `kbench
-    compare` calls once before any run): the --init-from file."""
+    compare` calls once before any run): the --init-from file, and the data."""
     init_from_exists(config.init_from)
+    tasks.check_data(config)
 
 
 def load_pretrained(path):
@@ -165,7 +166,7 @@ def main(config, model=None, datasets=None, callbacks=()):
     """
     run = Run(config, "finetune", callbacks)  # its settings checked, nothing set up yet
     if model is None:  # before the output folder is locked and the data loaded, not after
-        check_inputs(config)
+        init_from_exists(config.init_from)
     with run:  # devices, seed, dtype policy, resume
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)

@@ -58,6 +58,7 @@ def test_all_backends_and_native_twins(tmp_path):
     rows = load(out)
     assert [r["backend"] for r in rows] == ["jax", "tensorflow", "torch", "native-jax",
                                            "native-tensorflow", "native-torch"]
+    assert report.mixed_compares(rows) is None  # kbench report takes what compare wrote
     for row in rows:
         assert set(records.FIELDS) <= set(row), set(records.FIELDS) - set(row)
         assert row["status"] == "ok", row["error"]
@@ -415,9 +416,15 @@ def test_report_refuses_a_file_that_joins_several_compares(tmp_path, entry_point
             f"error: {path} holds runs of more than one compare ({message}): report each "
             "compare's results.jsonl on its own, or compare them with --baseline\n")
         assert not (tmp_path / "results.csv").exists()
+    arch = dict(record("jax", 10, 9, 11), sweep_field="arch", sweep_value="transformer",
+                model="text_transformer", config={"model": None})
+    built = dict(record("jax", 100, 95, 105), model="my_net", config={"model": "resnet20"})
     for rows in ([record("jax", 100, 95, 105), record("native-jax", 80, 78, 82), failed],
-                 [point, dict(point, sweep_value=128, batch_size=128)]):
-        records.write_jsonl_atomic(str(path), rows)
+                 [point, dict(point, sweep_value=128, batch_size=128)],
+                 # a swept field changes what its points build; a recipe may build a model of
+                 # another name than the one asked for, which its twin records
+                 [arch, dict(arch, sweep_value="lstm", model="text_lstm")],
+                 [built, record("native-jax", 80, 78, 82)]):
         assert report.mixed_compares(rows) is None
 
 
@@ -465,10 +472,11 @@ def test_baseline_marks_only_changes_beyond_noise():
     summary = report.compare_to_baseline(report.summarize([record("torch-stock", 70, 69, 71)]),
                                          baseline)
     assert summary[0]["vs_baseline"] == "not comparable: no run of it in the baseline"
-    failed = [dict(record("torch", 60, 59, 61), status="failed", step_time_ms=None)]
+    failed = [dict(record("torch", 60, 59, 61), status="failed", step_time_ms=None),
+              dict(record("jax", 60, 59, 61), status="timeout", step_time_ms=None)]
     summary = report.compare_to_baseline(report.summarize(current), failed)
     assert {s["backend"]: s["vs_baseline"] for s in summary} == {
-        "jax": "not comparable: no run of it in the baseline",
+        "jax": "not comparable: the baseline's run timed out",
         "torch": "not comparable: the baseline's run failed",
         "tensorflow": "not comparable: no run of it in the baseline"}
     # Windows of 10 steps against a baseline synced every step: no verdict, and why.

@@ -116,7 +116,7 @@ def test_an_allocation_larger_than_the_machine_is_one_line(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: out of memory (Unable to allocate ") and err.endswith(
-        "): ask for less (a smaller --batch-size, --train-examples or --test-examples)\n")
+        "): ask for less (a smaller batch, or fewer examples)\n")
     assert err.count("\n") == 1
 
 

@@ -275,6 +275,7 @@ def test_a_point_out_of_memory_skips_the_larger_ones_of_its_backend_only(tmp_pat
     assert sweep.finished(rows)
     saved = records.read_jsonl(str(tmp_path / "s" / "results.jsonl"))
     assert len(saved) == 12 and all(r["sweep_field"] == "batch_size" for r in saved)
+    assert report.mixed_compares(saved) is None  # kbench report takes what compare wrote
     assert (tmp_path / "s" / "results.png").stat().st_size > 1000
     assert not sweep.finished(saved + [fake_record("jax", 2, status="failed")])
 
@@ -305,7 +306,7 @@ def test_max_batch_runs_its_search_through_compares_runs(tmp_path, monkeypatch, 
     found = max(r["batch_size"] for r in rows if r["status"] == "ok")
     assert limit / 1.25 <= found <= limit
     saved = records.read_jsonl(str(tmp_path / "m" / "results.jsonl"))
-    assert [r["batch_size"] for r in saved] == ran
+    assert [r["batch_size"] for r in saved] == ran and report.mixed_compares(saved) is None
     out = capsys.readouterr().out
     assert "largest batch that trains" in out and f"│ {found} " in out.replace("  ", " ")
     assert f"torch: largest batch that fits {found} (found)" in out

@@ -14,7 +14,7 @@ import tensorflow as tf
 import kbench  # noqa: F401  (validates KERAS_BACKEND before keras is imported)
 from kbench import target, train
 from kbench.bench import native_common as common
-from kbench.bench import records, report_target
+from kbench.bench import records, report, report_target
 from kbench.target import TargetProbe
 from tests.conftest import BACKEND, fake_python
 
@@ -382,6 +382,7 @@ def test_compare_target_no_run_reaches_is_reported_with_exit_0(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = records.read_jsonl(str(out / "results.jsonl"))
     assert [r["seed"] for r in rows] == [0, 1]  # repeats sample other seeds
+    assert report.mixed_compares(rows) is None  # kbench report takes what compare wrote
     for row in rows:
         assert set(records.FIELDS) <= set(row)
         assert row["status"] == "ok" and row["reached"] is False

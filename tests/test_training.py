@@ -708,6 +708,13 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path, capsys):
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--resume"]
                         ).output_dir == saved["output_dir"]
     assert capsys.readouterr().out == ""  # the folder was chosen: nothing to say
+    # A run saved in the folder a fresh run of this backend goes to: the re-run writes there
+    # too (replacing it, as re-running its command does), and the note would be untrue
+    default = os.path.join("runs", "cifar_resnet", keras.backend.backend())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "output_dir": default,
+                                                      "recipe": "cifar_resnet"}))
+    parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "config.json")])
+    assert capsys.readouterr().out == ""
     assert parse_config(cifar_resnet.Config, ["--config", str(path), "--output",  # argparse's
                                               elsewhere]).output_dir == elsewhere  # short form
     # A resumed run's settings say resume: true; re-run from them, they start afresh

@@ -253,7 +253,6 @@ def check_recipe_settings(options, swept=None):
     recipe_path(options.recipe)
     from kbench.bench import worker
     from kbench.config import check, check_values
-    from kbench.data.registry import check_data
     from kbench.recipe import load_recipe
 
     recipe = load_recipe(_recipe_for_worker(options.recipe))
@@ -270,11 +269,6 @@ def check_recipe_settings(options, swept=None):
         # failure per run.
         if hasattr(recipe, "check_inputs"):
             recipe.check_inputs(config)
-        # The data a run reads, where kbench loads it: missing data is the same failure in
-        # every run, found once here (without reading it: each run loads its own).
-        if hasattr(config, "dataset"):
-            check_data(config.dataset, getattr(config, "data_dir", None),
-                       getattr(config, "download", False))
     except KbenchError as exc:
         raise KbenchError(as_set_options(str(exc), recipe.Config, swept)) from None
 

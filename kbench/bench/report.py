@@ -48,19 +48,31 @@ def setup_of(row):
 
 def mixed_compares(rows):
     """What in `rows` no one compare would hold (None: nothing): records of time to target
-    beside step times, a sweep beside plain runs or another sweep, or runs that differ in a
-    SETUP_KEYS field other than the swept one. `kbench report` renders one compare: over
-    several, its title would name one and its medians mix runs that measured other things."""
+    beside step times, a sweep beside plain runs or another sweep, or runs of one sweep point
+    (of a plain compare: all of them) that were asked for another recipe, model, dataset,
+    batch size or dtype policy. `kbench report` renders one compare: over several, its title
+    would name one and its medians mix runs that measured other things."""
     kinds = {"time to target" if r.get("target_accuracy") is not None else
              f"a sweep of {r['sweep_field']}" if r.get("sweep_field") else "step times"
              for r in rows}
     if len(kinds) > 1:
         return " beside ".join(sorted(kinds))
-    for key in SETUP_KEYS:
-        values = {setup_of(r)[key] for r in rows if r.get(key) is not None}
-        if key != rows[0].get("sweep_field") and len(values) > 1:
-            return f"{key.replace('_', ' ')} {' and '.join(sorted(map(str, values)))}"
+    points = {}  # a sweep's points differ in their field, and in what it changes (arch: model)
+    for r in rows:
+        points.setdefault(repr(r.get("sweep_value")), []).append(r)
+    for point in points.values():
+        for key in SETUP_KEYS:
+            values = {_asked(r, key) for r in point} - {None}
+            if len(values) > 1:
+                return f"{key.replace('_', ' ')} {' and '.join(sorted(map(str, values)))}"
     return None
+
+
+def _asked(row, key):
+    """A record's SETUP_KEYS field as the compare asked for it: a recipe may build a model of
+    another name than its --model (a native twin records the name asked)."""
+    asked = (row.get("config") or {}).get(key) if key == "model" else None
+    return asked if asked is not None else setup_of(row)[key]
 
 
 def _median(rows, key):
@@ -182,6 +194,11 @@ def noise_ms(item):
     return (item["step_time_p90_ms"] - item["step_time_p10_ms"]) / 2.0
 
 
+# A run that did not finish, in words: "the baseline's run timed out".
+ENDED = {"failed": "failed", "timeout": "timed out", "oom": "ran out of memory",
+         "skipped": "was skipped"}
+
+
 def compare_to_baseline(summary, baseline_rows):
     """Mark each backend 'slower' / 'faster' / 'same' against the baseline's step time: slower
     when the median moved by more than the larger of the two runs' noise."""
@@ -198,7 +215,8 @@ def compare_to_baseline(summary, baseline_rows):
             continue
         if not ref or ref["step_time_ms"] is None:  # no verdict, and why
             item["vs_baseline"] = ("not comparable: no run of it in the baseline" if not ref
-                                   else f"not comparable: the baseline's run {ref['status']}")
+                                   else "not comparable: the baseline's run "
+                                        + ENDED.get(ref["status"], f"ended {ref['status']}"))
             continue
         if item["sync_every"] != ref["sync_every"]:  # a sync per step is slower by itself
             item["vs_baseline"] = (f"not comparable: synced every {item['sync_every']} vs "

@@ -15,7 +15,8 @@ Sources:
   trains on (`synthetic_like=`), and a synthetic text task; used only when asked for.
 
 Missing data is a one-line error naming `--data-dir` and `--dataset synthetic`; nothing is
-downloaded unless the caller passes `download=True` (recipes: `--download`).
+downloaded unless the caller passes `download=True` (recipes: `--download`). `check_data` says
+that error without loading anything (kbench compare, before its runs).
 
 Layout: sources.py (folders, network check, downloads, TFDS), cifar.py, mnist.py (+ digits),
 synthetic.py, text.py (IMDB, synthetic text), registry.py (names -> arrays), pipeline.py
@@ -31,6 +32,7 @@ from kbench.data.registry import (
     IMAGE_INFO,
     TEXT_DATASETS,
     Dataset,
+    check_data,
     image_info,
     load_dataset,
     load_images,
@@ -52,7 +54,7 @@ from kbench.data.text import (
 
 __all__ = [
     "CIFAR", "DATASETS", "IDX_FILES", "IMAGE_DATASETS", "IMAGE_INFO", "IMDB", "MNIST",
-    "TEXT_DATASETS", "Dataset", "Stream", "TextDataset", "as_stream", "augment_batch",
+    "TEXT_DATASETS", "Dataset", "Stream", "TextDataset", "as_stream", "augment_batch", "check_data",
     "default_data_dirs",
     "image_info", "load_cifar", "load_dataset", "load_digits", "load_images", "load_imdb",
     "load_mnist", "load_synthetic", "load_synthetic_text", "load_text_dataset",

@@ -114,7 +114,12 @@ def _find_cifar_source(name, path):
     """('archive' | 'folder' | 'tfds', path) for the first CIFAR source found at path, or None."""
     spec = CIFAR[name]
     if os.path.isfile(path):
-        return ("archive", path) if tarfile.is_tarfile(path) else None
+        try:
+            return ("archive", path) if tarfile.is_tarfile(path) else None
+        except OSError as exc:  # unreadable (permissions): its reason, not a traceback
+            raise KbenchError(f"cannot read {path} ({reason(exc)}): pass --data-dir a readable "
+                              "archive or folder, or use --dataset synthetic to run without "
+                              "data") from None
     if not os.path.isdir(path):
         return None
     for folder in _cifar_folders(spec, path):
