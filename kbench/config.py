@@ -299,9 +299,14 @@ def field_setting(config_cls, name, key):
     return None
 
 
+def default_output_dir(recipe):
+    """Where a run of `recipe` under the running backend goes unless told otherwise:
+    runs/<recipe>/<backend>."""
+    return os.path.join("runs", recipe, backend.name())
+
+
 def resolve_output_dir(config, recipe):
-    """Fill in the default output dir, runs/<recipe>/<backend>."""
+    """Fill in the default output dir (default_output_dir)."""
     if config.output_dir is None:
-        config = dataclasses.replace(config,
-                                     output_dir=os.path.join("runs", recipe, backend.name()))
+        config = dataclasses.replace(config, output_dir=default_output_dir(recipe))
     return config

@@ -130,10 +130,10 @@ def parse_config(config_cls, argv=None, description=None):
 def _fresh_run_folder(folder, recipe):
     """Whether `folder` is where a fresh run of `recipe` under this backend goes (a re-run of
     the same backend's saved run writes there: nothing to say)."""
-    from kbench import backend
+    from kbench.config import default_output_dir
 
     return bool(recipe) and os.path.abspath(folder) == os.path.abspath(
-        os.path.join("runs", recipe, backend.name()))
+        default_output_dir(recipe))
 
 
 def load_settings(path, config_cls):

@@ -52,9 +52,8 @@ def load_cifar(name, data_dir=None, download=False):
     `keras.datasets.cifar10.load_data()` gives; TFDS gives TFDS' example order.
     """
     source = find_cifar(name, data_dir, download)
-    if source is None:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return _load_pickled(CIFAR[name], fetch_archive(CIFAR[name], target), from_archive=True)
+    if source is None:  # to be downloaded
+        return _load_pickled(CIFAR[name], fetch_archive(CIFAR[name], data_dir), from_archive=True)
     kind, path = source
     if kind == "tfds":
         return _load_tfds(name, path)

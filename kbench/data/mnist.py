@@ -41,9 +41,8 @@ def load_mnist(name="mnist", data_dir=None, download=False):
     """
     source = find_mnist(name, data_dir, download)
     spec = MNIST[name]
-    if source is None:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return _load_mnist_npz(spec, fetch_archive(spec, target))
+    if source is None:  # to be downloaded
+        return _load_mnist_npz(spec, fetch_archive(spec, data_dir))
     kind, path = source
     if kind == "tfds":
         (x_train, y_train), (x_test, y_test) = tfds_arrays(spec["tfds"], path, np.uint8)

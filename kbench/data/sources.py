@@ -92,9 +92,11 @@ def network_answers(url, timeout=3.0):
 DOWNLOAD_STALL_S = 60
 
 
-def fetch_archive(spec, target_dir):
-    """Fetch the published archive into target_dir (atomically, checksum verified), a folder
-    made if needed (and taken back if the download fails: kbench.errors.exit_on_error)."""
+def fetch_archive(spec, data_dir=None):
+    """Fetch the published archive into `data_dir` (--data-dir; default the first of
+    default_data_dirs) atomically, checksum verified; the folder is made if needed (and taken
+    back if the download fails: kbench.errors.exit_on_error)."""
+    target_dir = os.path.expanduser(data_dir or default_data_dirs()[0])
     writable_folder(target_dir, "--data-dir")  # a file in the way is one line, as for outputs
     host = urllib.parse.urlsplit(spec["url"]).hostname
     if not network_answers(spec["url"]):

@@ -73,9 +73,8 @@ def pad_sequences(sequences, length):
 
 def _load_imdb_ids(data_dir, download, vocab_size):
     source = find_imdb(data_dir, download)
-    if source is None:
-        target = os.path.expanduser(data_dir or default_data_dirs()[0])
-        return load_imdb(fetch_archive(IMDB, target), num_words=vocab_size)
+    if source is None:  # to be downloaded
+        return load_imdb(fetch_archive(IMDB, data_dir), num_words=vocab_size)
     kind, path = source
     if kind == "tfds":
         return _imdb_tfds_ids(path, vocab_size)
