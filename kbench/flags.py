@@ -115,6 +115,10 @@ def parse_config(config_cls, argv=None, description=None):
             if saved.pop("resume", None) is True:  # a resumed run's file says resume: true
                 notes.append(f"note: not resuming, though {args.config} says resume: true (a "
                              "re-run starts afresh): pass --resume to continue the run")
+        elif args.output_dir is None and saved.get("output_dir"):
+            # --resume continues in the folder the file names: where a file is in its way,
+            # say so in the file's words (later checks would blame an --output-dir never given)
+            _check_resume_folder(saved["output_dir"], args.config)
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
     settings = dict(vars(args))
@@ -125,6 +129,20 @@ def parse_config(config_cls, argv=None, description=None):
         for note in notes:
             print(note)
     return config
+
+
+def _check_resume_folder(folder, path):
+    """Raise KbenchError where a file stands in the way of `folder`, the output_dir the
+    settings file `path` names (a missing folder is Run's to refuse: it holds no checkpoint)."""
+    from kbench.errors import KbenchError
+
+    part = folder
+    while part and not os.path.lexists(part) and os.path.dirname(part) != part:
+        part = os.path.dirname(part)
+    if os.path.lexists(part) and not os.path.isdir(part):
+        raise KbenchError(f"nothing to resume in {folder}, the output_dir {path} names ({part} "
+                          "is a file, not a folder): pass the --output-dir of the run to "
+                          "continue, or run without --resume to start afresh")
 
 
 def _fresh_run_folder(folder, recipe):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -725,6 +726,16 @@ def test_config_file_reruns_a_run_and_flags_override(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1] == (
         f"note: not resuming, though {path} says resume: true (a re-run starts afresh): pass "
         "--resume to continue the run")
+    # --resume continues in the file's folder: where a file is in its way, the file is named
+    # (not an --output-dir the command line never had)
+    (tmp_path / "a_file").write_text("")
+    path.write_text(json.dumps({"backend": "jax", "config": {
+        **saved, "output_dir": str(tmp_path / "a_file" / "run")}}))
+    with pytest.raises(KbenchError, match=re.escape(
+            f"nothing to resume in {tmp_path / 'a_file' / 'run'}, the output_dir {path} names "
+            f"({tmp_path / 'a_file'} is a file, not a folder): pass the --output-dir of the run "
+            "to continue")):
+        parse_config(cifar_resnet.Config, ["--config", str(path), "--resume"])
     (tmp_path / "other.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(KbenchError, match="does not know: vocab_size"):
         parse_config(cifar_resnet.Config, ["--config", str(tmp_path / "other.json")])
