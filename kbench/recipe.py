@@ -73,7 +73,25 @@ def load_recipe(name_or_path):
     if missing:
         raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
                           "(a recipe defines Config, build_model, build_datasets and main)")
+    _check_main(module.main, path)
     return module
+
+
+def _check_main(main, path):
+    """kbench compare calls `main(config, callbacks=[timer])`: a main that cannot take that
+    is refused before any run, not after one has trained."""
+    import inspect
+
+    try:
+        signature = inspect.signature(main)
+    except (TypeError, ValueError):  # not introspectable: let the call tell
+        return
+    try:
+        signature.bind(None, callbacks=[])
+    except TypeError:
+        raise KbenchError(f"{path}'s main{signature} cannot be called as main(config, "
+                          "callbacks=[...]): a recipe's main is main(config, model=None, "
+                          "datasets=None, callbacks=())") from None
 
 
 def _load_error(path, exc):

@@ -25,7 +25,7 @@ import uuid
 
 import keras
 
-from kbench import backend, checkpoint, fast_path, keras_fixes, target
+from kbench import backend, caller, checkpoint, fast_path, keras_fixes, target
 from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 (re-exported)
 from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
@@ -43,15 +43,17 @@ class Run:
     """
 
     def __init__(self, config, recipe, callbacks=()):
-        config = check(config)  # main(Config(...)) is checked as flags are, before anything
+        caller.check_config(config, recipe)  # what main(...) was handed, before anything
+        config = check(config)  # main(Config(...)) is checked as flags are
         self.config = resolve_output_dir(config, recipe)
         self.recipe = recipe
-        self.callbacks = list(callbacks)
+        self.callbacks = caller.callback_list(callbacks)
         self.dist = None  # kbench.distribute.Distribution, from __enter__ on
         self.state = None  # checkpoint.RunState, when the run has an output dir
         self.timer = StepTimer(self.config.batch_size)  # the last stage's step times
         self.history = {}  # metric -> value per epoch this process trained, every stage
         self.test_ds = None  # what `finish` evaluates on: the last test stream seen
+        self._data_specs = {}  # "training"/"test" -> the tf.data element spec run.datasets saw
         self.target = None  # kbench.target.TargetProbe with --target-accuracy, from `fit` on
         self._stages = 0  # `fit` calls so far: the next stage's index
         self._epochs_trained = 0
@@ -99,6 +101,11 @@ class Run:
         self.dist.shutdown()
         fast_path.set_enabled(getattr(self, "_fast_path_before", False))
         return False
+
+    def _entered(self):
+        if self.dist is None:
+            raise KbenchError("a Run works inside a with statement: `with Run(config, recipe) "
+                              "as run:`")
 
     def _lock_output_dir(self):
         """One run per output folder: the chief locks it (kbench.files.FolderLock); every
@@ -165,6 +172,7 @@ class Run:
         """The (train, test) Streams: `given` (a caller's pair of Streams or tf.data
         pipelines) or `build(config)`, which under data-parallel training with several
         feeding processes (torch DDP) is called as `build(config, shard=(index, count))`."""
+        self._entered()
         self.data_given = given is not None
         if self.config.resume and self.config.output_dir:
             # What can be checked before the data loads (or downloads): that there is a
@@ -182,11 +190,17 @@ class Run:
                 raise refused or KbenchError(f"another process of this job cannot resume from "
                                              f"{self.config.output_dir}: see its error")
         if given is not None:
-            train_ds, test_ds = given
+            train_ds, test_ds = caller.data_pair(given)
         else:
             shard = self.dist.data_shard()
-            train_ds, test_ds = (build(self.config, shard=shard) if shard != (0, 1)
-                                 else build(self.config))
+            train_ds, test_ds = caller.data_pair(
+                build(self.config, shard=shard) if shard != (0, 1) else build(self.config),
+                f"{getattr(build, '__name__', 'the datasets builder')}(config)")
+        caller.check_pipeline(train_ds, "training")
+        caller.check_pipeline(test_ds, "test")
+        # Before the distribution wraps them: what run.fit checks against the model
+        self._data_specs = {"training": caller.element_spec(train_ds),
+                            "test": caller.element_spec(test_ds)}
         train_ds = as_stream(train_ds, self.config.steps_per_epoch, training=True)
         test_ds = as_stream(test_ds, training=False)
         train_ds, self.test_ds = self.dist.distribute_datasets(train_ds, test_ds)
@@ -196,8 +210,16 @@ class Run:
         """`given`, or `build(config)` inside the distribution's scope (where TF strategies
         create variables); then the run's checkpoint state: a fresh one, or with --resume
         the one in the output dir, checked against this model."""
-        with self.dist.scope():
-            model = given if given is not None else build(self.config)
+        self._entered()
+        if given is not None:
+            model = caller.check_model(given)
+            if self.is_chief:
+                caller.note_recompiled(model, self.config)
+        else:
+            with self.dist.scope():
+                model = caller.check_model(
+                    build(self.config),
+                    f"{getattr(build, '__name__', 'the model builder')}(config)")
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief, data_given=self.data_given)
         stale = None
@@ -223,6 +245,10 @@ class Run:
         after those of earlier stages, evaluating on `test_ds` after each epoch when
         --validate-every-epoch. Returns Keras' History, or None when the stage has nothing
         to train (0 epochs, or finished before the checkpoint being resumed)."""
+        self._entered()
+        if self.config.output_dir and self.state is None:
+            raise KbenchError("run.fit needs the run's checkpoint state: call "
+                              "run.model(build, given=model) first")
         stage, self._stages = self._stages, self._stages + 1
         settings = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
         config = dataclasses.replace(self.process_config, **settings)
@@ -233,6 +259,8 @@ class Run:
             return None
         if self.target is not None and self._target_callback.stopped:
             return None  # an earlier stage reached --target-accuracy: the run is done
+        caller.check_logits_output(model)  # before any work: what the caller handed
+        caller.check_data_fits_model(model, self._data_specs)
         state = self.state
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
             compile_model(model, config, train_ds.steps_per_epoch)
@@ -339,7 +367,7 @@ class Run:
         if state is None:  # before the checkpoint state was read: nothing new is lost
             return "run the same command again"
         if not state.batches_done:
-            return "nothing was trained yet; run the same command again"
+            return "nothing was checkpointed yet; run the same command again"
         # What is on disk, not in memory: a second signal can stop the checkpoint's write,
         # and with --no-epoch-checkpoints an epoch's end writes none.
         try:

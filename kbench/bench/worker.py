@@ -125,6 +125,10 @@ def run_keras(recipe, config, spec):
     timer = train.StepTimer(config.batch_size, sync_every=spec.get("sync_every", 1),
                             warmup_steps=0 if whole_epochs else spec["warmup_steps"])
     metrics = recipe.main(config, callbacks=[timer])
+    if not isinstance(metrics, dict) or "test_accuracy" not in metrics:
+        raise KbenchError(f"recipe {spec['recipe']}'s main returned {type(metrics).__name__}, "
+                          "not the metrics run.finish(model) returns: end it with `return "
+                          "run.finish(model)`")
     model = timer.model  # Keras hands every callback the model it trains
     return {
         "compile_s": timer.compile_s,

@@ -78,6 +78,10 @@ def as_stream(data, steps_per_epoch=None, training=True):
         batch = _batch_size(data)
         stream = Stream(dataset=data, batch_size=batch,
                         steps_per_epoch=cardinality if training and cardinality else None)
+        if training and steps_per_epoch and cardinality and steps_per_epoch > cardinality:
+            raise KbenchError(f"--steps-per-epoch {steps_per_epoch} is more than the "
+                              f"{cardinality} batches the training data holds: pass at most "
+                              f"{cardinality}, or .repeat() the data")
     if training and steps_per_epoch:
         stream = dataclasses.replace(stream, steps_per_epoch=int(steps_per_epoch))
     if training and not stream.steps_per_epoch:
