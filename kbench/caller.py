@@ -11,6 +11,7 @@ pipeline that is not tf.data) is left to Keras.
 """
 
 import inspect
+from collections.abc import Mapping
 
 import keras
 
@@ -33,6 +34,9 @@ def callback_list(callbacks):
         return []
     if isinstance(callbacks, keras.callbacks.Callback):
         return [callbacks]
+    if isinstance(callbacks, (str, bytes, Mapping)):
+        raise KbenchError(f"callbacks takes a list of keras.callbacks.Callback, not "
+                          f"{_a(callbacks)}")
     try:
         callbacks = list(callbacks)
     except TypeError:
@@ -100,8 +104,12 @@ def check_pipeline(data, which):
 
 
 def element_spec(data):
-    """The tf.data element spec of `data` (a Stream's dataset or a pipeline), or None."""
-    return getattr(getattr(data, "dataset", data), "element_spec", None)
+    """The element spec of `data` (a Stream's pipeline, or a pipeline) when it is a tf.data
+    pipeline; None for another kind (a torch DataLoader, a distribution's wrapper)."""
+    import tensorflow as tf
+
+    dataset = data.dataset if isinstance(data, Stream) else data
+    return dataset.element_spec if isinstance(dataset, tf.data.Dataset) else None
 
 
 def check_data_fits_model(model, specs):
@@ -126,12 +134,18 @@ def check_logits_output(model):
     """kbench trains on logits (CategoricalCrossentropy(from_logits=True)): a model ending in
     a softmax would be trained on a wrong loss without a word."""
     last = _output_layer(model)
-    activation = getattr(last, "activation", None)
-    if type(last).__name__ == "Softmax" or getattr(activation, "__name__", "") == "softmax":
-        raise KbenchError(f"the model's output comes from a softmax ({last.name}), but kbench "
-                          "trains on logits (from_logits=True; predictions take the softmax "
-                          "themselves): drop that softmax (the layer, or its "
-                          "activation=\"softmax\")")
+    if type(last).__name__ == "Softmax":  # keras.layers.Softmax, or keras.ops.softmax
+        remedy = "end the model before it"
+    elif getattr(getattr(last, "activation", None), "__name__", "") == "softmax":
+        remedy = "drop its activation=\"softmax\""
+    else:
+        return
+    if keras.config.dtype_policy().name.startswith("mixed"):
+        remedy += ("; keep the output float32 under the mixed policy, e.g. "
+                   "keras.layers.Activation(\"linear\", dtype=\"float32\")")
+    raise KbenchError(f"the model's output comes from a softmax ({last.name}), but kbench "
+                      "trains on logits (from_logits=True; predictions take the softmax "
+                      f"themselves): {remedy}")
 
 
 def _output_layer(model):
@@ -156,15 +170,29 @@ def _check_inputs(got, want, which):
         raise KbenchError(f"the {which} data is not batched (its elements have shape "
                           f"{_fmt(got)}; the model takes batches of {_fmt(want[1:])}): call "
                           ".batch(batch_size) on it")
-    if not _compatible(got, want):
+    if not (_compatible(got, want) or _one_axis_apart(got, want)):
         raise KbenchError(f"the {which} data's inputs have shape {_fmt(got)}, but the model "
                           f"takes {_fmt(want)}: pass a model and data that match")
+
+
+def _one_axis_apart(got, want):
+    """Images without their channel axis for a model of one channel, or the reverse: a
+    functional Keras model adds or drops a trailing axis of size 1 itself."""
+    if len(got) == len(want) + 1 and got[-1] == 1:
+        return _compatible(got[:-1], want)
+    if len(want) == len(got) + 1 and want[-1] == 1:
+        return _compatible(got, want[:-1])
+    return False
 
 
 def _check_labels(labels, outputs, which):
     if len(outputs) != 2 or not isinstance(outputs[1], int):
         return  # not a classifier's (batch, classes) output: nothing to say
     classes = outputs[1]
+    if classes == 1:  # a softmax over one class: the loss is 0 whatever the weights
+        raise KbenchError("the model has 1 output, but kbench trains a softmax over the "
+                          "classes (categorical cross-entropy on logits): build it with 2 "
+                          "outputs for two classes, with one-hot labels (tf.one_hot(label, 2))")
     if len(labels) == 1 or (len(labels) == 2 and labels[1] == 1 and classes > 1):
         raise KbenchError(f"the {which} data's labels have shape {_fmt(labels)} (class "
                           f"indices?), but kbench trains on one-hot labels for the model's "

@@ -73,17 +73,18 @@ def load_recipe(name_or_path):
     if missing:
         raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
                           "(a recipe defines Config, build_model, build_datasets and main)")
-    _check_main(module.main, path)
     return module
 
 
-def _check_main(main, path):
-    """kbench compare calls `main(config, callbacks=[timer])`: a main that cannot take that
-    is refused before any run, not after one has trained."""
+def check_main_takes_callbacks(module):
+    """kbench compare calls a recipe's `main(config, callbacks=[timer])`: a main that cannot
+    take that is refused before any run, not after one has trained. (Only compare calls it so:
+    `kbench evaluate --recipe` and a recipe run as a script take any main.)"""
     import inspect
 
+    path = getattr(module, "__file__", module.__name__)
     try:
-        signature = inspect.signature(main)
+        signature = inspect.signature(module.main)
     except (TypeError, ValueError):  # not introspectable: let the call tell
         return
     try:

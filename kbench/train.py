@@ -220,6 +220,12 @@ class Run:
                 model = caller.check_model(
                     build(self.config),
                     f"{getattr(build, '__name__', 'the model builder')}(config)")
+        # Before start_or_resume forgets an earlier run's checkpoint: what main was handed
+        # cannot train. (Data a recipe builds and model it builds pair by construction, and a
+        # recipe may still map its streams before run.fit, which checks them again.)
+        caller.check_logits_output(model)
+        if given is not None or self.data_given:
+            caller.check_data_fits_model(model, self._data_specs)
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief, data_given=self.data_given)
         stale = None
@@ -259,8 +265,9 @@ class Run:
             return None
         if self.target is not None and self._target_callback.stopped:
             return None  # an earlier stage reached --target-accuracy: the run is done
-        caller.check_logits_output(model)  # before any work: what the caller handed
-        caller.check_data_fits_model(model, self._data_specs)
+        caller.check_logits_output(model)  # a model that did not come through run.model
+        caller.check_data_fits_model(model, {"training": caller.element_spec(train_ds),
+                                             "test": caller.element_spec(test_ds)})
         state = self.state
         with self.dist.scope():  # TF strategies create the optimizer's variables in here
             compile_model(model, config, train_ds.steps_per_epoch)

@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 import kbench  # noqa: F401
-from kbench import train
+from kbench import caller, train
 from kbench.bench import worker
 from kbench.errors import KbenchError
-from kbench.recipe import load_recipe
+from kbench.recipe import check_main_takes_callbacks, load_recipe
 from recipes import cifar_resnet
 
 pytestmark = pytest.mark.backend_independent  # checks before any backend work
@@ -100,27 +100,70 @@ CASES = {
                        r"^the training data's labels have shape \(None,\) \(class indices\?\), "
                        r"but kbench trains on one-hot labels for the model's 10 outputs: map "
                        r"them with tf.one_hot\(label, 10\)"),
+    "one output": (lambda c: dict(model=small_model(classes=1),
+                                  datasets=(pipeline(classes=1), pipeline(classes=1))),
+                   r"^the model has 1 output, but kbench trains a softmax over the classes "
+                   r"\(categorical cross-entropy on logits\): build it with 2 outputs for two "
+                   r"classes, with one-hot labels \(tf.one_hot\(label, 2\)\)$"),
+    "callbacks a dict": (lambda c: dict(callbacks={"log": keras.callbacks.History()}),
+                         r"^callbacks takes a list of keras.callbacks.Callback, not a dict$"),
     "other class count": (lambda c: dict(model=small_model(classes=7)),
                           r"^the training data's labels are one-hot over 10 classes, but the "
                           r"model has 7 outputs: build the model with 10 outputs$"),
     "softmax output": (lambda c: dict(model=small_model(activation="softmax")),
                        r"^the model's output comes from a softmax \(dense.*\), but kbench "
-                       r"trains on logits .*: drop that softmax \(the layer, or its "
-                       r"activation=\"softmax\"\)$"),
+                       r"trains on logits .*: drop its activation=\"softmax\"$"),
+    "softmax op, mixed policy": (
+        lambda c: dict(config=config(c, dtype_policy="mixed_bfloat16"), model=keras.Model(
+            (inputs := keras.Input((32, 32, 3))),
+            keras.ops.softmax(small_model()(inputs)))),
+        r"^the model's output comes from a softmax \(softmax.*\), but kbench trains on logits "
+        r".*: end the model before it; keep the output float32 under the mixed policy, e.g. "
+        r"keras.layers.Activation\(\"linear\", dtype=\"float32\"\)$"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_main_refuses_what_it_cannot_take_before_training(case, tmp_path):
     make, message = CASES[case]
-    earlier = tmp_path / "run" / "metrics.json"  # an earlier run's results stay
-    earlier.parent.mkdir()
-    earlier.write_text("{}")
+    # An earlier, unfinished run's files: a fresh run forgets its checkpoint (to start
+    # afresh), but one refused for what it was handed must not
+    earlier = {"metrics.json": "{}", "checkpoint.json": "{}", "checkpoint-0.weights.h5": "w",
+               "history.csv": "epoch\n0\n", "config.json": "{}"}
+    (tmp_path / "run").mkdir()
+    for name, text in earlier.items():
+        (tmp_path / "run" / name).write_text(text)
     kwargs = {"config": config(tmp_path), **make(tmp_path)}
     with pytest.raises(KbenchError, match=message):
         cifar_resnet.main(kwargs.pop("config"), **kwargs)
-    assert earlier.read_text() == "{}"
-    assert not (tmp_path / "run" / "history.csv").exists()  # nothing trained
+    assert {name: (tmp_path / "run" / name).read_text() for name in earlier} == earlier
+
+
+@pytest.mark.parametrize("data_shape, model_shape, extra", [
+    ((28, 28), (28, 28, 1), ()),  # keras.datasets.mnist's images: Keras adds the channel axis
+    ((28, 28, 1), (28, 28), ()),
+    ((32, 32, 3), (32, 32, 3), (tf.TensorSpec((None,)),)),  # sample weights
+])
+def test_data_a_keras_model_takes_is_taken(data_shape, model_shape, extra):
+    specs = {"training": (tf.TensorSpec((None, *data_shape)), tf.TensorSpec((None, 10)),
+                          *extra)}
+    caller.check_data_fits_model(small_model(shape=model_shape) if len(model_shape) == 3
+                                 else flat_model(model_shape), specs)
+    # A Sequential built on first call, a model of dict inputs: nothing to check, no refusal
+    lazy = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10)])
+    caller.check_data_fits_model(lazy, specs)
+    caller.check_logits_output(lazy)
+    inputs = {"pixels": keras.Input(model_shape, name="pixels")}
+    two = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs["pixels"])))
+    caller.check_data_fits_model(two, {"training": ({"pixels": specs["training"][0]},
+                                                    specs["training"][1])})
+    # What finds a functional model's output layer: Keras' own record of it
+    assert caller._output_layer(small_model()).name.startswith("dense")
+
+
+def flat_model(shape):
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
 
 
 def test_a_single_callback_and_a_compiled_model_are_taken(tmp_path, capsys):
@@ -159,9 +202,10 @@ def test_compare_refuses_a_recipe_main_it_cannot_call(tmp_path):
     path = tmp_path / "two_args.py"
     path.write_text(source.replace("def main(config, model=None, datasets=None, callbacks=()):",
                                    "def main(config):"))
+    recipe = load_recipe(str(path))  # a recipe still: it runs as a script, kbench evaluate takes it
     with pytest.raises(KbenchError, match=rf"^{path}'s main\(config\) cannot be called as "
                                           r"main\(config, callbacks=\[...\]\)"):
-        load_recipe(str(path))
+        check_main_takes_callbacks(recipe)
     # A main that trains but does not return run.finish's metrics: named after its run
     recipe = types.SimpleNamespace(main=lambda config, callbacks: None)
     with pytest.raises(KbenchError, match=r"^recipe mine's main returned NoneType, not the "

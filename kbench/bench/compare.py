@@ -253,9 +253,10 @@ def check_recipe_settings(options, swept=None):
     recipe_path(options.recipe)
     from kbench.bench import worker
     from kbench.config import check, check_values
-    from kbench.recipe import load_recipe
+    from kbench.recipe import check_main_takes_callbacks, load_recipe
 
     recipe = load_recipe(_recipe_for_worker(options.recipe))
+    check_main_takes_callbacks(recipe)
     spec = {"recipe": options.recipe, "config": run_config(options), "epochs": options.epochs,
             "steps": options.steps, "warmup_steps": options.warmup_steps,
             "target": target_spec(options)}
