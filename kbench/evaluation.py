@@ -58,7 +58,7 @@ def predict_all(model, test_ds):
         if 0 < rows < full and all(a is None or isinstance(a, np.ndarray) for a in arrays):
             x = pad_rows(x, full)  # the last batch, to the others' shape (see pad_rows)
         if torch_backend:  # Keras' torch predict_on_batch hands NumPy to a compiled step as is
-            x = keras.ops.convert_to_tensor(x)
+            x = keras.tree.map_structure(keras.ops.convert_to_tensor, x)  # dict inputs too
         outputs = model(x, training=False) if replicated else model.predict_on_batch(x)
         logits.append(keras.ops.convert_to_numpy(outputs)[:rows])
         labels.append(np.asarray(y))

@@ -179,6 +179,25 @@ def test_predictions_see_one_input_shape_and_keep_every_example_once():
     assert padded["c"] is None
 
 
+def test_a_model_of_named_inputs_is_evaluated():
+    """Data of ({"image": x}, y) elements for a model of named inputs: every backend, torch
+    included (where kbench converts the inputs to tensors itself)."""
+    import keras
+    import tensorflow as tf
+
+    from kbench.evaluation import predict_all
+
+    inputs = keras.Input((8, 8, 1), name="image")
+    model = keras.Model({"image": inputs}, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    x = np.random.default_rng(0).random((10, 8, 8, 1)).astype("float32")
+    y = np.eye(10, dtype="float32")
+    test_ds = tf.data.Dataset.from_tensor_slices(({"image": x}, y)).batch(4)
+    logits, labels = predict_all(model, test_ds)
+    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model({"image": x})),
+                               rtol=1e-5, atol=1e-5)
+    assert labels.shape == (10, 10)
+
+
 def test_load_model_round_trip_and_bad_files(tmp_path):
     model = get_model("resnet20", num_classes=10, seed=0)  # custom layers: ShortcutPad
     model.save(tmp_path / "model.keras")
