@@ -25,6 +25,16 @@ def check_config(config, recipe):
     if not isinstance(config, TrainConfig):
         raise KbenchError(f"{recipe} takes its Config (a dataclass of settings), not "
                           f"{_a(config)}: pass {recipe}.Config(**settings)")
+    # Another of kbench's recipes' Config (its module: recipes.<name>, or kbench_recipe_<name>
+    # as kbench.recipe loads it) would train that recipe's model under this one's name. Only
+    # kbench's own names are compared: a copied recipe may take any Config it likes.
+    from kbench.recipe import installed_recipes
+
+    origin = type(config).__module__.rpartition(".")[2].removeprefix("kbench_recipe_")
+    own = installed_recipes()
+    if origin != recipe and origin in own and recipe in own:
+        raise KbenchError(f"{recipe} was handed {origin}'s Config: pass "
+                          f"{recipe}.Config(**settings)")
 
 
 def callback_list(callbacks):

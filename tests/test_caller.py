@@ -15,7 +15,7 @@ from kbench import caller, train
 from kbench.bench import worker
 from kbench.errors import KbenchError
 from kbench.recipe import check_main_takes_callbacks, load_recipe
-from recipes import cifar_resnet
+from recipes import cifar_resnet, mnist_convnet
 
 pytestmark = pytest.mark.backend_independent  # checks before any backend work
 
@@ -54,6 +54,9 @@ CASES = {
     "config a dict": (lambda c: dict(config=dict(dataset="synthetic")),
                       r"^cifar_resnet takes its Config \(a dataclass of settings\), not a dict: "
                       r"pass cifar_resnet.Config\(\*\*settings\)$"),
+    "another recipe's config": (lambda c: dict(config=mnist_convnet.Config(dataset="synthetic")),
+                                r"^cifar_resnet was handed mnist_convnet's Config: pass "
+                                r"cifar_resnet.Config\(\*\*settings\)$"),
     "callback not a callback": (
         lambda c: dict(callbacks=[print]),
         r"^callbacks takes keras.callbacks.Callback objects, not a builtin_function_or_method: "
