@@ -416,6 +416,10 @@ def test_report_refuses_a_file_that_joins_several_compares(tmp_path, entry_point
             f"error: {path} holds runs of more than one compare ({message}): report each "
             "compare's results.jsonl on its own, or compare them with --baseline\n")
         assert not (tmp_path / "results.csv").exists()
+    path.write_text("")  # a compare stopped before its first run ended: nothing to show
+    status, err = entry_point_error(cli.main, ["report", str(path)])
+    assert status == 2 and err == (f"error: {path} holds no runs: the compare that writes it "
+                                   "stopped before its first run ended; nothing to report\n")
     arch = dict(record("jax", 10, 9, 11), sweep_field="arch", sweep_value="transformer",
                 model="text_transformer", config={"model": None})
     built = dict(record("jax", 100, 95, 105), model="my_net", config={"model": "resnet20"})

@@ -225,7 +225,10 @@ def cmd_report(args):
 
     results, baseline = _results_file(args.results), _results_file(args.baseline)
     rows = read_jsonl(results)
-    mixed = mixed_compares(rows) if rows else None
+    if not rows:  # compare writes a record per run as it ends, failed ones included
+        raise KbenchError(f"{args.results} holds no runs: the compare that writes it stopped "
+                          "before its first run ended; nothing to report")
+    mixed = mixed_compares(rows)
     if mixed:  # files joined by hand: one title and one median per backend would mislead
         raise KbenchError(f"{args.results} holds runs of more than one compare ({mixed}): "
                           "report each compare's results.jsonl on its own, or compare them "
