@@ -18,6 +18,7 @@ import keras
 from kbench.data.stream import Stream
 from kbench.errors import KbenchError
 
+
 def check_config(config, recipe):
     """`config` must be a recipe's Config (a kbench.config.TrainConfig dataclass)."""
     from kbench.config import TrainConfig
@@ -61,14 +62,16 @@ def callback_list(callbacks):
     return callbacks
 
 
-def data_pair(data, source="datasets="):
-    """`data` as a (train, test) pair, or a one-line error naming `source`."""
+def data_pair(data, builder=None):
+    """`data` (main's `datasets=`, or what `builder`, a recipe's datasets builder, returned)
+    as a (train, test) pair, or a one-line error."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return tuple(data)
     what = (f"a {type(data).__name__} of {len(data)}" if isinstance(data, (tuple, list))
             else _a(data))
-    raise KbenchError(f"{source} takes a (train, test) pair of tf.data Datasets or kbench "
-                      f"Streams, not {what}")
+    where = f"{builder} must return" if builder else "datasets= takes"
+    raise KbenchError(f"{where} a (train, test) pair of tf.data Datasets or kbench Streams, "
+                      f"not {what}")
 
 
 def check_model(model, source="model="):

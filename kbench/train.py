@@ -53,7 +53,7 @@ class Run:
         self.timer = StepTimer(self.config.batch_size)  # the last stage's step times
         self.history = {}  # metric -> value per epoch this process trained, every stage
         self.test_ds = None  # what `finish` evaluates on: the last test stream seen
-        self._data_specs = {}  # "training"/"test" -> the tf.data element spec run.datasets saw
+        self._data_specs = {}  # "training"/"test" -> the element spec run.datasets saw
         self.target = None  # kbench.target.TargetProbe with --target-accuracy, from `fit` on
         self._stages = 0  # `fit` calls so far: the next stage's index
         self._epochs_trained = 0
@@ -198,7 +198,8 @@ class Run:
                 f"{getattr(build, '__name__', 'the datasets builder')}(config)")
         caller.check_pipeline(train_ds, "training")
         caller.check_pipeline(test_ds, "test")
-        # Before the distribution wraps them: what run.fit checks against the model
+        # Before the distribution wraps them: what run.model checks a handed-over model or
+        # handed-over data against
         self._data_specs = {"training": caller.element_spec(train_ds),
                             "test": caller.element_spec(test_ds)}
         train_ds = as_stream(train_ds, self.config.steps_per_epoch, training=True)

@@ -188,6 +188,10 @@ def test_run_used_out_of_order_is_one_line(tmp_path):
     with pytest.raises(KbenchError, match=r"^a Run works inside a with statement"):
         run.datasets(cifar_resnet.build_datasets)
     with train.Run(config(tmp_path), "cifar_resnet") as run:
+        with pytest.raises(KbenchError, match=r"^build_datasets\(config\) must return a "
+                                              r"\(train, test\) pair of tf.data Datasets or "
+                                              r"kbench Streams, not a tensorflow"):
+            run.datasets(build_datasets)
         train_ds, test_ds = run.datasets(cifar_resnet.build_datasets)
         with pytest.raises(KbenchError, match=r"^build_model\(config\) returned None"):
             run.model(build_model)
@@ -198,6 +202,10 @@ def test_run_used_out_of_order_is_one_line(tmp_path):
 
 def build_model(config):  # a builder that forgot its return
     return None
+
+
+def build_datasets(config):  # a builder that returns its training data alone
+    return pipeline()
 
 
 def test_compare_refuses_a_recipe_main_it_cannot_call(tmp_path):
