@@ -132,7 +132,7 @@ def writable_folder(path, flag, given=None):
     except OSError as exc:
         # Where the path runs into a file, the system's reason varies ("File exists", "Not a
         # directory"): name the file.
-        in_the_way = _existing_part(path)
+        in_the_way = existing_part(path)
         if os.path.islink(in_the_way) and not os.path.exists(in_the_way):
             why = f"{in_the_way} is a link to nothing"
         elif not os.path.isdir(in_the_way):
@@ -153,7 +153,7 @@ def writable_folder(path, flag, given=None):
 MADE_FOLDERS = []
 
 
-def _existing_part(path):
+def existing_part(path):
     """The longest part of `path` (itself included) that exists."""
     path = os.path.abspath(path)
     while not os.path.lexists(path) and os.path.dirname(path) != path:

@@ -135,11 +135,10 @@ def _check_resume_folder(folder, path):
     """Raise KbenchError where a file stands in the way of `folder`, the output_dir the
     settings file `path` names (a missing folder is Run's to refuse: it holds no checkpoint)."""
     from kbench.errors import KbenchError
+    from kbench.files import existing_part
 
-    part = folder
-    while part and not os.path.lexists(part) and os.path.dirname(part) != part:
-        part = os.path.dirname(part)
-    if os.path.lexists(part) and not os.path.isdir(part):
+    part = existing_part(folder)
+    if not os.path.isdir(part):
         raise KbenchError(f"nothing to resume in {folder}, the output_dir {path} names ({part} "
                           "is a file, not a folder): pass the --output-dir of the run to "
                           "continue, or run without --resume to start afresh")
