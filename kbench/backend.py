@@ -317,6 +317,35 @@ def accelerator():
     return "gpu" if any(not d.startswith("cpu") for d in devices()) else "cpu"
 
 
+def peak_device_mb(framework):
+    """Peak accelerator memory of this process, where the framework reports it (None on CPU)."""
+    try:
+        if framework == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform == "cpu":
+                return None
+            stats = device.memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            return peak / 2**20 if peak else None
+        if framework == "torch":
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            return torch.cuda.max_memory_allocated() / 2**20
+        if framework == "tensorflow":
+            import tensorflow as tf
+
+            if not tf.config.list_physical_devices("GPU"):
+                return None
+            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    except Exception:  # noqa: BLE001 - memory stats are best effort, never fail a run
+        return None
+    return None
+
+
 def provenance(package_dir=None):
     """What ran, for records and metrics.json: `kbench_version` always; `git_commit` and
     `git_dirty` (uncommitted changes to tracked files) only when kbench runs from its own git

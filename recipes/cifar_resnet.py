@@ -68,7 +68,7 @@ def main(config, model=None, datasets=None, callbacks=()):
         train_ds, test_ds = run.datasets(build_datasets, given=datasets)
         model = run.model(build_model, given=model)
         run.fit(model, train_ds, test_ds)  # compile (SGD, schedule, loss), then model.fit
-        return run.finish(model)  # evaluate; metrics.json, history.csv, model.keras
+        return run.finish(model)  # evaluate; metrics.json, eval.json, model.keras
 
 
 if __name__ == "__main__":

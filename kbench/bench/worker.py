@@ -86,35 +86,6 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def peak_device_mb(framework):
-    """Peak accelerator memory of this process, where the framework reports it (None on CPU)."""
-    try:
-        if framework == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            if device.platform == "cpu":
-                return None
-            stats = device.memory_stats() or {}
-            peak = stats.get("peak_bytes_in_use")
-            return peak / 2**20 if peak else None
-        if framework == "torch":
-            import torch
-
-            if not torch.cuda.is_available():
-                return None
-            return torch.cuda.max_memory_allocated() / 2**20
-        if framework == "tensorflow":
-            import tensorflow as tf
-
-            if not tf.config.list_physical_devices("GPU"):
-                return None
-            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    except Exception:  # noqa: BLE001 - memory stats are best effort, never fail a run
-        return None
-    return None
-
-
 def run_keras(recipe, config, spec):
     from kbench import backend, train
     from kbench.bench import flops
@@ -141,7 +112,7 @@ def run_keras(recipe, config, spec):
         "test_loss": metrics["test_loss"],
         "flops_per_step": flops.training_flops(model, config.batch_size),
         "flops_source": flops.SOURCE,
-        "peak_device_mb": peak_device_mb(backend.name()),
+        "peak_device_mb": backend.peak_device_mb(backend.name()),
         "jit": str(metrics["jit_compile"]),
         "compiler": metrics.get("compiler") or backend.keras_compiler(metrics["jit_compile"]),
         # Whether it ran (a Keras other than the tested one runs stock); None under jax.
@@ -201,7 +172,7 @@ def run_native(runner, config, spec):
     result.setdefault("input_wait_fraction", native_common.input_wait_fraction())
     for key, value in native_common.syncs().items():  # the torch twin on CUDA
         result.setdefault(key, value)
-    result.setdefault("peak_device_mb", peak_device_mb(framework))
+    result.setdefault("peak_device_mb", backend.peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
 
@@ -272,6 +243,7 @@ def report_out_of_memory(exc, spec, result_path):
     """Write what the run reached before memory ran out; returns OOM_EXIT."""
     import traceback
 
+    from kbench import backend
     from kbench.files import write_json_atomic
 
     traceback.print_exc()  # into the run's log
@@ -282,7 +254,7 @@ def report_out_of_memory(exc, spec, result_path):
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(result_path, {"out_of_memory": message[:500],
                                         "peak_rss_mb": peak_rss_mb(),
-                                        "peak_device_mb": peak_device_mb(framework)})
+                                        "peak_device_mb": backend.peak_device_mb(framework)})
     return OOM_EXIT
 
 
