@@ -524,8 +524,9 @@ def test_compiled_torch_twin_trains_as_the_eager_one(native):
     compiled = native.run(small_config(), steps=TIMED, warmup_steps=WARMUP, compiled=True)
     assert compiled["compiler"] == "torch.compile" and native_run["compiler"] == "eager"
     assert compiled["jit"].startswith("torch.compile")
+    # Issue 20's bound: 1e-4 relative (measured: 1.2e-5 at most, at the fourth step).
     np.testing.assert_allclose(compiled["train_loss_history"], native_run["train_loss_history"],
-                               rtol=1e-5)
+                               rtol=1e-4)
     # The compile is on the first step's clock, apart from the steady-state steps (15 s of
     # compiling against steps of 0.1-3.4 s, the slowest under heavy load).
     assert compiled["compile_s"] > max(compiled["step_times"])
