@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from kbench import backend
 from kbench.bench import compare as comparing
 from kbench.bench import cost_model, records, report, report_sweep, sweep, worker
 from kbench.errors import KbenchError
@@ -187,7 +188,7 @@ def test_out_of_memory_errors_are_recognised_by_framework():
 
 def test_out_of_memory_record_asks_the_runs_own_framework_for_its_peak(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(worker, "peak_device_mb", lambda framework: asked.append(framework))
+    monkeypatch.setattr(backend, "peak_device_mb", lambda framework: asked.append(framework))
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     for runner in ("keras", "native-jax", "native-tensorflow", "native-torch",
                    "native-torch-compiled"):
