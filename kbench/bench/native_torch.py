@@ -91,7 +91,9 @@ def flip_images(x):
     mirrored), and global average pooling ends the mirroring: the logits are Keras'. One
     flip of the 3-channel input per step (fused with the normalization when compiled)
     replaces the pads, so the twin is a plain padding=1 network, as PyTorch users write it,
-    that computes Keras' model."""
+    that computes Keras' model. This needs even heights and widths before every stride-2
+    layer (an odd one gets 1 pixel on each side from Keras too): 32, 16 and 8 here, as the
+    twins take CIFAR-shaped data only (native_common)."""
     return x.flip(2, 3)
 
 
