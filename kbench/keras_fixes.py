@@ -199,7 +199,12 @@ def ddp_train_step(ddp):
 #     will not trace either;
 #   - dot_product_attention (MultiHeadAttention) probes flash attention with a pybind11
 #     SDPAParams object at every call (keras-team/keras#23327 fixed it after 3.15: under a
-#     trace it answers "no" and torch's scaled_dot_product_attention picks its kernel).
+#     trace it answers "no" and torch's scaled_dot_product_attention picks its kernel);
+#   - BatchNormalization (stock Keras, with the fast path off: the fast path lowers it)
+#     hands its reduction axes to moments as the list Keras' tracker wrapped (TrackedList),
+#     which dynamo cannot pass to torch.mean: a break inside Keras' name_scope, which sent
+#     each layer call of the ResNets out of the graph and recompiled Functional.call to
+#     dynamo's limit. Under a trace moments gets them as a tuple.
 # One more recompiles the step at every call: keras.ops such as pad (ResNet-20's shortcut)
 # and cond create an Operation per call, named from a global counter that dynamo guards on.
 # Inside a trace such an operation is transient and its name unused: it gets the plain name.
@@ -303,6 +308,16 @@ def _install_torch_compile_fixes():
         return keras_can_use_flash(*args, raise_error=raise_error, **kwargs)
 
     torch_nn._can_use_flash_attention = can_use_flash_attention
+
+    keras_moments = torch_nn.moments
+
+    def moments(x, axes, keepdims=False, synchronized=False):
+        if torch.compiler.is_compiling() and isinstance(axes, list):
+            axes = tuple(axes)  # BatchNormalization's: a list Keras' tracker made its own
+        return keras_moments(x, axes, keepdims=keepdims, synchronized=synchronized)
+
+    moments.__doc__ = keras_moments.__doc__
+    torch_nn.moments = moments  # keras.ops.moments looks it up at each call
     _hand_compiled_steps_tensors()
 
 

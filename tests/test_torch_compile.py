@@ -193,6 +193,38 @@ def _numpy_batches_run(jit_compile):
 
 
 @torch_only
+def test_stock_batch_normalization_traces_in_one_graph():
+    """With the fast path off (stock Keras layers under --jit-compile on), BatchNormalization
+    hands its reduction axes, a list Keras' tracker wrapped (TrackedList), to
+    keras.ops.moments: dynamo could not pass it to torch.mean, broke the graph there inside
+    Keras' name_scope and ran the ResNets' layer calls eagerly, recompiling to its limit.
+    The traced moments take them as a tuple (kbench.keras_fixes)."""
+    import keras
+    import torch
+
+    from kbench import fast_path, keras_fixes
+
+    before = fast_path.enabled()
+    fast_path.set_enabled(False)
+    try:
+        layer = keras.layers.BatchNormalization()
+        model = keras.Sequential([keras.Input((4, 4, 3)), layer])
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+        keras_fixes.torch_compile_ready(model)
+        assert isinstance(layer._reduction_axes, list)  # Keras' own, left as it is
+        x = torch.tensor(np.random.default_rng(0).normal(size=(8, 4, 4, 3)).astype("float32"))
+        eager = layer(x, training=True)
+        torch._dynamo.reset()
+        # fullgraph: any graph break raises
+        traced = torch.compile(lambda t: layer(t, training=True), fullgraph=True,
+                               dynamic=False)
+        np.testing.assert_allclose(traced(x).detach().numpy(), eager.detach().numpy(),
+                                   atol=1e-5)
+    finally:
+        fast_path.set_enabled(before)
+
+
+@torch_only
 def test_numpy_batches_reach_the_compiled_steps_as_tensors():
     """Keras' *_on_batch calls hand NumPy arrays to the compiled step as they come, where
     reading an array's dtype breaks the graph where the step converts them, the rest in

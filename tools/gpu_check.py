@@ -301,7 +301,6 @@ class Budget:
 def dry_run(passes, budget_s, backends, batch_sizes, where="GPU", run_sizes=""):
     """The plan as text: each step with its estimate and whether it fits the budget.
     `where`: what the budget's seconds are of; `run_sizes`: added to the heading."""
-    budget = Budget(budget_s, clock=lambda: 0.0)
     lines = [f"gpu-check plan (budget {budget_s:g} s of {where} time; estimates, not "
              f"measurements){run_sizes}:"]
     steps = [("probe frameworks: " + ", ".join(backends), PROBE_ESTIMATE_S * len(backends),
