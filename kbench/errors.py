@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,16 +192,50 @@ def write_refused(exc):
             "checkpoint with --resume); the files written before are kept")
 
 
+def raised_inside(exc, depth=8):
+    """Where `exc` is torch.compile's wrapper of an exception raised while it compiled, the
+    KbenchError or stop (Interrupted, Terminated) it wraps; else None. Dynamo reraises
+    whatever is raised while it compiles as its own InternalTorchDynamoError (`from None`:
+    the original is its __context__), so a second Ctrl-C during a compile, whose handler
+    raises Interrupted, came out as a traceback. Only those wrappers: an error raised while
+    handling one of ours elsewhere is a bug of its own, shown as it is."""
+    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    seen = exc
+    for _ in range(depth):
+        seen = seen.__cause__ or seen.__context__
+        if seen is None:
+            return None
+        if isinstance(seen, (KbenchError, Interrupted, Terminated)):
+            if seen.args and isinstance(seen.args[0], str):  # its own line, as raised
+                seen.args = (DYNAMO_ADDED.split(seen.args[0], maxsplit=1)[0],) + seen.args[1:]
+            return seen
+    return None
+
+
+# What dynamo appends to the message of an exception raised while it compiled
+# (torch._dynamo.exc.augment_exc_message): where the trace was, and how to learn more.
+DYNAMO_ADDED = re.compile(r"\n\n(?=from user code:|Set TORCHDYNAMO_VERBOSE|Last frame execution "
+                          r"written|Minifier script written)")
+
+
 def exit_on_error(fn, *args, **kwargs):
     """Call fn; on KbenchError, a write the machine refused (write_refused) or an allocation
     it could not make (MemoryError), print one line and exit 2, once the output folders fn
     made and left empty are removed. A run stopped by a signal after its checkpoint exits 143
-    (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback."""
+    (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback.
+    Ours raised while torch.compile compiled are unwrapped first (raised_inside)."""
     from kbench import files
 
     made_before = len(files.MADE_FOLDERS)
     try:
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            ours = raised_inside(exc)
+            if ours is None:
+                raise
+            raise ours from None
         del files.MADE_FOLDERS[made_before:]  # kept: the run went through
         return result
     except KbenchError as exc:

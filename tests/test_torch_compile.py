@@ -225,6 +225,59 @@ def test_stock_batch_normalization_traces_in_one_graph():
 
 
 @torch_only
+@pytest.mark.parametrize("raised", ["stop", "error"])
+def test_a_stop_or_error_raised_while_compiling_is_one_line(raised, capsys):
+    """A second Ctrl-C (or SIGTERM) during torch.compile raises Interrupted from its signal
+    handler inside dynamo, which reraises it as its own error: exit_on_error unwraps it to
+    its one line and exit status, as it does a KbenchError. (Here the compiler raises: a
+    signal that lands in dynamo's own Python is wrapped as TorchRuntimeError; one-off
+    script, 2026-12-07.)"""
+    import torch
+
+    from kbench.errors import Interrupted, KbenchError, exit_on_error
+
+    def compiler(graph, inputs):
+        if raised == "stop":  # (where dynamo traced user code it appends its lines: cut)
+            raise Interrupted("SIGINT", "at a second signal, without a checkpoint",
+                              "run the same command again")
+        raise KbenchError("a bad value: give a good one")
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x * 2 + 1, backend=compiler)
+    with pytest.raises(SystemExit) as exit:
+        exit_on_error(step, torch.ones(3))
+    assert exit.value.code == (130 if raised == "stop" else 2)
+    assert capsys.readouterr().err == (
+        "stopped by SIGINT at a second signal, without a checkpoint: run the same command "
+        "again\n" if raised == "stop" else "error: a bad value: give a good one\n")
+
+
+@torch_only
+def test_the_lines_dynamo_adds_to_our_message_are_cut():
+    """Where a signal lands while dynamo traces (kbench.torch_step's code, in a recipe run
+    stopped twice during its first compile), dynamo appends where it was tracing and how to
+    learn more to the Interrupted it then wraps: the one line printed is ours alone."""
+    import traceback
+
+    from torch._dynamo import exc as dynamo_exc
+
+    from kbench.errors import Interrupted, raised_inside
+
+    stop = Interrupted("SIGTERM", "at a second signal, without a checkpoint", "run again")
+    stop.real_stack = traceback.StackSummary.extract(traceback.walk_stack(None))
+    dynamo_exc.augment_exc_message(stop)  # what dynamo does to it
+    assert "from user code" in str(stop) and "TORCHDYNAMO_VERBOSE" in str(stop)
+    try:
+        try:
+            raise stop
+        except Interrupted as raised:  # as convert_frame reraises it
+            raise dynamo_exc.InternalTorchDynamoError(str(raised)) from None
+    except dynamo_exc.InternalTorchDynamoError as wrapper:
+        assert raised_inside(wrapper) is stop
+    assert str(stop) == "stopped by SIGTERM at a second signal, without a checkpoint: run again"
+
+
+@torch_only
 def test_numpy_batches_reach_the_compiled_steps_as_tensors():
     """Keras' *_on_batch calls hand NumPy arrays to the compiled step as they come, where
     reading an array's dtype breaks the graph where the step converts them, the rest in

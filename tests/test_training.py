@@ -443,6 +443,24 @@ def test_an_interrupted_run_exits_143_or_130_with_one_line(capsys):
     assert Interrupted("SIGINT", "").status == 130
 
 
+@pytest.mark.backend_independent
+def test_an_error_raised_while_handling_ours_is_shown_as_it_is(capsys):
+    """exit_on_error unwraps our errors from torch.compile's wrappers only
+    (test_torch_compile.py); anywhere else an exception raised while handling a KbenchError
+    is a bug of its own, and keeps its traceback."""
+    from kbench.errors import exit_on_error
+
+    def cleanup_fails():
+        try:
+            raise KbenchError("bad input")
+        except KbenchError:
+            raise RuntimeError("the clean-up failed")
+
+    with pytest.raises(RuntimeError, match="the clean-up failed"):
+        exit_on_error(cleanup_fails)
+    assert "bad input" not in capsys.readouterr().err
+
+
 def test_resume_of_a_finished_run_is_refused_and_keeps_its_results(tmp_path):
     """A finished run (its metrics.json newer than its checkpoint) has nothing to resume: the
     refusal keeps its results, speed figures included, and its config.json. A run stopped
