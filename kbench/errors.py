@@ -193,28 +193,45 @@ def write_refused(exc):
 
 
 def raised_inside(exc, depth=8):
-    """Where `exc` is torch.compile's wrapper of an exception raised while it compiled, the
-    KbenchError or stop (Interrupted, Terminated) it wraps; else None. Dynamo reraises
-    whatever is raised while it compiles as its own InternalTorchDynamoError (`from None`:
-    the original is its __context__), so a second Ctrl-C during a compile, whose handler
-    raises Interrupted, came out as a traceback. Only those wrappers: an error raised while
-    handling one of ours elsewhere is a bug of its own, shown as it is."""
-    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-        return None
+    """Where `exc` wraps, through one or more of the wrappers below, an exception that
+    exit_on_error says in one line (a KbenchError, a stop: Interrupted or Terminated, a
+    MemoryError, a refused write), that exception, its message as it was raised; else None.
+    The wrappers:
+      - torch.compile's: dynamo reraises what is raised while it compiles as its own
+        exception (InternalTorchDynamoError, TorchRuntimeError, BackendCompilerFailed, ...;
+        the original is its __cause__ or __context__) and appends lines to the original's
+        message (DYNAMO_ADDED);
+      - Keras' (`traceback_utils.inject_argument_info_in_traceback`): an exception raised in
+        a layer call is raised again as a new one of its class (a RuntimeError where the
+        class takes more than a message: Interrupted) with the layer's arguments in its
+        message, marked `_keras_call_info_injected`, the original as its __context__.
+    So a second Ctrl-C during a compile, or during a stock Keras layer call, whose handler
+    raises Interrupted, came out as a traceback. Only through those wrappers: an error
+    raised while handling one of ours elsewhere is a bug of its own, shown as it is."""
     seen = exc
     for _ in range(depth):
+        if not _wraps_others(seen):
+            return None
         seen = seen.__cause__ or seen.__context__
         if seen is None:
             return None
-        if isinstance(seen, (KbenchError, Interrupted, Terminated)):
+        if isinstance(seen, (KbenchError, Interrupted, Terminated, MemoryError)) \
+                or write_refused(seen) is not None:
             if seen.args and isinstance(seen.args[0], str):  # its own line, as raised
-                seen.args = (DYNAMO_ADDED.split(seen.args[0], maxsplit=1)[0],) + seen.args[1:]
+                said = DYNAMO_ADDED.split(seen.args[0], maxsplit=1)[0].rstrip("\n")
+                seen.args = (said,) + seen.args[1:]
             return seen
     return None
 
 
+def _wraps_others(exc):
+    return (type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+            or getattr(exc, "_keras_call_info_injected", False))
+
+
 # What dynamo appends to the message of an exception raised while it compiled
-# (torch._dynamo.exc.augment_exc_message): where the trace was, and how to learn more.
+# (torch._dynamo.exc.augment_exc_message, after a "\n" it always adds): where the trace was,
+# and how to learn more.
 DYNAMO_ADDED = re.compile(r"\n\n(?=from user code:|Set TORCHDYNAMO_VERBOSE|Last frame execution "
                           r"written|Minifier script written)")
 
@@ -224,7 +241,8 @@ def exit_on_error(fn, *args, **kwargs):
     it could not make (MemoryError), print one line and exit 2, once the output folders fn
     made and left empty are removed. A run stopped by a signal after its checkpoint exits 143
     (SIGTERM) or 130 (SIGINT), Ctrl-C elsewhere 130 (Terminated: 143), without a traceback.
-    Ours raised while torch.compile compiled are unwrapped first (raised_inside)."""
+    Those that torch.compile or a Keras layer call raised again as their own are unwrapped
+    first (raised_inside)."""
     from kbench import files
 
     made_before = len(files.MADE_FOLDERS)

@@ -204,7 +204,9 @@ def ddp_train_step(ddp):
 #     hands its reduction axes to moments as the list Keras' tracker wrapped (TrackedList),
 #     which dynamo cannot pass to torch.mean: a break inside Keras' name_scope, which sent
 #     each layer call of the ResNets out of the graph and recompiled Functional.call to
-#     dynamo's limit. Under a trace moments gets them as a tuple.
+#     dynamo's limit. Under a trace moments gets them as a tuple. (Its masked path, a
+#     mask from an Embedding(mask_zero=True) before it, passes them to ops.sum and still
+#     breaks there; no kbench model has one.)
 # One more recompiles the step at every call: keras.ops such as pad (ResNet-20's shortcut)
 # and cond create an Operation per call, named from a global counter that dynamo guards on.
 # Inside a trace such an operation is transient and its name unused: it gets the plain name.

@@ -444,10 +444,39 @@ def test_an_interrupted_run_exits_143_or_130_with_one_line(capsys):
 
 
 @pytest.mark.backend_independent
+@pytest.mark.parametrize("raised", ["stop", "error"])
+def test_a_stop_or_error_raised_in_a_keras_layer_call_is_one_line(raised, capsys):
+    """A second signal during a stock Keras layer call (the fast path off, or a layer of
+    yours) raises Interrupted there, which Keras' traceback filtering raised again as a
+    RuntimeError with the layer's arguments (Interrupted takes more than a message), a
+    KbenchError as a new one with them: exit_on_error says the original's one line."""
+    from kbench.errors import exit_on_error
+
+    class Stopping(keras.layers.Layer):
+        def call(self, x):
+            if raised == "stop":
+                raise Interrupted("SIGTERM", "at a second signal, without a checkpoint",
+                                  "run the same command again")
+            raise KbenchError("a bad value: give a good one")
+
+    layer = Stopping()
+    x = np.ones((2, 3), "float32")
+    with pytest.raises(Exception) as wrapped:
+        layer(x)
+    assert getattr(wrapped.value, "_keras_call_info_injected", False)  # Keras' wrapper
+    with pytest.raises(SystemExit) as exit:
+        exit_on_error(layer, x)
+    assert exit.value.code == (143 if raised == "stop" else 2)
+    assert capsys.readouterr().err == (
+        "stopped by SIGTERM at a second signal, without a checkpoint: run the same command "
+        "again\n" if raised == "stop" else "error: a bad value: give a good one\n")
+
+
+@pytest.mark.backend_independent
 def test_an_error_raised_while_handling_ours_is_shown_as_it_is(capsys):
-    """exit_on_error unwraps our errors from torch.compile's wrappers only
-    (test_torch_compile.py); anywhere else an exception raised while handling a KbenchError
-    is a bug of its own, and keeps its traceback."""
+    """exit_on_error unwraps our errors from torch.compile's and Keras' wrappers only;
+    anywhere else an exception raised while handling a KbenchError is a bug of its own, and
+    keeps its traceback (and nothing of ours is printed)."""
     from kbench.errors import exit_on_error
 
     def cleanup_fails():
