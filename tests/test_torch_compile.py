@@ -254,7 +254,7 @@ def test_a_stop_or_error_raised_while_compiling_is_one_line(raised, capsys):
 
 
 @torch_only
-def test_the_lines_dynamo_adds_to_our_message_are_cut(monkeypatch):
+def test_the_lines_dynamo_adds_to_our_message_are_cut():
     """Where a signal lands while dynamo traces (kbench.torch_step's code, in a recipe run
     stopped twice during its first compile), dynamo appends where it was tracing and how to
     learn more to the Interrupted it then wraps: the one line printed is ours alone."""
@@ -264,10 +264,12 @@ def test_the_lines_dynamo_adds_to_our_message_are_cut(monkeypatch):
 
     from kbench.errors import Interrupted, raised_inside
 
-    monkeypatch.setattr(dynamo_exc.config, "verbose", False)  # (TORCHDYNAMO_VERBOSE=1)
     stop = Interrupted("SIGTERM", "at a second signal, without a checkpoint", "run again")
     stop.real_stack = traceback.StackSummary.extract(traceback.walk_stack(None))
-    dynamo_exc.augment_exc_message(stop)  # what dynamo does to it
+    # (config.patch, not pytest's monkeypatch, whose undo left torch's config module without
+    # the attribute for the tests after it)
+    with dynamo_exc.config.patch(verbose=False):  # as without TORCHDYNAMO_VERBOSE=1
+        dynamo_exc.augment_exc_message(stop)  # what dynamo does to it
     assert "from user code" in str(stop) and "TORCHDYNAMO_VERBOSE" in str(stop)
     try:
         try:
