@@ -60,11 +60,20 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class ConfigHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless it is unset (None: argparse's `(default: None)`
+    says nothing) or the help already says it in words (`(default: one pass)`)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(config_cls, description=None):
     from kbench.config import field_setting  # (kbench.config loads Keras: not at import)
 
-    parser = OneLineErrorParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=ConfigHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         flag = flag_of(field.name)

@@ -158,6 +158,9 @@ def test_help_shows_the_allowed_range(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "label smoothing of the cross-entropy [>= 0 and < 1]" in text
     assert "[>= 1, or unset]" in text
+    # An unset default is not shown as None, and a default said in words is not said twice.
+    assert "(default: None)" not in text and text.count("(default: one pass)") == 1
+    assert "optimizer steps per epoch (default: one pass) [>= 1, or unset] --batch-size" in text
 
 
 def test_a_recipe_run_refuses_at_once(run_python):
