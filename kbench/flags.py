@@ -134,6 +134,13 @@ def parse_config(config_cls, argv=None, description=None):
     settings.pop("config")
     config = config_cls(**settings)
     check(config)  # ranges; also the values a --config FILE brought, which argparse never sees
+    monitor = getattr(config, "monitor", "")
+    if monitor.startswith("val_") and not getattr(config, "validate_every_epoch", True):
+        # only early stopping on it is refused (check_combination): the run itself is fine
+        notes.append(f"note: no best.keras: --monitor {monitor} is logged only with "
+                     "--validate-every-epoch, which is off; pass --monitor "
+                     f"{monitor.removeprefix('val_')} to keep the best epoch by its training "
+                     "value")
     if os.environ.get("RANK", "0") == "0":  # once, not by every process torchrun starts
         for note in notes:
             print(note)

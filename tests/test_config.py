@@ -152,6 +152,21 @@ def test_a_config_file_is_checked_like_flags(tmp_path):
             parse_config(mnist_convnet.Config, ["--config", str(path)])
 
 
+def test_monitoring_a_val_metric_without_validation_says_no_best_model(capsys):
+    """Without --validate-every-epoch no val_ metric is logged, so no best.keras is kept:
+    a run that asked for neither early stopping nor the file goes on, but says so."""
+    parse_config(cifar_resnet.Config, ["--no-validate-every-epoch"])
+    assert capsys.readouterr().out.splitlines() == [
+        "note: no best.keras: --monitor val_accuracy is logged only with --validate-every-epoch, "
+        "which is off; pass --monitor accuracy to keep the best epoch by its training value"]
+    parse_config(finetune.Config, ["--no-validate-every-epoch", "--monitor", "val_loss"])
+    assert "--monitor val_loss is logged only" in capsys.readouterr().out
+    for argv in (["--no-validate-every-epoch", "--monitor", "loss"], [],
+                 ["--monitor", "val_loss"]):
+        parse_config(cifar_resnet.Config, argv)
+        assert capsys.readouterr().out == "", argv
+
+
 def test_help_shows_the_allowed_range(capsys):
     with pytest.raises(SystemExit):
         parse_config(cifar_resnet.Config, ["--help"])
