@@ -15,7 +15,6 @@ mixed_float16 with Keras' dynamic loss scaling (native_common.loss_scale).
     forward(config, images) -> logits            # inference from the initial weights
 """
 
-import numpy as np
 import tensorflow as tf
 
 from kbench import backend

@@ -167,7 +167,7 @@ def profile_tables(profile):
         lines.append(f"| {row['layer']} | {row.get('runs_as', 'Layer.__call__')} | "
                      f"{row['calls']:g} | {row['call_ms']:.2f} | "
                      f"{_fmt(row['inner_ms'], '.2f')} | {_fmt(around, '.0f')} |")
-    lines += ["", f"Hottest Python functions of the step (cProfile, own time, ms/step; "
+    lines += ["", "Hottest Python functions of the step (cProfile, own time, ms/step; "
                   "cProfile's own cost inflates them alike):", "",
               "| function | ms/step | calls/step |", "| --- | ---: | ---: |"]
     lines += [f"| `{f['function']}` | {f['own_ms']:.2f} | {f['calls']:g} |"
