@@ -5,15 +5,16 @@ running it. Measured with Keras 3.15.1 on kbench's registry models (kbench picks
 see below):
 
     format       tensorflow       jax                                torch
-    onnx         yes (tf2onnx)    only with jax2onnx installed, and  yes, except text_transformer
-                                  not for models with MaxPooling2D   (attention, dynamic batch)
+    onnx         yes (tf2onnx)    only with jax2onnx installed, and  yes
+                                  not for models with MaxPooling2D
     savedmodel   yes              yes (jax2tf)                       no (Keras needs torch_xla)
 
-A model.keras is portable, so the backend the user happens to have set does not decide what
-can be exported: when it cannot export a format here at all (the table's "no", or a missing
-package), the export runs in a fresh interpreter under a backend that can (TensorFlow first),
-and the output says which one did. Failures of one model under one backend (a "not" in the
-table) are one-line errors naming the others: `--backend` picks one.
+(`tools/export_matrix.py` measures it; docs/models.md has its table.) A model.keras is
+portable, so the backend the user happens to have set does not decide what can be exported:
+when it cannot export a format here at all (the table's "no", or a missing package), the export
+runs in a fresh interpreter under a backend that can (TensorFlow first), and the output says
+which one did. Failures of one model under one backend (a "not" in the table) are one-line
+errors naming the others: `--backend` picks one.
 
 After exporting, the artifact runs on a small batch (onnxruntime for ONNX, the SavedModel's
 serving signature in TensorFlow) and its outputs are compared with the Keras model's (under the
@@ -117,6 +118,8 @@ def _export_here(model, artifact, format):
     try:
         with _quiet():
             model.export(artifact, format=FORMATS[format], verbose=False)
+        if format == "onnx":
+            _fold_in_external_data(artifact)
     except Exception as exc:  # exporters fail in many ways; all mean "not this backend"
         raise KbenchError(f"{format} export of {model.name} failed under {backend} "
                           f"({reason(exc)})"
@@ -155,6 +158,29 @@ def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
     reason = (errors[-1].removeprefix("error: ") if errors
               else " | ".join(lines[-3:]) or f"exit status {done.returncode}")
     raise KbenchError(f"{format} export under {backend} failed: {reason}")
+
+
+def _fold_in_external_data(path):
+    """Make the ONNX file at `path` hold all its weights. jax2onnx (0.17) writes the larger
+    initializers to a `<name>.data` file beside the model, and onnxruntime reads them from
+    there; but --output is one .onnx file, checked and moved into place alone, so the weights
+    would be left behind in the scratch folder. Folded in (ONNX's own loader reads them), the
+    file stands alone; a model over protobuf's 2 GB cannot be, and fails to save here."""
+    import onnx
+    from onnx import external_data_helper
+
+    bare = onnx.load(path, load_external_data=False)
+    locations = {entry.value for tensor in external_data_helper._get_all_tensors(bare)
+                 if external_data_helper.uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    if not locations:
+        return
+    onnx.save(onnx.load(path), path)  # load() reads the external data in; save() writes one file
+    folder = os.path.abspath(os.path.dirname(path))
+    for location in locations:
+        side_file = os.path.abspath(os.path.join(folder, location))
+        if os.path.dirname(side_file) == folder:  # only what the exporter wrote beside it
+            os.remove(side_file)
 
 
 def _float32_model(model):
@@ -215,13 +241,11 @@ def can_export(format, backend):
 
 def known_to_fail(model, format, backend):
     """Whether `backend`'s exporter is known to fail on `model` (the module doc's table):
-    torch's ONNX exporter on attention with a dynamic batch, onnxruntime on jax2onnx's
-    MaxPool. The automatic choice passes over such a backend; --backend still tries it."""
+    onnxruntime refuses the MaxPool that jax2onnx (0.17) writes ("Unsupported pooling size").
+    The automatic choice passes over such a backend; --backend still tries it."""
     import keras
 
     layers = list(model._flatten_layers(include_self=False, recursive=True))
-    if format == "onnx" and backend == "torch":
-        return any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in layers)
     if format == "onnx" and backend == "jax":
         return any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
     return False
@@ -419,8 +443,14 @@ def _subprocess_main(argv):
 
     from kbench.errors import exit_on_error
 
+    import keras
+
     path, format, output, tolerance = argv
-    info = exit_on_error(export_model, path, output, format, tolerance=float(tolerance))
+    # Under the backend the parent chose (this process's), even where the automatic choice
+    # would pass over it: otherwise `--backend jax` on a MaxPool model exported under
+    # TensorFlow in a third process and reported it as jax's.
+    info = exit_on_error(export_model, path, output, format, tolerance=float(tolerance),
+                         backend=keras.backend.backend())
     print(json.dumps(info))
 
 
