@@ -5,8 +5,8 @@ running it. Measured with Keras 3.15.1 on kbench's registry models (kbench picks
 see below):
 
     format       tensorflow       jax                                torch
-    onnx         yes (tf2onnx)    only with jax2onnx installed, and  yes
-                                  not for models with MaxPooling2D
+    onnx         yes (tf2onnx)    only with jax2onnx installed, and  yes, except text_transformer
+                                  not for models with MaxPooling2D   (attention, dynamic batch)
     savedmodel   yes              yes (jax2tf)                       no (Keras needs torch_xla)
 
 (`tools/export_matrix.py` measures it; docs/models.md has its table.) A model.keras is
@@ -241,11 +241,14 @@ def can_export(format, backend):
 
 def known_to_fail(model, format, backend):
     """Whether `backend`'s exporter is known to fail on `model` (the module doc's table):
-    onnxruntime refuses the MaxPool that jax2onnx (0.17) writes ("Unsupported pooling size").
-    The automatic choice passes over such a backend; --backend still tries it."""
+    torch's ONNX exporter on attention with a dynamic batch, onnxruntime on the MaxPool that
+    jax2onnx (0.17) writes ("Unsupported pooling size"). The automatic choice passes over such
+    a backend; --backend still tries it."""
     import keras
 
     layers = list(model._flatten_layers(include_self=False, recursive=True))
+    if format == "onnx" and backend == "torch":
+        return any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in layers)
     if format == "onnx" and backend == "jax":
         return any(isinstance(layer, keras.layers.MaxPooling2D) for layer in layers)
     return False
@@ -441,14 +444,14 @@ def _subprocess_main(argv):
     under another KERAS_BACKEND: export, check, and print the result as JSON (last line)."""
     import json
 
-    from kbench.errors import exit_on_error
-
     import keras
+
+    from kbench.errors import exit_on_error
 
     path, format, output, tolerance = argv
     # Under the backend the parent chose (this process's), even where the automatic choice
-    # would pass over it: otherwise `--backend jax` on a MaxPool model exported under
-    # TensorFlow in a third process and reported it as jax's.
+    # would pass over it: otherwise `--backend torch` on text_transformer, or `--backend jax`
+    # on a MaxPool model, exported under TensorFlow in a third process, reported as asked.
     info = exit_on_error(export_model, path, output, format, tolerance=float(tolerance),
                          backend=keras.backend.backend())
     print(json.dumps(info))
