@@ -45,7 +45,7 @@ import contextlib
 import os
 
 from kbench import backend, keras_fixes
-from kbench.errors import KbenchError
+from kbench.errors import KbenchError, reason
 
 DISTRIBUTIONS = ("none", "data_parallel")
 TORCHRUN_HINT = ("torchrun --standalone --nproc_per_node N <recipe>.py --distribute "
@@ -100,6 +100,11 @@ class Distribution:
         """Check (and, where an engine needs it, adapt) the (train, test) Streams fit and
         evaluate get (kbench.data.Stream: a pipeline and its sizes)."""
         return train_ds, test_ds
+
+    def check_model(self, model):
+        """A one-line error when `model` cannot train under this engine (built where its
+        weights do not belong). Checks only: Run.model calls it before it touches the output
+        folder, prepare again."""
 
     def prepare(self, model):
         """After compile, before fit: hook the compiled model up to the engine."""
@@ -285,6 +290,9 @@ class JaxDataParallel(Distribution):
         return train_ds, test_ds
 
     def prepare(self, model):
+        self.check_model(model)
+
+    def check_model(self, model):
         # A model built before setup() holds single-device weights that the sharded step
         # cannot mix with: catch it here, not as an XLA device-mismatch deep inside fit.
         for variable in model.weights[:1]:
@@ -335,13 +343,18 @@ def _jax_distributed_from_env():
         return False
     import jax
 
-    try:
-        processes = int(os.environ["JAX_NUM_PROCESSES"])
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    except (KeyError, ValueError):
+    if not (os.environ.get("JAX_NUM_PROCESSES") and os.environ.get("JAX_PROCESS_ID")):
         raise KbenchError("JAX_COORDINATOR_ADDRESS is set, so this is a multi-process JAX run: "
                           "also set JAX_NUM_PROCESSES (process count) and JAX_PROCESS_ID "
-                          "(0..count-1) in every process") from None
+                          "(0..count-1) in every process")
+    processes, process_id = (os.environ[name] for name in ("JAX_NUM_PROCESSES",
+                                                           "JAX_PROCESS_ID"))
+    if not (processes.isdigit() and int(processes) >= 1 and process_id.isdigit()
+            and int(process_id) < int(processes)):
+        raise KbenchError(f"JAX_NUM_PROCESSES={processes} JAX_PROCESS_ID={process_id}: the "
+                          "process count is a whole number >= 1, and each process's id is one "
+                          "of 0..count-1")
+    processes, process_id = int(processes), int(process_id)
     if jax.distributed.is_initialized():
         return False
     try:
@@ -370,9 +383,19 @@ class TensorFlowStrategy(Distribution):
             if simulate:
                 raise KbenchError("--simulate-devices and TF_CONFIG do not mix: a multi-worker "
                                   "strategy uses each worker's GPUs or its one CPU")
-            cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+            example = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+                       '"index": 0}}')
+            try:
+                cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+            except (ValueError, AttributeError):  # not JSON; JSON but not an object
+                raise KbenchError(f"TF_CONFIG is not a JSON object like {example}: fix it, or "
+                                  "unset it to train on this machine alone") from None
             self.name = "tf_multi_worker"
-            self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            try:
+                self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            except (TypeError, ValueError) as exc:  # TensorFlow's reading of TF_CONFIG
+                raise KbenchError(f"TF_CONFIG is not usable ({reason(exc)}); it looks like "
+                                  f"{example}") from None
             workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
             resolver = self.strategy.cluster_resolver
             index = resolver.task_id + (1 if resolver.task_type == "worker"
@@ -404,7 +427,7 @@ class TensorFlowStrategy(Distribution):
     def scope(self):
         return self.strategy.scope()
 
-    def prepare(self, model):
+    def check_model(self, model):
         # Variables made outside scope() are plain, and the strategy would train a copy per
         # replica that never syncs: refuse instead.
         import tensorflow as tf
@@ -413,6 +436,9 @@ class TensorFlowStrategy(Distribution):
             if not isinstance(variable.value, tf.distribute.DistributedValues):
                 raise KbenchError("the model was built outside dist.scope(): build and "
                                   "compile it inside `with dist.scope():`")
+
+    def prepare(self, model):
+        self.check_model(model)
         if self.name == "tf_multi_worker":
             keras_fixes.multi_worker_build(model)
             self._restore_reduce = keras_fixes.multi_worker_log_reduction()

@@ -1,6 +1,7 @@
 """Files a run writes, written atomically: a temp file in the same folder, then a rename, so
 readers (and a run resumed after a crash) see the old file or the new one, never half of one."""
 
+import contextlib
 import json
 import os
 import tempfile
@@ -54,7 +55,33 @@ def _json_default(value):
         return str(value)
 
 
+@contextlib.contextmanager
+def variables_kept_local():
+    """While this process alone writes a model or weights file, the variables Keras makes on
+    the way (saving builds a throwaway optimizer to learn which attributes to skip; a float32
+    copy of a mixed-precision model) stay on its own devices. Under JAX's DataParallel over
+    several processes, a new variable is otherwise placed on the global mesh, a collective
+    that the processes that do not save never join: gloo aborted them all ("collective
+    mismatch") at the chief's first best.keras or checkpoint."""
+    import keras
+
+    distribution = keras.distribution.distribution()  # None but under JAX's data parallel
+    if distribution is None:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(distribution)
+
+
 def save_model_atomic(model, path):
+    with variables_kept_local():
+        _save_model_atomic(model, path)
+
+
+def _save_model_atomic(model, path):
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -76,7 +103,8 @@ def save_weights_atomic(model, path):
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, TEMP_PREFIX + os.path.basename(path))  # keeps .weights.h5
     try:
-        model.save_weights(tmp)
+        with variables_kept_local():
+            model.save_weights(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

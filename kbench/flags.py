@@ -70,9 +70,25 @@ class ConfigHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def check_config_class(config_cls, where="Config"):
+    """A recipe's Config is a dataclass class. Without its own @dataclasses.dataclass, a
+    subclass of TrainConfig still counts as one (its base is), but the fields it adds stay
+    raw `option(...)` Field objects, which failed deep inside training as arithmetic on a
+    Field."""
+    from kbench.errors import KbenchError
+
+    raw = ([name for name, value in vars(config_cls).items()
+            if isinstance(value, dataclasses.Field)] if isinstance(config_cls, type) else [])
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)) or raw:
+        fields = f" (its fields {', '.join(raw)} are not dataclass fields)" if raw else ""
+        raise KbenchError(f"{where} is not a dataclass{fields}: put @dataclasses.dataclass "
+                          "on the class; kbench reads its fields as the run's settings")
+
+
 def build_parser(config_cls, description=None):
     from kbench.config import field_setting  # (kbench.config loads Keras: not at import)
 
+    check_config_class(config_cls, getattr(config_cls, "__qualname__", "Config"))
     parser = OneLineErrorParser(description=description, formatter_class=ConfigHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):

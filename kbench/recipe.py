@@ -13,6 +13,7 @@ import os
 import sys
 
 from kbench.errors import KbenchError, reason
+from kbench.flags import check_config_class
 
 # kbench's own recipes lie beside the package: in a checkout (and an editable install) the
 # repository's recipes/ folder, in a wheel install the `recipes` folder it installs.
@@ -69,10 +70,15 @@ def load_recipe(name_or_path):
         if refused is None:
             raise
         raise refused from None
-    missing = [name for name in CONTRACT if not hasattr(module, name)]
-    if missing:
-        raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
-                          "(a recipe defines Config, build_model, build_datasets and main)")
+    try:
+        missing = [name for name in CONTRACT if not hasattr(module, name)]
+        if missing:
+            raise KbenchError(f"{path} is not a recipe: it has no {', '.join(missing)} "
+                              "(a recipe defines Config, build_model, build_datasets and main)")
+        check_config_class(module.Config, f"{path}'s Config")
+    except KbenchError:
+        del sys.modules[module_name]  # or the next load would take it unchecked
+        raise
     return module
 
 

@@ -30,7 +30,8 @@ from kbench.config import TrainConfig, option, resolve_output_dir  # noqa: F401 
 from kbench.config import DTYPE_POLICIES, check
 from kbench.data.stream import as_stream
 from kbench.errors import Interrupted, KbenchError
-from kbench.files import FolderLock, save_model_atomic, write_json_atomic
+from kbench.files import (FolderLock, save_model_atomic, variables_kept_local,
+                          write_json_atomic)
 from kbench.optim import (OPTIMIZERS, SCHEDULES, build_optimizer,  # noqa: F401 (re-exported)
                           learning_rate_schedule)
 
@@ -227,6 +228,7 @@ class Run:
         caller.check_logits_output(model)
         if given is not None or self.data_given:
             caller.check_data_fits_model(model, self._data_specs)
+        self.dist.check_model(model)  # a model built before the distribution was set up
         self.state = start_or_resume(self.config, self.recipe, model.name,
                                      write=self.is_chief, data_given=self.data_given)
         stale = None
@@ -376,15 +378,18 @@ class Run:
             return "run the same command again"
         if not state.batches_done:
             return "nothing was checkpointed yet; run the same command again"
+        if not self.is_chief:
+            # The chief writes the checkpoint, maybe still now, maybe on another host: what
+            # this process found on disk would say nothing (it said "none was written").
+            return (f"the chief process (0) says whether it checkpointed to "
+                    f"{self.config.output_dir}")
         # What is on disk, not in memory: a second signal can stop the checkpoint's write,
         # and with --no-epoch-checkpoints an epoch's end writes none.
         try:
             saved = checkpoint.load_state(self.config.output_dir)
         except KbenchError:
             saved = None
-        # (Only the chief's run_id is the run's: each process makes one, the chief's is saved)
-        if saved is None or not saved.batches_done or (self.is_chief
-                                                      and saved.run_id != state.run_id):
+        if saved is None or not saved.batches_done or saved.run_id != state.run_id:
             return (f"no checkpoint of this run was written in {self.config.output_dir}; "
                     "run the same command again")
         return (f"checkpoint in {self.config.output_dir}; continue with the same command "
@@ -919,7 +924,8 @@ def save_model_float32(model, path):
     if any(layer.dtype_policy.name != "float32" for layer in model.layers):
         from kbench.models.saving import float32_copy
 
-        model = float32_copy(model)
+        with variables_kept_local():  # the copy's variables: see there
+            model = float32_copy(model)
     saved = getattr(model, "_compile_config", None)
     settings = getattr(saved, "config", None)
     if not isinstance(settings, dict) or "jit_compile" not in settings or asked == "off":

@@ -3,6 +3,7 @@ template makes are one KbenchError line each, raised before anything trains, and
 an earlier run in the output folder is lost."""
 
 import os
+import re
 import types
 
 import keras
@@ -14,6 +15,7 @@ import kbench  # noqa: F401
 from kbench import caller, train
 from kbench.bench import worker
 from kbench.errors import KbenchError
+from kbench.flags import parse_config
 from kbench.recipe import check_main_takes_callbacks, load_recipe
 from recipes import cifar_resnet, mnist_convnet
 
@@ -223,3 +225,24 @@ def test_compare_refuses_a_recipe_main_it_cannot_call(tmp_path):
                                           r"metrics run.finish\(model\) returns"):
         worker.run_keras(recipe, config(tmp_path), {"recipe": "mine", "warmup_steps": 0})
     assert os.path.exists(path)
+
+
+def test_a_config_without_its_dataclass_decorator_is_one_line(tmp_path):
+    """A Config subclass left undecorated still counts as a dataclass (TrainConfig is one),
+    while its own option(...) fields stay raw Field objects: it failed deep in training, as a
+    recipe script and under kbench compare."""
+    source = open(cifar_resnet.__file__).read()
+    assert "@dataclasses.dataclass\nclass Config(TrainConfig):" in source
+    path = tmp_path / "undecorated.py"
+    path.write_text(source.replace("@dataclasses.dataclass\nclass Config(", "class Config("))
+    said = "Config is not a dataclass (its fields dataset, model, epochs, batch_size"
+    for _ in range(2):  # a refused file is not kept as loaded
+        with pytest.raises(KbenchError, match=re.escape(f"{path}'s {said}")):
+            load_recipe(str(path))
+    module = types.ModuleType("undecorated")
+    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
+    with pytest.raises(KbenchError, match=re.escape(f"{said}")):
+        parse_config(module.Config, ["--epochs", "1"])
+    with pytest.raises(KbenchError, match=r"^dict is not a dataclass: put @dataclasses"):
+        parse_config(dict, [])
+

@@ -692,6 +692,13 @@ def test_simulate_devices_needs_distribute(tmp_path, entry_point_error):
                                                "--distribute", "data_parallel", "--output",
                                                str(tmp_path / "x")])
     assert status == 2 and "--simulate-devices 1000 is not allowed: it takes 1 to 64" in err
+    # Before the one-replica runs, which would be timed for nothing: each dp run refused it
+    status, err = entry_point_error(cli.main, ["compare", "--simulate-devices", "2",
+                                               "--distribute", "data_parallel", "--batch-size",
+                                               "33", "--output", str(tmp_path / "x")])
+    assert (status, err) == (2, "error: --batch-size 33 does not divide among "
+                                "--simulate-devices 2 replicas: use a multiple of 2\n")
+    assert not (tmp_path / "x").exists()
 
 
 def test_compiled_torch_twin_runs_with_jit_compile_on_and_is_its_reference():

@@ -8,6 +8,7 @@ Each backend's runs happen only in that backend's pass of the suite.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,6 +157,33 @@ def test_jax_refuses_a_test_split_that_does_not_split_over_the_devices():
     distribute.JaxDataParallel.distribute_datasets(fake, None, test)
 
 
+@pytest.mark.backend_independent
+def test_multi_process_jax_settings_out_of_range_are_one_line(monkeypatch):
+    """Checked before jax.distributed.initialize, whose own errors were tracebacks (a process
+    id beyond the count) or whose absence was misnamed (a count that is not a number)."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for processes, process_id in (("2", "5"), ("abc", "0"), ("0", "0"), ("2", "-1")):
+        monkeypatch.setenv("JAX_NUM_PROCESSES", processes)
+        monkeypatch.setenv("JAX_PROCESS_ID", process_id)
+        with pytest.raises(KbenchError, match=f"JAX_NUM_PROCESSES={processes} "
+                                              f"JAX_PROCESS_ID={process_id}: the process count"):
+            distribute._jax_distributed_from_env()
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(KbenchError, match="also set JAX_NUM_PROCESSES"):
+        distribute._jax_distributed_from_env()
+
+
+@only("tensorflow")
+def test_a_tf_config_tensorflow_cannot_read_is_one_line(monkeypatch):
+    for tf_config, said in (("{bad", "is not a JSON object"), ("[1]", "is not a JSON object"),
+                            ('{"cluster": []}', "is not usable (TypeError: `cluster` must"),
+                            ('{"cluster": {"worker": ["127.0.0.1:1"]}}',
+                             "is not usable (ValueError: When `cluster_spec` is given")):
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+        with pytest.raises(KbenchError, match=re.escape(f"TF_CONFIG {said}")):
+            distribute.TensorFlowStrategy()
+
+
 @only("tensorflow")
 def test_tf_refuses_a_model_built_outside_the_scope():
     import keras
@@ -168,6 +196,28 @@ def test_tf_refuses_a_model_built_outside_the_scope():
     with dist.scope():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     dist.prepare(model)
+
+
+@only("tensorflow")
+def test_a_model_handed_to_a_data_parallel_run_is_refused_before_the_folder_is_touched(
+        tmp_path):
+    """A model built before main cannot train data-parallel (main sets the distribution up).
+    The refusal came after the fresh run had cleared the folder: a finished run's best.keras,
+    checkpoint and history.csv were gone."""
+    from kbench.models import get_model
+    from recipes import cifar_resnet
+
+    settings = dict(dataset="synthetic", model="convnet", distribute="data_parallel",
+                    epochs=1, steps_per_epoch=2, batch_size=16, test_examples=64, verbose=0,
+                    output_dir=str(tmp_path / "run"))
+    cifar_resnet.main(cifar_resnet.Config(**settings))
+    files = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()
+             if f.name != ".kbench.lock"}
+    assert {"best.keras", "checkpoint.json", "history.csv", "model.keras"} <= set(files)
+    with pytest.raises(KbenchError, match="the model was built outside dist.scope"):
+        cifar_resnet.main(cifar_resnet.Config(**settings), model=get_model("convnet"))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()
+            if f.name != ".kbench.lock"} == files
 
 
 @only("torch")
@@ -236,6 +286,29 @@ def test_jax_two_processes_with_two_devices_each(tmp_path):
     assert ["global", None, 16] in first["seen"]
     assert ["device", 0, 4] in first["seen"] and ["device", 1, 4] in first["seen"]
     assert first["history"] == second["history"] and first["weights"] == second["weights"]
+
+
+@only("jax")
+def test_a_recipe_in_two_jax_processes_writes_its_models_and_checkpoints(tmp_path):
+    """The recipe's own files, which only the chief writes: best.keras, step and epoch
+    checkpoints, a float32 model.keras of a mixed-precision run. Saving made new variables
+    (Keras' throwaway optimizer, the float32 copy) on the global mesh, a collective the other
+    process never joined: gloo aborted both processes at the chief's first best.keras."""
+    out = tmp_path / "run"
+    command = [sys.executable, "recipes/cifar_resnet.py", "--dataset", "synthetic",
+               "--model", "convnet", "--batch-size", "32", "--epochs", "2",
+               "--steps-per-epoch", "3", "--train-examples", "256", "--test-examples", "64",
+               "--checkpoint-every", "2", "--dtype-policy", "mixed_bfloat16",
+               "--distribute", "data_parallel", "--output-dir", str(out)]
+    env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV},
+           "KERAS_BACKEND": "jax", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    finish(*[subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)])
+    assert {"best.keras", "model.keras", "checkpoint-1.weights.h5"} <= set(os.listdir(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["num_processes"], metrics["num_replicas"], metrics["epochs"]) == (2, 2, 2)
 
 
 # --------------------------------------------------------------------------- TensorFlow

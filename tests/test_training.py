@@ -545,6 +545,11 @@ def test_the_stop_line_says_resume_only_when_this_run_has_a_checkpoint_on_disk(t
             earlier, run_id="this"))))
         assert run._resume_hint() == (f"checkpoint in {folder}; continue with the same "
                                       "command and --resume")
+        # A data-parallel process other than the chief writes nothing and cannot know whether
+        # the chief's write is done (or on its host): it points at the chief's line.
+        run.dist.process_index = 1
+        assert run._resume_hint() == (f"the chief process (0) says whether it checkpointed "
+                                      f"to {folder}")
 
 
 def test_a_fresh_run_over_a_finished_one_resumes_whatever_the_file_times(tmp_path, capsys):

@@ -126,6 +126,13 @@ def plan_runs(options):
             1 <= options.simulate_devices <= backend.MAX_SIMULATED_DEVICES):
         raise KbenchError(f"--simulate-devices {options.simulate_devices} is not allowed: it "
                           f"takes 1 to {backend.MAX_SIMULATED_DEVICES} devices")
+    if options.simulate_devices and options.batch_size and (
+            options.batch_size % options.simulate_devices):
+        # Said before any run: each data-parallel run would refuse it after the one-replica
+        # runs had been timed. (The device count of a real machine is known only in a run.)
+        raise KbenchError(f"--batch-size {options.batch_size} does not divide among "
+                          f"--simulate-devices {options.simulate_devices} replicas: use a "
+                          f"multiple of {options.simulate_devices}")
     runs = []
     for b in backends:
         framework = KERAS_VARIANTS[b][0] if b in KERAS_VARIANTS else b
