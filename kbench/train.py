@@ -916,8 +916,8 @@ def save_model_float32(model, path):
     a mixed-precision model is saved as a float32 copy with the same (float32) weights."""
     # Keras saves the jit_compile it resolved here (True under JAX, False under torch), and
     # load_model compiles with it: a JAX-trained model under torch ran every predict through
-    # torch.compile (18-34 s for 4 images, measured before the fix, commit f212fc1 of
-    # 2026-12-06; command not recorded), a torch-trained one under JAX op by op. Saved as
+    # torch.compile (19.6 s for its first 4 images: docs/recipes.md), a torch-trained one
+    # under JAX op by op. Saved as
     # "auto", each backend resolves it as it would its own; only --jit-compile off (say where a
     # compiler fails on the model) is kept as False.
     asked = getattr(model, "_kbench_jit_compile", "auto")  # compile_model's setting
