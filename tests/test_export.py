@@ -332,3 +332,30 @@ def test_exporters_narration_is_kept_off_the_terminal_down_to_the_file_descripto
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "after\n"
+
+
+@pytest.mark.backend_independent
+def test_the_export_matrix_tool_runs_kbench_export_per_cell(tmp_path):
+    """tools/export_matrix.py, which measured models.md's table: one real `kbench export` per
+    cell, the difference it printed or its one-line error, and the table written out."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    tool = [sys.executable, os.path.join(REPO, "tools", "export_matrix.py")]
+    done = subprocess.run([*tool, "--output", str(tmp_path / "m"), "--models", "convnet",
+                           "--formats", "onnx,savedmodel", "--backends", "torch"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "m" / "table.md").read_text().splitlines()
+    assert table[:2] == ["| model | format | torch |", "| --- | --- | --- |"]
+    assert len(table) == 4 and done.stdout.splitlines()[-1] == table[-1]  # printed as it went
+    onnx, savedmodel = (line.split(" | ") for line in table[2:])
+    assert onnx[:2] == ["| convnet", "onnx"] and float(onnx[2].rstrip(" |")) < 1e-4
+    assert savedmodel[2].startswith("error: SavedModel export does not work under torch")
+    done = subprocess.run([*tool, "--output", str(tmp_path / "m"), "--models", "nope"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert (done.returncode, done.stderr) == (2, "error: --models: unknown nope; use any of: "
+                                                 "convnet, resnet9, resnet20, preact_resnet18, "
+                                                 "text_transformer, text_lstm\n")
