@@ -26,6 +26,9 @@ def check_config(config, recipe):
     if not isinstance(config, TrainConfig):
         raise KbenchError(f"{recipe} takes its Config (a dataclass of settings), not "
                           f"{_a(config)}: pass {recipe}.Config(**settings)")
+    from kbench.flags import check_config_class
+
+    check_config_class(type(config), f"{recipe}'s Config")  # one left without @dataclass
     # Another of kbench's recipes' Config (its module: recipes.<name>, or kbench_recipe_<name>
     # as kbench.recipe loads it) would train that recipe's model under this one's name. Only
     # kbench's own names are compared: a copied recipe may take any Config it likes.

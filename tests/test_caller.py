@@ -243,6 +243,9 @@ def test_a_config_without_its_dataclass_decorator_is_one_line(tmp_path):
     exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
     with pytest.raises(KbenchError, match=re.escape(f"{said}")):
         parse_config(module.Config, ["--epochs", "1"])
+    with pytest.raises(KbenchError, match=re.escape(f"cifar_resnet's {said}")):  # as a template
+        module.main(module.Config(output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
     with pytest.raises(KbenchError, match=r"^dict is not a dataclass: put @dataclasses"):
         parse_config(dict, [])
 
