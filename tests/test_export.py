@@ -356,6 +356,6 @@ def test_the_export_matrix_tool_runs_kbench_export_per_cell(tmp_path):
     assert savedmodel[2].startswith("error: SavedModel export does not work under torch")
     done = subprocess.run([*tool, "--output", str(tmp_path / "m"), "--models", "nope"],
                           capture_output=True, text=True, cwd=REPO)
-    assert (done.returncode, done.stderr) == (2, "error: --models: unknown nope; use any of: "
+    assert (done.returncode, done.stderr) == (2, "error: --models: unknown 'nope'; use any of: "
                                                  "convnet, resnet9, resnet20, preact_resnet18, "
                                                  "text_transformer, text_lstm\n")

@@ -83,7 +83,7 @@ def main(argv=None):
                                  (backends, BACKENDS, "--backends")):
         unknown = [g for g in given if g not in allowed]
         if unknown:
-            parser.exit(2, f"error: {flag}: unknown {', '.join(unknown)}; use any of: "
+            parser.exit(2, f"error: {flag}: unknown {', '.join(map(repr, unknown))}; use any of: "
                            f"{', '.join(allowed)}\n")
     if not os.access(args.kbench, os.X_OK):
         parser.exit(2, f"error: --kbench {args.kbench} is not an executable kbench command\n")
