@@ -272,8 +272,9 @@ def check_supported(format, backend):
                           "for it): export with --backend tensorflow or jax")
     if format == "onnx" and backend == "jax" and not _installed("jax2onnx"):
         raise KbenchError("ONNX export under jax needs the jax2onnx package (pip install "
-                          "jax2onnx; not in kbench's export extra: it pulls in flax, orbax and "
-                          "~25 more): or export with --backend tensorflow or torch")
+                          "-c constraints.txt jax2onnx: the tested 0.17.1; not in kbench's "
+                          "export extra: it pulls in flax, orbax and ~25 more): or export "
+                          "with --backend tensorflow or torch")
     if format == "onnx" and backend == "tensorflow" and not _installed("tf2onnx"):
         raise KbenchError("ONNX export under tensorflow needs tf2onnx: pip install "
                           "-c constraints.txt -e '.[export]'")

@@ -131,6 +131,12 @@ def test_a_backend_that_cannot_export_names_those_that_can(saved_digits_model, t
         export_model(model_path, tmp_path / "x", "tflite")
     with pytest.raises(KbenchError, match="unknown backend 'mxnet'"):
         export_model(model_path, tmp_path / "x", "onnx", backend="mxnet")
+    if "jax" not in ONNX_BACKENDS:  # jax2onnx is not in `make install`: how to add it
+        with pytest.raises(KbenchError, match=r"^ONNX export under jax needs the jax2onnx "
+                                              r"package \(pip install -c constraints.txt "
+                                              r"jax2onnx: .* --backend tensorflow or torch$"):
+            export_model(model_path, tmp_path / "x", "onnx", backend="jax")
+        assert not os.listdir(tmp_path)
 
 
 def snapshot(path):
