@@ -327,14 +327,18 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     context = {"model_path": os.path.abspath(model_path), "model": model.name,
                "dataset": dataset, "recipe": recipe or run["recipe"],
                "backend": keras.backend.backend(),
-               "config": {k: settings.get(k) for k in (
-                   "dataset", "data_dir", "seed", "train_examples", "test_examples",
-                   "batch_size")}}
+               # seed: test_stream's default where the run's files gave none
+               "config": {**{k: settings.get(k) for k in SPLIT_SETTINGS},
+                          "seed": settings.get("seed", 0)}}
     context["config"]["batch_size"] = test_ds.batch_size or context["config"]["batch_size"]
     result = {**context, **result}
     write_evaluation(result, output_dir)
     return result
 
+
+# What eval.json's `config` records: the settings its test split was built with.
+SPLIT_SETTINGS = ("dataset", "data_dir", "seed", "train_examples", "test_examples",
+                  "batch_size")
 
 # The saved settings kbench.tasks builds a test split with (text models: also their shape),
 # and those `kbench evaluate` has a flag for, which win over the file.

@@ -67,6 +67,7 @@ def export_model(model, output, format, tolerance=None, backend=None):
     if backend is not None and backend not in BACKENDS:
         raise KbenchError(f"unknown backend {backend!r}; use one of: {', '.join(BACKENDS)}")
     model = _float32_model(model)
+    asked = backend is not None  # the user named it: the note says so, not why `here` lost
     if backend is None:  # this process's, else the first that can export this model
         able = [b for b in dict.fromkeys([here, *usable_backends(format)])
                 if can_export(format, b) and not known_to_fail(model, format, b)]
@@ -88,7 +89,8 @@ def export_model(model, output, format, tolerance=None, backend=None):
             _export_here(model, artifact, format)
             checked_under, diffs = [here], []
         else:  # exported and checked there; checked here below too
-            child = _export_in_subprocess(model, scratch, artifact, format, tolerance, backend)
+            child = _export_in_subprocess(model, scratch, artifact, format, tolerance, backend,
+                                          asked=asked)
             checked_under, diffs = [backend, here], [child["max_abs_diff"]]
         try:
             got = run_artifact(artifact, format, sample)
@@ -126,7 +128,7 @@ def _export_here(model, artifact, format):
                           f"{_try_others(format, backend)}") from None
 
 
-def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
+def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend, asked=False):
     """Export `model` to `artifact` under `backend` in a fresh interpreter (KERAS_BACKEND is
     read once per process), which checks it against its own Keras outputs; returns its
     result dict."""
@@ -139,7 +141,8 @@ def _export_in_subprocess(model, scratch, artifact, format, tolerance, backend):
     saved = os.path.join(scratch, "model.keras")
     model.save(saved)
     here = keras.backend.backend()
-    why = (f"{format} export does not work under {here} here" if not can_export(format, here)
+    why = (f"--backend {backend}" if asked
+           else f"{format} export does not work under {here} here" if not can_export(format, here)
            else f"{here}'s {format} exporter fails on {model.name}"
            if known_to_fail(model, format, here) else f"--backend {backend}")
     print(f"note: {why}; exporting under {backend} in a subprocess")

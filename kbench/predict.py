@@ -99,6 +99,7 @@ def _check_ids(ids, model):
 def _read_image(path, shape):
     import keras
     from PIL import UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
 
     if len(shape) != 3:
         raise KbenchError(f"this model takes inputs of shape {shape}, not images")
@@ -112,10 +113,29 @@ def _read_image(path, shape):
         image = keras.utils.load_img(
             path, color_mode="grayscale" if channels == 1 else "rgb",
             target_size=(height, width) if height and width else None, interpolation="bilinear")
+    except DecompressionBombError as exc:  # PIL refuses to decode it: not an OSError
+        raise KbenchError(f"{path} is too large to read safely ({exc.args[0].split(',')[0]}): "
+                          f"shrink it to {height}x{width} first") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise KbenchError(f"{path} is not a readable image ({type(exc).__name__}): pass PNG or "
                           "JPEG files, or a .npy array") from None
-    return np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    return _as_8_bit(pixels, image.mode, path)
+
+
+def _as_8_bit(pixels, mode, path):
+    """kbench models take 0..255 pixels. Keras' load_img leaves a grey image of more than 8
+    bits as it is (a 16-bit PNG reads as 0..65535: confident, silent nonsense). 16-bit grey
+    is scaled to 0..255 as its bit depth says; a 32-bit integer or float image has no known
+    range, so one holding values outside 0..255 is refused."""
+    if mode.startswith("I;16"):
+        return pixels * (255.0 / 65535.0)
+    if mode in ("I", "F") and pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise KbenchError(f"{path} is a {'32-bit integer' if mode == 'I' else 'float'} image "
+                          f"holding {pixels.min():g}..{pixels.max():g}; kbench models take "
+                          "0..255 pixels: save it as an 8-bit image, or pass a .npy array "
+                          "scaled to 0..255")
+    return pixels
 
 
 def _read_npy(path, shape):

@@ -430,7 +430,7 @@ class Run:
         if self.target is not None:  # before the final evaluation, which is off the clock
             self._target_callback.evaluate_last_step()
         test_metrics = final_evaluation(model, test_ds, config, self.dist,
-                                        data_given=self.data_given)
+                                        data_given=self.data_given, recipe=self.recipe)
         if self.target is not None:
             extra = {"time_to_target": self.target.summary(), **extra}
             if self.is_chief:
@@ -877,13 +877,15 @@ def evaluate(model, test_ds, verbose=0):
     return {"test_loss": float(results["loss"]), "test_accuracy": float(results["accuracy"])}
 
 
-def final_evaluation(model, test_ds, config, dist=None, data_given=False):
+def final_evaluation(model, test_ds, config, dist=None, data_given=False, recipe=None):
     """The end-of-training evaluation every recipe runs, from one pass over the test split:
     eval.json + confusion_matrix.png in the output dir (what `kbench evaluate` writes for a
     saved model), and metrics.json's test figures. `test_loss` stays the training objective
     (label smoothing included, as model.evaluate reports it); eval.json's `loss` is the plain
     cross-entropy. `data_given`: the test split is a caller's (main(datasets=...)), not
-    config.dataset's: its classes are numbered, and eval.json says so."""
+    config.dataset's: its classes are numbered, and eval.json says so. eval.json records
+    what `kbench evaluate` records (the recipe and the split's settings), but model_path:
+    it is the model.keras written beside it after this."""
     from kbench import evaluation
     from kbench.data.registry import class_names
 
@@ -902,7 +904,11 @@ def final_evaluation(model, test_ds, config, dist=None, data_given=False):
     if config.output_dir:
         result.update(model=model.name, backend=backend.name(),
                       **({"dataset": None, "data_given": True} if data_given
-                         else {"dataset": config.dataset}))
+                         else {"dataset": config.dataset}),
+                      recipe=recipe, config=None if data_given else {
+                          **{k: getattr(config, k, None) for k in evaluation.SPLIT_SETTINGS},
+                          "batch_size": getattr(test_ds, "batch_size", None)
+                          or config.batch_size})
         evaluation.write_evaluation(result, config.output_dir)
     found = {"test_loss": evaluation.smoothed_loss(logits, labels, config.label_smoothing),
              "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]}

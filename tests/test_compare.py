@@ -90,7 +90,13 @@ def test_all_backends_and_native_twins(tmp_path):
     result = kbench("evaluate", str(out / "runs" / "torch-r0" / "model.keras"),
                     "--output-dir", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_examples"] == 64
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["num_examples"] == 64
+    # The run's own eval.json records what kbench evaluate records, but the model's path.
+    own = json.loads((out / "runs" / "torch-r0" / "eval.json").read_text())
+    assert set(evaluated) - set(own) == {"model_path"}
+    assert own["recipe"] == evaluated["recipe"] == "cifar_resnet"
+    assert own["config"] == evaluated["config"] and own["config"]["seed"] == 0
 
 
 def test_a_failed_backend_is_recorded_and_the_others_kept(tmp_path):

@@ -309,6 +309,19 @@ def test_evaluate_writes_beside_the_model_without_output_dir(tmp_path, capsys):
     assert f"wrote {folder}/eval.json" in capsys.readouterr().out
 
 
+def test_a_model_without_its_runs_files_records_the_split_it_was_scored_on(tmp_path):
+    """No metrics.json beside it: the split is kbench's default one (seed 0), and eval.json
+    says so (it said seed null)."""
+    path = tmp_path / "alone" / "my_model.keras"
+    path.parent.mkdir()
+    digits_model().save(path)
+    assert run_cli("evaluate", path, "--dataset", "digits", "--test-examples", 30,
+                   "--output-dir", tmp_path / "eval") == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["config"]["seed"] == 0 and result["config"]["dataset"] == "digits"
+    assert result["num_examples"] == 30 and result["recipe"] is None
+
+
 def test_evaluate_reads_config_json_of_an_unfinished_run(tmp_path):
     """A run killed mid-way has best.keras and config.json (flat settings) but no metrics.json."""
     run = tmp_path / "run"

@@ -249,6 +249,40 @@ def test_only_arrays_in_0_to_1_get_the_scaling_note(saved_digits_model, tmp_path
         assert ("note: the .npy inputs look scaled to 0..1" in capsys.readouterr().err) == noted
 
 
+def test_grey_images_of_more_than_8_bits_are_read_as_0_to_255_or_refused(saved_digits_model,
+                                                                          tmp_path, capsys,
+                                                                          monkeypatch):
+    """Keras' load_img leaves a 16-bit grey PNG as 0..65535 (the model answered with
+    confident nonsense): it is scaled by its bit depth. A 32-bit image has no known range:
+    outside 0..255 it is refused. An image PIL will not decode for its size is one line too
+    (PIL's DecompressionBombError is not an OSError)."""
+    from PIL import Image
+
+    from kbench.predict import read_inputs
+
+    model_path, model = saved_digits_model
+    grey = np.random.default_rng(3).integers(0, 256, (8, 8)).astype(np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "grey8.png")
+    Image.fromarray(grey * 257).save(tmp_path / "grey16.png")  # a 16-bit PNG: mode I;16
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    _, batch = read_inputs([tmp_path / "grey8.png", tmp_path / "grey16.png"], model)
+    np.testing.assert_allclose(batch[1], batch[0], atol=1e-3)
+    np.testing.assert_array_equal(batch[0][..., 0], grey)
+
+    Image.fromarray((grey.astype(np.int32) * 4), mode="I").save(tmp_path / "wide.tif")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses more than twice this
+    for name, message in (("wide.tif", f"is a 32-bit integer image holding {grey.min() * 4}.."
+                                       f"{grey.max() * 4}; kbench models take 0..255 pixels"),
+                          ("large.png", "large.png is too large to read safely (Image size "
+                                        "(1600 pixels) exceeds limit of 200 pixels)")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", str(model_path), str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (name, lines)
+
+
 def test_the_automatic_choice_passes_over_an_exporter_known_to_fail_on_the_model():
     """torch's ONNX exporter fails on attention (text_transformer), onnxruntime on jax2onnx's
     MaxPool: the default backend is then another (the module doc's table)."""
@@ -279,6 +313,32 @@ def test_the_export_subprocess_exports_under_its_own_backend(monkeypatch, capsys
     export._subprocess_main(["model.keras", "onnx", "model.onnx", "0.001"])
     assert calls == [{"tolerance": 0.001, "backend": keras.backend.backend()}]
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"done": True}
+
+
+def test_the_subprocess_note_names_the_asked_backend(saved_digits_model, tmp_path,
+                                                     monkeypatch, capsys):
+    """`KERAS_BACKEND=jax kbench export ... --backend torch` said "onnx export does not work
+    under jax here": the user had asked for torch, whatever jax can do."""
+    import subprocess
+    import types
+
+    import keras
+
+    from kbench import export
+
+    _, model = saved_digits_model
+    here = keras.backend.backend()
+    other = "torch" if here != "torch" else "tensorflow"
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(
+        returncode=0, stdout='{"done": true}\n', stderr=""))
+    for asked, why in ((True, f"--backend {other}"),
+                       (False, None if export.can_export("onnx", here)
+                        else f"onnx export does not work under {here} here")):
+        assert export._export_in_subprocess(model, str(tmp_path), str(tmp_path / "m.onnx"),
+                                            "onnx", 1e-3, other, asked=asked) == {"done": True}
+        note = capsys.readouterr().out
+        if why is not None:
+            assert note == f"note: {why}; exporting under {other} in a subprocess\n"
 
 
 @pytest.mark.skipif(BACKEND not in ONNX_BACKENDS, reason="its exporter is patched in this "
