@@ -56,6 +56,7 @@ def kbench_probe(*argv, env=None):
     (["compare", "--recipe", "no_such_recipe"], 2),
     (["compare", "--set", "epochs=3"], 2),
     (["compare", "--epochs", "0"], 2),  # would time --steps instead
+    (["compare", "--epochs", "1", "--steps", "3"], 2),  # --steps went unheeded
     (["compare", "--max-batch", "--epochs", "1"], 2),
     (["compare", "--recipe", "./README.md"], 2),  # not a Python file
     (["report", "/no/such/results.jsonl"], 2),

@@ -769,6 +769,23 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
     by_set = compare.CompareOptions(backends=("tensorflow",), reference="native",
                                     extra_config={"model": "preact_resnet18"})
     assert [name for name, *_ in compare.plan_runs(by_set)] == ["tensorflow"]
+    # so does the recipe's own default model (mnist_convnet's convnet: the twin started and
+    # failed, exit 1), and a setting no twin implements (it failed the same way)
+    for extra, recipe, why in (
+            ({}, "mnist_convnet", "its torch twin has no model convnet (it covers resnet20, "),
+            ({"optimizer": "adam"}, "cifar_resnet", "its torch twin implements SGD only, not "
+                                                    "'adam' (use --set optimizer=sgd to compare "
+                                                    "against it)"),
+            ({"clip_norm": 1.0}, "cifar_resnet", "its torch twin implements no gradient "
+                                                 "clipping (clip_norm 1.0) (use --set "
+                                                 "clip_norm=0 to compare against it)")):
+        options = compare.CompareOptions(backends=("torch",), reference="native", recipe=recipe,
+                                         extra_config=extra)
+        runs = compare.plan_runs(options)
+        assert [name for name, *_ in runs] == ["torch"], extra
+        said = []
+        compare.say_left_out_twins(options, runs, said.append)
+        assert len(said) == 1 and said[0].startswith(f"[compare] native-torch left out: {why}")
 
 FAILING_RECIPE = '''
 import dataclasses
@@ -811,9 +828,31 @@ def test_a_failed_run_says_its_exception_and_log_and_the_title_stays_true(tmp_pa
     row = load(out)[0]
     assert row["error"].startswith("ValueError: the layer got a bad shape\n")
     assert "Traceback (most recent call last)" in log.read_text()  # the whole story stays
-    title = ("failing.py: no model built (the recipe's model asked) on synthetic, the recipe's "
+    title = ("failing.py: every run failed (the recipe's model asked) on synthetic, the recipe's "
              "batch size, float32")
     assert title in " ".join(result.stdout.split()), result.stdout
+
+
+def test_a_runs_error_names_the_recipe_flags_as_compare_takes_them(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A run's KbenchError in the recipe's words said "lower --lr, add --clip-norm", flags
+    compare refuses: the worker words it as --set, as compare's own checks do."""
+    from kbench.bench import worker
+    from kbench.errors import KbenchError
+
+    def diverge(recipe, config, spec):
+        raise KbenchError("training diverged: loss is nan at epoch 0, step 2; lower --lr, "
+                          "add --clip-norm")
+
+    monkeypatch.setattr(worker, "run_keras", diverge)
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"recipe": "cifar_resnet", "runner": "keras", "config": {},
+                                "steps": 1, "warmup_steps": 0}))
+    assert worker.main([str(spec), str(result)]) == 2
+    said = ("training diverged: loss is nan at epoch 0, step 2; lower --set lr, add --set "
+            "clip_norm")
+    assert json.loads(result.read_text())["error"] == f"KbenchError: {said}"
+    assert capsys.readouterr().err.strip() == f"error: {said}"
 
 
 def test_titles_name_the_model_built_or_what_was_asked():
@@ -826,10 +865,10 @@ def test_titles_name_the_model_built_or_what_was_asked():
     failed = dict.fromkeys(records.FIELDS)
     failed.update(backend="torch", status="failed", recipe="mnist_convnet", model=None,
                   dataset="digits", batch_size=None, dtype_policy="float32")
-    assert report.describe([failed]) == ("mnist_convnet: no model built (the recipe's model "
+    assert report.describe([failed]) == ("mnist_convnet: every run failed (the recipe's model "
                                          "asked) on digits, the recipe's batch size, float32")
     failed.update(model="convnet", batch_size=32)
-    assert report.describe([failed]) == ("mnist_convnet: no model built (convnet asked) on "
+    assert report.describe([failed]) == ("mnist_convnet: every run failed (convnet asked) on "
                                          "digits, batch 32, float32")
 
 

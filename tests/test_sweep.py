@@ -130,6 +130,9 @@ def test_bad_sweeps_are_one_line_errors_before_any_run(tmp_path, entry_point_err
         (["--sweep", "batch_size=8,x"], "--sweep batch_size=x: --batch-size 'x' is not allowed"),
         (["--sweep", "batch_size=8,16", "--batch-size", "4"], "drop --batch-size"),
         (["--sweep", "cutout=0,4", "--set", "cutout=2"], "--sweep cutout and --set cutout"),
+        # an unknown --set field is the --set's, not the sweep's point's
+        (["--sweep", "batch_size=2,4", "--set", "foo=1"],
+         "error: --set: recipe cifar_resnet has no setting(s) foo\n"),
         # a recipe setting's own message, in the sweep's words, naming the point once
         (["--sweep", "momentum=0.5,2"], "error: --sweep momentum=2 is not allowed: it takes a "
                                         "finite number >= 0 and < 1\n"),

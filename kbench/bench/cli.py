@@ -128,6 +128,9 @@ def cmd_compare(args):
     if args.target_accuracy is not None and args.steps is not None:
         raise KbenchError("--steps times a fixed number of steps; --target-accuracy trains "
                           "until the target (cap it with --max-epochs)")
+    if args.epochs is not None and args.steps is not None:  # else --steps went unheeded
+        raise KbenchError("--steps times a fixed number of steps; --epochs trains whole "
+                          "epochs and times every step: give one of them")
     if args.eval_every_epoch and args.target_accuracy is None:
         raise KbenchError("--eval-every-epoch goes with --target-accuracy A")
     args.steps = 20 if args.steps is None else args.steps

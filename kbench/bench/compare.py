@@ -17,6 +17,7 @@ runs at several points.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import typing
 
 from kbench import backend
@@ -158,8 +160,9 @@ def plan_runs(options):
 def twins_of(runs, options):
     """(twins to run, twins left out) for the Keras `runs`: each framework's eager twin, for
     its runs other than `torch-compiled`; the compiled twin for `torch-compiled` and, under
-    --jit-compile on, for torch (whose eager twin runs beside it). A twin whose framework does
-    not implement --model (TWIN_MODELS) is left out; compare says so."""
+    --jit-compile on, for torch (whose eager twin runs beside it). A twin that cannot train
+    what the Keras runs train (its framework has not the model, TWIN_MODELS, or the twins do
+    not implement a setting: why_left_out) is left out; compare says so."""
     keras_runs = [(name, framework) for name, runner, framework, _ in runs if runner == "keras"]
     eager = {framework for name, framework in keras_runs if name != "torch-compiled"}
     wanted = {f"native-{framework}" for framework in eager}
@@ -167,19 +170,48 @@ def twins_of(runs, options):
     if any(name == "torch-compiled" for name, _ in keras_runs) or (
             config.get("jit_compile") == "on" and "torch" in eager):
         wanted.add("native-torch-compiled")
-    model = config.get("model")
-    left_out = {n for n in wanted if model is not None and model not in TWIN_MODELS[NATIVE[n]]}
+    left_out = {n for n in wanted if why_left_out(n, options)}
     return wanted - left_out, left_out
+
+
+def why_left_out(twin, options):
+    """Why `twin` cannot train what the Keras runs train (one line), or None. The settings
+    are the runs': compare's flags and --set over the recipe's defaults (its own model,
+    optimizer, data set...), as the twin would get them."""
+    from kbench.bench.native_common import unsupported_setting
+
+    framework = NATIVE[twin]
+    settings = types.SimpleNamespace(**{**recipe_defaults(options.recipe), **run_config(options)})
+    model = getattr(settings, "model", None)
+    if model not in TWIN_MODELS[framework]:
+        return (f"its {framework} twin has no model {model} (it covers "
+                f"{', '.join(TWIN_MODELS[framework])})")
+    refused = unsupported_setting(settings)
+    if refused:
+        what, fix = refused
+        return f"its {framework} twin implements {what} (use {fix} to compare against it)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_defaults(recipe):
+    """{field: default} of the recipe's Config: what a run gets where compare sets nothing.
+    Loads the recipe (its imports: Keras); a recipe that cannot load is one line."""
+    from kbench.recipe import load_recipe
+
+    recipe_path(recipe)  # an unknown name or a missing file: its line, before Keras loads
+    fields = dataclasses.fields(load_recipe(_recipe_for_worker(recipe)).Config)
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in fields if f.default is not dataclasses.MISSING
+            or f.default_factory is not dataclasses.MISSING}
 
 
 def say_left_out_twins(options, runs, say):
     """One line per twin that twins_of left out, before any run starts."""
     if options.reference != "native":
         return
-    model = run_config(options).get("model")
     for twin in sorted(twins_of(runs, options)[1]):
-        say(f"[compare] {twin} left out: its {NATIVE[twin]} twin has no model {model} (it "
-            f"covers {', '.join(TWIN_MODELS[NATIVE[twin]])})")
+        say(f"[compare] {twin} left out: {why_left_out(twin, options)}")
 
 
 def check_target_options(options):
@@ -417,8 +449,8 @@ def run_one(name, runner, framework, options, out_dir, repeat, distributed=False
                           peak_device_mb=result.get("peak_device_mb"))
         elif returncode is None:
             record.update(status="timeout",
-                          error=f"no result after {options.timeout:g} s (--timeout)\n"
-                                + _tail(log_path, 5))
+                          error=(f"no result after {options.timeout:g} s (--timeout)\n"
+                                 + _tail(log_path, 5)).rstrip("\n"))
         elif returncode != 0 or result is None or "error" in result:
             record.update(status="failed",
                           error=_explain(returncode, _tail(log_path), (result or {}).get("error")))

@@ -71,6 +71,17 @@ def check_config(config):
 
     # A twin runs where Keras runs its framework (it builds the Keras model for its weights).
     check_model(config.model, backend.name())
+    refused = unsupported_setting(config)
+    if refused:
+        what, fix = refused
+        raise KbenchError(f"native reference implements {what}; use {fix} to compare "
+                          "against it")
+
+
+def unsupported_setting(config):
+    """(what the twins implement, the setting to use instead) for the first setting of
+    `config` other than its model that no twin implements, or None. compare leaves the twins
+    out of a plan with one (kbench.bench.compare.twins_of); a twin refuses it."""
     refusals = (
         (getattr(config, "optimizer", "sgd") != "sgd",
          f"SGD only, not {getattr(config, 'optimizer', None)!r}", "--set optimizer=sgd"),
@@ -89,10 +100,7 @@ def check_config(config):
          f"the CIFAR-shaped data sets only ({', '.join(CIFAR_DATASETS)}), not "
          f"{config.dataset!r}", "--dataset synthetic"),
     )
-    for refused, what, fix in refusals:
-        if refused:
-            raise KbenchError(f"native reference implements {what}; use {fix} to compare "
-                              "against it")
+    return next(((what, fix) for refused, what, fix in refusals if refused), None)
 
 
 def compute_dtype(config):

@@ -421,9 +421,9 @@ def describe(rows):
         model = first.get("model") or "?"
         if first.get("params"):
             model += f" ({first['params']:,} params)"
-    else:  # nothing was built: the settings asked for, defaults named as such
-        asked = first.get("model") or "the recipe's model"
-        model = f"no model built ({asked} asked)"
+    else:  # every run failed (some after building their model): what was asked, defaults
+        asked = first.get("model") or "the recipe's model"  # named as such
+        model = f"every run failed ({asked} asked)"
     recipe = first.get("recipe") or "?"
     batch = (f"{'global ' if parallel else ''}batch {first['batch_size']}"
              if first.get("batch_size") else "the recipe's batch size")

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import numbers
 import os
+import re
 import time
 
 from kbench.bench import compare as comparing
@@ -96,6 +97,9 @@ def check_sweep(options):
             comparing.check_recipe_settings(point_options(options, field, value), swept=field)
         except KbenchError as exc:
             message = str(exc)  # a recipe's own words name the point already
+            unknown = re.match(r"recipe \S+ has no setting\(s\) (.*)$", message)
+            if unknown and field not in unknown.group(1).split(", "):
+                raise KbenchError(f"--set: {message}") from None  # not the sweep's field
             if not message.startswith(f"--sweep {field}="):
                 message = f"--sweep {field}={value}: {message}"
             raise KbenchError(message) from None
@@ -219,7 +223,8 @@ class Session:
 
     def interrupted(self):
         self.say(f"[compare] interrupted: {len(self.done)} finished run(s) kept in "
-                 f"{self.results_path}")
+                 f"{self.results_path}" if self.done
+                 else "[compare] interrupted before any run finished")
         self.render()
 
 

@@ -198,6 +198,7 @@ def main(argv=None):
     with open(spec_path) as f:
         spec = json.load(f)
     start = time.perf_counter()
+    recipe = None
     try:
         import kbench  # noqa: F401  (validates KERAS_BACKEND, registers layers)
         from kbench import backend
@@ -210,6 +211,10 @@ def main(argv=None):
         else:
             result = run_native(spec["runner"], config, spec)
     except KbenchError as exc:
+        if recipe is not None:  # its flags as compare takes them: "lower --set lr", not "--lr"
+            from kbench.bench.compare import as_set_options
+
+            exc = KbenchError(as_set_options(str(exc), recipe.Config))
         print(f"error: {exc}", file=sys.stderr)
         write_failure(result_path, exc)
         return 2
