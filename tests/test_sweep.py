@@ -316,6 +316,12 @@ def test_max_batch_runs_its_search_through_compares_runs(tmp_path, monkeypatch, 
     assert f"torch: largest batch that fits {found} (found)" in out
     assert (tmp_path / "m" / "max_batch.csv").read_text().splitlines()[1].startswith(
         f"torch,{found},")
+    assert "no --max-memory" not in out
+    # Without a cap, a note before the first run: on a CPU the search could take all memory.
+    sweep.max_batch(dataclasses.replace(options, max_memory=None, output=str(tmp_path / "m2")),
+                    console=report.make_console())
+    assert "[compare] note: no --max-memory: on a CPU the search grows the batch until the " \
+           "machine's memory runs out; give --max-memory MB" in capsys.readouterr().out
 
 
 def test_a_model_sweep_runs_each_twin_at_the_models_it_has(tmp_path, monkeypatch, capsys):

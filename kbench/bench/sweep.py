@@ -309,6 +309,9 @@ def max_batch(options, console=None):
     session = Session(short, console)
     try:
         comparing.say_left_out_twins(options, runs, session.say)
+        if options.max_memory is None:  # a GPU's own out-of-memory error ends the search
+            session.say("[compare] note: no --max-memory: on a CPU the search grows the batch "
+                        "until the machine's memory runs out; give --max-memory MB")
         for run in runs:
             def fits(batch, run=run):
                 point = point_options(short, "batch_size", batch)
