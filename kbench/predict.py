@@ -73,7 +73,13 @@ def read_inputs(paths, model):
             from_npy.append(False)
             names.append(path)
     dtype = "int32" if takes_ids else "float32"
-    batch = np.stack(arrays).astype(dtype)
+    stacked = np.stack(arrays)
+    if takes_ids and stacked.size and not np.array_equal(stacked, np.round(stacked)):
+        # int32 would truncate 3.7 to token 3 without a word
+        raise KbenchError("token ids are whole numbers; the inputs hold fractions (e.g. "
+                          f"{stacked[stacked != np.round(stacked)].flat[0]:g}): pass the ids "
+                          "the model's tokenizer gave")
+    batch = stacked.astype(dtype)
     if takes_ids:
         _check_ids(batch, model)
     # Only arrays can come scaled (image files are read as 0..255 here), and an all-black one

@@ -249,6 +249,30 @@ def test_only_arrays_in_0_to_1_get_the_scaling_note(saved_digits_model, tmp_path
         assert ("note: the .npy inputs look scaled to 0..1" in capsys.readouterr().err) == noted
 
 
+def test_token_ids_are_whole_numbers_in_the_vocabulary(tmp_path):
+    """A text model's .npy: ids as given (a float array of whole numbers too); a fraction
+    was truncated to another token by the int32 cast, silently; ids outside the table and
+    image files are refused."""
+    from kbench.predict import read_inputs
+
+    model = get_model("text_lstm", num_classes=2, input_shape=(6,), vocab_size=50, seed=0)
+    ids = np.array([[1, 2, 3, 0, 0, 0], [4, 49, 7, 8, 0, 0]])
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "float_ids.npy", ids.astype(np.float32))
+    np.save(tmp_path / "fraction.npy", ids + np.array([0, 0, 0.7, 0, 0, 0]))
+    np.save(tmp_path / "outside.npy", ids * 2)
+    for name in ("ids.npy", "float_ids.npy"):
+        names, batch = read_inputs([tmp_path / name], model)
+        assert batch.dtype == np.int32 and (batch == ids).all() and len(names) == 2
+    for name, message in (("fraction.npy", r"token ids are whole numbers; the inputs hold "
+                                           r"fractions \(e.g. 3.7\)"),
+                          ("outside.npy", r"token ids must lie in \[0, 50\) for this model; "
+                                          r"the inputs hold 0..98"),
+                          ("ids.png", "takes token ids, not images")):
+        with pytest.raises(KbenchError, match=message):
+            read_inputs([tmp_path / name], model)
+
+
 def test_grey_images_of_more_than_8_bits_are_read_as_0_to_255_or_refused(saved_digits_model,
                                                                           tmp_path, capsys,
                                                                           monkeypatch):
