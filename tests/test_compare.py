@@ -786,6 +786,12 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
         said = []
         compare.say_left_out_twins(options, runs, said.append)
         assert len(said) == 1 and said[0].startswith(f"[compare] native-torch left out: {why}")
+    # a recipe file of the user's with no model setting at all
+    monkeypatch.setattr(compare, "recipe_defaults", lambda recipe: {"dataset": "synthetic"})
+    options = compare.CompareOptions(backends=("jax",), reference="native", recipe="mine.py")
+    assert compare.why_left_out("native-jax", options) == (
+        "its jax twin trains a model it implements (resnet20, resnet32, resnet44, resnet56, "
+        "resnet110, preact_resnet18), and the recipe names none")
 
 FAILING_RECIPE = '''
 import dataclasses

@@ -183,6 +183,9 @@ def why_left_out(twin, options):
     framework = NATIVE[twin]
     settings = types.SimpleNamespace(**{**recipe_defaults(options.recipe), **run_config(options)})
     model = getattr(settings, "model", None)
+    if model is None:  # a recipe of the user's without the field
+        return (f"its {framework} twin trains a model it implements "
+                f"({', '.join(TWIN_MODELS[framework])}), and the recipe names none")
     if model not in TWIN_MODELS[framework]:
         return (f"its {framework} twin has no model {model} (it covers "
                 f"{', '.join(TWIN_MODELS[framework])})")
