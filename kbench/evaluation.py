@@ -327,10 +327,7 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
     context = {"model_path": os.path.abspath(model_path), "model": model.name,
                "dataset": dataset, "recipe": recipe or run["recipe"],
                "backend": keras.backend.backend(),
-               # seed: test_stream's default where the run's files gave none
-               "config": {**{k: settings.get(k) for k in SPLIT_SETTINGS},
-                          "seed": settings.get("seed", 0)}}
-    context["config"]["batch_size"] = test_ds.batch_size or context["config"]["batch_size"]
+               "config": split_config(settings.get, test_ds)}
     result = {**context, **result}
     write_evaluation(result, output_dir)
     return result
@@ -339,6 +336,16 @@ def evaluate_saved_model(model_path, output_dir, dataset=None, data_dir=None,
 # What eval.json's `config` records: the settings its test split was built with.
 SPLIT_SETTINGS = ("dataset", "data_dir", "seed", "train_examples", "test_examples",
                   "batch_size")
+
+
+def split_config(setting, test_ds):
+    """eval.json's `config` (`kbench evaluate`'s and a recipe run's alike): each of
+    SPLIT_SETTINGS by `setting(name)`, the seed 0 (kbench.tasks' default) where none was
+    given, and the batch size the test split has."""
+    config = {name: setting(name) for name in SPLIT_SETTINGS}
+    config["seed"] = 0 if config["seed"] is None else config["seed"]
+    config["batch_size"] = getattr(test_ds, "batch_size", None) or config["batch_size"]
+    return config
 
 # The saved settings kbench.tasks builds a test split with (text models: also their shape),
 # and those `kbench evaluate` has a flag for, which win over the file.

@@ -275,9 +275,10 @@ def check_supported(format, backend):
                           "for it): export with --backend tensorflow or jax")
     if format == "onnx" and backend == "jax" and not _installed("jax2onnx"):
         raise KbenchError("ONNX export under jax needs the jax2onnx package (pip install "
-                          "-c constraints.txt jax2onnx: the tested 0.17.1; not in kbench's "
-                          "export extra: it pulls in flax, orbax and ~25 more): or export "
-                          "with --backend tensorflow or torch")
+                          "jax2onnx==0.17.1, the version tested; in a kbench checkout, pip "
+                          "install -c constraints.txt jax2onnx pins what it pulls in too; not "
+                          "in kbench's export extra: it pulls in flax, orbax and ~25 more): "
+                          "or export with --backend tensorflow or torch")
     if format == "onnx" and backend == "tensorflow" and not _installed("tf2onnx"):
         raise KbenchError("ONNX export under tensorflow needs tf2onnx: pip install "
                           "-c constraints.txt -e '.[export]'")

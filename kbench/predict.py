@@ -79,9 +79,9 @@ def read_inputs(paths, model):
         raise KbenchError("token ids are whole numbers; the inputs hold fractions (e.g. "
                           f"{stacked[stacked != np.round(stacked)].flat[0]:g}): pass the ids "
                           "the model's tokenizer gave")
-    batch = stacked.astype(dtype)
     if takes_ids:
-        _check_ids(batch, model)
+        _check_ids(stacked, model)  # before the cast: an id past 2**31 would wrap into range
+    batch = stacked.astype(dtype)
     # Only arrays can come scaled (image files are read as 0..255 here), and an all-black one
     # says nothing either way.
     given = batch[np.asarray(from_npy, bool)]
@@ -104,7 +104,7 @@ def _check_ids(ids, model):
 
 def _read_image(path, shape):
     import keras
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
     from PIL.Image import DecompressionBombError
 
     if len(shape) != 3:
@@ -116,32 +116,49 @@ def _read_image(path, shape):
     if not os.path.isfile(path):
         raise KbenchError(f"{path}: no such file")
     try:
+        with Image.open(path) as source:  # its header: the mode before any conversion
+            eight_bit = _as_8_bit(source, path)
         image = keras.utils.load_img(
-            path, color_mode="grayscale" if channels == 1 else "rgb",
+            eight_bit or path, color_mode="grayscale" if channels == 1 else "rgb",
             target_size=(height, width) if height and width else None, interpolation="bilinear")
+    except KbenchError:  # _as_8_bit's own line (a KbenchError is a ValueError)
+        raise
     except DecompressionBombError as exc:  # PIL refuses to decode it: not an OSError
+        size = f" to {height}x{width}" if height and width else ""
         raise KbenchError(f"{path} is too large to read safely ({exc.args[0].split(',')[0]}): "
-                          f"shrink it to {height}x{width} first") from None
+                          f"shrink it{size} first") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise KbenchError(f"{path} is not a readable image ({type(exc).__name__}): pass PNG or "
                           "JPEG files, or a .npy array") from None
-    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
-    return _as_8_bit(pixels, image.mode, path)
+    return np.asarray(image, dtype=np.float32).reshape(height, width, channels)
 
 
-def _as_8_bit(pixels, mode, path):
-    """kbench models take 0..255 pixels. Keras' load_img leaves a grey image of more than 8
-    bits as it is (a 16-bit PNG reads as 0..65535: confident, silent nonsense). 16-bit grey
-    is scaled to 0..255 as its bit depth says; a 32-bit integer or float image has no known
-    range, so one holding values outside 0..255 is refused."""
+def _as_8_bit(source, path):
+    """None for an image of 8 bits a channel, which Keras' load_img reads as it is; else the
+    image as an 8-bit grey PNG in memory. kbench models take 0..255 pixels, and load_img
+    passes a 16-bit grey image to a grey model as 0..65535 (confident, silent nonsense) and
+    clips any wider image to 255 on its way to L or RGB. 16-bit grey is scaled by its bit
+    depth; a 32-bit integer or float image has no known range, and one holding values outside
+    0..255 is refused."""
+    import io
+
+    from PIL import Image
+
+    mode = source.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return None
+    pixels = np.asarray(source, dtype=np.float64)
     if mode.startswith("I;16"):
-        return pixels * (255.0 / 65535.0)
-    if mode in ("I", "F") and pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        pixels = pixels * (255.0 / 65535.0)
+    elif pixels.size and (pixels.min() < 0 or pixels.max() > 255):
         raise KbenchError(f"{path} is a {'32-bit integer' if mode == 'I' else 'float'} image "
                           f"holding {pixels.min():g}..{pixels.max():g}; kbench models take "
                           "0..255 pixels: save it as an 8-bit image, or pass a .npy array "
                           "scaled to 0..255")
-    return pixels
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(pixels).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    buffer.seek(0)
+    return buffer
 
 
 def _read_npy(path, shape):

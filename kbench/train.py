@@ -905,10 +905,8 @@ def final_evaluation(model, test_ds, config, dist=None, data_given=False, recipe
         result.update(model=model.name, backend=backend.name(),
                       **({"dataset": None, "data_given": True} if data_given
                          else {"dataset": config.dataset}),
-                      recipe=recipe, config=None if data_given else {
-                          **{k: getattr(config, k, None) for k in evaluation.SPLIT_SETTINGS},
-                          "batch_size": getattr(test_ds, "batch_size", None)
-                          or config.batch_size})
+                      recipe=recipe, config=None if data_given else evaluation.split_config(
+                          lambda name: getattr(config, name, None), test_ds))
         evaluation.write_evaluation(result, config.output_dir)
     found = {"test_loss": evaluation.smoothed_loss(logits, labels, config.label_smoothing),
              "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"]}

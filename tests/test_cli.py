@@ -57,6 +57,10 @@ def kbench_probe(*argv, env=None):
     (["compare", "--set", "epochs=3"], 2),
     (["compare", "--epochs", "0"], 2),  # would time --steps instead
     (["compare", "--epochs", "1", "--steps", "3"], 2),  # --steps went unheeded
+    # the twins are judged on the recipe's settings (Keras) only after the cheap checks
+    (["compare", "--reference", "native", "--backends", "torch", "--target-accuracy", "1.5"],
+     2),
+    (["compare", "--reference", "native", "--max-batch", "--max-batch-tries", "1"], 2),
     (["compare", "--max-batch", "--epochs", "1"], 2),
     (["compare", "--recipe", "./README.md"], 2),  # not a Python file
     (["report", "/no/such/results.jsonl"], 2),

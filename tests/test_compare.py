@@ -3,6 +3,7 @@
 compare starts its own process per backend, so these run once (in the tensorflow pass).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -786,6 +787,19 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
         said = []
         compare.say_left_out_twins(options, runs, said.append)
         assert len(said) == 1 and said[0].startswith(f"[compare] native-torch left out: {why}")
+    # A sweep's plan keeps a twin that some point can train, judged at the points, not at the
+    # recipe's default of the swept field (mnist_convnet's convnet: no twin had run at all).
+    swept = compare.CompareOptions(backends=("torch",), reference="native",
+                                   recipe="mnist_convnet", dataset="synthetic",
+                                   extra_config={"optimizer": "sgd"},
+                                   sweep=("model", ["resnet20", "resnet32"]))
+    assert [name for name, *_ in compare.plan_runs(swept)] == ["torch", "native-torch"]
+    by_optimizer = compare.CompareOptions(backends=("torch",), reference="native",
+                                          sweep=("optimizer", ["sgd", "adam"]))
+    runs = compare.plan_runs(by_optimizer)
+    assert [name for name, *_ in runs] == ["torch", "native-torch"]
+    at_adam = dataclasses.replace(by_optimizer, extra_config={"optimizer": "adam"})
+    assert compare.twins_of(runs, at_adam)[1] == {"native-torch"}
     # a recipe file of the user's with no model setting at all
     monkeypatch.setattr(compare, "recipe_defaults", lambda recipe: {"dataset": "synthetic"})
     options = compare.CompareOptions(backends=("jax",), reference="native", recipe="mine.py")

@@ -360,6 +360,16 @@ def test_a_model_sweep_runs_each_twin_at_the_models_it_has(tmp_path, monkeypatch
                    ("torch", "preact_resnet18"), ("native-jax", "preact_resnet18")]
     out = capsys.readouterr().out
     assert out.count("left out") == 1 and "native-torch left out" in out
+    # a sweep of another setting the twins lack at some points: said at those points, once
+    ran.clear()
+    options = dataclasses.replace(options, sweep=("optimizer", ["sgd", "adam"]),
+                                  output=str(tmp_path / "u"))
+    assert sweep.finished(sweep.sweep(options, console=None))
+    assert [name for name, _ in ran] == ["jax", "torch", "native-jax", "native-torch", "jax",
+                                         "torch"]
+    out = capsys.readouterr().out
+    assert out.count("left out") == 2 and ("[compare] native-jax left out: its jax twin "
+                                           "implements SGD only, not 'adam'") in out
 
 
 def test_a_device_count_sweep_runs_the_single_replica_once():

@@ -141,12 +141,9 @@ def plan_runs(options):
         runs.append((b, "keras", framework, False))
         if options.distribute == "data_parallel":
             runs.append((b, "keras", framework, True))
-    if options.reference == "native":  # the twins of the Keras runs
-        wanted, _ = twins_of(runs, options)
-        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if n in wanted]
-    elif options.reference != "none":
+    if options.reference not in ("native", "none"):
         raise KbenchError(f"--reference must be native or none, not {options.reference!r}")
-    for name in options.python:
+    for name in options.python:  # (a twin's framework is always a Keras run's)
         if name not in KERAS_BACKENDS:
             raise KbenchError(f"--python {name}=... names no backend; use jax, tensorflow or torch")
         if name not in {framework for _, _, framework, _ in runs}:  # else unused, unsaid
@@ -154,6 +151,9 @@ def plan_runs(options):
                               f"run (backends: {', '.join(backends)}): add {name} to "
                               "--backends, or drop it")
     check_target_options(options)
+    if options.reference == "native":  # the twins of the Keras runs: last, as judging them
+        wanted, _ = twins_of(runs, options)  # loads the recipe (Keras), after the cheap checks
+        runs += [(n, n, fw, False) for n, fw in NATIVE.items() if n in wanted]
     return runs
 
 
@@ -170,8 +170,21 @@ def twins_of(runs, options):
     if any(name == "torch-compiled" for name, _ in keras_runs) or (
             config.get("jit_compile") == "on" and "torch" in eager):
         wanted.add("native-torch-compiled")
-    left_out = {n for n in wanted if why_left_out(n, options)}
+    points = judged_points(options)
+    left_out = {n for n in wanted if all(why_left_out(n, point) for point in points)}
     return wanted - left_out, left_out
+
+
+def judged_points(options):
+    """The settings a plan's twins are judged on: the options themselves, or for the plan of
+    a whole sweep of a recipe setting, each of its points (a twin runs at the points it can
+    train: --sweep model=resnet20,resnet9 keeps the twins for resnet20, and a recipe whose
+    default model has no twin keeps them for a sweep of CIFAR ResNets)."""
+    field, values = options.sweep or (None, ())
+    if field is None or field == "simulate_devices" or field in options.extra_config:
+        return [options]  # no sweep, a device-count sweep, or one point of a sweep
+    return [dataclasses.replace(options, extra_config={**options.extra_config, field: value})
+            for value in values]
 
 
 def why_left_out(twin, options):
@@ -196,25 +209,32 @@ def why_left_out(twin, options):
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def recipe_defaults(recipe):
     """{field: default} of the recipe's Config: what a run gets where compare sets nothing.
     Loads the recipe (its imports: Keras); a recipe that cannot load is one line."""
+    recipe_path(recipe)  # an unknown name or a missing file: its line, before Keras loads
+    return _recipe_defaults(_recipe_for_worker(recipe))  # a file by its absolute path
+
+
+@functools.lru_cache(maxsize=None)
+def _recipe_defaults(recipe):
     from kbench.recipe import load_recipe
 
-    recipe_path(recipe)  # an unknown name or a missing file: its line, before Keras loads
-    fields = dataclasses.fields(load_recipe(_recipe_for_worker(recipe)).Config)
+    fields = dataclasses.fields(load_recipe(recipe).Config)
     return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
             for f in fields if f.default is not dataclasses.MISSING
             or f.default_factory is not dataclasses.MISSING}
 
 
-def say_left_out_twins(options, runs, say):
-    """One line per twin that twins_of left out, before any run starts."""
+def say_left_out_twins(options, runs, say, said=()):
+    """One line per twin that twins_of left out, before any run starts (at a sweep's point:
+    before the point's runs), but those in `said`; returns the twins left out."""
     if options.reference != "native":
-        return
-    for twin in sorted(twins_of(runs, options)[1]):
-        say(f"[compare] {twin} left out: {why_left_out(twin, options)}")
+        return set()
+    left_out = twins_of(runs, options)[1]
+    for twin in sorted(left_out - set(said)):
+        say(f"[compare] {twin} left out: {why_left_out(twin, judged_points(options)[0])}")
+    return left_out
 
 
 def check_target_options(options):

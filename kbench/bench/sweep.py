@@ -97,7 +97,7 @@ def check_sweep(options):
             comparing.check_recipe_settings(point_options(options, field, value), swept=field)
         except KbenchError as exc:
             message = str(exc)  # a recipe's own words name the point already
-            unknown = re.match(r"recipe \S+ has no setting\(s\) (.*)$", message)
+            unknown = re.match(r"recipe .+ has no setting\(s\) (.*)$", message)
             if unknown and field not in unknown.group(1).split(", "):
                 raise KbenchError(f"--set: {message}") from None  # not the sweep's field
             if not message.startswith(f"--sweep {field}="):
@@ -153,8 +153,9 @@ def plan_points(options, runs):
 
 
 def with_twins_of(point, runs):
-    """The runs of one point less the twins whose framework lacks its model (a model sweep:
-    resnet20,resnet9 runs the twins at resnet20 only; compare.twins_of)."""
+    """The runs of one point less the twins that cannot train it (a model sweep:
+    resnet20,resnet9 runs the twins at resnet20 only; an optimizer sweep sgd,adam at sgd
+    only; compare.twins_of)."""
     _, left_out = comparing.twins_of(runs, point)
     return [run for run in runs if run[0] not in left_out]
 
@@ -237,10 +238,12 @@ def sweep(options, console=None):
     session = Session(options, console)
     ran_out = {}  # run label -> its oom record: larger values are skipped
     try:  # from here on the session holds the folder's lock: every way out frees it
-        comparing.say_left_out_twins(options, runs, session.say)  # --model, --set model=
+        # twins no point can train (--model, --set optimizer=adam, ...), then at each point
+        # those that sit it out (a model, an optimizer it lacks)
+        said = comparing.say_left_out_twins(options, runs, session.say)
         for value, point, point_runs in plan_points(options, runs):
-            if field == "model":  # a twin without this point's model sits it out
-                comparing.say_left_out_twins(point, runs, session.say)
+            if field != DEVICES:
+                comparing.say_left_out_twins(point, runs, session.say, said=said)
             for repeat in range(options.repeats):
                 for run in comparing.in_repeat_order(point_runs, repeat):
                     key = (run[0], run[3])
@@ -296,10 +299,10 @@ def max_batch(options, console=None):
     """Search the largest batch that trains, per backend and twin; returns the records."""
     from kbench.recipe import load_recipe
 
-    runs = comparing.plan_runs(options)
-    if options.max_batch_tries < 2:
+    if options.max_batch_tries < 2:  # before the plan, which may load the recipe
         raise KbenchError(f"--max-batch-tries {options.max_batch_tries} is not allowed: the "
                           "search needs at least 2 runs per backend")
+    runs = comparing.plan_runs(options)
     comparing.check_recipe_settings(options)
     start = options.batch_size or load_recipe(
         comparing._recipe_for_worker(options.recipe)).Config().batch_size
