@@ -788,12 +788,24 @@ def test_a_twin_without_the_model_is_left_out_of_the_plan(monkeypatch):
         compare.say_left_out_twins(options, runs, said.append)
         assert len(said) == 1 and said[0].startswith(f"[compare] native-torch left out: {why}")
     # A sweep's plan keeps a twin that some point can train, judged at the points, not at the
-    # recipe's default of the swept field (mnist_convnet's convnet: no twin had run at all).
-    swept = compare.CompareOptions(backends=("torch",), reference="native",
+    # recipe's default of the swept field (a default model without a twin dropped them all).
+    defaults = compare.recipe_defaults("cifar_resnet")
+    with monkeypatch.context() as patched:
+        patched.setattr(compare, "recipe_defaults",
+                        lambda recipe: {**defaults, "model": "convnet"})
+        swept = compare.CompareOptions(backends=("torch",), reference="native",
+                                       sweep=("model", ["resnet20", "resnet32"]))
+        assert [name for name, *_ in compare.plan_runs(swept)] == ["torch", "native-torch"]
+    # A recipe whose images are not CIFAR-shaped: the twin would time another network
+    # (mnist_convnet's synthetic set is 28x28x1; the twin trained 32x32x3).
+    mnist = compare.CompareOptions(backends=("torch",), reference="native",
                                    recipe="mnist_convnet", dataset="synthetic",
-                                   extra_config={"optimizer": "sgd"},
-                                   sweep=("model", ["resnet20", "resnet32"]))
-    assert [name for name, *_ in compare.plan_runs(swept)] == ["torch", "native-torch"]
+                                   model="resnet20", extra_config={"optimizer": "sgd"})
+    assert [name for name, *_ in compare.plan_runs(mnist)] == ["torch"]
+    assert compare.why_left_out("native-torch", mnist) == (
+        "its torch twin trains synthetic images of shape (32, 32, 3) in 10 classes, the "
+        "recipe's model takes (28, 28, 1) in 10 classes (compare with --recipe cifar_resnet, "
+        "or --reference none)")
     by_optimizer = compare.CompareOptions(backends=("torch",), reference="native",
                                           sweep=("optimizer", ["sgd", "adam"]))
     runs = compare.plan_runs(by_optimizer)
