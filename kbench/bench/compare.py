@@ -206,39 +206,7 @@ def why_left_out(twin, options):
     if refused:
         what, fix = refused
         return f"its {framework} twin implements {what} (use {fix} to compare against it)"
-    return _other_shape(framework, options, settings)
-
-
-def _other_shape(framework, options, settings):
-    """Why the twin would train other images than the runs, or None. A twin trains
-    kbench.tasks' CIFAR-shaped images; a recipe's own data may not be (mnist_convnet's
-    synthetic set is MNIST-shaped: the twin timed a 32x32x3 ResNet beside the runs'
-    28x28x1 one, and said "vs native" of the two)."""
-    from kbench import data
-
-    runs = _recipe_model_io(options.recipe, json.dumps(run_config(options), sort_keys=True,
-                                                       default=str))
-    twin = ((32, 32, 3), data.num_classes(settings.dataset))
-    if runs is None or runs == twin:
-        return None
-    return (f"its {framework} twin trains {settings.dataset} images of shape {twin[0]} in "
-            f"{twin[1]} classes, the recipe's model takes {runs[0]} in {runs[1]} classes (compare "
-            "with --recipe cifar_resnet, or --reference none)")
-
-
-@functools.lru_cache(maxsize=None)
-def _recipe_model_io(recipe, overrides):
-    """(input shape, classes) of the model the recipe's build_model makes with the runs'
-    settings (`overrides`: run_config as JSON), or None where it cannot build here (the run
-    will say why)."""
-    from kbench.recipe import load_recipe
-
-    try:
-        module = load_recipe(_recipe_for_worker(recipe))
-        model = module.build_model(module.Config(**json.loads(overrides)))
-        return tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
-    except Exception:  # noqa: BLE001 (a recipe's own failure: its runs report it)
-        return None
+    return None
 
 
 def recipe_defaults(recipe):

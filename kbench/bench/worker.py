@@ -154,9 +154,11 @@ NATIVE_RUNNERS = {"native-jax": ("native_jax", {}),
                   "native-torch-compiled": ("native_torch", {"compiled": True})}
 
 
-def run_native(runner, config, spec):
+def run_native(runner, config, spec, recipe=None):
     from kbench import backend
 
+    if recipe is not None:
+        check_twin_trains_the_runs_images(recipe, config)
     name, extra = NATIVE_RUNNERS[runner]
     module = importlib.import_module(f"kbench.bench.{name}")
     # With a target every step but the first is timed, as in the Keras runs (run_keras).
@@ -175,6 +177,31 @@ def run_native(runner, config, spec):
     result.setdefault("peak_device_mb", backend.peak_device_mb(framework))
     result.setdefault("device", ", ".join(backend.devices()))
     return result
+
+
+def check_twin_trains_the_runs_images(recipe, config):
+    """A twin trains kbench's CIFAR-shaped images (32x32x3, the data set's classes). A recipe
+    whose model takes others would have its runs timed against another network: the
+    mnist_convnet recipe's synthetic set is 28x28x1, and its twin timed a 32x32x3 ResNet
+    beside it. The recipe's model is built here, in the twin's own process (in compare's,
+    it would hold memory on a GPU the runs need)."""
+    import gc
+
+    from kbench import data
+
+    try:
+        model = recipe.build_model(config)
+        runs = (tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1]))
+    except Exception:  # noqa: BLE001 (the recipe's own failure: its Keras runs report it)
+        return
+    del model
+    gc.collect()
+    twin = ((32, 32, 3), data.num_classes(config.dataset))
+    if runs != twin:
+        raise KbenchError(f"the native twin trains {config.dataset} images of shape {twin[0]} "
+                          f"in {twin[1]} classes, and this recipe's model takes {runs[0]} in "
+                          f"{runs[1]} classes: compare with --recipe cifar_resnet, or "
+                          "--reference none")
 
 
 def failure_line(exc):
@@ -209,7 +236,7 @@ def main(argv=None):
         if spec["runner"] == "keras":
             result = run_keras(recipe, config, spec)
         else:
-            result = run_native(spec["runner"], config, spec)
+            result = run_native(spec["runner"], config, spec, recipe)
     except KbenchError as exc:
         if recipe is not None:  # its flags as compare takes them: "lower --set lr", not "--lr"
             from kbench.bench.compare import as_set_options
